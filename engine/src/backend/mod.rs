@@ -1,0 +1,89 @@
+//! The op interface every model is written against, and its CPU implementation.
+//!
+//! A model file only wires ops together; where tensors live and how the ops run is the backend's
+//! business. Activations are `[rows, cols]` f32 matrices of the backend's own type (on a GPU they stay
+//! in device memory between ops: nothing in this interface implies a round trip to the host, except
+//! [`Backend::to_host`], which callers use only for what they return to the user).
+
+pub mod cpu;
+
+use crate::config::Activation;
+use crate::error::Result;
+use crate::weights::HostTensor;
+
+pub use cpu::Cpu;
+
+/// How a 2-D weight is laid out in the checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `[out, in]`: torch `nn.Linear`, embeddings, LM heads.
+    OutIn,
+    /// `[in, out]`: GPT-2's `Conv1D`.
+    InOut,
+}
+
+/// Parameters of one causal self-attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub num_heads: usize,
+    /// Key/value heads; query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k before the softmax (1/sqrt(head_dim) for most models, 1 for GPT-Neo).
+    pub scale: f32,
+    /// Keys visible to a query: at most this many positions back, itself included (None: all).
+    pub window: Option<usize>,
+}
+
+/// The ops a forward pass is made of. Shapes are given as `x: [rows, cols]`; `w: [out, in]` means
+/// the weight maps `in` features to `out` features whatever its stored [`Layout`].
+pub trait Backend: Send + Sync + 'static {
+    /// An activation matrix `[rows, cols]`, f32.
+    type Tensor: Send + Sync;
+    /// A weight (matrix or vector) resident where the ops run.
+    type Weight: Send + Sync;
+
+    /// Short name for messages ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    /// Makes a checkpoint tensor usable by the ops. On the CPU this borrows the mapped bytes.
+    fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<Self::Weight>;
+
+    /// `table: [vocab, d]`, `ids: [t]` -> `[t, d]`. Ids are already checked against the vocabulary.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Tensor;
+
+    /// `x += y`, both `[t, d]`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+
+    /// `x *= y` elementwise, both `[t, d]`.
+    fn mul_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+
+    /// LayerNorm over the last dimension: `x: [t, d]`, `weight, bias: [d]`.
+    fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Weight, bias: &Self::Weight, eps: f32) -> Self::Tensor;
+
+    /// RMSNorm over the last dimension (Llama): `x: [t, d]`, `weight: [d]`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
+
+    /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Tensor;
+
+    /// Applies `act` elementwise in place.
+    fn activate(&self, x: &mut Self::Tensor, act: Activation);
+
+    /// Rotary position embedding (rotate-half convention) on `x: [t, heads * head_dim]`, token `i` at
+    /// position `positions[i]`.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, positions: &[usize], theta: f32);
+
+    /// Splits `x: [t, a + b + ...]` into column blocks of the given widths.
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
+
+    /// Causal self-attention over one sequence: `q: [t, heads * head_dim]`,
+    /// `k, v: [t, kv_heads * head_dim]` -> `[t, heads * head_dim]`.
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, params: &AttentionParams) -> Self::Tensor;
+
+    /// `[rows, cols]` of a tensor.
+    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
+
+    /// Copies a tensor back to host memory, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+}

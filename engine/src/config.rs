@@ -1,0 +1,427 @@
+//! `config.json` into one typed [`ModelSpec`]: the architecture, its dimensions and its exit heads.
+//!
+//! Field names and defaults follow transformers' `GPT2Config`, `GPTNeoConfig` and `LlamaConfig`. Options
+//! the engine does not implement are refused by name rather than approximated.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The architectures the engine runs (HF `model_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Gpt2,
+    GptNeo,
+    Llama,
+}
+
+/// Elementwise activation of the MLP (transformers' `ACT2FN` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Option<Activation> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "gelu" => Some(Activation::Gelu),
+            "relu" => Some(Activation::Relu),
+            "silu" | "swish" => Some(Activation::Silu),
+            _ => None,
+        }
+    }
+}
+
+/// Which positions a layer's attention sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionSpan {
+    /// Every earlier position.
+    Global,
+    /// Only the last `window` positions, the query's own included (GPT-Neo "local").
+    Local { window: usize },
+}
+
+/// Architecture-specific details that do not fit the common dimensions.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Details {
+    Gpt2 {
+        /// Divide scores by sqrt(head_dim) (`scale_attn_weights`).
+        scale_attn_weights: bool,
+        /// Further divide layer i's scores by i + 1 (`scale_attn_by_inverse_layer_idx`).
+        scale_attn_by_inverse_layer_idx: bool,
+    },
+    GptNeo,
+    Llama {
+        rope_theta: f32,
+        attention_bias: bool,
+        mlp_bias: bool,
+    },
+}
+
+/// Everything the engine needs to know about a checkpoint's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// Key/value heads (fewer than `num_heads` under grouped-query attention).
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    /// Longest sequence the position embeddings (or the config) allow.
+    pub max_positions: usize,
+    pub norm_eps: f32,
+    pub activation: Activation,
+    /// Use the token embedding as the LM head when `lm_head.weight` is absent.
+    pub tie_word_embeddings: bool,
+    /// Attention span of each layer.
+    pub attention_spans: Vec<AttentionSpan>,
+    /// Layers with an exit head (`lm_head_layer_indices`), 1-based block outputs, ascending.
+    pub exit_layers: Vec<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub details: Details,
+}
+
+/// Reads typed fields from a JSON object and names the field (and file) in every error.
+struct Fields<'a> {
+    path: &'a Path,
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn error(&self, field: &str, reason: impl Into<String>) -> Error {
+        Error::Config {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?
+            .ok_or_else(|| self.error(key, "missing"))
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.error(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.error(key, format!("expected a string, found {v}"))),
+        }
+    }
+
+    fn activation(&self, key: &str, default: &str) -> Result<Activation> {
+        let name = self.str_or(key, default)?;
+        Activation::parse(name).ok_or_else(|| {
+            self.error(key, format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"))
+        })
+    }
+
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = || self.error(key, "expected a token id or a list of token ids");
+        match self.present(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+                .collect(),
+            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Reads `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "the model's config.json".into(),
+            },
+            _ => Error::io(path, e),
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` is only used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
+        let map = value
+            .as_object()
+            .ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
+        let f = Fields { path, map };
+        let model_type = f
+            .present("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| f.error("model_type", "missing"))?;
+        let mut spec = match model_type {
+            "gpt2" => gpt2_spec(&f)?,
+            "gpt_neo" => gpt_neo_spec(&f)?,
+            "llama" => llama_spec(&f)?,
+            other => {
+                return Err(Error::UnknownArchitecture {
+                    path: path.to_path_buf(),
+                    model_type: other.to_string(),
+                })
+            }
+        };
+        spec.bos_token_id = f.usize_opt("bos_token_id")?.map(|n| n as u32);
+        spec.eos_token_ids = f.token_ids("eos_token_id")?;
+        spec.exit_layers = exit_layers(&f, spec.num_layers)?;
+        spec.validate(&f)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, f: &Fields) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(f.error(field, "must be positive"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(f.error(
+                "num_key_value_heads",
+                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
+            ));
+        }
+        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0 {
+            return Err(f.error(
+                "num_attention_heads",
+                format!("{} does not divide the hidden size {}", self.num_heads, self.hidden_size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The exit layers, as a human-readable list for messages.
+    pub fn describe_exits(&self) -> String {
+        if self.exit_layers.is_empty() {
+            "the checkpoint has no exit heads".to_string()
+        } else {
+            format!("the checkpoint has exit heads at layers {:?}", self.exit_layers)
+        }
+    }
+}
+
+fn exit_layers(f: &Fields, num_layers: usize) -> Result<Vec<usize>> {
+    let key = "lm_head_layer_indices";
+    let Some(value) = f.present(key) else {
+        return Ok(Vec::new());
+    };
+    let items = value
+        .as_array()
+        .ok_or_else(|| f.error(key, format!("expected a list of layer indices, found {value}")))?;
+    let mut layers = Vec::with_capacity(items.len());
+    for item in items {
+        let layer = item
+            .as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| f.error(key, format!("expected a layer index, found {item}")))?;
+        if layer == 0 || layer > num_layers {
+            return Err(f.error(key, format!("layer {layer} is outside 1..={num_layers}")));
+        }
+        layers.push(layer);
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
+}
+
+fn gpt2_spec(f: &Fields) -> Result<ModelSpec> {
+    let hidden = f.usize("n_embd")?;
+    let heads = f.usize("n_head")?;
+    let layers = f.usize("n_layer")?;
+    Ok(ModelSpec {
+        architecture: Architecture::Gpt2,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads.max(1),
+        intermediate_size: f.usize_opt("n_inner")?.unwrap_or(4 * hidden),
+        max_positions: f.usize("n_positions")?,
+        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        activation: f.activation("activation_function", "gelu_new")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        attention_spans: vec![AttentionSpan::Global; layers],
+        exit_layers: Vec::new(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::Gpt2 {
+            scale_attn_weights: f.bool_or("scale_attn_weights", true)?,
+            scale_attn_by_inverse_layer_idx: f.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+        },
+    })
+}
+
+fn gpt_neo_spec(f: &Fields) -> Result<ModelSpec> {
+    let hidden = f.usize("hidden_size")?;
+    let heads = f.usize("num_heads")?;
+    let layers = f.usize("num_layers")?;
+    let window = f.usize("window_size")?;
+    let spans = gpt_neo_spans(f, layers, window)?;
+    Ok(ModelSpec {
+        architecture: Architecture::GptNeo,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads.max(1),
+        intermediate_size: f.usize_opt("intermediate_size")?.unwrap_or(4 * hidden),
+        max_positions: f.usize("max_position_embeddings")?,
+        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        activation: f.activation("activation_function", "gelu_new")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        attention_spans: spans,
+        exit_layers: Vec::new(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::GptNeo,
+    })
+}
+
+/// GPT-Neo lists its layer kinds either expanded (`attention_layers`) or run-length encoded
+/// (`attention_types`: `[[["global", "local"], 12]]`); transformers prefers the latter.
+fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<AttentionSpan>> {
+    let span_of = |field: &str, kind: &Value| match kind.as_str() {
+        Some("global") => Ok(AttentionSpan::Global),
+        Some("local") => Ok(AttentionSpan::Local { window }),
+        _ => Err(f.error(field, format!("attention kind {kind} is not `global` or `local`"))),
+    };
+    let mut spans = Vec::new();
+    if let Some(types) = f.present("attention_types") {
+        let bad = || f.error("attention_types", "expected [[[kinds...], repeat], ...]");
+        for group in types.as_array().ok_or_else(bad)? {
+            let pair = group.as_array().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            let kinds = pair[0].as_array().ok_or_else(bad)?;
+            let repeat = pair[1].as_u64().ok_or_else(bad)?;
+            for _ in 0..repeat {
+                for kind in kinds {
+                    spans.push(span_of("attention_types", kind)?);
+                }
+            }
+        }
+    } else if let Some(list) = f.present("attention_layers") {
+        let items = list
+            .as_array()
+            .ok_or_else(|| f.error("attention_layers", "expected a list"))?;
+        for kind in items {
+            spans.push(span_of("attention_layers", kind)?);
+        }
+    } else {
+        return Err(f.error("attention_types", "missing"));
+    }
+    if spans.len() != layers {
+        return Err(f.error(
+            "attention_types",
+            format!("describes {} layers but num_layers is {layers}", spans.len()),
+        ));
+    }
+    Ok(spans)
+}
+
+fn llama_spec(f: &Fields) -> Result<ModelSpec> {
+    if let Some(scaling) = f.present("rope_scaling") {
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        if kind != "default" {
+            return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
+        }
+    }
+    if f.usize_opt("pretraining_tp")?.unwrap_or(1) != 1 {
+        // transformers 4.48 ignores it at inference as well; the slicing it once meant is exact math.
+    }
+    let hidden = f.usize("hidden_size")?;
+    let heads = f.usize("num_attention_heads")?;
+    let layers = f.usize("num_hidden_layers")?;
+    let sliding = f.bool_or("use_sliding_window", false)?;
+    if sliding {
+        return Err(f.error("use_sliding_window", "sliding-window attention is not implemented for llama"));
+    }
+    Ok(ModelSpec {
+        architecture: Architecture::Llama,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: f.usize_opt("num_key_value_heads")?.unwrap_or(heads),
+        head_dim: f.usize_opt("head_dim")?.unwrap_or(hidden / heads.max(1)),
+        intermediate_size: f.usize("intermediate_size")?,
+        max_positions: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+        norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
+        activation: f.activation("hidden_act", "silu")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        attention_spans: vec![AttentionSpan::Global; layers],
+        exit_layers: Vec::new(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::Llama {
+            rope_theta: f.f64_or("rope_theta", 10000.0)? as f32,
+            attention_bias: f.bool_or("attention_bias", false)?,
+            mlp_bias: f.bool_or("mlp_bias", false)?,
+        },
+    })
+}
+
+/// Where a checkpoint's config came from, for messages.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}

@@ -1,0 +1,108 @@
+//! GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP.
+//! `Conv1D` weights are stored `[in, out]`.
+
+use super::{base_prefix, Linear, Norm, Transformer};
+use crate::backend::{AttentionParams, Backend, Layout};
+use crate::config::{Activation, Details, ModelSpec};
+use crate::error::Result;
+use crate::weights::Weights;
+
+struct Block<B: Backend> {
+    ln_1: Norm<B>,
+    c_attn: Linear<B>,
+    attn_proj: Linear<B>,
+    ln_2: Norm<B>,
+    c_fc: Linear<B>,
+    mlp_proj: Linear<B>,
+    attention: AttentionParams,
+}
+
+pub(crate) struct Gpt2<B: Backend> {
+    wte: B::Weight,
+    wpe: B::Weight,
+    blocks: Vec<Block<B>>,
+    ln_f: Norm<B>,
+    hidden: usize,
+    activation: Activation,
+}
+
+impl<B: Backend> Gpt2<B> {
+    pub(crate) fn load(b: &B, w: &Weights, spec: &ModelSpec) -> Result<Self> {
+        let p = base_prefix(w, "transformer.", "wte.weight");
+        let (d, eps) = (spec.hidden_size, spec.norm_eps);
+        let Details::Gpt2 {
+            scale_attn_weights,
+            scale_attn_by_inverse_layer_idx,
+        } = spec.details
+        else {
+            unreachable!("gpt2 loader called with another architecture's spec")
+        };
+        let blocks = (0..spec.num_layers)
+            .map(|i| {
+                let h = format!("{p}h.{i}");
+                let mut scale = if scale_attn_weights { 1.0 / (spec.head_dim as f32).sqrt() } else { 1.0 };
+                if scale_attn_by_inverse_layer_idx {
+                    scale /= (i + 1) as f32;
+                }
+                Ok(Block {
+                    ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
+                    c_attn: Linear::load(b, w, &format!("{h}.attn.c_attn"), (3 * d, d), Layout::InOut, true)?,
+                    attn_proj: Linear::load(b, w, &format!("{h}.attn.c_proj"), (d, d), Layout::InOut, true)?,
+                    ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
+                    c_fc: Linear::load(b, w, &format!("{h}.mlp.c_fc"), (spec.intermediate_size, d), Layout::InOut, true)?,
+                    mlp_proj: Linear::load(b, w, &format!("{h}.mlp.c_proj"), (d, spec.intermediate_size), Layout::InOut, true)?,
+                    attention: AttentionParams {
+                        num_heads: spec.num_heads,
+                        num_kv_heads: spec.num_heads,
+                        head_dim: spec.head_dim,
+                        scale,
+                        window: None,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Gpt2 {
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
+            blocks,
+            ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
+            hidden: d,
+            activation: spec.activation,
+        })
+    }
+}
+
+impl<B: Backend> Transformer<B> for Gpt2<B> {
+    fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor {
+        let mut x = b.embed(&self.wte, ids);
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        b.add_assign(&mut x, &b.embed(&self.wpe, &pos));
+        x
+    }
+
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, _positions: &[usize]) -> B::Tensor {
+        let blk = &self.blocks[layer];
+        let d = self.hidden;
+
+        // x = x + attn(ln_1(x))
+        let h = blk.ln_1.forward(b, &x);
+        let qkv = blk.c_attn.forward(b, &h);
+        let [q, k, v]: [B::Tensor; 3] = b
+            .split_columns(&qkv, &[d, d, d])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("split into three"));
+        let a = b.attention(&q, &k, &v, &blk.attention);
+        b.add_assign(&mut x, &blk.attn_proj.forward(b, &a));
+
+        // x = x + mlp(ln_2(x))
+        let h = blk.ln_2.forward(b, &x);
+        let mut m = blk.c_fc.forward(b, &h);
+        b.activate(&mut m, self.activation);
+        b.add_assign(&mut x, &blk.mlp_proj.forward(b, &m));
+        x
+    }
+
+    fn final_norm(&self) -> &Norm<B> {
+        &self.ln_f
+    }
+}

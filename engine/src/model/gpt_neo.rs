@@ -1,0 +1,98 @@
+//! GPT-Neo (Black et al. 2021): GPT-2's shape with separate q/k/v projections, layers alternating
+//! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
+
+use super::{base_prefix, Linear, Norm, Transformer};
+use crate::backend::{AttentionParams, Backend, Layout};
+use crate::config::{Activation, AttentionSpan, ModelSpec};
+use crate::error::Result;
+use crate::weights::Weights;
+
+struct Block<B: Backend> {
+    ln_1: Norm<B>,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    out_proj: Linear<B>,
+    ln_2: Norm<B>,
+    c_fc: Linear<B>,
+    c_proj: Linear<B>,
+    attention: AttentionParams,
+}
+
+pub(crate) struct GptNeo<B: Backend> {
+    wte: B::Weight,
+    wpe: B::Weight,
+    blocks: Vec<Block<B>>,
+    ln_f: Norm<B>,
+    activation: Activation,
+}
+
+impl<B: Backend> GptNeo<B> {
+    pub(crate) fn load(b: &B, w: &Weights, spec: &ModelSpec) -> Result<Self> {
+        let p = base_prefix(w, "transformer.", "wte.weight");
+        let (d, eps, ff) = (spec.hidden_size, spec.norm_eps, spec.intermediate_size);
+        let blocks = (0..spec.num_layers)
+            .map(|i| {
+                let h = format!("{p}h.{i}");
+                let attn = format!("{h}.attn.attention");
+                Ok(Block {
+                    ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
+                    q_proj: Linear::load(b, w, &format!("{attn}.q_proj"), (d, d), Layout::OutIn, false)?,
+                    k_proj: Linear::load(b, w, &format!("{attn}.k_proj"), (d, d), Layout::OutIn, false)?,
+                    v_proj: Linear::load(b, w, &format!("{attn}.v_proj"), (d, d), Layout::OutIn, false)?,
+                    out_proj: Linear::load(b, w, &format!("{attn}.out_proj"), (d, d), Layout::OutIn, true)?,
+                    ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
+                    c_fc: Linear::load(b, w, &format!("{h}.mlp.c_fc"), (ff, d), Layout::OutIn, true)?,
+                    c_proj: Linear::load(b, w, &format!("{h}.mlp.c_proj"), (d, ff), Layout::OutIn, true)?,
+                    attention: AttentionParams {
+                        num_heads: spec.num_heads,
+                        num_kv_heads: spec.num_heads,
+                        head_dim: spec.head_dim,
+                        scale: 1.0,
+                        window: match spec.attention_spans[i] {
+                            AttentionSpan::Global => None,
+                            AttentionSpan::Local { window } => Some(window),
+                        },
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(GptNeo {
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
+            blocks,
+            ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
+            activation: spec.activation,
+        })
+    }
+}
+
+impl<B: Backend> Transformer<B> for GptNeo<B> {
+    fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor {
+        let mut x = b.embed(&self.wte, ids);
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        b.add_assign(&mut x, &b.embed(&self.wpe, &pos));
+        x
+    }
+
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, _positions: &[usize]) -> B::Tensor {
+        let blk = &self.blocks[layer];
+
+        // x = x + attn(ln_1(x)), global or local
+        let h = blk.ln_1.forward(b, &x);
+        let (q, k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
+        let a = b.attention(&q, &k, &v, &blk.attention);
+        b.add_assign(&mut x, &blk.out_proj.forward(b, &a));
+
+        // x = x + mlp(ln_2(x))
+        let h = blk.ln_2.forward(b, &x);
+        let mut m = blk.c_fc.forward(b, &h);
+        b.activate(&mut m, self.activation);
+        b.add_assign(&mut x, &blk.c_proj.forward(b, &m));
+        x
+    }
+
+    fn final_norm(&self) -> &Norm<B> {
+        &self.ln_f
+    }
+}

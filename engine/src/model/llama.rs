@@ -1,0 +1,107 @@
+//! Llama (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention and a
+//! SiLU-gated MLP; no biases unless the config asks for them.
+
+use super::{base_prefix, Linear, Norm, Transformer};
+use crate::backend::{AttentionParams, Backend, Layout};
+use crate::config::{Activation, Details, ModelSpec};
+use crate::error::Result;
+use crate::weights::Weights;
+
+struct Block<B: Backend> {
+    input_layernorm: Norm<B>,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    post_attention_layernorm: Norm<B>,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+}
+
+pub(crate) struct Llama<B: Backend> {
+    embed_tokens: B::Weight,
+    blocks: Vec<Block<B>>,
+    norm: Norm<B>,
+    attention: AttentionParams,
+    rope_theta: f32,
+    activation: Activation,
+}
+
+impl<B: Backend> Llama<B> {
+    pub(crate) fn load(b: &B, w: &Weights, spec: &ModelSpec) -> Result<Self> {
+        let p = base_prefix(w, "model.", "embed_tokens.weight");
+        let Details::Llama {
+            rope_theta,
+            attention_bias,
+            mlp_bias,
+        } = spec.details
+        else {
+            unreachable!("llama loader called with another architecture's spec")
+        };
+        let (d, eps, ff) = (spec.hidden_size, spec.norm_eps, spec.intermediate_size);
+        let (q_width, kv_width) = (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim);
+        let blocks = (0..spec.num_layers)
+            .map(|i| {
+                let l = format!("{p}layers.{i}");
+                let linear = |name: &str, shape, bias| Linear::load(b, w, &format!("{l}.{name}"), shape, Layout::OutIn, bias);
+                Ok(Block {
+                    input_layernorm: Norm::rms_norm(b, w, &format!("{l}.input_layernorm"), d, eps)?,
+                    q_proj: linear("self_attn.q_proj", (q_width, d), attention_bias)?,
+                    k_proj: linear("self_attn.k_proj", (kv_width, d), attention_bias)?,
+                    v_proj: linear("self_attn.v_proj", (kv_width, d), attention_bias)?,
+                    o_proj: linear("self_attn.o_proj", (d, q_width), attention_bias)?,
+                    post_attention_layernorm: Norm::rms_norm(b, w, &format!("{l}.post_attention_layernorm"), d, eps)?,
+                    gate_proj: linear("mlp.gate_proj", (ff, d), mlp_bias)?,
+                    up_proj: linear("mlp.up_proj", (ff, d), mlp_bias)?,
+                    down_proj: linear("mlp.down_proj", (d, ff), mlp_bias)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Llama {
+            embed_tokens: b.weight(w.get_shaped(&format!("{p}embed_tokens.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            blocks,
+            norm: Norm::rms_norm(b, w, &format!("{p}norm"), d, eps)?,
+            attention: AttentionParams {
+                num_heads: spec.num_heads,
+                num_kv_heads: spec.num_kv_heads,
+                head_dim: spec.head_dim,
+                scale: 1.0 / (spec.head_dim as f32).sqrt(),
+                window: None,
+            },
+            rope_theta,
+            activation: spec.activation,
+        })
+    }
+}
+
+impl<B: Backend> Transformer<B> for Llama<B> {
+    fn embed(&self, b: &B, ids: &[u32], _positions: &[usize]) -> B::Tensor {
+        b.embed(&self.embed_tokens, ids)
+    }
+
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, positions: &[usize]) -> B::Tensor {
+        let blk = &self.blocks[layer];
+        let head_dim = self.attention.head_dim;
+
+        // x = x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x)
+        let h = blk.input_layernorm.forward(b, &x);
+        let (mut q, mut k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
+        b.rope(&mut q, head_dim, positions, self.rope_theta);
+        b.rope(&mut k, head_dim, positions, self.rope_theta);
+        let a = b.attention(&q, &k, &v, &self.attention);
+        b.add_assign(&mut x, &blk.o_proj.forward(b, &a));
+
+        // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on post_attention_layernorm(x)
+        let h = blk.post_attention_layernorm.forward(b, &x);
+        let mut gate = blk.gate_proj.forward(b, &h);
+        b.activate(&mut gate, self.activation);
+        b.mul_assign(&mut gate, &blk.up_proj.forward(b, &h));
+        b.add_assign(&mut x, &blk.down_proj.forward(b, &gate));
+        x
+    }
+
+    fn final_norm(&self) -> &Norm<B> {
+        &self.norm
+    }
+}

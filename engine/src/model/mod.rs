@@ -1,0 +1,289 @@
+//! Models: one file per architecture, each a short forward pass written with the backend's ops, plus
+//! the driver shared by all of them (run the blocks a request needs, collect hidden states, apply the
+//! final norm and the LM or exit heads).
+
+mod gpt2;
+mod gpt_neo;
+mod llama;
+
+use std::collections::BTreeMap;
+
+use crate::backend::{Backend, Layout};
+use crate::config::{Architecture, ModelSpec};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// A linear layer: `w: [out, in]` and an optional bias `[out]`.
+pub(crate) struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Loads `{prefix}.weight` with shape `[out, in]` (or `[in, out]` for `Layout::InOut`) and, when
+    /// `bias` is true, `{prefix}.bias` with shape `[out]`.
+    pub(crate) fn load(
+        b: &B,
+        w: &Weights,
+        prefix: &str,
+        (out_features, in_features): (usize, usize),
+        layout: Layout,
+        bias: bool,
+    ) -> Result<Self> {
+        let shape = match layout {
+            Layout::OutIn => [out_features, in_features],
+            Layout::InOut => [in_features, out_features],
+        };
+        let weight = b.weight(w.get_shaped(&format!("{prefix}.weight"), &shape)?, layout)?;
+        let bias = if bias {
+            Some(b.weight(w.get_shaped(&format!("{prefix}.bias"), &[out_features])?, Layout::OutIn)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x: [t, in]` -> `[t, out]`.
+    pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        b.linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// LayerNorm (GPT-2, GPT-Neo) or RMSNorm (Llama) over the hidden dimension.
+pub(crate) enum Norm<B: Backend> {
+    Layer { weight: B::Weight, bias: B::Weight, eps: f32 },
+    Rms { weight: B::Weight, eps: f32 },
+}
+
+impl<B: Backend> Norm<B> {
+    pub(crate) fn layer_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Norm::Layer {
+            weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?,
+            bias: b.weight(w.get_shaped(&format!("{prefix}.bias"), &[dim])?, Layout::OutIn)?,
+            eps,
+        })
+    }
+
+    pub(crate) fn rms_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Norm::Rms {
+            weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?,
+            eps,
+        })
+    }
+
+    pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
+        match self {
+            Norm::Layer { weight, bias, eps } => b.layer_norm(x, weight, bias, *eps),
+            Norm::Rms { weight, eps } => b.rms_norm(x, weight, *eps),
+        }
+    }
+}
+
+/// What an architecture file provides: the embedding, one block, the final norm and the LM head.
+/// The driver in [`Model`] composes them.
+pub(crate) trait Transformer<B: Backend>: Send + Sync {
+    /// Token (and, where the architecture has them, position) embeddings: `[t, hidden]`.
+    fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor;
+    /// Block `layer` (0-based) applied to the residual stream `x: [t, hidden]`.
+    fn block(&self, b: &B, layer: usize, x: B::Tensor, positions: &[usize]) -> B::Tensor;
+    /// The norm applied after the last block (`ln_f` / `norm`); exits reuse it.
+    fn final_norm(&self) -> &Norm<B>;
+}
+
+/// What a forward pass should return. Only the blocks needed for the requested outputs run.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardRequest {
+    /// The original LM head's logits at every position.
+    pub logits: bool,
+    /// Exit heads to apply (layers from the checkpoint's `lm_head_layer_indices`).
+    pub exits: Vec<usize>,
+    /// Hidden states in transformers' convention (index 0 = embeddings, i = output of block i, the
+    /// last one after the final norm).
+    pub hidden_states: bool,
+}
+
+impl ForwardRequest {
+    /// Everything: logits, every exit head of `spec`, all hidden states.
+    pub fn everything(spec: &ModelSpec) -> Self {
+        ForwardRequest {
+            logits: true,
+            exits: spec.exit_layers.clone(),
+            hidden_states: true,
+        }
+    }
+}
+
+/// The outputs of [`Model::forward`], on the host, each `[t, width]` row-major.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOutput {
+    /// Number of positions (rows of every output).
+    pub tokens: usize,
+    /// `[t, vocab]` when requested.
+    pub logits: Option<Vec<f32>>,
+    /// Exit layer -> `[t, vocab]`.
+    pub exits: BTreeMap<usize, Vec<f32>>,
+    /// `num_layers + 1` matrices `[t, hidden]` when requested.
+    pub hidden_states: Vec<Vec<f32>>,
+    /// How many blocks actually ran.
+    pub blocks_run: usize,
+}
+
+/// A loaded model: its spec, its architecture's weights, the LM head and the exit heads.
+pub struct Model<B: Backend> {
+    spec: ModelSpec,
+    backend: B,
+    body: Box<dyn Transformer<B>>,
+    lm_head: B::Weight,
+    exit_heads: BTreeMap<usize, B::Weight>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the model described by `spec` from `weights`. Weights stay where they are (mapped
+    /// files on the CPU); nothing is read beyond shapes.
+    pub fn load(spec: ModelSpec, weights: &Weights, backend: B) -> Result<Self> {
+        let body: Box<dyn Transformer<B>> = match spec.architecture {
+            Architecture::Gpt2 => Box::new(gpt2::Gpt2::load(&backend, weights, &spec)?),
+            Architecture::GptNeo => Box::new(gpt_neo::GptNeo::load(&backend, weights, &spec)?),
+            Architecture::Llama => Box::new(llama::Llama::load(&backend, weights, &spec)?),
+        };
+        let vocab_by_hidden = [spec.vocab_size, spec.hidden_size];
+        let lm_head = if weights.contains("lm_head.weight") || !spec.tie_word_embeddings {
+            weights.get_shaped("lm_head.weight", &vocab_by_hidden)?
+        } else {
+            weights.get_shaped(embedding_name(&spec, weights), &vocab_by_hidden)?
+        };
+        let lm_head = backend.weight(lm_head, Layout::OutIn)?;
+        let mut exit_heads = BTreeMap::new();
+        for &layer in &spec.exit_layers {
+            let tensor = weights.get_shaped(&exit_head_name(layer), &vocab_by_hidden)?;
+            exit_heads.insert(layer, backend.weight(tensor, Layout::OutIn)?);
+        }
+        Ok(Model {
+            spec,
+            backend,
+            body,
+            lm_head,
+            exit_heads,
+        })
+    }
+
+    /// The checkpoint's dimensions and options.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Checks token ids against the vocabulary and the length against the context.
+    pub fn check_prompt(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::invalid("prompt", "is empty"));
+        }
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.spec.vocab_size) {
+            return Err(Error::invalid(
+                "prompt",
+                format!("token id {id} at position {i} is outside the vocabulary (size {})", self.spec.vocab_size),
+            ));
+        }
+        if ids.len() > self.spec.max_positions {
+            return Err(Error::invalid(
+                "prompt",
+                format!("{} tokens exceed the model's context of {} positions", ids.len(), self.spec.max_positions),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs the prompt `ids` through the model and returns what `request` asks for.
+    ///
+    /// Only blocks up to the deepest one the request needs are computed: asking for exit 2 alone runs
+    /// two blocks.
+    pub fn forward(&self, ids: &[u32], request: &ForwardRequest) -> Result<ForwardOutput> {
+        self.check_prompt(ids)?;
+        for &layer in &request.exits {
+            if !self.exit_heads.contains_key(&layer) {
+                return Err(Error::invalid(
+                    format!("exit {layer}"),
+                    format!("no exit head at layer {layer}: {}", self.spec.describe_exits()),
+                ));
+            }
+        }
+        let b = &self.backend;
+        let n = self.spec.num_layers;
+        let depth = if request.logits || request.hidden_states {
+            n
+        } else {
+            request.exits.iter().copied().max().unwrap_or(0)
+        };
+        let positions: Vec<usize> = (0..ids.len()).collect();
+        let mut out = ForwardOutput {
+            tokens: ids.len(),
+            ..Default::default()
+        };
+
+        let mut x = self.body.embed(b, ids, &positions);
+        if request.hidden_states {
+            out.hidden_states.push(b.to_host(&x));
+        }
+        for layer in 1..=depth {
+            x = self.body.block(b, layer - 1, x, &positions);
+            if layer == n {
+                break; // the top layer is read after the final norm, below
+            }
+            if request.hidden_states {
+                out.hidden_states.push(b.to_host(&x));
+            }
+            if request.exits.contains(&layer) {
+                // An intermediate exit reads the block output through the model's final norm.
+                let normed = self.body.final_norm().forward(b, &x);
+                let logits = b.linear(&normed, &self.exit_heads[&layer], None);
+                out.exits.insert(layer, b.to_host(&logits));
+            }
+        }
+        out.blocks_run = depth;
+        if depth == n {
+            // The top layer's state already carries the final norm, for the LM head and the top exit.
+            let top = self.body.final_norm().forward(b, &x);
+            if request.hidden_states {
+                out.hidden_states.push(b.to_host(&top));
+            }
+            if request.logits {
+                out.logits = Some(b.to_host(&b.linear(&top, &self.lm_head, None)));
+            }
+            if request.exits.contains(&n) {
+                out.exits.insert(n, b.to_host(&b.linear(&top, &self.exit_heads[&n], None)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The checkpoint name of the exit head at `layer` (upstream autocontrastive-gen format).
+pub fn exit_head_name(layer: usize) -> String {
+    format!("name_to_lm_exit_head.lm_head_{layer}.weight")
+}
+
+fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static str {
+    let candidates: &[&'static str] = match spec.architecture {
+        Architecture::Gpt2 | Architecture::GptNeo => &["transformer.wte.weight", "wte.weight"],
+        Architecture::Llama => &["model.embed_tokens.weight", "embed_tokens.weight"],
+    };
+    candidates
+        .iter()
+        .copied()
+        .find(|name| weights.contains(name))
+        .unwrap_or(candidates[0])
+}
+
+/// The prefix under which a base model's tensors live: checkpoints saved from `*LMHeadModel` use
+/// `transformer.` / `model.`, those saved from the bare model (e.g. the original `gpt2`) use none.
+pub(crate) fn base_prefix(weights: &Weights, with_prefix: &'static str, probe: &str) -> &'static str {
+    if weights.contains(&format!("{with_prefix}{probe}")) || !weights.contains(probe) {
+        with_prefix
+    } else {
+        ""
+    }
+}

@@ -1,0 +1,159 @@
+//! Text <-> token ids, as transformers' tokenizers do it.
+//!
+//! `tokenizer.json` is loaded by the `tokenizers` crate. GPT-2-era repositories that only ship
+//! `vocab.json` + `merges.txt` get the byte-level BPE that transformers' `GPT2Converter` builds from
+//! them, with special tokens from `tokenizer_config.json` / `special_tokens_map.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::BPE;
+use tokenizers::AddedToken;
+
+use crate::error::{Error, Result};
+use crate::source::TokenizerFiles;
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Prepended by hand when a vocab/merges tokenizer's config says `add_bos_token`.
+    bos_to_prepend: Option<u32>,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Loads the tokenizer described by `files`; `Ok(None)` when the checkpoint has none.
+    pub fn load(files: &TokenizerFiles) -> Result<Option<Self>> {
+        match files {
+            TokenizerFiles::None => Ok(None),
+            TokenizerFiles::Json(path) => Self::from_json_file(path).map(Some),
+            TokenizerFiles::VocabMerges {
+                vocab,
+                merges,
+                tokenizer_config,
+                special_tokens_map,
+            } => Self::from_vocab_merges(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map(Some),
+        }
+    }
+
+    /// Loads a `tokenizer.json`.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            bos_to_prepend: None,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Builds GPT-2's byte-level BPE from `vocab.json` and `merges.txt`.
+    pub fn from_vocab_merges(
+        vocab: &Path,
+        merges: &Path,
+        tokenizer_config: Option<&Path>,
+        special_tokens_map: Option<&Path>,
+    ) -> Result<Self> {
+        let fail = |path: &Path, reason: String| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let vocab_str = vocab.to_str().ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
+        let merges_str = merges.to_str().ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
+        let bpe = BPE::from_file(vocab_str, merges_str)
+            .build()
+            .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_decoder(Some(ByteLevel::default()))
+            .with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
+
+        let config = read_json(tokenizer_config)?;
+        let map = read_json(special_tokens_map)?;
+        let mut specials: Vec<String> = Vec::new();
+        for source in [&config, &map].into_iter().flatten() {
+            for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+                if let Some(content) = source.get(key).and_then(token_content) {
+                    specials.push(content);
+                }
+            }
+            if let Some(added) = source.get("added_tokens_decoder").and_then(Value::as_object) {
+                specials.extend(added.values().filter_map(token_content));
+            }
+        }
+        specials.sort();
+        specials.dedup();
+        let tokens: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        inner.add_special_tokens(&tokens);
+
+        let add_bos = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let bos_to_prepend = if add_bos {
+            let bos = config.as_ref().and_then(|c| c.get("bos_token")).and_then(token_content);
+            bos.and_then(|b| inner.token_to_id(&b))
+        } else {
+            None
+        };
+        Ok(Tokenizer {
+            inner,
+            bos_to_prepend,
+            path: vocab.to_path_buf(),
+        })
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer adds by default (as transformers'
+    /// `tokenizer(text)` does).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        ids.extend(self.bos_to_prepend);
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens included (transformers' `decode` defaults).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.error(e))
+    }
+
+    /// Id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+fn read_json(path: Option<&Path>) -> Result<Option<Value>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
+}
+
+/// A special token given as `"<|endoftext|>"` or `{"content": "<|endoftext|>", ...}`.
+fn token_content(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}

@@ -1,0 +1,389 @@
+//! Checkpoint tensors, memory-mapped and looked up by their Hugging Face names.
+//!
+//! Opening a checkpoint maps its safetensors files and parses their headers; no tensor data is read
+//! or copied. A page of a weight is brought into memory by the OS only when an op first touches it, so
+//! resident memory grows with the tensors a run actually uses (an early exit never touches the upper
+//! blocks). `pytorch_model.bin` archives are converted once to safetensors in a cache folder (see
+//! [`crate::torch_pickle`]) and then mapped like any other file.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Element type of a stored weight. Compute is always f32; narrower weights are widened as they are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub(crate) fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
+        match dtype {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+
+    /// Parses `f32`, `f16` or `bf16` (also the torch spellings `float32`, `float16`, `bfloat16`).
+    pub fn parse(text: &str) -> Option<DType> {
+        match text {
+            "f32" | "float32" | "float" => Some(DType::F32),
+            "f16" | "float16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// Bytes that outlive the checkpoint handle: a mapped file or, rarely, an owned aligned copy.
+enum Backing {
+    Mapped(Mmap),
+    /// Stored as u32 so that f32/f16/bf16 views are always aligned.
+    Owned(Vec<u32>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(map) => map,
+            Backing::Owned(words) => bytemuck::cast_slice(words),
+        }
+    }
+}
+
+/// Typed, borrowed view of a weight's elements.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl WeightData<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(v) => v.len(),
+            WeightData::F16(v) => v.len(),
+            WeightData::BF16(v) => v.len(),
+        }
+    }
+
+    /// True when the view holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Widens `self[start..start + out.len()]` into `out`.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            WeightData::F32(v) => out.copy_from_slice(&v[start..end]),
+            WeightData::F16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..end]) {
+                    *o = x.to_f32();
+                }
+            }
+            WeightData::BF16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start..end]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+
+    /// Element `i` widened to f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            WeightData::F32(v) => v[i],
+            WeightData::F16(v) => v[i].to_f32(),
+            WeightData::BF16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// All elements widened to f32 (an owned copy).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read_f32(0, &mut out);
+        out
+    }
+}
+
+/// One stored tensor: a shared handle on its bytes plus dtype and shape. Cloning it copies no data.
+#[derive(Clone)]
+pub struct HostTensor {
+    backing: Arc<Backing>,
+    start: usize,
+    len: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl HostTensor {
+    /// Element type as stored in the checkpoint.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape as stored in the checkpoint.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.backing.bytes()[self.start..self.start + self.len]
+    }
+
+    /// Typed view of the elements (no copy).
+    pub fn data(&self) -> WeightData<'_> {
+        let bytes = self.bytes();
+        // Alignment was checked (or fixed by copying) when the tensor was opened.
+        match self.dtype {
+            DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
+            DType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
+            DType::BF16 => WeightData::BF16(bytemuck::cast_slice(bytes)),
+        }
+    }
+
+    /// A tensor over an owned f32 buffer (for weights built in memory: tests, conversions).
+    pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> Self {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "shape does not match data");
+        let len = values.len() * 4;
+        let words: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        HostTensor {
+            backing: Arc::new(Backing::Owned(words)),
+            start: 0,
+            len,
+            dtype: DType::F32,
+            shape,
+        }
+    }
+
+    /// This tensor converted to `dtype` (an owned copy; returns a cheap clone when it already is).
+    pub fn converted(&self, dtype: DType) -> HostTensor {
+        if dtype == self.dtype {
+            return self.clone();
+        }
+        let values = self.data().to_f32_vec();
+        let words: Vec<u32> = match dtype {
+            DType::F32 => values.iter().map(|v| v.to_bits()).collect(),
+            DType::F16 => pack_halves(values.iter().map(|&x| f16::from_f32(x).to_bits())),
+            DType::BF16 => pack_halves(values.iter().map(|&x| bf16::from_f32(x).to_bits())),
+        };
+        HostTensor {
+            backing: Arc::new(Backing::Owned(words)),
+            start: 0,
+            len: self.numel() * dtype.size(),
+            dtype,
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+fn pack_halves(bits: impl Iterator<Item = u16>) -> Vec<u32> {
+    let bits: Vec<u16> = bits.collect();
+    let mut words = vec![0u32; bits.len().div_ceil(2)];
+    bytemuck::cast_slice_mut::<u32, u16>(&mut words)[..bits.len()].copy_from_slice(&bits);
+    words
+}
+
+impl fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostTensor({}, {:?})", self.dtype, self.shape)
+    }
+}
+
+struct Entry {
+    tensor: HostTensor,
+    file: usize,
+}
+
+/// All tensors of a checkpoint, from one or several safetensors files, by name.
+pub struct Weights {
+    files: Vec<PathBuf>,
+    tensors: HashMap<String, Entry>,
+    /// Tensors present with a dtype the engine does not compute with (integer buffers and the like).
+    skipped: HashMap<String, (usize, String)>,
+}
+
+impl Weights {
+    /// Maps the given safetensors files. Reads only their headers.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut weights = Weights {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            skipped: HashMap::new(),
+        };
+        for path in files {
+            weights.add_file(path)?;
+        }
+        Ok(weights)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only. Like every mmap-based loader we rely on the checkpoint not being
+        // truncated or rewritten while it is open; safetensors' header check bounds every tensor.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let backing = Arc::new(Backing::Mapped(map));
+        let base = backing.bytes().as_ptr() as usize;
+        let parsed = SafeTensors::deserialize(backing.bytes())
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let file_index = self.files.len();
+        let mut unaligned = Vec::new();
+        for (name, view) in parsed.tensors() {
+            let Some(dtype) = DType::from_safetensors(view.dtype()) else {
+                self.skipped.insert(name, (file_index, format!("{:?}", view.dtype())));
+                continue;
+            };
+            let start = view.data().as_ptr() as usize - base;
+            let tensor = HostTensor {
+                backing: backing.clone(),
+                start,
+                len: view.data().len(),
+                dtype,
+                shape: view.shape().to_vec(),
+            };
+            if start % dtype.size() != 0 {
+                unaligned.push(name.clone());
+            }
+            self.tensors.insert(
+                name,
+                Entry {
+                    tensor,
+                    file: file_index,
+                },
+            );
+        }
+        // Writers pad headers so that data is aligned; a file that is not gets an aligned copy of the
+        // affected tensors rather than an unaligned (undefined) view.
+        for name in unaligned {
+            if let Some(entry) = self.tensors.get_mut(&name) {
+                let bytes = entry.tensor.bytes();
+                let mut words = vec![0u32; bytes.len().div_ceil(4)];
+                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                entry.tensor.backing = Arc::new(Backing::Owned(words));
+                entry.tensor.start = 0;
+            }
+        }
+        drop(parsed);
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Builds a store from in-memory tensors (tests and tools).
+    pub fn from_tensors(tensors: impl IntoIterator<Item = (String, HostTensor)>) -> Self {
+        Weights {
+            files: vec![PathBuf::from("<memory>")],
+            tensors: tensors
+                .into_iter()
+                .map(|(name, tensor)| (name, Entry { tensor, file: 0 }))
+                .collect(),
+            skipped: HashMap::new(),
+        }
+    }
+
+    /// True if a floating-point tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all floating-point tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        if let Some(entry) = self.tensors.get(name) {
+            return Ok(&entry.tensor);
+        }
+        if let Some((file, dtype)) = self.skipped.get(name) {
+            return Err(Error::BadTensor {
+                name: name.to_string(),
+                path: self.files[*file].clone(),
+                reason: format!("dtype {dtype} is not supported (expected F32, F16 or BF16)"),
+            });
+        }
+        Err(Error::MissingTensor {
+            name: name.to_string(),
+            files: self.describe_files(),
+        })
+    }
+
+    /// The tensor called `name`, which must have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<&HostTensor> {
+        let tensor = self.get(name)?;
+        if tensor.shape() != shape {
+            return Err(Error::BadTensor {
+                name: name.to_string(),
+                path: self.path_of(name),
+                reason: format!("shape {:?}, expected {:?}", tensor.shape(), shape),
+            });
+        }
+        Ok(tensor)
+    }
+
+    /// The file a tensor lives in.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.tensors
+            .get(name)
+            .map(|entry| self.files[entry.file].clone())
+            .unwrap_or_else(|| PathBuf::from(self.describe_files()))
+    }
+
+    fn describe_files(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!(
+                "{} files ({}, ...)",
+                many.len(),
+                many.first().map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! CUDA kernels for layerwise (placeholder).

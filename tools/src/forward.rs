@@ -1,0 +1,60 @@
+//! `layerwise forward`: one forward pass over a prompt, every output written to a safetensors file.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use layerwise::ForwardRequest;
+use safetensors::tensor::TensorView;
+
+use crate::input::{ModelArgs, PromptArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Output file (safetensors): `logits` [T, vocab], `exit.<L>` [T, vocab] for every exit head,
+    /// `hidden.<i>` [T, hidden] for i = 0..=num_layers, all f32.
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let loaded = args.model.load()?;
+    let ids = args.prompt.ids(&loaded)?;
+    let spec = loaded.model.spec();
+    let start = Instant::now();
+    let out = loaded.model.forward(&ids, &ForwardRequest::everything(spec))?;
+    let seconds = start.elapsed().as_secs_f64();
+
+    let t = ids.len();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    if let Some(logits) = &out.logits {
+        tensors.push(("logits".into(), vec![t, spec.vocab_size], logits));
+    }
+    for (layer, logits) in &out.exits {
+        tensors.push((format!("exit.{layer}"), vec![t, spec.vocab_size], logits));
+    }
+    for (i, hidden) in out.hidden_states.iter().enumerate() {
+        tensors.push((format!("hidden.{i}"), vec![t, spec.hidden_size], hidden));
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+                .with_context(|| format!("tensor {name}"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, &args.out)
+        .with_context(|| format!("--out {}: cannot write", args.out.display()))?;
+    eprintln!(
+        "forward: {t} tokens through {} layers in {seconds:.3}s; wrote {} tensors to {}",
+        out.blocks_run,
+        tensors.len(),
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `layerwise`: the command-line face of the engine. Each subcommand is a thin layer over the
+//! engine's public API; the engine never prints, this program decides what to show.
+
+mod forward;
+mod input;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "layerwise", version, about = "Inference for multi-exit language models: early exit, auto-contrastive decoding, logit lens")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a prompt through the model and write logits, exit-head logits and hidden states.
+    Forward(forward::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forward(args) => forward::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
