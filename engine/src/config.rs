@@ -116,10 +116,9 @@ impl Fields<'_> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.error(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 
@@ -158,7 +157,10 @@ impl Fields<'_> {
     fn activation(&self, key: &str, default: &str) -> Result<Activation> {
         let name = self.str_or(key, default)?;
         Activation::parse(name).ok_or_else(|| {
-            self.error(key, format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"))
+            self.error(
+                key,
+                format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"),
+            )
         })
     }
 
@@ -181,7 +183,7 @@ impl ModelSpec {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::MissingFile {
                 path: path.to_path_buf(),
-                what: "the model's config.json".into(),
+                what: "config.json not found".into(),
             },
             _ => Error::io(path, e),
         })?;
@@ -234,13 +236,20 @@ impl ModelSpec {
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(f.error(
                 "num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
             ));
         }
-        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0 {
+        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0
+        {
             return Err(f.error(
                 "num_attention_heads",
-                format!("{} does not divide the hidden size {}", self.num_heads, self.hidden_size),
+                format!(
+                    "{} does not divide the hidden size {}",
+                    self.num_heads, self.hidden_size
+                ),
             ));
         }
         Ok(())
@@ -251,7 +260,10 @@ impl ModelSpec {
         if self.exit_layers.is_empty() {
             "the checkpoint has no exit heads".to_string()
         } else {
-            format!("the checkpoint has exit heads at layers {:?}", self.exit_layers)
+            format!(
+                "the checkpoint has exit heads at layers {:?}",
+                self.exit_layers
+            )
         }
     }
 }
@@ -261,9 +273,12 @@ fn exit_layers(f: &Fields, num_layers: usize) -> Result<Vec<usize>> {
     let Some(value) = f.present(key) else {
         return Ok(Vec::new());
     };
-    let items = value
-        .as_array()
-        .ok_or_else(|| f.error(key, format!("expected a list of layer indices, found {value}")))?;
+    let items = value.as_array().ok_or_else(|| {
+        f.error(
+            key,
+            format!("expected a list of layer indices, found {value}"),
+        )
+    })?;
     let mut layers = Vec::with_capacity(items.len());
     for item in items {
         let layer = item
@@ -341,7 +356,10 @@ fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<Attenti
     let span_of = |field: &str, kind: &Value| match kind.as_str() {
         Some("global") => Ok(AttentionSpan::Global),
         Some("local") => Ok(AttentionSpan::Local { window }),
-        _ => Err(f.error(field, format!("attention kind {kind} is not `global` or `local`"))),
+        _ => Err(f.error(
+            field,
+            format!("attention kind {kind} is not `global` or `local`"),
+        )),
     };
     let mut spans = Vec::new();
     if let Some(types) = f.present("attention_types") {
@@ -369,7 +387,10 @@ fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<Attenti
     if spans.len() != layers {
         return Err(f.error(
             "attention_types",
-            format!("describes {} layers but num_layers is {layers}", spans.len()),
+            format!(
+                "describes {} layers but num_layers is {layers}",
+                spans.len()
+            ),
         ));
     }
     Ok(spans)
@@ -383,7 +404,10 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
             .and_then(Value::as_str)
             .unwrap_or("?");
         if kind != "default" {
-            return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
+            return Err(f.error(
+                "rope_scaling",
+                format!("rope scaling `{kind}` is not implemented"),
+            ));
         }
     }
     if f.usize_opt("pretraining_tp")?.unwrap_or(1) != 1 {
@@ -394,7 +418,10 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
     let layers = f.usize("num_hidden_layers")?;
     let sliding = f.bool_or("use_sliding_window", false)?;
     if sliding {
-        return Err(f.error("use_sliding_window", "sliding-window attention is not implemented for llama"));
+        return Err(f.error(
+            "use_sliding_window",
+            "sliding-window attention is not implemented for llama",
+        ));
     }
     Ok(ModelSpec {
         architecture: Architecture::Llama,

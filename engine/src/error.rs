@@ -16,8 +16,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A file the model needs is absent.
-    #[error("{path}: file not found ({what})")]
+    /// A file the model needs is absent; `what` says which, as a phrase ("config.json not found").
+    #[error("{path}: {what}")]
     MissingFile { path: PathBuf, what: String },
     /// A file exists but its contents cannot be used (corrupt, truncated, wrong format).
     #[error("{path}: {reason}")]

@@ -35,13 +35,15 @@ pub use error::{Error, Result};
 pub use model::{ForwardOutput, ForwardRequest, Model};
 pub use source::{ModelFiles, TokenizerFiles, WeightFiles};
 pub use tokenizer::Tokenizer;
-pub use weights::{DType, Weights};
+pub use weights::{DType, Weights, WeightsSummary};
 
 /// A checkpoint opened for inference: the model on its backend, its tokenizer, and where it came from.
 pub struct LoadedModel<B: Backend = Cpu> {
     pub model: Model<B>,
     pub tokenizer: Option<Tokenizer>,
     pub files: ModelFiles,
+    /// What the weight files hold (counts, bytes, dtypes).
+    pub weights: WeightsSummary,
 }
 
 impl<B: Backend> LoadedModel<B> {
@@ -58,7 +60,7 @@ impl<B: Backend> LoadedModel<B> {
     fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
             path: self.files.dir.clone(),
-            what: "a tokenizer (tokenizer.json, or vocab.json + merges.txt); give token ids instead".into(),
+            what: "the checkpoint has no tokenizer (tokenizer.json, or vocab.json + merges.txt); give token ids instead".into(),
         })
     }
 }
@@ -80,6 +82,7 @@ pub fn load_on<B: Backend>(source: &str, backend: B) -> Result<LoadedModel<B>> {
         model,
         tokenizer,
         files,
+        weights: weights.summary(),
     })
 }
 

@@ -74,8 +74,7 @@ impl ModelFiles {
         }
         Err(Error::MissingFile {
             path: path.to_path_buf(),
-            what: "model directory (pass a local checkpoint directory or a Hub id such as ibm/gpt2-medium-multiexit)"
-                .into(),
+            what: "no such model directory (pass a local checkpoint directory, or a Hub id such as ibm/gpt2-medium-multiexit)".into(),
         })
     }
 
@@ -85,7 +84,7 @@ impl ModelFiles {
         if !config.is_file() {
             return Err(Error::MissingFile {
                 path: config,
-                what: "the model's config.json".into(),
+                what: "config.json not found".into(),
             });
         }
         let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
@@ -100,12 +99,13 @@ impl ModelFiles {
         } else {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
-                what: format!("weights (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"),
+                what: format!("no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"),
             });
         };
         let tokenizer = if let Some(json) = existing("tokenizer.json") {
             TokenizerFiles::Json(json)
-        } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt")) {
+        } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt"))
+        {
             TokenizerFiles::VocabMerges {
                 vocab,
                 merges,
@@ -128,19 +128,25 @@ impl ModelFiles {
 /// The distinct shard file names listed by a `*.index.json` (`{"weight_map": {tensor: file}}`).
 fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::bad_file(index, "no `weight_map` object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::bad_file(index, format!("weight_map entry `{tensor}` is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::bad_file(
+                index,
+                format!("weight_map entry `{tensor}` is not a file name"),
+            )
+        })?;
         if file.contains("..") || Path::new(file).is_absolute() {
-            return Err(Error::bad_file(index, format!("shard `{file}` is outside the checkpoint directory")));
+            return Err(Error::bad_file(
+                index,
+                format!("shard `{file}` is outside the checkpoint directory"),
+            ));
         }
         names.insert(file.to_string());
     }
@@ -149,11 +155,17 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
 
 /// The shard files of a local sharded checkpoint; all must exist.
 fn shards(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let files: Vec<PathBuf> = shard_names(index)?.into_iter().map(|n| dir.join(n)).collect();
+    let files: Vec<PathBuf> = shard_names(index)?
+        .into_iter()
+        .map(|n| dir.join(n))
+        .collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(Error::MissingFile {
             path: missing.clone(),
-            what: format!("a weight shard listed in {}", index.display()),
+            what: format!(
+                "not found, although {} lists it as a weight shard",
+                index.display()
+            ),
         });
     }
     Ok(files)
@@ -162,7 +174,11 @@ fn shards(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 fn looks_like_hub_id(source: &str) -> bool {
     let id = source.split('@').next().unwrap_or(source);
     let mut parts = id.split('/');
-    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     matches!((parts.next(), parts.next(), parts.next()), (Some(owner), Some(name), None)
         if valid(owner) && valid(name) && owner != "." && owner != "..")
 }
@@ -175,7 +191,12 @@ fn hub_cache() -> Cache {
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim(),
+            "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"
+        )
+    })
 }
 
 fn resolve_hub(source: &str) -> Result<ModelFiles> {
@@ -224,7 +245,9 @@ fn resolve_hub(source: &str) -> Result<ModelFiles> {
     let weights = [SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX]
         .into_iter()
         .find(|name| listed.contains(name))
-        .ok_or_else(|| hub_error("the repository has no safetensors or pytorch_model.bin weights".into()))?;
+        .ok_or_else(|| {
+            hub_error("the repository has no safetensors or pytorch_model.bin weights".into())
+        })?;
     let weights = fetch(weights)?;
     if weights.to_string_lossy().ends_with(".index.json") {
         for shard in shard_names(&weights)? {

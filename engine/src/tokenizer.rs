@@ -33,7 +33,13 @@ impl Tokenizer {
                 merges,
                 tokenizer_config,
                 special_tokens_map,
-            } => Self::from_vocab_merges(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref()).map(Some),
+            } => Self::from_vocab_merges(
+                vocab,
+                merges,
+                tokenizer_config.as_deref(),
+                special_tokens_map.as_deref(),
+            )
+            .map(Some),
         }
     }
 
@@ -61,8 +67,12 @@ impl Tokenizer {
             path: path.to_path_buf(),
             reason,
         };
-        let vocab_str = vocab.to_str().ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
-        let merges_str = merges.to_str().ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
+        let vocab_str = vocab
+            .to_str()
+            .ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
+        let merges_str = merges
+            .to_str()
+            .ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
         let bpe = BPE::from_file(vocab_str, merges_str)
             .build()
             .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
@@ -81,13 +91,19 @@ impl Tokenizer {
                     specials.push(content);
                 }
             }
-            if let Some(added) = source.get("added_tokens_decoder").and_then(Value::as_object) {
+            if let Some(added) = source
+                .get("added_tokens_decoder")
+                .and_then(Value::as_object)
+            {
                 specials.extend(added.values().filter_map(token_content));
             }
         }
         specials.sort();
         specials.dedup();
-        let tokens: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        let tokens: Vec<AddedToken> = specials
+            .iter()
+            .map(|s| AddedToken::from(s.clone(), true))
+            .collect();
         inner.add_special_tokens(&tokens);
 
         let add_bos = config
@@ -96,7 +112,10 @@ impl Tokenizer {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let bos_to_prepend = if add_bos {
-            let bos = config.as_ref().and_then(|c| c.get("bos_token")).and_then(token_content);
+            let bos = config
+                .as_ref()
+                .and_then(|c| c.get("bos_token"))
+                .and_then(token_content);
             bos.and_then(|b| inner.token_to_id(&b))
         } else {
             None

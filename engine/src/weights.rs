@@ -191,7 +191,11 @@ impl HostTensor {
 
     /// A tensor over an owned f32 buffer (for weights built in memory: tests, conversions).
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> Self {
-        assert_eq!(values.len(), shape.iter().product::<usize>(), "shape does not match data");
+        assert_eq!(
+            values.len(),
+            shape.iter().product::<usize>(),
+            "shape does not match data"
+        );
         let len = values.len() * 4;
         let words: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
         HostTensor {
@@ -237,6 +241,17 @@ impl fmt::Debug for HostTensor {
     }
 }
 
+/// What a checkpoint holds, in numbers.
+#[derive(Clone, Debug, Default)]
+pub struct WeightsSummary {
+    pub files: usize,
+    pub tensors: usize,
+    pub parameters: usize,
+    pub bytes: usize,
+    /// Parameters per stored dtype (`f32`, `f16`, `bf16`).
+    pub by_dtype: std::collections::BTreeMap<String, usize>,
+}
+
 struct Entry {
     tensor: HostTensor,
     file: usize,
@@ -277,7 +292,8 @@ impl Weights {
         let mut unaligned = Vec::new();
         for (name, view) in parsed.tensors() {
             let Some(dtype) = DType::from_safetensors(view.dtype()) else {
-                self.skipped.insert(name, (file_index, format!("{:?}", view.dtype())));
+                self.skipped
+                    .insert(name, (file_index, format!("{:?}", view.dtype())));
                 continue;
             };
             let start = view.data().as_ptr() as usize - base;
@@ -305,7 +321,8 @@ impl Weights {
             if let Some(entry) = self.tensors.get_mut(&name) {
                 let bytes = entry.tensor.bytes();
                 let mut words = vec![0u32; bytes.len().div_ceil(4)];
-                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()]
+                    .copy_from_slice(bytes);
                 entry.tensor.backing = Arc::new(Backing::Owned(words));
                 entry.tensor.start = 0;
             }
@@ -368,6 +385,24 @@ impl Weights {
         Ok(tensor)
     }
 
+    /// Counts of what the checkpoint holds.
+    pub fn summary(&self) -> WeightsSummary {
+        let mut summary = WeightsSummary {
+            files: self.files.len(),
+            ..Default::default()
+        };
+        for entry in self.tensors.values() {
+            summary.tensors += 1;
+            summary.parameters += entry.tensor.numel();
+            summary.bytes += entry.tensor.len;
+            *summary
+                .by_dtype
+                .entry(entry.tensor.dtype.to_string())
+                .or_default() += entry.tensor.numel();
+        }
+        summary
+    }
+
     /// The file a tensor lives in.
     pub fn path_of(&self, name: &str) -> PathBuf {
         self.tensors
@@ -382,7 +417,9 @@ impl Weights {
             many => format!(
                 "{} files ({}, ...)",
                 many.len(),
-                many.first().map(|p| p.display().to_string()).unwrap_or_default()
+                many.first()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ),
         }
     }

@@ -26,7 +26,9 @@ pub fn run(args: Args) -> Result<()> {
     let ids = args.prompt.ids(&loaded)?;
     let spec = loaded.model.spec();
     let start = Instant::now();
-    let out = loaded.model.forward(&ids, &ForwardRequest::everything(spec))?;
+    let out = loaded
+        .model
+        .forward(&ids, &ForwardRequest::everything(spec))?;
     let seconds = start.elapsed().as_secs_f64();
 
     let t = ids.len();
@@ -43,18 +45,23 @@ pub fn run(args: Args) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(name, shape, data)| {
-            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
-                .with_context(|| format!("tensor {name}"))?;
+            let view = TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(data),
+            )
+            .with_context(|| format!("tensor {name}"))?;
             Ok((name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, &args.out)
         .with_context(|| format!("--out {}: cannot write", args.out.display()))?;
     eprintln!(
-        "forward: {t} tokens through {} layers in {seconds:.3}s; wrote {} tensors to {}",
+        "forward: {t} tokens through {} layers in {seconds:.3}s; wrote {} tensors to {}; {}",
         out.blocks_run,
         tensors.len(),
-        args.out.display()
+        args.out.display(),
+        crate::memory::describe()
     );
     Ok(())
 }

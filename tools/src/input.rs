@@ -4,7 +4,10 @@ use anyhow::{bail, Context, Result};
 use layerwise::{Cpu, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
-pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+pub const DEMO_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/demo-gpt2-multiexit"
+);
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
@@ -40,7 +43,14 @@ impl PromptArgs {
             (None, Some(list)) => parse_ids(list)?,
             (None, None) => bail!("give --prompt or --prompt-ids"),
         };
-        loaded.model.check_prompt(&ids).context(if self.prompt.is_some() { "--prompt" } else { "--prompt-ids" })?;
+        loaded
+            .model
+            .check_prompt(&ids)
+            .context(if self.prompt.is_some() {
+                "--prompt"
+            } else {
+                "--prompt-ids"
+            })?;
         Ok(ids)
     }
 }

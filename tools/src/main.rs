@@ -2,14 +2,20 @@
 //! engine's public API; the engine never prints, this program decides what to show.
 
 mod forward;
+mod info;
 mod input;
+mod memory;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "layerwise", version, about = "Inference for multi-exit language models: early exit, auto-contrastive decoding, logit lens")]
+#[command(
+    name = "layerwise",
+    version,
+    about = "Inference for multi-exit language models: early exit, auto-contrastive decoding, logit lens"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,12 +25,15 @@ struct Cli {
 enum Command {
     /// Run a prompt through the model and write logits, exit-head logits and hidden states.
     Forward(forward::Args),
+    /// Describe a checkpoint and measure what opening it costs (time, resident memory).
+    Info(info::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Forward(args) => forward::run(args),
+        Command::Info(args) => info::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,7 +30,11 @@ impl Matrix {
     }
 
     pub fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "matrix data does not match its shape");
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
         Matrix { data, rows, cols }
     }
 
@@ -123,7 +127,8 @@ impl Backend for Cpu {
     fn layer_norm(&self, x: &Matrix, weight: &CpuWeight, bias: &CpuWeight, eps: f32) -> Matrix {
         let (w, b) = (weight.vector(), bias.vector());
         let mut out = x.clone();
-        out.rows_mut().for_each(|row| layer_norm_row(row, &w, &b, eps));
+        out.rows_mut()
+            .for_each(|row| layer_norm_row(row, &w, &b, eps));
         out
     }
 
@@ -135,7 +140,10 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Matrix, w: &CpuWeight, bias: Option<&CpuWeight>) -> Matrix {
-        assert_eq!(x.cols, w.in_features, "linear: input width does not match the weight");
+        assert_eq!(
+            x.cols, w.in_features,
+            "linear: input width does not match the weight"
+        );
         let mut out = match w.layout {
             Layout::OutIn => matmul_out_in(x, w),
             Layout::InOut => matmul_in_out(x, w),
@@ -158,7 +166,9 @@ impl Backend for Cpu {
             Activation::Relu => |v| v.max(0.0),
             Activation::Silu => silu,
         };
-        x.data.par_chunks_mut(4096).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+        x.data
+            .par_chunks_mut(4096)
+            .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
     }
 
     fn rope(&self, x: &mut Matrix, head_dim: usize, positions: &[usize], theta: f32) {
@@ -168,7 +178,8 @@ impl Backend for Cpu {
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
         for (row, &pos) in x.rows_mut().zip(positions) {
-            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).unzip();
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).unzip();
             for head in row.chunks_exact_mut(head_dim) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -181,7 +192,11 @@ impl Backend for Cpu {
     }
 
     fn split_columns(&self, x: &Matrix, widths: &[usize]) -> Vec<Matrix> {
-        assert_eq!(widths.iter().sum::<usize>(), x.cols, "split widths do not cover the row");
+        assert_eq!(
+            widths.iter().sum::<usize>(),
+            x.cols,
+            "split widths do not cover the row"
+        );
         let mut start = 0;
         widths
             .iter()
@@ -209,13 +224,14 @@ impl Backend for Cpu {
                 for i in 0..t {
                     let first = p.window.map_or(0, |w| (i + 1).saturating_sub(w));
                     let qi = &q.row(i)[h * d..(h + 1) * d];
-                    for j in first..=i {
-                        scores[j] = dot(qi, &k.row(j)[kv * d..(kv + 1) * d]) * p.scale;
+                    let visible = &mut scores[first..=i];
+                    for (j, score) in (first..).zip(visible.iter_mut()) {
+                        *score = dot(qi, &k.row(j)[kv * d..(kv + 1) * d]) * p.scale;
                     }
-                    softmax_in_place(&mut scores[first..=i]);
+                    softmax_in_place(visible);
                     let oi = &mut out[i * d..(i + 1) * d];
-                    for j in first..=i {
-                        axpy(oi, scores[j], &v.row(j)[kv * d..(kv + 1) * d]);
+                    for (j, &weight) in (first..).zip(visible.iter()) {
+                        axpy(oi, weight, &v.row(j)[kv * d..(kv + 1) * d]);
                     }
                 }
                 out
@@ -305,7 +321,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ac.zip(bc) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];

@@ -40,17 +40,49 @@ impl<B: Backend> Gpt2<B> {
         let blocks = (0..spec.num_layers)
             .map(|i| {
                 let h = format!("{p}h.{i}");
-                let mut scale = if scale_attn_weights { 1.0 / (spec.head_dim as f32).sqrt() } else { 1.0 };
+                let mut scale = if scale_attn_weights {
+                    1.0 / (spec.head_dim as f32).sqrt()
+                } else {
+                    1.0
+                };
                 if scale_attn_by_inverse_layer_idx {
                     scale /= (i + 1) as f32;
                 }
                 Ok(Block {
                     ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
-                    c_attn: Linear::load(b, w, &format!("{h}.attn.c_attn"), (3 * d, d), Layout::InOut, true)?,
-                    attn_proj: Linear::load(b, w, &format!("{h}.attn.c_proj"), (d, d), Layout::InOut, true)?,
+                    c_attn: Linear::load(
+                        b,
+                        w,
+                        &format!("{h}.attn.c_attn"),
+                        (3 * d, d),
+                        Layout::InOut,
+                        true,
+                    )?,
+                    attn_proj: Linear::load(
+                        b,
+                        w,
+                        &format!("{h}.attn.c_proj"),
+                        (d, d),
+                        Layout::InOut,
+                        true,
+                    )?,
                     ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
-                    c_fc: Linear::load(b, w, &format!("{h}.mlp.c_fc"), (spec.intermediate_size, d), Layout::InOut, true)?,
-                    mlp_proj: Linear::load(b, w, &format!("{h}.mlp.c_proj"), (d, spec.intermediate_size), Layout::InOut, true)?,
+                    c_fc: Linear::load(
+                        b,
+                        w,
+                        &format!("{h}.mlp.c_fc"),
+                        (spec.intermediate_size, d),
+                        Layout::InOut,
+                        true,
+                    )?,
+                    mlp_proj: Linear::load(
+                        b,
+                        w,
+                        &format!("{h}.mlp.c_proj"),
+                        (d, spec.intermediate_size),
+                        Layout::InOut,
+                        true,
+                    )?,
                     attention: AttentionParams {
                         num_heads: spec.num_heads,
                         num_kv_heads: spec.num_heads,
@@ -62,8 +94,14 @@ impl<B: Backend> Gpt2<B> {
             })
             .collect::<Result<_>>()?;
         Ok(Gpt2 {
-            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
-            wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
+            wte: b.weight(
+                w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?,
+                Layout::OutIn,
+            )?,
+            wpe: b.weight(
+                w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?,
+                Layout::OutIn,
+            )?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
             hidden: d,

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Write a random-weight checkpoint shaped like ibm/gpt2-medium-multiexit (GPT-2, 24 layers, hidden 1024,
+16 heads, vocab 50257, exit heads at layers 2, 4, ..., 24 in upstream autocontrastive-gen's format).
+
+Used for loading, memory and throughput measurements (README, tools/compare_transformers.py). The
+weights are random: only shapes and byte counts matter. Needs numpy, safetensors and transformers.
+
+    python tools/scripts/make_reference_checkpoint.py --out /tmp/gpt2-medium-multiexit-random [--dtype f32|f16|bf16]
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config
+
+LAYERS, HIDDEN, HEADS, VOCAB, POSITIONS = 24, 1024, 16, 50257, 1024
+EXITS = list(range(2, LAYERS + 1, 2))
+
+
+def tensors(rng, dtype):
+    def normal(*shape, std=0.02):
+        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * std).to(dtype)
+
+    def ones(n):
+        return torch.ones(n, dtype=dtype)
+
+    def zeros(n):
+        return torch.zeros(n, dtype=dtype)
+
+    d = HIDDEN
+    yield "transformer.wte.weight", normal(VOCAB, d)
+    yield "transformer.wpe.weight", normal(POSITIONS, d, std=0.01)
+    for i in range(LAYERS):
+        h = f"transformer.h.{i}"
+        yield f"{h}.ln_1.weight", ones(d)
+        yield f"{h}.ln_1.bias", zeros(d)
+        yield f"{h}.attn.c_attn.weight", normal(d, 3 * d)
+        yield f"{h}.attn.c_attn.bias", zeros(3 * d)
+        yield f"{h}.attn.c_proj.weight", normal(d, d)
+        yield f"{h}.attn.c_proj.bias", zeros(d)
+        yield f"{h}.ln_2.weight", ones(d)
+        yield f"{h}.ln_2.bias", zeros(d)
+        yield f"{h}.mlp.c_fc.weight", normal(d, 4 * d)
+        yield f"{h}.mlp.c_fc.bias", zeros(4 * d)
+        yield f"{h}.mlp.c_proj.weight", normal(4 * d, d)
+        yield f"{h}.mlp.c_proj.bias", zeros(d)
+    yield "transformer.ln_f.weight", ones(d)
+    yield "transformer.ln_f.bias", zeros(d)
+    for layer in EXITS:
+        yield f"name_to_lm_exit_head.lm_head_{layer}.weight", normal(VOCAB, d)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    args = parser.parse_args()
+    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    os.makedirs(args.out, exist_ok=True)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                        torch_dtype=str(dtype).replace("torch.", ""))
+    config.lm_head_layer_indices = EXITS
+    config.architectures = ["GPT2LMHeadModel"]
+    config.to_json_file(os.path.join(args.out, "config.json"))
+    rng = np.random.default_rng(0)
+    save_file(dict(tensors(rng, dtype)), os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
