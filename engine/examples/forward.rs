@@ -14,11 +14,7 @@ fn main() -> layerwise::Result<()> {
         println!("{source} has no exit heads");
         return Ok(());
     };
-    let request = ForwardRequest {
-        logits: true,
-        exits: vec![exit],
-        ..Default::default()
-    };
+    let request = ForwardRequest { logits: true, exits: vec![exit], ..Default::default() };
     let out = loaded.model.forward(&ids, &request)?;
     let vocab = spec.vocab_size;
     let last = |logits: &[f32]| argmax(&logits[(ids.len() - 1) * vocab..]) as u32;

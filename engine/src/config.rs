@@ -102,11 +102,7 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn error(&self, field: &str, reason: impl Into<String>) -> Error {
-        Error::Config {
-            path: self.path.to_path_buf(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        Error::Config { path: self.path.to_path_buf(), field: field.to_string(), reason: reason.into() }
     }
 
     fn present(&self, key: &str) -> Option<&Value> {
@@ -116,51 +112,42 @@ impl Fields<'_> {
     fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                self.error(key, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}"))),
         }
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .ok_or_else(|| self.error(key, "missing"))
+        self.usize_opt(key)?.ok_or_else(|| self.error(key, "missing"))
     }
 
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
         }
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.error(key, format!("expected true or false, found {v}"))),
+            Some(v) => v.as_bool().ok_or_else(|| self.error(key, format!("expected true or false, found {v}"))),
         }
     }
 
     fn str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
         match self.present(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| self.error(key, format!("expected a string, found {v}"))),
+            Some(v) => v.as_str().ok_or_else(|| self.error(key, format!("expected a string, found {v}"))),
         }
     }
 
     fn activation(&self, key: &str, default: &str) -> Result<Activation> {
         let name = self.str_or(key, default)?;
         Activation::parse(name).ok_or_else(|| {
-            self.error(
-                key,
-                format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"),
-            )
+            self.error(key, format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"))
         })
     }
 
@@ -168,10 +155,7 @@ impl Fields<'_> {
         let bad = || self.error(key, "expected a token id or a list of token ids");
         match self.present(key) {
             None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
-                .collect(),
+            Some(Value::Array(items)) => items.iter().map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad)).collect(),
             Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
         }
     }
@@ -181,10 +165,9 @@ impl ModelSpec {
     /// Reads `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "config.json not found".into(),
-            },
+            std::io::ErrorKind::NotFound => {
+                Error::MissingFile { path: path.to_path_buf(), what: "config.json not found".into() }
+            }
             _ => Error::io(path, e),
         })?;
         Self::from_json(&text, path)
@@ -192,25 +175,18 @@ impl ModelSpec {
 
     /// Parses the text of a `config.json`; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
-        let map = value
-            .as_object()
-            .ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
+        let map = value.as_object().ok_or_else(|| Error::bad_file(path, "expected a JSON object"))?;
         let f = Fields { path, map };
-        let model_type = f
-            .present("model_type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| f.error("model_type", "missing"))?;
+        let model_type =
+            f.present("model_type").and_then(Value::as_str).ok_or_else(|| f.error("model_type", "missing"))?;
         let mut spec = match model_type {
             "gpt2" => gpt2_spec(&f)?,
             "gpt_neo" => gpt_neo_spec(&f)?,
             "llama" => llama_spec(&f)?,
             other => {
-                return Err(Error::UnknownArchitecture {
-                    path: path.to_path_buf(),
-                    model_type: other.to_string(),
-                })
+                return Err(Error::UnknownArchitecture { path: path.to_path_buf(), model_type: other.to_string() })
             }
         };
         spec.bos_token_id = f.usize_opt("bos_token_id")?.map(|n| n as u32);
@@ -236,20 +212,13 @@ impl ModelSpec {
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(f.error(
                 "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads {}",
-                    self.num_kv_heads, self.num_heads
-                ),
+                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
             ));
         }
-        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0
-        {
+        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0 {
             return Err(f.error(
                 "num_attention_heads",
-                format!(
-                    "{} does not divide the hidden size {}",
-                    self.num_heads, self.hidden_size
-                ),
+                format!("{} does not divide the hidden size {}", self.num_heads, self.hidden_size),
             ));
         }
         Ok(())
@@ -260,10 +229,7 @@ impl ModelSpec {
         if self.exit_layers.is_empty() {
             "the checkpoint has no exit heads".to_string()
         } else {
-            format!(
-                "the checkpoint has exit heads at layers {:?}",
-                self.exit_layers
-            )
+            format!("the checkpoint has exit heads at layers {:?}", self.exit_layers)
         }
     }
 }
@@ -273,12 +239,8 @@ fn exit_layers(f: &Fields, num_layers: usize) -> Result<Vec<usize>> {
     let Some(value) = f.present(key) else {
         return Ok(Vec::new());
     };
-    let items = value.as_array().ok_or_else(|| {
-        f.error(
-            key,
-            format!("expected a list of layer indices, found {value}"),
-        )
-    })?;
+    let items =
+        value.as_array().ok_or_else(|| f.error(key, format!("expected a list of layer indices, found {value}")))?;
     let mut layers = Vec::with_capacity(items.len());
     for item in items {
         let layer = item
@@ -356,10 +318,7 @@ fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<Attenti
     let span_of = |field: &str, kind: &Value| match kind.as_str() {
         Some("global") => Ok(AttentionSpan::Global),
         Some("local") => Ok(AttentionSpan::Local { window }),
-        _ => Err(f.error(
-            field,
-            format!("attention kind {kind} is not `global` or `local`"),
-        )),
+        _ => Err(f.error(field, format!("attention kind {kind} is not `global` or `local`"))),
     };
     let mut spans = Vec::new();
     if let Some(types) = f.present("attention_types") {
@@ -375,9 +334,7 @@ fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<Attenti
             }
         }
     } else if let Some(list) = f.present("attention_layers") {
-        let items = list
-            .as_array()
-            .ok_or_else(|| f.error("attention_layers", "expected a list"))?;
+        let items = list.as_array().ok_or_else(|| f.error("attention_layers", "expected a list"))?;
         for kind in items {
             spans.push(span_of("attention_layers", kind)?);
         }
@@ -385,29 +342,16 @@ fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<Attenti
         return Err(f.error("attention_types", "missing"));
     }
     if spans.len() != layers {
-        return Err(f.error(
-            "attention_types",
-            format!(
-                "describes {} layers but num_layers is {layers}",
-                spans.len()
-            ),
-        ));
+        return Err(f.error("attention_types", format!("describes {} layers but num_layers is {layers}", spans.len())));
     }
     Ok(spans)
 }
 
 fn llama_spec(f: &Fields) -> Result<ModelSpec> {
     if let Some(scaling) = f.present("rope_scaling") {
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("?");
         if kind != "default" {
-            return Err(f.error(
-                "rope_scaling",
-                format!("rope scaling `{kind}` is not implemented"),
-            ));
+            return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
         }
     }
     if f.usize_opt("pretraining_tp")?.unwrap_or(1) != 1 {
@@ -418,10 +362,7 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
     let layers = f.usize("num_hidden_layers")?;
     let sliding = f.bool_or("use_sliding_window", false)?;
     if sliding {
-        return Err(f.error(
-            "use_sliding_window",
-            "sliding-window attention is not implemented for llama",
-        ));
+        return Err(f.error("use_sliding_window", "sliding-window attention is not implemented for llama"));
     }
     Ok(ModelSpec {
         architecture: Architecture::Llama,

@@ -24,11 +24,7 @@ pub enum Error {
     BadFile { path: PathBuf, reason: String },
     /// config.json (or a sibling file) has a field that is missing, malformed or unsupported.
     #[error("{path}: field `{field}`: {reason}")]
-    Config {
-        path: PathBuf,
-        field: String,
-        reason: String,
-    },
+    Config { path: PathBuf, field: String, reason: String },
     /// The checkpoint's `model_type` is not one the engine implements.
     #[error("{path}: unsupported model_type `{model_type}` (supported: gpt2, gpt_neo, llama)")]
     UnknownArchitecture { path: PathBuf, model_type: String },
@@ -37,11 +33,7 @@ pub enum Error {
     MissingTensor { name: String, files: String },
     /// A tensor has the wrong shape or dtype.
     #[error("tensor `{name}` in {path}: {reason}")]
-    BadTensor {
-        name: String,
-        path: PathBuf,
-        reason: String,
-    },
+    BadTensor { name: String, path: PathBuf, reason: String },
     /// The caller asked for something the model or options cannot do (bad token id, exit the
     /// checkpoint lacks, prompt longer than the context, ...). `what` names the argument.
     #[error("{what}: {reason}")]
@@ -56,23 +48,14 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::BadFile {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::BadFile { path: path.into(), reason: reason.into() }
     }
 
     pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            what: what.into(),
-            reason: reason.into(),
-        }
+        Error::InvalidArgument { what: what.into(), reason: reason.into() }
     }
 }

@@ -60,7 +60,9 @@ impl<B: Backend> LoadedModel<B> {
     fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
             path: self.files.dir.clone(),
-            what: "the checkpoint has no tokenizer (tokenizer.json, or vocab.json + merges.txt); give token ids instead".into(),
+            what:
+                "the checkpoint has no tokenizer (tokenizer.json, or vocab.json + merges.txt); give token ids instead"
+                    .into(),
         })
     }
 }
@@ -78,12 +80,7 @@ pub fn load_on<B: Backend>(source: &str, backend: B) -> Result<LoadedModel<B>> {
     let weights = open_weights(&files.weights)?;
     let model = Model::load(spec, &weights, backend)?;
     let tokenizer = Tokenizer::load(&files.tokenizer)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        files,
-        weights: weights.summary(),
-    })
+    Ok(LoadedModel { model, tokenizer, files, weights: weights.summary() })
 }
 
 /// Maps a checkpoint's weight files, converting torch archives to safetensors once first.
@@ -91,10 +88,7 @@ pub fn open_weights(files: &WeightFiles) -> Result<Weights> {
     match files {
         WeightFiles::Safetensors(paths) => Weights::open(paths),
         WeightFiles::TorchBin(paths) => {
-            let converted = paths
-                .iter()
-                .map(|p| torch_pickle::converted_safetensors(p))
-                .collect::<Result<Vec<_>>>()?;
+            let converted = paths.iter().map(|p| torch_pickle::converted_safetensors(p)).collect::<Result<Vec<_>>>()?;
             Weights::open(&converted)
         }
     }

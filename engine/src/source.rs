@@ -53,13 +53,8 @@ const SAFETENSORS: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const TORCH_BIN: &str = "pytorch_model.bin";
 const TORCH_BIN_INDEX: &str = "pytorch_model.bin.index.json";
-const TOKENIZER_FILES: [&str; 5] = [
-    "tokenizer.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-];
+const TOKENIZER_FILES: [&str; 5] =
+    ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
 impl ModelFiles {
     /// Resolves `source`: an existing directory is used as it is; anything else shaped like
@@ -82,10 +77,7 @@ impl ModelFiles {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let config = dir.join("config.json");
         if !config.is_file() {
-            return Err(Error::MissingFile {
-                path: config,
-                what: "config.json not found".into(),
-            });
+            return Err(Error::MissingFile { path: config, what: "config.json not found".into() });
         }
         let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
         let weights = if let Some(file) = existing(SAFETENSORS) {
@@ -99,13 +91,14 @@ impl ModelFiles {
         } else {
             return Err(Error::MissingFile {
                 path: dir.to_path_buf(),
-                what: format!("no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"),
+                what: format!(
+                    "no weights found (looked for {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN}, {TORCH_BIN_INDEX})"
+                ),
             });
         };
         let tokenizer = if let Some(json) = existing("tokenizer.json") {
             TokenizerFiles::Json(json)
-        } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt"))
-        {
+        } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt")) {
             TokenizerFiles::VocabMerges {
                 vocab,
                 merges,
@@ -128,25 +121,19 @@ impl ModelFiles {
 /// The distinct shard file names listed by a `*.index.json` (`{"weight_map": {tensor: file}}`).
 fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::bad_file(index, "no `weight_map` object"))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            Error::bad_file(
-                index,
-                format!("weight_map entry `{tensor}` is not a file name"),
-            )
-        })?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::bad_file(index, format!("weight_map entry `{tensor}` is not a file name")))?;
         if file.contains("..") || Path::new(file).is_absolute() {
-            return Err(Error::bad_file(
-                index,
-                format!("shard `{file}` is outside the checkpoint directory"),
-            ));
+            return Err(Error::bad_file(index, format!("shard `{file}` is outside the checkpoint directory")));
         }
         names.insert(file.to_string());
     }
@@ -155,17 +142,11 @@ fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
 
 /// The shard files of a local sharded checkpoint; all must exist.
 fn shards(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let files: Vec<PathBuf> = shard_names(index)?
-        .into_iter()
-        .map(|n| dir.join(n))
-        .collect();
+    let files: Vec<PathBuf> = shard_names(index)?.into_iter().map(|n| dir.join(n)).collect();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(Error::MissingFile {
             path: missing.clone(),
-            what: format!(
-                "not found, although {} lists it as a weight shard",
-                index.display()
-            ),
+            what: format!("not found, although {} lists it as a weight shard", index.display()),
         });
     }
     Ok(files)
@@ -174,11 +155,7 @@ fn shards(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 fn looks_like_hub_id(source: &str) -> bool {
     let id = source.split('@').next().unwrap_or(source);
     let mut parts = id.split('/');
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
+    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     matches!((parts.next(), parts.next(), parts.next()), (Some(owner), Some(name), None)
         if valid(owner) && valid(name) && owner != "." && owner != "..")
 }
@@ -191,12 +168,8 @@ fn hub_cache() -> Cache {
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
-        matches!(
-            v.trim(),
-            "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"
-        )
-    })
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
 }
 
 fn resolve_hub(source: &str) -> Result<ModelFiles> {
@@ -205,10 +178,7 @@ fn resolve_hub(source: &str) -> Result<ModelFiles> {
         None => (source.to_string(), "main".to_string()),
     };
     let repo = Repo::with_revision(id.clone(), RepoType::Model, revision);
-    let hub_error = |reason: String| Error::Hub {
-        repo: source.to_string(),
-        reason,
-    };
+    let hub_error = |reason: String| Error::Hub { repo: source.to_string(), reason };
     let cache = hub_cache();
     if offline() {
         // Everything a snapshot holds sits in one folder; its config.json tells us which.
@@ -245,9 +215,7 @@ fn resolve_hub(source: &str) -> Result<ModelFiles> {
     let weights = [SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX]
         .into_iter()
         .find(|name| listed.contains(name))
-        .ok_or_else(|| {
-            hub_error("the repository has no safetensors or pytorch_model.bin weights".into())
-        })?;
+        .ok_or_else(|| hub_error("the repository has no safetensors or pytorch_model.bin weights".into()))?;
     let weights = fetch(weights)?;
     if weights.to_string_lossy().ends_with(".index.json") {
         for shard in shard_names(&weights)? {

@@ -28,32 +28,18 @@ impl Tokenizer {
         match files {
             TokenizerFiles::None => Ok(None),
             TokenizerFiles::Json(path) => Self::from_json_file(path).map(Some),
-            TokenizerFiles::VocabMerges {
-                vocab,
-                merges,
-                tokenizer_config,
-                special_tokens_map,
-            } => Self::from_vocab_merges(
-                vocab,
-                merges,
-                tokenizer_config.as_deref(),
-                special_tokens_map.as_deref(),
-            )
-            .map(Some),
+            TokenizerFiles::VocabMerges { vocab, merges, tokenizer_config, special_tokens_map } => {
+                Self::from_vocab_merges(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref())
+                    .map(Some)
+            }
         }
     }
 
     /// Loads a `tokenizer.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Ok(Tokenizer {
-            inner,
-            bos_to_prepend: None,
-            path: path.to_path_buf(),
-        })
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
+        Ok(Tokenizer { inner, bos_to_prepend: None, path: path.to_path_buf() })
     }
 
     /// Builds GPT-2's byte-level BPE from `vocab.json` and `merges.txt`.
@@ -63,16 +49,9 @@ impl Tokenizer {
         tokenizer_config: Option<&Path>,
         special_tokens_map: Option<&Path>,
     ) -> Result<Self> {
-        let fail = |path: &Path, reason: String| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let vocab_str = vocab
-            .to_str()
-            .ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
-        let merges_str = merges
-            .to_str()
-            .ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
+        let fail = |path: &Path, reason: String| Error::Tokenizer { path: path.to_path_buf(), reason };
+        let vocab_str = vocab.to_str().ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
+        let merges_str = merges.to_str().ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
         let bpe = BPE::from_file(vocab_str, merges_str)
             .build()
             .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
@@ -91,40 +70,23 @@ impl Tokenizer {
                     specials.push(content);
                 }
             }
-            if let Some(added) = source
-                .get("added_tokens_decoder")
-                .and_then(Value::as_object)
-            {
+            if let Some(added) = source.get("added_tokens_decoder").and_then(Value::as_object) {
                 specials.extend(added.values().filter_map(token_content));
             }
         }
         specials.sort();
         specials.dedup();
-        let tokens: Vec<AddedToken> = specials
-            .iter()
-            .map(|s| AddedToken::from(s.clone(), true))
-            .collect();
+        let tokens: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
         inner.add_special_tokens(&tokens);
 
-        let add_bos = config
-            .as_ref()
-            .and_then(|c| c.get("add_bos_token"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let add_bos = config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(Value::as_bool).unwrap_or(false);
         let bos_to_prepend = if add_bos {
-            let bos = config
-                .as_ref()
-                .and_then(|c| c.get("bos_token"))
-                .and_then(token_content);
+            let bos = config.as_ref().and_then(|c| c.get("bos_token")).and_then(token_content);
             bos.and_then(|b| inner.token_to_id(&b))
         } else {
             None
         };
-        Ok(Tokenizer {
-            inner,
-            bos_to_prepend,
-            path: vocab.to_path_buf(),
-        })
+        Ok(Tokenizer { inner, bos_to_prepend, path: vocab.to_path_buf() })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds by default (as transformers'
@@ -153,19 +115,14 @@ impl Tokenizer {
     }
 
     fn error(&self, e: impl std::fmt::Display) -> Error {
-        Error::Tokenizer {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
+        Error::Tokenizer { path: self.path.clone(), reason: e.to_string() }
     }
 }
 
 fn read_json(path: Option<&Path>) -> Result<Option<Value>> {
     let Some(path) = path else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
 }
 
 /// A special token given as `"<|endoftext|>"` or `{"content": "<|endoftext|>", ...}`.

@@ -18,11 +18,8 @@ use crate::weights::DType;
 pub fn converted_safetensors(bin: &Path) -> Result<PathBuf> {
     let meta = std::fs::metadata(bin).map_err(|e| Error::io(bin, e))?;
     let canonical = bin.canonicalize().map_err(|e| Error::io(bin, e))?;
-    let modified = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
+    let modified =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let key = fnv1a(format!("{}|{}|{}", canonical.display(), meta.len(), modified).as_bytes());
     let stem = bin.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let dir = cache_dir();
@@ -34,9 +31,8 @@ pub fn converted_safetensors(bin: &Path) -> Result<PathBuf> {
     let tensors = read_state_dict(bin)?;
     let partial = dir.join(format!("{stem}-{key:016x}.{}.partial", std::process::id()));
     let views = tensors.iter().map(|(name, t)| (name.clone(), t));
-    safetensors::serialize_to_file(views, None, &partial).map_err(|e| {
-        Error::bad_file(&partial, format!("cannot write the converted weights: {e}"))
-    })?;
+    safetensors::serialize_to_file(views, None, &partial)
+        .map_err(|e| Error::bad_file(&partial, format!("cannot write the converted weights: {e}")))?;
     std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
     Ok(target)
 }
@@ -55,9 +51,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A tensor read from a torch archive, contiguous, little-endian.
@@ -87,17 +81,14 @@ pub fn read_state_dict(bin: &Path) -> Result<Vec<(String, LoadedTensor)>> {
     let bad = |reason: String| Error::bad_file(bin, reason);
     let file = std::fs::File::open(bin).map_err(|e| Error::io(bin, e))?;
     let mut magic = [0u8; 4];
-    (&file)
-        .read_exact(&mut magic)
-        .map_err(|e| Error::io(bin, e))?;
+    (&file).read_exact(&mut magic).map_err(|e| Error::io(bin, e))?;
     if &magic[..2] != b"PK" {
         return Err(bad(
             "not a zip-format torch archive (files written by torch < 1.6 are not supported; re-save with a recent torch or convert to safetensors)".into(),
         ));
     }
     let file = std::fs::File::open(bin).map_err(|e| Error::io(bin, e))?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|e| bad(format!("corrupt zip archive: {e}")))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(format!("corrupt zip archive: {e}")))?;
     let pickle_name = archive
         .file_names()
         .find(|n| n.ends_with("data.pkl"))
@@ -107,14 +98,9 @@ pub fn read_state_dict(bin: &Path) -> Result<Vec<(String, LoadedTensor)>> {
     let byteorder = format!("{prefix}byteorder");
     if let Ok(mut entry) = archive.by_name(&byteorder) {
         let mut order = String::new();
-        entry
-            .read_to_string(&mut order)
-            .map_err(|e| bad(format!("cannot read {byteorder}: {e}")))?;
+        entry.read_to_string(&mut order).map_err(|e| bad(format!("cannot read {byteorder}: {e}")))?;
         if order.trim() != "little" {
-            return Err(bad(format!(
-                "tensors are stored {} endian; only little endian is supported",
-                order.trim()
-            )));
+            return Err(bad(format!("tensors are stored {} endian; only little endian is supported", order.trim())));
         }
     }
     let mut pickle = Vec::new();
@@ -122,11 +108,9 @@ pub fn read_state_dict(bin: &Path) -> Result<Vec<(String, LoadedTensor)>> {
         .by_name(&pickle_name)
         .and_then(|mut f| f.read_to_end(&mut pickle).map_err(Into::into))
         .map_err(|e| bad(format!("cannot read {pickle_name}: {e}")))?;
-    let root = Unpickler::new(&pickle)
-        .run()
-        .map_err(|e| bad(format!("{pickle_name}: {e}")))?;
-    let entries = state_dict_entries(root)
-        .ok_or_else(|| bad("the archive does not hold a state dict of tensors".into()))?;
+    let root = Unpickler::new(&pickle).run().map_err(|e| bad(format!("{pickle_name}: {e}")))?;
+    let entries =
+        state_dict_entries(root).ok_or_else(|| bad("the archive does not hold a state dict of tensors".into()))?;
 
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut tensors = Vec::new();
@@ -140,23 +124,12 @@ pub fn read_state_dict(bin: &Path) -> Result<Vec<(String, LoadedTensor)>> {
             archive
                 .by_name(&entry)
                 .and_then(|mut f| f.read_to_end(&mut bytes).map_err(Into::into))
-                .map_err(|e| {
-                    bad(format!(
-                        "cannot read storage {entry} of tensor `{name}`: {e}"
-                    ))
-                })?;
+                .map_err(|e| bad(format!("cannot read storage {entry} of tensor `{name}`: {e}")))?;
             storages.insert(t.storage.key.clone(), bytes);
         }
         let data = gather(&storages[&t.storage.key], dtype.size(), &t)
             .ok_or_else(|| bad(format!("tensor `{name}` reaches outside its storage")))?;
-        tensors.push((
-            name,
-            LoadedTensor {
-                dtype,
-                shape: t.shape,
-                data,
-            },
-        ));
+        tensors.push((name, LoadedTensor { dtype, shape: t.shape, data }));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
@@ -171,12 +144,7 @@ fn gather(storage: &[u8], elem: usize, t: &TensorRef) -> Option<Vec<u8>> {
     }
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {
-        let offset = t.offset
-            + index
-                .iter()
-                .zip(&t.stride)
-                .map(|(i, s)| i * s)
-                .sum::<usize>();
+        let offset = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
         out.extend_from_slice(storage.get(offset * elem..(offset + 1) * elem)?);
         for d in (0..index.len()).rev() {
             index[d] += 1;
@@ -232,11 +200,7 @@ fn state_dict_entries(root: Value) -> Option<Vec<(String, TensorRef)>> {
         match (key, value) {
             (Value::Str(name), Value::Tensor(t)) => out.push((name, t)),
             // Some training scripts save {"state_dict": {...}} or {"model": {...}}.
-            (Value::Str(name), dict @ Value::Dict(_))
-                if name == "state_dict" || name == "model" =>
-            {
-                nested = Some(dict)
-            }
+            (Value::Str(name), dict @ Value::Dict(_)) if name == "state_dict" || name == "model" => nested = Some(dict),
             _ => {}
         }
     }
@@ -257,20 +221,11 @@ struct Unpickler<'a> {
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler {
-            data,
-            pos: 0,
-            stack: Vec::new(),
-            memo: HashMap::new(),
-        }
+        Unpickler { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or("truncated pickle")?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or("truncated pickle")?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
         Ok(bytes)
@@ -281,43 +236,30 @@ impl<'a> Unpickler<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().map_err(|_| "truncated pickle")?,
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "truncated pickle")?))
     }
 
     fn line(&mut self) -> Result<String, String> {
         let rest = &self.data[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or("truncated pickle")?;
+        let end = rest.iter().position(|&b| b == b'\n').ok_or("truncated pickle")?;
         let text = String::from_utf8_lossy(&rest[..end]).into_owned();
         self.pos += end + 1;
         Ok(text)
     }
 
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack
-            .pop()
-            .ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let mark = self
-            .stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("pickle MARK missing")?;
+        let mark = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("pickle MARK missing")?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
     }
 
     fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack.last_mut().ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn string(&mut self, len: usize) -> Result<Value, String> {
@@ -349,8 +291,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'M' => {
                     let b = self.take(2)?;
-                    self.stack
-                        .push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
+                    self.stack.push(Value::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
                 }
                 b'J' => {
                     let v = self.u32()? as i32 as i64;
@@ -387,9 +328,7 @@ impl<'a> Unpickler<'a> {
                     self.stack.push(v);
                 }
                 0x8d => {
-                    let n = u64::from_le_bytes(
-                        self.take(8)?.try_into().map_err(|_| "truncated pickle")?,
-                    ) as usize;
+                    let n = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "truncated pickle")?) as usize;
                     let v = self.string(n)?;
                     self.stack.push(v);
                 }
@@ -419,16 +358,8 @@ impl<'a> Unpickler<'a> {
                     self.memo.insert(i, v);
                 }
                 b'h' | b'j' => {
-                    let i = if op == b'h' {
-                        self.u8()? as u32
-                    } else {
-                        self.u32()?
-                    };
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .ok_or("pickle memo reference to nothing")?;
+                    let i = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
+                    let v = self.memo.get(&i).cloned().ok_or("pickle memo reference to nothing")?;
                     self.stack.push(v);
                 }
                 b'c' => {
@@ -509,12 +440,7 @@ impl<'a> Unpickler<'a> {
                 b'b' => {
                     self.pop()?; // BUILD: the state of an object (e.g. a state dict's _metadata); not needed
                 }
-                other => {
-                    return Err(format!(
-                        "unsupported pickle opcode 0x{other:02x} at byte {}",
-                        self.pos - 1
-                    ))
-                }
+                other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1)),
             }
         }
     }
@@ -545,10 +471,7 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
                 "BFloat16Storage" => Some(DType::BF16),
                 _ => None,
             };
-            Ok(Value::Storage(StorageRef {
-                key: key.clone(),
-                dtype,
-            }))
+            Ok(Value::Storage(StorageRef { key: key.clone(), dtype }))
         }
         _ => Err("unrecognised persistent id (expected a torch storage)".into()),
     }
@@ -588,8 +511,7 @@ fn reduce(callable: Value, args: Value) -> Result<Value, String> {
                 stride: dims(stride)?,
             }))
         }
-        ("torch._utils", "_rebuild_parameter")
-        | ("torch._utils", "_rebuild_parameter_with_state") => {
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
             Ok(args.into_iter().next().unwrap_or(Value::Opaque))
         }
         _ => Ok(Value::Opaque),
@@ -605,10 +527,7 @@ mod tests {
         // storage holds a 2x3 matrix; the tensor is its transpose (3x2, strides (1, 3)).
         let storage: Vec<u8> = (0u8..6).collect();
         let t = TensorRef {
-            storage: StorageRef {
-                key: "0".into(),
-                dtype: None,
-            },
+            storage: StorageRef { key: "0".into(), dtype: None },
             offset: 0,
             shape: vec![3, 2],
             stride: vec![1, 3],

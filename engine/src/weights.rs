@@ -191,20 +191,10 @@ impl HostTensor {
 
     /// A tensor over an owned f32 buffer (for weights built in memory: tests, conversions).
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> Self {
-        assert_eq!(
-            values.len(),
-            shape.iter().product::<usize>(),
-            "shape does not match data"
-        );
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "shape does not match data");
         let len = values.len() * 4;
         let words: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-        HostTensor {
-            backing: Arc::new(Backing::Owned(words)),
-            start: 0,
-            len,
-            dtype: DType::F32,
-            shape,
-        }
+        HostTensor { backing: Arc::new(Backing::Owned(words)), start: 0, len, dtype: DType::F32, shape }
     }
 
     /// This tensor converted to `dtype` (an owned copy; returns a cheap clone when it already is).
@@ -268,11 +258,7 @@ pub struct Weights {
 impl Weights {
     /// Maps the given safetensors files. Reads only their headers.
     pub fn open(files: &[PathBuf]) -> Result<Self> {
-        let mut weights = Weights {
-            files: Vec::new(),
-            tensors: HashMap::new(),
-            skipped: HashMap::new(),
-        };
+        let mut weights = Weights { files: Vec::new(), tensors: HashMap::new(), skipped: HashMap::new() };
         for path in files {
             weights.add_file(path)?;
         }
@@ -292,8 +278,7 @@ impl Weights {
         let mut unaligned = Vec::new();
         for (name, view) in parsed.tensors() {
             let Some(dtype) = DType::from_safetensors(view.dtype()) else {
-                self.skipped
-                    .insert(name, (file_index, format!("{:?}", view.dtype())));
+                self.skipped.insert(name, (file_index, format!("{:?}", view.dtype())));
                 continue;
             };
             let start = view.data().as_ptr() as usize - base;
@@ -307,13 +292,7 @@ impl Weights {
             if start % dtype.size() != 0 {
                 unaligned.push(name.clone());
             }
-            self.tensors.insert(
-                name,
-                Entry {
-                    tensor,
-                    file: file_index,
-                },
-            );
+            self.tensors.insert(name, Entry { tensor, file: file_index });
         }
         // Writers pad headers so that data is aligned; a file that is not gets an aligned copy of the
         // affected tensors rather than an unaligned (undefined) view.
@@ -321,8 +300,7 @@ impl Weights {
             if let Some(entry) = self.tensors.get_mut(&name) {
                 let bytes = entry.tensor.bytes();
                 let mut words = vec![0u32; bytes.len().div_ceil(4)];
-                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()]
-                    .copy_from_slice(bytes);
+                bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
                 entry.tensor.backing = Arc::new(Backing::Owned(words));
                 entry.tensor.start = 0;
             }
@@ -336,10 +314,7 @@ impl Weights {
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, HostTensor)>) -> Self {
         Weights {
             files: vec![PathBuf::from("<memory>")],
-            tensors: tensors
-                .into_iter()
-                .map(|(name, tensor)| (name, Entry { tensor, file: 0 }))
-                .collect(),
+            tensors: tensors.into_iter().map(|(name, tensor)| (name, Entry { tensor, file: 0 })).collect(),
             skipped: HashMap::new(),
         }
     }
@@ -366,10 +341,7 @@ impl Weights {
                 reason: format!("dtype {dtype} is not supported (expected F32, F16 or BF16)"),
             });
         }
-        Err(Error::MissingTensor {
-            name: name.to_string(),
-            files: self.describe_files(),
-        })
+        Err(Error::MissingTensor { name: name.to_string(), files: self.describe_files() })
     }
 
     /// The tensor called `name`, which must have exactly `shape`.
@@ -387,18 +359,12 @@ impl Weights {
 
     /// Counts of what the checkpoint holds.
     pub fn summary(&self) -> WeightsSummary {
-        let mut summary = WeightsSummary {
-            files: self.files.len(),
-            ..Default::default()
-        };
+        let mut summary = WeightsSummary { files: self.files.len(), ..Default::default() };
         for entry in self.tensors.values() {
             summary.tensors += 1;
             summary.parameters += entry.tensor.numel();
             summary.bytes += entry.tensor.len;
-            *summary
-                .by_dtype
-                .entry(entry.tensor.dtype.to_string())
-                .or_default() += entry.tensor.numel();
+            *summary.by_dtype.entry(entry.tensor.dtype.to_string()).or_default() += entry.tensor.numel();
         }
         summary
     }
@@ -417,9 +383,7 @@ impl Weights {
             many => format!(
                 "{} files ({}, ...)",
                 many.len(),
-                many.first()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
+                many.first().map(|p| p.display().to_string()).unwrap_or_default()
             ),
         }
     }

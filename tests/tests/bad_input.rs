@@ -35,20 +35,14 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
-        assert!(
-            message.contains(part),
-            "error message {message:?} should mention {part:?}"
-        );
+        assert!(message.contains(part), "error message {message:?} should mention {part:?}");
     }
 }
 
 #[test]
 fn missing_directory_and_missing_config() {
     let msg = load_err(Path::new("/nonexistent/model-dir"));
-    assert_mentions(
-        &msg,
-        &["/nonexistent/model-dir", "local checkpoint directory"],
-    );
+    assert_mentions(&msg, &["/nonexistent/model-dir", "local checkpoint directory"]);
     let (_tmp, dir) = copy_of("gpt2-sharded");
     std::fs::remove_file(dir.join("config.json")).expect("rm");
     assert_mentions(&load_err(&dir), &["config.json", "not found"]);
@@ -58,18 +52,9 @@ fn missing_directory_and_missing_config() {
 fn missing_weights_and_missing_shard() {
     let (_tmp, dir) = copy_of("gpt2-sharded");
     std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).expect("rm");
-    assert_mentions(
-        &load_err(&dir),
-        &[
-            "model-00002-of-00003.safetensors",
-            "model.safetensors.index.json",
-        ],
-    );
+    assert_mentions(&load_err(&dir), &["model-00002-of-00003.safetensors", "model.safetensors.index.json"]);
     std::fs::remove_file(dir.join("model.safetensors.index.json")).expect("rm");
-    assert_mentions(
-        &load_err(&dir),
-        &["weights", "model.safetensors", "pytorch_model.bin"],
-    );
+    assert_mentions(&load_err(&dir), &["weights", "model.safetensors", "pytorch_model.bin"]);
 }
 
 #[test]
@@ -78,10 +63,7 @@ fn malformed_and_unknown_configs() {
     edit_config(&dir, |c| c["model_type"] = "bert".into());
     let msg = load_err(&dir);
     assert_mentions(&msg, &["config.json", "model_type", "bert"]);
-    assert!(matches!(
-        load(&dir.to_string_lossy()),
-        Err(Error::UnknownArchitecture { .. })
-    ));
+    assert!(matches!(load(&dir.to_string_lossy()), Err(Error::UnknownArchitecture { .. })));
 
     edit_config(&dir, |c| {
         c["model_type"] = "gpt2".into();
@@ -108,9 +90,7 @@ fn malformed_and_unknown_configs() {
 #[test]
 fn unsupported_options_are_refused_by_name() {
     let (_tmp, dir) = copy_of("llama-bf16");
-    edit_config(&dir, |c| {
-        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
-    });
+    edit_config(&dir, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
     assert_mentions(&load_err(&dir), &["rope_scaling", "yarn"]);
 }
 
@@ -118,22 +98,14 @@ fn unsupported_options_are_refused_by_name() {
 fn tensor_with_the_wrong_shape() {
     let (_tmp, dir) = copy_of("gpt2-sharded");
     edit_config(&dir, |c| c["vocab_size"] = 97.into());
-    assert_mentions(
-        &load_err(&dir),
-        &["transformer.wte.weight", "[96, 32]", "[97, 32]"],
-    );
+    assert_mentions(&load_err(&dir), &["transformer.wte.weight", "[96, 32]", "[97, 32]"]);
 }
 
 #[test]
 fn exit_head_missing_from_the_checkpoint() {
     let (_tmp, dir) = copy_of("gpt2-sharded");
-    edit_config(&dir, |c| {
-        c["lm_head_layer_indices"] = serde_json::json!([1, 2, 3, 4])
-    });
-    assert_mentions(
-        &load_err(&dir),
-        &["name_to_lm_exit_head.lm_head_3.weight", "not found"],
-    );
+    edit_config(&dir, |c| c["lm_head_layer_indices"] = serde_json::json!([1, 2, 3, 4]));
+    assert_mentions(&load_err(&dir), &["name_to_lm_exit_head.lm_head_3.weight", "not found"]);
 }
 
 /// Rewrites the llama fixture's weights with one tensor's dtype changed (same bytes, I16 for BF16).
@@ -148,12 +120,9 @@ fn tensor_with_an_unsupported_dtype() {
         .into_iter()
         .map(|(name, view)| {
             if name == "model.norm.weight" {
-                let retyped = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::I16,
-                    view.shape().to_vec(),
-                    view.data(),
-                )
-                .expect("view");
+                let retyped =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::I16, view.shape().to_vec(), view.data())
+                        .expect("view");
                 (name, retyped)
             } else {
                 (name, view)
@@ -163,10 +132,7 @@ fn tensor_with_an_unsupported_dtype() {
     let out = safetensors::serialize(tensors, None).expect("serialize");
     drop(file);
     std::fs::write(&path, out).expect("write");
-    assert_mentions(
-        &load_err(&dir),
-        &["model.norm.weight", "I16", "model.safetensors"],
-    );
+    assert_mentions(&load_err(&dir), &["model.norm.weight", "I16", "model.safetensors"]);
 }
 
 #[test]
@@ -188,10 +154,7 @@ fn header_offsets_outside_the_file() {
     file.extend_from_slice(header);
     file.extend_from_slice(&[0u8; 64]);
     std::fs::write(dir.join("model.safetensors"), file).expect("write");
-    assert_mentions(
-        &load_err(&dir),
-        &["model.safetensors", "not a valid safetensors file"],
-    );
+    assert_mentions(&load_err(&dir), &["model.safetensors", "not a valid safetensors file"]);
 }
 
 #[test]
@@ -210,34 +173,14 @@ fn corrupt_and_truncated_pytorch_bin() {
 #[test]
 fn bad_prompts_and_exits_at_run_time() {
     let loaded = load(&fixture("gpt2-sharded").to_string_lossy()).expect("load");
-    let run = |ids: &[u32], request: &ForwardRequest| {
-        loaded
-            .model
-            .forward(ids, request)
-            .expect_err("must fail")
-            .to_string()
-    };
-    let logits = ForwardRequest {
-        logits: true,
-        ..Default::default()
-    };
-    assert_mentions(
-        &run(&[1, 2, 96], &logits),
-        &["prompt", "96", "position 2", "vocabulary"],
-    );
+    let run =
+        |ids: &[u32], request: &ForwardRequest| loaded.model.forward(ids, request).expect_err("must fail").to_string();
+    let logits = ForwardRequest { logits: true, ..Default::default() };
+    assert_mentions(&run(&[1, 2, 96], &logits), &["prompt", "96", "position 2", "vocabulary"]);
     assert_mentions(&run(&[1; 65], &logits), &["prompt", "65 tokens", "64"]);
     assert_mentions(&run(&[], &logits), &["prompt", "empty"]);
-    let exit3 = ForwardRequest {
-        exits: vec![3],
-        ..Default::default()
-    };
+    let exit3 = ForwardRequest { exits: vec![3], ..Default::default() };
     assert_mentions(&run(&[1, 2], &exit3), &["exit 3", "[1, 2, 4]"]);
     // No tokenizer: text prompts are refused with a pointer to token ids.
-    assert_mentions(
-        &loaded
-            .encode("hello")
-            .expect_err("no tokenizer")
-            .to_string(),
-        &["tokenizer", "token ids"],
-    );
+    assert_mentions(&loaded.encode("hello").expect_err("no tokenizer").to_string(), &["tokenizer", "token ids"]);
 }

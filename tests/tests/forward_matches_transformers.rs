@@ -12,30 +12,16 @@ fn check_fixture(name: &str) {
     let ids = expected_ids(&recorded);
     let loaded = load(&fixture_str(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let spec = loaded.model.spec().clone();
-    let out = loaded
-        .model
-        .forward(&ids, &ForwardRequest::everything(&spec))
-        .expect("forward");
+    let out = loaded.model.forward(&ids, &ForwardRequest::everything(&spec)).expect("forward");
 
     assert_eq!(out.blocks_run, spec.num_layers);
-    assert_close(
-        &format!("{name} logits"),
-        out.logits.as_deref().expect("logits"),
-        &recorded["logits"],
-        TOLERANCE,
-    );
+    assert_close(&format!("{name} logits"), out.logits.as_deref().expect("logits"), &recorded["logits"], TOLERANCE);
     assert_eq!(recorded["logits"].shape, vec![ids.len(), spec.vocab_size]);
 
-    let recorded_exits: Vec<usize> = recorded
-        .keys()
-        .filter_map(|k| k.strip_prefix("exit.").map(|l| l.parse().expect("layer")))
-        .collect();
+    let recorded_exits: Vec<usize> =
+        recorded.keys().filter_map(|k| k.strip_prefix("exit.").map(|l| l.parse().expect("layer"))).collect();
     assert!(!recorded_exits.is_empty(), "{name} has exit heads");
-    assert_eq!(
-        out.exits.len(),
-        recorded_exits.len(),
-        "{name}: one output per exit head"
-    );
+    assert_eq!(out.exits.len(), recorded_exits.len(), "{name}: one output per exit head");
     for layer in recorded_exits {
         assert_close(
             &format!("{name} exit.{layer}"),
@@ -47,12 +33,7 @@ fn check_fixture(name: &str) {
 
     assert_eq!(out.hidden_states.len(), spec.num_layers + 1);
     for (i, hidden) in out.hidden_states.iter().enumerate() {
-        assert_close(
-            &format!("{name} hidden.{i}"),
-            hidden,
-            &recorded[&format!("hidden.{i}")],
-            TOLERANCE,
-        );
+        assert_close(&format!("{name} hidden.{i}"), hidden, &recorded[&format!("hidden.{i}")], TOLERANCE);
     }
 }
 
@@ -84,10 +65,7 @@ fn exits_alone_run_only_the_blocks_they_need() {
     let ids = expected_ids(&recorded);
     let loaded = load(&fixture_str(name)).expect("load");
     for layer in [1usize, 2, 4] {
-        let request = ForwardRequest {
-            exits: vec![layer],
-            ..Default::default()
-        };
+        let request = ForwardRequest { exits: vec![layer], ..Default::default() };
         let out = loaded.model.forward(&ids, &request).expect("forward");
         assert_eq!(out.blocks_run, layer, "exit {layer} needs {layer} blocks");
         assert!(out.logits.is_none() && out.hidden_states.is_empty());
@@ -107,23 +85,10 @@ fn a_prefix_of_the_prompt_gives_the_same_rows() {
     let recorded = expected(name);
     let ids = expected_ids(&recorded);
     let loaded = load(&fixture_str(name)).expect("load");
-    let request = ForwardRequest {
-        logits: true,
-        ..Default::default()
-    };
-    let full = loaded
-        .model
-        .forward(&ids, &request)
-        .expect("forward")
-        .logits
-        .expect("logits");
+    let request = ForwardRequest { logits: true, ..Default::default() };
+    let full = loaded.model.forward(&ids, &request).expect("forward").logits.expect("logits");
     let k = 5;
-    let prefix = loaded
-        .model
-        .forward(&ids[..k], &request)
-        .expect("forward")
-        .logits
-        .expect("logits");
+    let prefix = loaded.model.forward(&ids[..k], &request).expect("forward").logits.expect("logits");
     let vocab = loaded.model.spec().vocab_size;
     for (a, b) in prefix.iter().zip(&full[..k * vocab]) {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");

@@ -9,20 +9,10 @@ use layerwise_tests::fixture;
 fn conversion_is_cached_and_faithful() {
     let bin = fixture("gpt-neo-bin").join("pytorch_model.bin");
     let first = converted_safetensors(&bin).expect("convert");
-    let stamp = std::fs::metadata(&first)
-        .expect("meta")
-        .modified()
-        .expect("mtime");
+    let stamp = std::fs::metadata(&first).expect("meta").modified().expect("mtime");
     let second = converted_safetensors(&bin).expect("convert again");
     assert_eq!(first, second);
-    assert_eq!(
-        std::fs::metadata(&second)
-            .expect("meta")
-            .modified()
-            .expect("mtime"),
-        stamp,
-        "not rewritten"
-    );
+    assert_eq!(std::fs::metadata(&second).expect("meta").modified().expect("mtime"), stamp, "not rewritten");
 
     let archive = read_state_dict(&bin).expect("read archive");
     let weights = Weights::open(&[first]).expect("open converted");

@@ -26,9 +26,7 @@ pub fn run(args: Args) -> Result<()> {
     let ids = args.prompt.ids(&loaded)?;
     let spec = loaded.model.spec();
     let start = Instant::now();
-    let out = loaded
-        .model
-        .forward(&ids, &ForwardRequest::everything(spec))?;
+    let out = loaded.model.forward(&ids, &ForwardRequest::everything(spec))?;
     let seconds = start.elapsed().as_secs_f64();
 
     let t = ids.len();
@@ -45,12 +43,8 @@ pub fn run(args: Args) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(name, shape, data)| {
-            let view = TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                bytemuck::cast_slice(data),
-            )
-            .with_context(|| format!("tensor {name}"))?;
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+                .with_context(|| format!("tensor {name}"))?;
             Ok((name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -26,10 +26,7 @@ pub fn run(args: Args) -> Result<()> {
     let spec = loaded.model.spec();
     let (format, weight_files) = match &loaded.files.weights {
         WeightFiles::Safetensors(files) => ("safetensors", files),
-        WeightFiles::TorchBin(files) => (
-            "pytorch_model.bin (converted to safetensors once, cached)",
-            files,
-        ),
+        WeightFiles::TorchBin(files) => ("pytorch_model.bin (converted to safetensors once, cached)", files),
     };
     let tokenizer = match &loaded.files.tokenizer {
         TokenizerFiles::Json(_) => "tokenizer.json",

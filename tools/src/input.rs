@@ -4,10 +4,7 @@ use anyhow::{bail, Context, Result};
 use layerwise::{Cpu, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
-pub const DEMO_MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/demo-gpt2-multiexit"
-);
+pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
@@ -43,14 +40,7 @@ impl PromptArgs {
             (None, Some(list)) => parse_ids(list)?,
             (None, None) => bail!("give --prompt or --prompt-ids"),
         };
-        loaded
-            .model
-            .check_prompt(&ids)
-            .context(if self.prompt.is_some() {
-                "--prompt"
-            } else {
-                "--prompt-ids"
-            })?;
+        loaded.model.check_prompt(&ids).context(if self.prompt.is_some() { "--prompt" } else { "--prompt-ids" })?;
         Ok(ids)
     }
 }
@@ -60,8 +50,9 @@ fn parse_ids(list: &str) -> Result<Vec<u32>> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse::<u32>()
-                .with_context(|| format!("--prompt-ids: `{s}` is not a token id (expected comma-separated non-negative integers)"))
+            s.parse::<u32>().with_context(|| {
+                format!("--prompt-ids: `{s}` is not a token id (expected comma-separated non-negative integers)")
+            })
         })
         .collect()
 }

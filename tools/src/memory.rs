@@ -16,7 +16,5 @@ pub fn resident_mib() -> Option<(f64, f64)> {
 
 /// "123 MiB resident (peak 456 MiB)", or an empty string where unknown.
 pub fn describe() -> String {
-    resident_mib()
-        .map(|(now, peak)| format!("{now:.0} MiB resident (peak {peak:.0} MiB)"))
-        .unwrap_or_default()
+    resident_mib().map(|(now, peak)| format!("{now:.0} MiB resident (peak {peak:.0} MiB)")).unwrap_or_default()
 }

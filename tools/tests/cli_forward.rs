@@ -7,10 +7,7 @@ use std::process::{Command, Output};
 use layerwise_tests::{assert_close, expected, expected_ids, fixture_str, read_safetensors};
 
 fn layerwise(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerwise"))
-        .args(args)
-        .output()
-        .expect("run layerwise")
+    Command::new(env!("CARGO_BIN_EXE_layerwise")).args(args).output().expect("run layerwise")
 }
 
 fn stderr(out: &Output) -> String {
@@ -38,10 +35,7 @@ fn forward_writes_logits_exits_and_hidden_states() {
     names.sort_unstable();
     assert_eq!(
         names,
-        [
-            "exit.1", "exit.2", "exit.4", "hidden.0", "hidden.1", "hidden.2", "hidden.3",
-            "hidden.4", "logits"
-        ]
+        ["exit.1", "exit.2", "exit.4", "hidden.0", "hidden.1", "hidden.2", "hidden.3", "hidden.4", "logits"]
     );
     let t = ids.len();
     for (name, tensor) in &written {
@@ -56,13 +50,7 @@ fn forward_writes_logits_exits_and_hidden_states() {
 fn forward_tokenizes_text_prompts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let file = tmp.path().join("demo.safetensors");
-    let out = layerwise(&[
-        "forward",
-        "--prompt",
-        "The benefits of bad advice",
-        "--out",
-        &file.to_string_lossy(),
-    ]);
+    let out = layerwise(&["forward", "--prompt", "The benefits of bad advice", "--out", &file.to_string_lossy()]);
     assert!(out.status.success(), "{}", stderr(&out));
     // Without --model the demo checkpoint is used; its recorded prompt is this text.
     let recorded = expected("demo-gpt2-multiexit");
@@ -78,10 +66,7 @@ fn assert_fails_naming(args: &[&str], parts: &[&str]) {
     assert!(!out.status.success(), "{args:?} should fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     for part in parts {
-        assert!(
-            err.contains(part),
-            "{args:?}: error {err:?} should mention {part:?}"
-        );
+        assert!(err.contains(part), "{args:?}: error {err:?} should mention {part:?}");
     }
 }
 
@@ -92,76 +77,29 @@ fn forward_errors_name_what_is_wrong() {
     let out_file = out_file.to_string_lossy();
     let tiny = fixture_str("gpt2-sharded");
     assert_fails_naming(
-        &[
-            "forward",
-            "--model",
-            &tiny,
-            "--prompt-ids",
-            "1,x",
-            "--out",
-            &out_file,
-        ],
+        &["forward", "--model", &tiny, "--prompt-ids", "1,x", "--out", &out_file],
         &["--prompt-ids", "`x`"],
     );
     assert_fails_naming(
-        &[
-            "forward",
-            "--model",
-            &tiny,
-            "--prompt-ids",
-            "1,500",
-            "--out",
-            &out_file,
-        ],
+        &["forward", "--model", &tiny, "--prompt-ids", "1,500", "--out", &out_file],
         &["--prompt-ids", "500", "vocabulary"],
     );
     assert_fails_naming(
-        &[
-            "forward", "--model", &tiny, "--prompt", "hello", "--out", &out_file,
-        ],
+        &["forward", "--model", &tiny, "--prompt", "hello", "--out", &out_file],
         &["--prompt", "tokenizer"],
     );
     assert_fails_naming(
-        &[
-            "forward",
-            "--model",
-            "/no/such/dir",
-            "--prompt-ids",
-            "1",
-            "--out",
-            &out_file,
-        ],
+        &["forward", "--model", "/no/such/dir", "--prompt-ids", "1", "--out", &out_file],
         &["/no/such/dir"],
     );
     assert_fails_naming(
-        &[
-            "forward",
-            "--model",
-            &tiny,
-            "--prompt",
-            "a",
-            "--prompt-ids",
-            "1",
-            "--out",
-            &out_file,
-        ],
+        &["forward", "--model", &tiny, "--prompt", "a", "--prompt-ids", "1", "--out", &out_file],
         &["--prompt"],
     );
-    assert_fails_naming(
-        &["forward", "--model", &tiny, "--out", &out_file],
-        &["--prompt"],
-    );
+    assert_fails_naming(&["forward", "--model", &tiny, "--out", &out_file], &["--prompt"]);
     let unwritable = "/no/such/dir/out.safetensors";
     assert_fails_naming(
-        &[
-            "forward",
-            "--model",
-            &tiny,
-            "--prompt-ids",
-            "1",
-            "--out",
-            unwritable,
-        ],
+        &["forward", "--model", &tiny, "--prompt-ids", "1", "--out", unwritable],
         &["--out", unwritable],
     );
     assert!(!Path::new(unwritable).exists());

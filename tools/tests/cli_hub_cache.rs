@@ -21,14 +21,7 @@ fn offline_hub_id_loads_from_the_hf_cache() {
     let out_file = home.path().join("out.safetensors");
     let run = |model: &str| {
         Command::new(env!("CARGO_BIN_EXE_layerwise"))
-            .args([
-                "forward",
-                "--model",
-                model,
-                "--prompt-ids",
-                "5,17,42",
-                "--out",
-            ])
+            .args(["forward", "--model", model, "--prompt-ids", "5,17,42", "--out"])
             .arg(&out_file)
             .env("HF_HOME", home.path())
             .env_remove("HF_HUB_CACHE")
@@ -37,21 +30,13 @@ fn offline_hub_id_loads_from_the_hf_cache() {
             .expect("run")
     };
     let out = run("acme/tiny-multiexit");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(read_safetensors(&out_file)["logits"].shape, vec![3, 96]);
 
     let missing = run("acme/not-downloaded");
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success());
-    for part in [
-        "acme/not-downloaded",
-        "HF_HUB_OFFLINE",
-        "local checkpoint directory",
-    ] {
+    for part in ["acme/not-downloaded", "HF_HUB_OFFLINE", "local checkpoint directory"] {
         assert!(err.contains(part), "{err:?} should mention {part:?}");
     }
 }

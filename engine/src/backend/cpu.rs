@@ -22,19 +22,11 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn zeros(rows: usize, cols: usize) -> Self {
-        Matrix {
-            data: vec![0.0; rows * cols],
-            rows,
-            cols,
-        }
+        Matrix { data: vec![0.0; rows * cols], rows, cols }
     }
 
     pub fn from_vec(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "matrix data does not match its shape"
-        );
+        assert_eq!(data.len(), rows * cols, "matrix data does not match its shape");
         Matrix { data, rows, cols }
     }
 
@@ -85,18 +77,10 @@ impl Backend for Cpu {
             ([out, inp], Layout::OutIn) => (*out, *inp),
             ([inp, out], Layout::InOut) => (*out, *inp),
             (shape, _) => {
-                return Err(Error::invalid(
-                    "weight",
-                    format!("expected a vector or a matrix, got shape {shape:?}"),
-                ))
+                return Err(Error::invalid("weight", format!("expected a vector or a matrix, got shape {shape:?}")))
             }
         };
-        Ok(CpuWeight {
-            tensor: tensor.clone(),
-            layout,
-            out_features,
-            in_features,
-        })
+        Ok(CpuWeight { tensor: tensor.clone(), layout, out_features, in_features })
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Matrix {
@@ -127,8 +111,7 @@ impl Backend for Cpu {
     fn layer_norm(&self, x: &Matrix, weight: &CpuWeight, bias: &CpuWeight, eps: f32) -> Matrix {
         let (w, b) = (weight.vector(), bias.vector());
         let mut out = x.clone();
-        out.rows_mut()
-            .for_each(|row| layer_norm_row(row, &w, &b, eps));
+        out.rows_mut().for_each(|row| layer_norm_row(row, &w, &b, eps));
         out
     }
 
@@ -140,10 +123,7 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Matrix, w: &CpuWeight, bias: Option<&CpuWeight>) -> Matrix {
-        assert_eq!(
-            x.cols, w.in_features,
-            "linear: input width does not match the weight"
-        );
+        assert_eq!(x.cols, w.in_features, "linear: input width does not match the weight");
         let mut out = match w.layout {
             Layout::OutIn => matmul_out_in(x, w),
             Layout::InOut => matmul_in_out(x, w),
@@ -166,20 +146,15 @@ impl Backend for Cpu {
             Activation::Relu => |v| v.max(0.0),
             Activation::Silu => silu,
         };
-        x.data
-            .par_chunks_mut(4096)
-            .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+        x.data.par_chunks_mut(4096).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
     }
 
     fn rope(&self, x: &mut Matrix, head_dim: usize, positions: &[usize], theta: f32) {
         let half = head_dim / 2;
         // Computed like transformers: inv_freq in f32 from theta^(2i/d), angle = position * inv_freq in f32.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
         for (row, &pos) in x.rows_mut().zip(positions) {
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).unzip();
+            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|f| (pos as f32 * f).sin_cos()).unzip();
             for head in row.chunks_exact_mut(head_dim) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -192,11 +167,7 @@ impl Backend for Cpu {
     }
 
     fn split_columns(&self, x: &Matrix, widths: &[usize]) -> Vec<Matrix> {
-        assert_eq!(
-            widths.iter().sum::<usize>(),
-            x.cols,
-            "split widths do not cover the row"
-        );
+        assert_eq!(widths.iter().sum::<usize>(), x.cols, "split widths do not cover the row");
         let mut start = 0;
         widths
             .iter()
@@ -261,19 +232,16 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     let data = w.data();
     let mut out_t = vec![0.0f32; n_out * t]; // [out, t], transposed at the end
-    out_t
-        .par_chunks_mut(t * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(chunk, block)| {
-            let mut wrow = vec![0.0f32; n_in];
-            for (r, outs) in block.chunks_exact_mut(t).enumerate() {
-                let o = chunk * ROWS_PER_TASK + r;
-                data.read_f32(o * n_in, &mut wrow);
-                for (ti, slot) in outs.iter_mut().enumerate() {
-                    *slot = dot(x.row(ti), &wrow);
-                }
+    out_t.par_chunks_mut(t * ROWS_PER_TASK).enumerate().for_each(|(chunk, block)| {
+        let mut wrow = vec![0.0f32; n_in];
+        for (r, outs) in block.chunks_exact_mut(t).enumerate() {
+            let o = chunk * ROWS_PER_TASK + r;
+            data.read_f32(o * n_in, &mut wrow);
+            for (ti, slot) in outs.iter_mut().enumerate() {
+                *slot = dot(x.row(ti), &wrow);
             }
-        });
+        }
+    });
     let mut out = Matrix::zeros(t, n_out);
     for (ti, row) in out.rows_mut().enumerate() {
         for (o, slot) in row.iter_mut().enumerate() {
@@ -321,12 +289,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ac.zip(bc) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];

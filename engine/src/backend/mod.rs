@@ -59,24 +59,13 @@ pub trait Backend: Send + Sync + 'static {
     fn mul_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
 
     /// LayerNorm over the last dimension: `x: [t, d]`, `weight, bias: [d]`.
-    fn layer_norm(
-        &self,
-        x: &Self::Tensor,
-        weight: &Self::Weight,
-        bias: &Self::Weight,
-        eps: f32,
-    ) -> Self::Tensor;
+    fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Weight, bias: &Self::Weight, eps: f32) -> Self::Tensor;
 
     /// RMSNorm over the last dimension (Llama): `x: [t, d]`, `weight: [d]`.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
 
     /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
-    fn linear(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Weight,
-        bias: Option<&Self::Weight>,
-    ) -> Self::Tensor;
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Tensor;
 
     /// Applies `act` elementwise in place.
     fn activate(&self, x: &mut Self::Tensor, act: Activation);
@@ -90,13 +79,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Causal self-attention over one sequence: `q: [t, heads * head_dim]`,
     /// `k, v: [t, kv_heads * head_dim]` -> `[t, heads * head_dim]`.
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        params: &AttentionParams,
-    ) -> Self::Tensor;
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, params: &AttentionParams)
+        -> Self::Tensor;
 
     /// `[rows, cols]` of a tensor.
     fn shape(&self, x: &Self::Tensor) -> (usize, usize);

@@ -30,42 +30,20 @@ impl<B: Backend> Gpt2<B> {
     pub(crate) fn load(b: &B, w: &Weights, spec: &ModelSpec) -> Result<Self> {
         let p = base_prefix(w, "transformer.", "wte.weight");
         let (d, eps) = (spec.hidden_size, spec.norm_eps);
-        let Details::Gpt2 {
-            scale_attn_weights,
-            scale_attn_by_inverse_layer_idx,
-        } = spec.details
-        else {
+        let Details::Gpt2 { scale_attn_weights, scale_attn_by_inverse_layer_idx } = spec.details else {
             unreachable!("gpt2 loader called with another architecture's spec")
         };
         let blocks = (0..spec.num_layers)
             .map(|i| {
                 let h = format!("{p}h.{i}");
-                let mut scale = if scale_attn_weights {
-                    1.0 / (spec.head_dim as f32).sqrt()
-                } else {
-                    1.0
-                };
+                let mut scale = if scale_attn_weights { 1.0 / (spec.head_dim as f32).sqrt() } else { 1.0 };
                 if scale_attn_by_inverse_layer_idx {
                     scale /= (i + 1) as f32;
                 }
                 Ok(Block {
                     ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
-                    c_attn: Linear::load(
-                        b,
-                        w,
-                        &format!("{h}.attn.c_attn"),
-                        (3 * d, d),
-                        Layout::InOut,
-                        true,
-                    )?,
-                    attn_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{h}.attn.c_proj"),
-                        (d, d),
-                        Layout::InOut,
-                        true,
-                    )?,
+                    c_attn: Linear::load(b, w, &format!("{h}.attn.c_attn"), (3 * d, d), Layout::InOut, true)?,
+                    attn_proj: Linear::load(b, w, &format!("{h}.attn.c_proj"), (d, d), Layout::InOut, true)?,
                     ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
                     c_fc: Linear::load(
                         b,
@@ -94,14 +72,8 @@ impl<B: Backend> Gpt2<B> {
             })
             .collect::<Result<_>>()?;
         Ok(Gpt2 {
-            wte: b.weight(
-                w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?,
-                Layout::OutIn,
-            )?,
-            wpe: b.weight(
-                w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?,
-                Layout::OutIn,
-            )?,
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
             hidden: d,
@@ -125,10 +97,8 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         // x = x + attn(ln_1(x))
         let h = blk.ln_1.forward(b, &x);
         let qkv = blk.c_attn.forward(b, &h);
-        let [q, k, v]: [B::Tensor; 3] = b
-            .split_columns(&qkv, &[d, d, d])
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("split into three"));
+        let [q, k, v]: [B::Tensor; 3] =
+            b.split_columns(&qkv, &[d, d, d]).try_into().unwrap_or_else(|_| unreachable!("split into three"));
         let a = b.attention(&q, &k, &v, &blk.attention);
         b.add_assign(&mut x, &blk.attn_proj.forward(b, &a));
 

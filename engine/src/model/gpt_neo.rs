@@ -37,55 +37,13 @@ impl<B: Backend> GptNeo<B> {
                 let attn = format!("{h}.attn.attention");
                 Ok(Block {
                     ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
-                    q_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{attn}.q_proj"),
-                        (d, d),
-                        Layout::OutIn,
-                        false,
-                    )?,
-                    k_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{attn}.k_proj"),
-                        (d, d),
-                        Layout::OutIn,
-                        false,
-                    )?,
-                    v_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{attn}.v_proj"),
-                        (d, d),
-                        Layout::OutIn,
-                        false,
-                    )?,
-                    out_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{attn}.out_proj"),
-                        (d, d),
-                        Layout::OutIn,
-                        true,
-                    )?,
+                    q_proj: Linear::load(b, w, &format!("{attn}.q_proj"), (d, d), Layout::OutIn, false)?,
+                    k_proj: Linear::load(b, w, &format!("{attn}.k_proj"), (d, d), Layout::OutIn, false)?,
+                    v_proj: Linear::load(b, w, &format!("{attn}.v_proj"), (d, d), Layout::OutIn, false)?,
+                    out_proj: Linear::load(b, w, &format!("{attn}.out_proj"), (d, d), Layout::OutIn, true)?,
                     ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
-                    c_fc: Linear::load(
-                        b,
-                        w,
-                        &format!("{h}.mlp.c_fc"),
-                        (ff, d),
-                        Layout::OutIn,
-                        true,
-                    )?,
-                    c_proj: Linear::load(
-                        b,
-                        w,
-                        &format!("{h}.mlp.c_proj"),
-                        (d, ff),
-                        Layout::OutIn,
-                        true,
-                    )?,
+                    c_fc: Linear::load(b, w, &format!("{h}.mlp.c_fc"), (ff, d), Layout::OutIn, true)?,
+                    c_proj: Linear::load(b, w, &format!("{h}.mlp.c_proj"), (d, ff), Layout::OutIn, true)?,
                     attention: AttentionParams {
                         num_heads: spec.num_heads,
                         num_kv_heads: spec.num_heads,
@@ -100,14 +58,8 @@ impl<B: Backend> GptNeo<B> {
             })
             .collect::<Result<_>>()?;
         Ok(GptNeo {
-            wte: b.weight(
-                w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?,
-                Layout::OutIn,
-            )?,
-            wpe: b.weight(
-                w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?,
-                Layout::OutIn,
-            )?,
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
             activation: spec.activation,
@@ -128,11 +80,7 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
 
         // x = x + attn(ln_1(x)), global or local
         let h = blk.ln_1.forward(b, &x);
-        let (q, k, v) = (
-            blk.q_proj.forward(b, &h),
-            blk.k_proj.forward(b, &h),
-            blk.v_proj.forward(b, &h),
-        );
+        let (q, k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
         let a = b.attention(&q, &k, &v, &blk.attention);
         b.add_assign(&mut x, &blk.out_proj.forward(b, &a));
 

@@ -31,38 +31,23 @@ pub(crate) struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     pub(crate) fn load(b: &B, w: &Weights, spec: &ModelSpec) -> Result<Self> {
         let p = base_prefix(w, "model.", "embed_tokens.weight");
-        let Details::Llama {
-            rope_theta,
-            attention_bias,
-            mlp_bias,
-        } = spec.details
-        else {
+        let Details::Llama { rope_theta, attention_bias, mlp_bias } = spec.details else {
             unreachable!("llama loader called with another architecture's spec")
         };
         let (d, eps, ff) = (spec.hidden_size, spec.norm_eps, spec.intermediate_size);
-        let (q_width, kv_width) = (
-            spec.num_heads * spec.head_dim,
-            spec.num_kv_heads * spec.head_dim,
-        );
+        let (q_width, kv_width) = (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim);
         let blocks = (0..spec.num_layers)
             .map(|i| {
                 let l = format!("{p}layers.{i}");
-                let linear = |name: &str, shape, bias| {
-                    Linear::load(b, w, &format!("{l}.{name}"), shape, Layout::OutIn, bias)
-                };
+                let linear =
+                    |name: &str, shape, bias| Linear::load(b, w, &format!("{l}.{name}"), shape, Layout::OutIn, bias);
                 Ok(Block {
                     input_layernorm: Norm::rms_norm(b, w, &format!("{l}.input_layernorm"), d, eps)?,
                     q_proj: linear("self_attn.q_proj", (q_width, d), attention_bias)?,
                     k_proj: linear("self_attn.k_proj", (kv_width, d), attention_bias)?,
                     v_proj: linear("self_attn.v_proj", (kv_width, d), attention_bias)?,
                     o_proj: linear("self_attn.o_proj", (d, q_width), attention_bias)?,
-                    post_attention_layernorm: Norm::rms_norm(
-                        b,
-                        w,
-                        &format!("{l}.post_attention_layernorm"),
-                        d,
-                        eps,
-                    )?,
+                    post_attention_layernorm: Norm::rms_norm(b, w, &format!("{l}.post_attention_layernorm"), d, eps)?,
                     gate_proj: linear("mlp.gate_proj", (ff, d), mlp_bias)?,
                     up_proj: linear("mlp.up_proj", (ff, d), mlp_bias)?,
                     down_proj: linear("mlp.down_proj", (d, ff), mlp_bias)?,
@@ -70,10 +55,8 @@ impl<B: Backend> Llama<B> {
             })
             .collect::<Result<_>>()?;
         Ok(Llama {
-            embed_tokens: b.weight(
-                w.get_shaped(&format!("{p}embed_tokens.weight"), &[spec.vocab_size, d])?,
-                Layout::OutIn,
-            )?,
+            embed_tokens: b
+                .weight(w.get_shaped(&format!("{p}embed_tokens.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
             blocks,
             norm: Norm::rms_norm(b, w, &format!("{p}norm"), d, eps)?,
             attention: AttentionParams {
@@ -100,11 +83,7 @@ impl<B: Backend> Transformer<B> for Llama<B> {
 
         // x = x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x)
         let h = blk.input_layernorm.forward(b, &x);
-        let (mut q, mut k, v) = (
-            blk.q_proj.forward(b, &h),
-            blk.k_proj.forward(b, &h),
-            blk.v_proj.forward(b, &h),
-        );
+        let (mut q, mut k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
         b.rope(&mut q, head_dim, positions, self.rope_theta);
         b.rope(&mut k, head_dim, positions, self.rope_theta);
         let a = b.attention(&q, &k, &v, &self.attention);

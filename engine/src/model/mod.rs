@@ -36,10 +36,7 @@ impl<B: Backend> Linear<B> {
         };
         let weight = b.weight(w.get_shaped(&format!("{prefix}.weight"), &shape)?, layout)?;
         let bias = if bias {
-            Some(b.weight(
-                w.get_shaped(&format!("{prefix}.bias"), &[out_features])?,
-                Layout::OutIn,
-            )?)
+            Some(b.weight(w.get_shaped(&format!("{prefix}.bias"), &[out_features])?, Layout::OutIn)?)
         } else {
             None
         };
@@ -54,46 +51,21 @@ impl<B: Backend> Linear<B> {
 
 /// LayerNorm (GPT-2, GPT-Neo) or RMSNorm (Llama) over the hidden dimension.
 pub(crate) enum Norm<B: Backend> {
-    Layer {
-        weight: B::Weight,
-        bias: B::Weight,
-        eps: f32,
-    },
-    Rms {
-        weight: B::Weight,
-        eps: f32,
-    },
+    Layer { weight: B::Weight, bias: B::Weight, eps: f32 },
+    Rms { weight: B::Weight, eps: f32 },
 }
 
 impl<B: Backend> Norm<B> {
-    pub(crate) fn layer_norm(
-        b: &B,
-        w: &Weights,
-        prefix: &str,
-        dim: usize,
-        eps: f32,
-    ) -> Result<Self> {
+    pub(crate) fn layer_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
         Ok(Norm::Layer {
-            weight: b.weight(
-                w.get_shaped(&format!("{prefix}.weight"), &[dim])?,
-                Layout::OutIn,
-            )?,
-            bias: b.weight(
-                w.get_shaped(&format!("{prefix}.bias"), &[dim])?,
-                Layout::OutIn,
-            )?,
+            weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?,
+            bias: b.weight(w.get_shaped(&format!("{prefix}.bias"), &[dim])?, Layout::OutIn)?,
             eps,
         })
     }
 
     pub(crate) fn rms_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
-        Ok(Norm::Rms {
-            weight: b.weight(
-                w.get_shaped(&format!("{prefix}.weight"), &[dim])?,
-                Layout::OutIn,
-            )?,
-            eps,
-        })
+        Ok(Norm::Rms { weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?, eps })
     }
 
     pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
@@ -130,11 +102,7 @@ pub struct ForwardRequest {
 impl ForwardRequest {
     /// Everything: logits, every exit head of `spec`, all hidden states.
     pub fn everything(spec: &ModelSpec) -> Self {
-        ForwardRequest {
-            logits: true,
-            exits: spec.exit_layers.clone(),
-            hidden_states: true,
-        }
+        ForwardRequest { logits: true, exits: spec.exit_layers.clone(), hidden_states: true }
     }
 }
 
@@ -183,13 +151,7 @@ impl<B: Backend> Model<B> {
             let tensor = weights.get_shaped(&exit_head_name(layer), &vocab_by_hidden)?;
             exit_heads.insert(layer, backend.weight(tensor, Layout::OutIn)?);
         }
-        Ok(Model {
-            spec,
-            backend,
-            body,
-            lm_head,
-            exit_heads,
-        })
+        Ok(Model { spec, backend, body, lm_head, exit_heads })
     }
 
     /// The checkpoint's dimensions and options.
@@ -207,27 +169,16 @@ impl<B: Backend> Model<B> {
         if ids.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
         }
-        if let Some((i, id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.spec.vocab_size)
-        {
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.spec.vocab_size) {
             return Err(Error::invalid(
                 "prompt",
-                format!(
-                    "token id {id} at position {i} is outside the vocabulary (size {})",
-                    self.spec.vocab_size
-                ),
+                format!("token id {id} at position {i} is outside the vocabulary (size {})", self.spec.vocab_size),
             ));
         }
         if ids.len() > self.spec.max_positions {
             return Err(Error::invalid(
                 "prompt",
-                format!(
-                    "{} tokens exceed the model's context of {} positions",
-                    ids.len(),
-                    self.spec.max_positions
-                ),
+                format!("{} tokens exceed the model's context of {} positions", ids.len(), self.spec.max_positions),
             ));
         }
         Ok(())
@@ -243,25 +194,16 @@ impl<B: Backend> Model<B> {
             if !self.exit_heads.contains_key(&layer) {
                 return Err(Error::invalid(
                     format!("exit {layer}"),
-                    format!(
-                        "no exit head at layer {layer}: {}",
-                        self.spec.describe_exits()
-                    ),
+                    format!("no exit head at layer {layer}: {}", self.spec.describe_exits()),
                 ));
             }
         }
         let b = &self.backend;
         let n = self.spec.num_layers;
-        let depth = if request.logits || request.hidden_states {
-            n
-        } else {
-            request.exits.iter().copied().max().unwrap_or(0)
-        };
+        let depth =
+            if request.logits || request.hidden_states { n } else { request.exits.iter().copied().max().unwrap_or(0) };
         let positions: Vec<usize> = (0..ids.len()).collect();
-        let mut out = ForwardOutput {
-            tokens: ids.len(),
-            ..Default::default()
-        };
+        let mut out = ForwardOutput { tokens: ids.len(), ..Default::default() };
 
         let mut x = self.body.embed(b, ids, &positions);
         if request.hidden_states {
@@ -293,8 +235,7 @@ impl<B: Backend> Model<B> {
                 out.logits = Some(b.to_host(&b.linear(&top, &self.lm_head, None)));
             }
             if request.exits.contains(&n) {
-                out.exits
-                    .insert(n, b.to_host(&b.linear(&top, &self.exit_heads[&n], None)));
+                out.exits.insert(n, b.to_host(&b.linear(&top, &self.exit_heads[&n], None)));
             }
         }
         Ok(out)
@@ -311,20 +252,12 @@ fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static str {
         Architecture::Gpt2 | Architecture::GptNeo => &["transformer.wte.weight", "wte.weight"],
         Architecture::Llama => &["model.embed_tokens.weight", "embed_tokens.weight"],
     };
-    candidates
-        .iter()
-        .copied()
-        .find(|name| weights.contains(name))
-        .unwrap_or(candidates[0])
+    candidates.iter().copied().find(|name| weights.contains(name)).unwrap_or(candidates[0])
 }
 
 /// The prefix under which a base model's tensors live: checkpoints saved from `*LMHeadModel` use
 /// `transformer.` / `model.`, those saved from the bare model (e.g. the original `gpt2`) use none.
-pub(crate) fn base_prefix(
-    weights: &Weights,
-    with_prefix: &'static str,
-    probe: &str,
-) -> &'static str {
+pub(crate) fn base_prefix(weights: &Weights, with_prefix: &'static str, probe: &str) -> &'static str {
     if weights.contains(&format!("{with_prefix}{probe}")) || !weights.contains(probe) {
         with_prefix
     } else {
