@@ -23,6 +23,8 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod exits;
+pub mod kv;
 pub mod model;
 pub mod source;
 pub mod tokenizer;

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{AttentionParams, Backend, Layout};
+use super::{AttentionParams, Backend, Layout, SeqSlice};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::weights::{HostTensor, WeightData};
@@ -36,6 +36,23 @@ impl Matrix {
 
     fn rows_mut(&mut self) -> std::slice::ChunksExactMut<'_, f32> {
         self.data.chunks_exact_mut(self.cols)
+    }
+}
+
+/// The CPU's KV storage: `[layer][slot][kv_width]` for keys and the same for values.
+#[derive(Debug)]
+pub struct CpuKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    slots_per_layer: usize,
+    block_size: usize,
+    width: usize,
+}
+
+impl CpuKv {
+    #[inline]
+    fn offset(&self, layer: usize, slot: usize) -> usize {
+        (layer * self.slots_per_layer + slot) * self.width
     }
 }
 
@@ -182,39 +199,118 @@ impl Backend for Cpu {
             .collect()
     }
 
-    fn attention(&self, q: &Matrix, k: &Matrix, v: &Matrix, p: &AttentionParams) -> Matrix {
-        let (t, d) = (q.rows, p.head_dim);
+    type KvStore = CpuKv;
+
+    fn kv_store(&self, layers: usize, num_blocks: usize, block_size: usize, kv_width: usize) -> Result<CpuKv> {
+        let elements = layers
+            .checked_mul(num_blocks)
+            .and_then(|n| n.checked_mul(block_size))
+            .and_then(|n| n.checked_mul(kv_width))
+            .filter(|&n| n < isize::MAX as usize / 8)
+            .ok_or_else(|| Error::invalid("KV cache", "requested size overflows memory"))?;
+        // Zeroed allocations come from the OS lazily: untouched slots cost no resident memory.
+        Ok(CpuKv {
+            keys: vec![0.0; elements],
+            values: vec![0.0; elements],
+            slots_per_layer: num_blocks * block_size,
+            block_size,
+            width: kv_width,
+        })
+    }
+
+    fn kv_write(&self, store: &mut CpuKv, layer: usize, slots: &[usize], k: &Matrix, v: &Matrix) {
+        for (row, &slot) in slots.iter().enumerate() {
+            let at = store.offset(layer, slot);
+            store.keys[at..at + store.width].copy_from_slice(k.row(row));
+            store.values[at..at + store.width].copy_from_slice(v.row(row));
+        }
+    }
+
+    fn kv_copy_block(&self, store: &mut CpuKv, from: u32, to: u32) {
+        let span = store.block_size * store.width;
+        let layers = store.keys.len() / (store.slots_per_layer * store.width).max(1);
+        for layer in 0..layers {
+            let src = store.offset(layer, from as usize * store.block_size);
+            let dst = store.offset(layer, to as usize * store.block_size);
+            store.keys.copy_within(src..src + span, dst);
+            store.values.copy_within(src..src + span, dst);
+        }
+    }
+
+    fn paged_attention(
+        &self,
+        q: &Matrix,
+        store: &CpuKv,
+        layer: usize,
+        sequences: &[SeqSlice<'_>],
+        p: &AttentionParams,
+    ) -> Matrix {
+        let d = p.head_dim;
         let group = p.num_heads / p.num_kv_heads;
-        // One task per head; each writes its own [t, d] slab, interleaved into the output afterwards.
-        let per_head: Vec<Vec<f32>> = (0..p.num_heads)
-            .into_par_iter()
-            .map(|h| {
+        // One task per (sequence, head); each returns its [len, d] slab.
+        let tasks: Vec<(usize, usize)> =
+            (0..sequences.len()).flat_map(|s| (0..p.num_heads).map(move |h| (s, h))).collect();
+        let slabs: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(s, h)| {
+                let seq = &sequences[s];
                 let kv = h / group;
-                let mut out = vec![0.0f32; t * d];
-                let mut scores = vec![0.0f32; t];
-                for i in 0..t {
-                    let first = p.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                    let qi = &q.row(i)[h * d..(h + 1) * d];
-                    let visible = &mut scores[first..=i];
-                    for (j, score) in (first..).zip(visible.iter_mut()) {
-                        *score = dot(qi, &k.row(j)[kv * d..(kv + 1) * d]) * p.scale;
+                let last_position = seq.first_position + seq.len;
+                // Where each visible position's key/value row starts, for this layer and kv head.
+                let rows: Vec<usize> = (0..last_position)
+                    .map(|pos| {
+                        let slot = seq.block_table[pos / store.block_size] as usize * store.block_size
+                            + pos % store.block_size;
+                        store.offset(layer, slot) + kv * d
+                    })
+                    .collect();
+                let mut out = vec![0.0f32; seq.len * d];
+                let mut scores = vec![0.0f32; last_position];
+                for i in 0..seq.len {
+                    let pos = seq.first_position + i;
+                    let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let qi = &q.row(seq.first_row + i)[h * d..(h + 1) * d];
+                    let visible = &mut scores[first..=pos];
+                    for (score, &at) in visible.iter_mut().zip(&rows[first..=pos]) {
+                        *score = dot(qi, &store.keys[at..at + d]) * p.scale;
                     }
                     softmax_in_place(visible);
                     let oi = &mut out[i * d..(i + 1) * d];
-                    for (j, &weight) in (first..).zip(visible.iter()) {
-                        axpy(oi, weight, &v.row(j)[kv * d..(kv + 1) * d]);
+                    for (&weight, &at) in visible.iter().zip(&rows[first..=pos]) {
+                        axpy(oi, weight, &store.values[at..at + d]);
                     }
                 }
                 out
             })
             .collect();
-        let mut out = Matrix::zeros(t, p.num_heads * d);
-        for (h, slab) in per_head.iter().enumerate() {
-            for (i, row) in out.rows_mut().enumerate() {
-                row[h * d..(h + 1) * d].copy_from_slice(&slab[i * d..(i + 1) * d]);
+        let mut out = Matrix::zeros(q.rows, p.num_heads * d);
+        for (&(s, h), slab) in tasks.iter().zip(&slabs) {
+            let seq = &sequences[s];
+            for i in 0..seq.len {
+                out.data[(seq.first_row + i) * out.cols + h * d..][..d].copy_from_slice(&slab[i * d..(i + 1) * d]);
             }
         }
         out
+    }
+
+    fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Matrix {
+        let mut out = Matrix::zeros(rows.len(), x.cols);
+        for (dst, &r) in out.rows_mut().zip(rows) {
+            dst.copy_from_slice(x.row(r));
+        }
+        out
+    }
+
+    fn contrast_acd(&self, upper: &Matrix, lower: &Matrix, alpha: f32, min_candidates: usize) -> Matrix {
+        let mut out = Matrix::zeros(upper.rows, upper.cols);
+        out.data.par_chunks_mut(upper.cols.max(1)).enumerate().for_each(|(r, row)| {
+            crate::exits::acd(upper.row(r), lower.row(r), alpha, min_candidates, row);
+        });
+        out
+    }
+
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Matrix {
+        Matrix::from_vec(data, rows, cols)
     }
 
     fn shape(&self, x: &Matrix) -> (usize, usize) {

@@ -35,11 +35,23 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
+/// One sequence's part of a batched attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqSlice<'a> {
+    /// Its query rows in the batch: `first_row .. first_row + len`.
+    pub first_row: usize,
+    pub len: usize,
+    /// Position of its first query row; query row `i` sees keys at positions `..= first_position + i`.
+    pub first_position: usize,
+    /// Its cache blocks, in position order.
+    pub block_table: &'a [u32],
+}
+
 /// The ops a forward pass is made of. Shapes are given as `x: [rows, cols]`; `w: [out, in]` means
 /// the weight maps `in` features to `out` features whatever its stored [`Layout`].
 pub trait Backend: Send + Sync + 'static {
     /// An activation matrix `[rows, cols]`, f32.
-    type Tensor: Send + Sync;
+    type Tensor: Send + Sync + Clone;
     /// A weight (matrix or vector) resident where the ops run.
     type Weight: Send + Sync;
 
@@ -77,10 +89,46 @@ pub trait Backend: Send + Sync + 'static {
     /// Splits `x: [t, a + b + ...]` into column blocks of the given widths.
     fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
 
-    /// Causal self-attention over one sequence: `q: [t, heads * head_dim]`,
-    /// `k, v: [t, kv_heads * head_dim]` -> `[t, heads * head_dim]`.
-    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, params: &AttentionParams)
-        -> Self::Tensor;
+    /// Key/value storage of the paged cache ([`crate::kv`]): for each cached layer, one row of keys
+    /// and one row of values (`kv_heads * head_dim` wide) per slot.
+    type KvStore: Send + Sync;
+
+    /// Storage for `layers` layers of `num_blocks * block_size` slots of width `kv_width`.
+    fn kv_store(&self, layers: usize, num_blocks: usize, block_size: usize, kv_width: usize) -> Result<Self::KvStore>;
+
+    /// Writes row `i` of `k` and `v` (`[t, kv_width]`) into slot `slots[i]` of `layer`.
+    fn kv_write(&self, store: &mut Self::KvStore, layer: usize, slots: &[usize], k: &Self::Tensor, v: &Self::Tensor);
+
+    /// Copies block `from` to block `to` in every layer (copy-on-write of a shared block).
+    fn kv_copy_block(&self, store: &mut Self::KvStore, from: u32, to: u32);
+
+    /// Causal self-attention of each sequence's new query rows over its cached keys and values:
+    /// `q: [t, heads * head_dim]` (all sequences' rows, in order) -> `[t, heads * head_dim]`.
+    /// The new tokens' keys and values must already be written.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        store: &Self::KvStore,
+        layer: usize,
+        sequences: &[SeqSlice<'_>],
+        params: &AttentionParams,
+    ) -> Self::Tensor;
+
+    /// Rows `rows` of `x`, in that order: `[rows.len(), cols]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+
+    /// Auto-contrastive decoding on each row (see [`crate::exits::acd`]): `upper, lower: [t, vocab]`
+    /// logits -> `[t, vocab]` log-probabilities.
+    fn contrast_acd(
+        &self,
+        upper: &Self::Tensor,
+        lower: &Self::Tensor,
+        alpha: f32,
+        min_candidates: usize,
+    ) -> Self::Tensor;
+
+    /// A tensor from host data, row-major `[rows, cols]`.
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
 
     /// `[rows, cols]` of a tensor.
     fn shape(&self, x: &Self::Tensor) -> (usize, usize);

@@ -1,7 +1,7 @@
 //! GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP.
 //! `Conv1D` weights are stored `[in, out]`.
 
-use super::{base_prefix, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, Details, ModelSpec};
 use crate::error::Result;
@@ -90,7 +90,7 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         x
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, _positions: &[usize]) -> B::Tensor {
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
         let blk = &self.blocks[layer];
         let d = self.hidden;
 
@@ -99,7 +99,7 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         let qkv = blk.c_attn.forward(b, &h);
         let [q, k, v]: [B::Tensor; 3] =
             b.split_columns(&qkv, &[d, d, d]).try_into().unwrap_or_else(|_| unreachable!("split into three"));
-        let a = b.attention(&q, &k, &v, &blk.attention);
+        let a = attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention);
         b.add_assign(&mut x, &blk.attn_proj.forward(b, &a));
 
         // x = x + mlp(ln_2(x))

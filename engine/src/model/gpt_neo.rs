@@ -1,7 +1,7 @@
 //! GPT-Neo (Black et al. 2021): GPT-2's shape with separate q/k/v projections, layers alternating
 //! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
 
-use super::{base_prefix, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, AttentionSpan, ModelSpec};
 use crate::error::Result;
@@ -75,13 +75,13 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         x
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, _positions: &[usize]) -> B::Tensor {
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
         let blk = &self.blocks[layer];
 
         // x = x + attn(ln_1(x)), global or local
         let h = blk.ln_1.forward(b, &x);
         let (q, k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
-        let a = b.attention(&q, &k, &v, &blk.attention);
+        let a = attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention);
         b.add_assign(&mut x, &blk.out_proj.forward(b, &a));
 
         // x = x + mlp(ln_2(x))

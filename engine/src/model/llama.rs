@@ -1,7 +1,7 @@
 //! Llama (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention and a
 //! SiLU-gated MLP; no biases unless the config asks for them.
 
-use super::{base_prefix, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, Details, ModelSpec};
 use crate::error::Result;
@@ -77,16 +77,16 @@ impl<B: Backend> Transformer<B> for Llama<B> {
         b.embed(&self.embed_tokens, ids)
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, positions: &[usize]) -> B::Tensor {
+    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
         let blk = &self.blocks[layer];
         let head_dim = self.attention.head_dim;
 
         // x = x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x)
         let h = blk.input_layernorm.forward(b, &x);
         let (mut q, mut k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
-        b.rope(&mut q, head_dim, positions, self.rope_theta);
-        b.rope(&mut k, head_dim, positions, self.rope_theta);
-        let a = b.attention(&q, &k, &v, &self.attention);
+        b.rope(&mut q, head_dim, &batch.positions, self.rope_theta);
+        b.rope(&mut k, head_dim, &batch.positions, self.rope_theta);
+        let a = attend(b, kv, layer, batch, (&q, &k, &v), &self.attention);
         b.add_assign(&mut x, &blk.o_proj.forward(b, &a));
 
         // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on post_attention_layernorm(x)

@@ -8,9 +8,10 @@ mod llama;
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, Layout};
+use crate::backend::{AttentionParams, Backend, Layout, SeqSlice};
 use crate::config::{Architecture, ModelSpec};
 use crate::error::{Error, Result};
+use crate::exits::{Contrast, PlanOptions, Projection, Source};
 use crate::weights::Weights;
 
 /// A linear layer: `w: [out, in]` and an optional bias `[out]`.
@@ -76,15 +77,38 @@ impl<B: Backend> Norm<B> {
     }
 }
 
-/// What an architecture file provides: the embedding, one block, the final norm and the LM head.
-/// The driver in [`Model`] composes them.
+/// What an architecture file provides: the embedding, one block, the final norm. The driver in
+/// [`Model`] composes them.
 pub(crate) trait Transformer<B: Backend>: Send + Sync {
     /// Token (and, where the architecture has them, position) embeddings: `[t, hidden]`.
     fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor;
-    /// Block `layer` (0-based) applied to the residual stream `x: [t, hidden]`.
-    fn block(&self, b: &B, layer: usize, x: B::Tensor, positions: &[usize]) -> B::Tensor;
+    /// Block `layer` (0-based) applied to the residual stream `x: [t, hidden]`; its keys and values
+    /// go to the cache at `batch.slots`.
+    fn block(&self, b: &B, layer: usize, x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor;
     /// The norm applied after the last block (`ln_f` / `norm`); exits reuse it.
     fn final_norm(&self) -> &Norm<B>;
+}
+
+/// The tokens of one forward call, possibly from several sequences: row `i` is at `positions[i]`
+/// and its keys and values go to cache slot `slots[i]`.
+pub(crate) struct Batch<'a> {
+    pub positions: Vec<usize>,
+    pub slots: Vec<usize>,
+    pub sequences: Vec<SeqSlice<'a>>,
+}
+
+/// The one attention of every architecture: store the new keys and values, then attend over each
+/// sequence's cache. `q: [t, heads * head_dim]`, `k, v: [t, kv_heads * head_dim]`.
+pub(crate) fn attend<B: Backend>(
+    b: &B,
+    kv: &mut B::KvStore,
+    layer: usize,
+    batch: &Batch<'_>,
+    (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
+    params: &AttentionParams,
+) -> B::Tensor {
+    b.kv_write(kv, layer, &batch.slots, k, v);
+    b.paged_attention(q, kv, layer, &batch.sequences, params)
 }
 
 /// What a forward pass should return. Only the blocks needed for the requested outputs run.
@@ -97,12 +121,14 @@ pub struct ForwardRequest {
     /// Hidden states in transformers' convention (index 0 = embeddings, i = output of block i, the
     /// last one after the final norm).
     pub hidden_states: bool,
+    /// An exit plan whose output to compute at every position.
+    pub plan: Option<PlanOptions>,
 }
 
 impl ForwardRequest {
     /// Everything: logits, every exit head of `spec`, all hidden states.
     pub fn everything(spec: &ModelSpec) -> Self {
-        ForwardRequest { logits: true, exits: spec.exit_layers.clone(), hidden_states: true }
+        ForwardRequest { logits: true, exits: spec.exit_layers.clone(), hidden_states: true, plan: None }
     }
 }
 
@@ -117,17 +143,21 @@ pub struct ForwardOutput {
     pub exits: BTreeMap<usize, Vec<f32>>,
     /// `num_layers + 1` matrices `[t, hidden]` when requested.
     pub hidden_states: Vec<Vec<f32>>,
+    /// The plan's output `[t, vocab]` when a plan was given (log-probabilities for a contrast).
+    pub plan: Option<Vec<f32>>,
     /// How many blocks actually ran.
     pub blocks_run: usize,
 }
 
-/// A loaded model: its spec, its architecture's weights, the LM head and the exit heads.
+/// A loaded model: its spec, its architecture's weights, the LM head, exit heads and conversions.
 pub struct Model<B: Backend> {
     spec: ModelSpec,
     backend: B,
     body: Box<dyn Transformer<B>>,
     lm_head: B::Weight,
     exit_heads: BTreeMap<usize, B::Weight>,
+    /// `name_to_conv_matrix.{L}_to_{N}`: hidden -> hidden, for the converted projection.
+    conversions: BTreeMap<usize, B::Weight>,
 }
 
 impl<B: Backend> Model<B> {
@@ -151,7 +181,15 @@ impl<B: Backend> Model<B> {
             let tensor = weights.get_shaped(&exit_head_name(layer), &vocab_by_hidden)?;
             exit_heads.insert(layer, backend.weight(tensor, Layout::OutIn)?);
         }
-        Ok(Model { spec, backend, body, lm_head, exit_heads })
+        let mut conversions = BTreeMap::new();
+        for layer in 1..spec.num_layers {
+            let name = conversion_name(layer, spec.num_layers);
+            if weights.contains(&name) {
+                let tensor = weights.get_shaped(&name, &[spec.hidden_size, spec.hidden_size])?;
+                conversions.insert(layer, backend.weight(tensor, Layout::OutIn)?);
+            }
+        }
+        Ok(Model { spec, backend, body, lm_head, exit_heads, conversions })
     }
 
     /// The checkpoint's dimensions and options.
@@ -162,6 +200,22 @@ impl<B: Backend> Model<B> {
     /// The backend the model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Layers that have a conversion matrix to the top layer.
+    pub fn conversion_layers(&self) -> Vec<usize> {
+        self.conversions.keys().copied().collect()
+    }
+
+    /// Checks a token id against the vocabulary; `what` names the argument in the error.
+    pub fn check_token(&self, id: u32, what: &str) -> Result<()> {
+        if id as usize >= self.spec.vocab_size {
+            return Err(Error::invalid(
+                what,
+                format!("token id {id} is outside the vocabulary (size {})", self.spec.vocab_size),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks token ids against the vocabulary and the length against the context.
@@ -184,7 +238,7 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Runs the prompt `ids` through the model and returns what `request` asks for.
+    /// Runs the prompt `ids` through the model and returns what `request` asks for, at every position.
     ///
     /// Only blocks up to the deepest one the request needs are computed: asking for exit 2 alone runs
     /// two blocks.
@@ -200,51 +254,139 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let n = self.spec.num_layers;
-        let depth =
-            if request.logits || request.hidden_states { n } else { request.exits.iter().copied().max().unwrap_or(0) };
-        let positions: Vec<usize> = (0..ids.len()).collect();
-        let mut out = ForwardOutput { tokens: ids.len(), ..Default::default() };
+        let plan = match &request.plan {
+            Some(plan) => Some((plan, self.plan_sources(plan)?)),
+            None => None,
+        };
+        let plan_depth = plan.map_or(0, |(_, (main, lower))| main.depth(n).max(lower.map_or(0, |l| l.depth(n))));
+        let exit_depth = request.exits.iter().copied().max().unwrap_or(0);
+        let depth = if request.logits || request.hidden_states { n } else { exit_depth.max(plan_depth) };
 
-        let mut x = self.body.embed(b, ids, &positions);
-        if request.hidden_states {
-            out.hidden_states.push(b.to_host(&x));
-        }
-        for layer in 1..=depth {
-            x = self.body.block(b, layer - 1, x, &positions);
-            if layer == n {
-                break; // the top layer is read after the final norm, below
+        // The whole prompt is one sequence over a scratch cache of one block.
+        let t = ids.len();
+        let table = [0u32];
+        let batch = Batch {
+            positions: (0..t).collect(),
+            slots: (0..t).collect(),
+            sequences: vec![SeqSlice { first_row: 0, len: t, first_position: 0, block_table: &table }],
+        };
+        let mut kv = b.kv_store(depth, 1, t, self.spec.num_kv_heads * self.spec.head_dim)?;
+        let mut out = ForwardOutput { tokens: t, ..Default::default() };
+        let mut states: BTreeMap<usize, B::Tensor> = BTreeMap::new();
+        let keep = |layer: usize| {
+            plan.is_some_and(|(_, (main, lower))| main == Source::Layer(layer) || lower == Some(Source::Layer(layer)))
+        };
+        let top = self.run_blocks(ids, &batch, &mut kv, depth, |layer, x| {
+            if request.hidden_states && layer < n {
+                out.hidden_states.push(b.to_host(x));
             }
-            if request.hidden_states {
-                out.hidden_states.push(b.to_host(&x));
-            }
-            if request.exits.contains(&layer) {
-                // An intermediate exit reads the block output through the model's final norm.
-                let normed = self.body.final_norm().forward(b, &x);
-                let logits = b.linear(&normed, &self.exit_heads[&layer], None);
+            if layer < n && request.exits.contains(&layer) {
+                let logits = b.linear(&self.body.final_norm().forward(b, x), &self.exit_heads[&layer], None);
                 out.exits.insert(layer, b.to_host(&logits));
             }
-        }
+            if layer < n && keep(layer) {
+                states.insert(layer, x.clone());
+            }
+        });
         out.blocks_run = depth;
         if depth == n {
-            // The top layer's state already carries the final norm, for the LM head and the top exit.
-            let top = self.body.final_norm().forward(b, &x);
+            // The top layer's state is read after the final norm, by the LM head and the top exit.
+            let normed = self.body.final_norm().forward(b, &top);
             if request.hidden_states {
-                out.hidden_states.push(b.to_host(&top));
+                out.hidden_states.push(b.to_host(&normed));
             }
             if request.logits {
-                out.logits = Some(b.to_host(&b.linear(&top, &self.lm_head, None)));
+                out.logits = Some(b.to_host(&b.linear(&normed, &self.lm_head, None)));
             }
             if request.exits.contains(&n) {
-                out.exits.insert(n, b.to_host(&b.linear(&top, &self.exit_heads[&n], None)));
+                out.exits.insert(n, b.to_host(&b.linear(&normed, &self.exit_heads[&n], None)));
             }
+            states.insert(n, top);
+        }
+        if let Some((plan, (main, lower))) = plan {
+            let state = |source: Source| &states[&source.depth(n)];
+            let logits = self.plan_output(plan, (main, state(main)), lower.map(|l| (l, state(l))));
+            out.plan = Some(b.to_host(&logits));
         }
         Ok(out)
+    }
+
+    /// Embeds `ids` and runs blocks `1..=depth`, calling `tap(layer, state)` with the embeddings
+    /// (layer 0) and each block's output. Returns the state after block `depth`.
+    pub(crate) fn run_blocks(
+        &self,
+        ids: &[u32],
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        depth: usize,
+        mut tap: impl FnMut(usize, &B::Tensor),
+    ) -> B::Tensor {
+        let b = &self.backend;
+        let mut x = self.body.embed(b, ids, &batch.positions);
+        tap(0, &x);
+        for layer in 1..=depth {
+            x = self.body.block(b, layer - 1, x, batch, kv);
+            tap(layer, &x);
+        }
+        x
+    }
+
+    /// Validates a plan against this checkpoint; returns its main and (for a contrast) lower source.
+    pub(crate) fn plan_sources(&self, plan: &PlanOptions) -> Result<(Source, Option<Source>)> {
+        plan.sources(&self.spec, |layer| self.conversions.contains_key(&layer))
+    }
+
+    /// Logits of `source` from the raw (un-normed) output `state: [t, hidden]` of its layer.
+    pub(crate) fn project(&self, source: Source, projection: Projection, state: &B::Tensor) -> B::Tensor {
+        let b = &self.backend;
+        let normed = self.body.final_norm().forward(b, state);
+        let head = match (source, projection) {
+            (Source::Original, _) => &self.lm_head,
+            (Source::Layer(layer), Projection::ExitHeads) => &self.exit_heads[&layer],
+            (Source::Layer(_), Projection::Lens) => &self.lm_head,
+            (Source::Layer(layer), Projection::Converted) => match self.conversions.get(&layer) {
+                Some(conversion) => return b.linear(&b.linear(&normed, conversion, None), &self.lm_head, None),
+                None => &self.lm_head, // the top layer converts to itself
+            },
+        };
+        b.linear(&normed, head, None)
+    }
+
+    /// A plan's output from the raw states of its sources: logits, or contrasted log-probabilities.
+    pub(crate) fn plan_output(
+        &self,
+        plan: &PlanOptions,
+        (main, main_state): (Source, &B::Tensor),
+        lower: Option<(Source, &B::Tensor)>,
+    ) -> B::Tensor {
+        let b = &self.backend;
+        let upper = self.project(main, plan.projection, main_state);
+        let Some((lower, lower_state)) = lower else { return upper };
+        let lower = self.project(lower, plan.projection, lower_state);
+        match &plan.contrast {
+            Contrast::Acd { alpha, min_candidates } => b.contrast_acd(&upper, &lower, *alpha, *min_candidates),
+            Contrast::Custom(f) => {
+                let (rows, cols) = b.shape(&upper);
+                let (up, low) = (b.to_host(&upper), b.to_host(&lower));
+                let mut out = vec![0.0f32; rows * cols];
+                for r in 0..rows {
+                    let span = r * cols..(r + 1) * cols;
+                    f.contrast(&up[span.clone()], &low[span.clone()], &mut out[span]);
+                }
+                b.upload(out, rows, cols)
+            }
+        }
     }
 }
 
 /// The checkpoint name of the exit head at `layer` (upstream autocontrastive-gen format).
 pub fn exit_head_name(layer: usize) -> String {
     format!("name_to_lm_exit_head.lm_head_{layer}.weight")
+}
+
+/// The checkpoint name of the conversion matrix from `layer` to the top layer `num_layers`.
+pub fn conversion_name(layer: usize, num_layers: usize) -> String {
+    format!("name_to_conv_matrix.{layer}_to_{num_layers}.weight")
 }
 
 fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static str {
