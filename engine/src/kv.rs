@@ -155,6 +155,18 @@ impl BlockTable {
         }
     }
 
+    /// Forgets every token from position `len` on, returning blocks no longer needed.
+    pub fn truncate(&mut self, pool: &mut BlockPool, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let keep = len.div_ceil(pool.block_size);
+        for block in self.blocks.drain(keep..) {
+            pool.release(block);
+        }
+        self.len = len;
+    }
+
     /// A second table over the same blocks (each gains a reference).
     pub fn fork(&self, pool: &mut BlockPool) -> BlockTable {
         for &block in &self.blocks {

@@ -22,8 +22,10 @@
 
 pub mod backend;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod exits;
+pub mod generate;
 pub mod kv;
 pub mod model;
 pub mod source;
