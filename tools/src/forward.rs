@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use layerwise::ForwardRequest;
 use safetensors::tensor::TensorView;
 
-use crate::input::{ModelArgs, PromptArgs};
+use crate::input::{ModelArgs, PlanArgs, PromptArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -15,7 +15,10 @@ pub struct Args {
     model: ModelArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// Output file (safetensors): `logits` [T, vocab], `exit.<L>` [T, vocab] for every exit head,
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Output file (safetensors): `logits` [T, vocab] (under a plan flag: the plan's output, for a
+    /// contrast the contrasted log-probabilities), `exit.<L>` [T, vocab] for every exit head,
     /// `hidden.<i>` [T, hidden] for i = 0..=num_layers, all f32.
     #[arg(long, value_name = "FILE.safetensors")]
     out: PathBuf,
@@ -25,13 +28,15 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = args.model.load()?;
     let ids = args.prompt.ids(&loaded)?;
     let spec = loaded.model.spec();
+    let request = ForwardRequest { plan: args.plan.plan()?, ..ForwardRequest::everything(spec) };
     let start = Instant::now();
-    let out = loaded.model.forward(&ids, &ForwardRequest::everything(spec))?;
+    let plan_flag = if request.plan.is_some() { args.plan.flag() } else { "forward" };
+    let out = loaded.model.forward(&ids, &request).context(plan_flag)?;
     let seconds = start.elapsed().as_secs_f64();
 
     let t = ids.len();
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    if let Some(logits) = &out.logits {
+    if let Some(logits) = out.plan.as_ref().or(out.logits.as_ref()) {
         tensors.push(("logits".into(), vec![t, spec.vocab_size], logits));
     }
     for (layer, logits) in &out.exits {

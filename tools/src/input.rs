@@ -1,6 +1,7 @@
 //! Arguments shared by the subcommands: which model, which prompt.
 
 use anyhow::{bail, Context, Result};
+use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use layerwise::{Cpu, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
@@ -55,4 +56,73 @@ fn parse_ids(list: &str) -> Result<Vec<u32>> {
             })
         })
         .collect()
+}
+
+/// Exit-plan flags shared by `forward` and `generate`.
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// Read the prediction at layer L (early exit): nothing above layer L is computed.
+    #[arg(long, value_name = "L", conflicts_with = "contrast")]
+    pub exit: Option<usize>,
+    /// Auto-contrastive decoding between an upper and a lower exit, e.g. `24,12` or `original,12`.
+    #[arg(long, value_name = "UPPER,LOWER")]
+    pub contrast: Option<String>,
+    /// ACD plausibility threshold, relative to the upper exit's top probability.
+    #[arg(long, value_name = "A", default_value_t = 0.1, requires = "contrast")]
+    pub alpha: f32,
+    /// ACD keeps at least this many candidate tokens.
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "contrast")]
+    pub min_candidates: usize,
+    /// Project layers with the model's own final norm and LM head (logit lens) instead of exit heads.
+    #[arg(long, conflicts_with = "converted")]
+    pub lens: bool,
+    /// Project layers through the checkpoint's conversion matrices and the original LM head.
+    #[arg(long)]
+    pub converted: bool,
+}
+
+impl PlanArgs {
+    /// The plan the flags describe; `None` when no plan flag was given.
+    pub fn plan(&self) -> Result<Option<PlanOptions>> {
+        let plan = match (&self.exit, &self.contrast) {
+            (Some(layer), _) => ExitPlan::Exit(*layer),
+            (None, Some(pair)) => parse_contrast(pair)?,
+            (None, None) if self.lens || self.converted => bail!("--lens and --converted need --exit or --contrast"),
+            (None, None) => return Ok(None),
+        };
+        let projection = if self.lens {
+            Projection::Lens
+        } else if self.converted {
+            Projection::Converted
+        } else {
+            Projection::ExitHeads
+        };
+        let contrast = Contrast::Acd { alpha: self.alpha, min_candidates: self.min_candidates };
+        Ok(Some(PlanOptions { plan, projection, contrast }))
+    }
+
+    /// The flag a plan error is about, for messages.
+    pub fn flag(&self) -> &'static str {
+        if self.exit.is_some() {
+            "--exit"
+        } else {
+            "--contrast"
+        }
+    }
+}
+
+fn parse_contrast(pair: &str) -> Result<ExitPlan> {
+    let usage = "expected UPPER,LOWER with layer numbers, UPPER may be `original` (e.g. 24,12)";
+    let (upper, lower) = pair.split_once(',').with_context(|| format!("--contrast `{pair}`: {usage}"))?;
+    let layer = |s: &str| {
+        s.trim().parse::<usize>().with_context(|| format!("--contrast `{pair}`: `{s}` is not a layer; {usage}"))
+    };
+    let upper = match upper.trim() {
+        "original" => Upper::Original,
+        other => Upper::Layer(layer(other)?),
+    };
+    if lower.trim() == "original" {
+        bail!("--contrast `{pair}`: the lower side must be a layer; the original head can only be the upper side");
+    }
+    Ok(ExitPlan::Contrast { upper, lower: layer(lower)? })
 }

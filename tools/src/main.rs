@@ -2,6 +2,7 @@
 //! engine's public API; the engine never prints, this program decides what to show.
 
 mod forward;
+mod generate;
 mod info;
 mod input;
 mod memory;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run a prompt through the model and write logits, exit-head logits and hidden states.
     Forward(forward::Args),
+    /// Generate text from the original head, an early exit (--exit) or an ACD contrast (--contrast).
+    Generate(generate::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),
 }
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => forward::run(args),
         Command::Info(args) => info::run(args),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,133 @@
+//! `layerwise generate`: text from the original head, an early exit, or an ACD contrast, streamed
+//! to stdout as tokens arrive.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use layerwise::decoder::{Decoder, DecoderOptions};
+use layerwise::generate::{generate, GenerationOptions, SamplingOptions};
+use serde_json::json;
+
+use crate::input::{ModelArgs, PlanArgs, PromptArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Tokens to generate at most.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    max_new_tokens: usize,
+    /// EOS is not allowed before this many new tokens.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    min_new_tokens: usize,
+    /// Sample instead of taking the most likely token.
+    #[arg(long)]
+    do_sample: bool,
+    /// Sampling temperature.
+    #[arg(long, value_name = "T", default_value_t = 1.0, requires = "do_sample")]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all); transformers' default is 50.
+    #[arg(long, value_name = "K", default_value_t = 50, requires = "do_sample")]
+    top_k: usize,
+    /// Sample within the smallest set of tokens whose probability reaches P.
+    #[arg(long, value_name = "P", default_value_t = 1.0, requires = "do_sample")]
+    top_p: f32,
+    /// Seed of the sampler; the same seed gives the same text.
+    #[arg(long, value_name = "S", default_value_t = 0, requires = "do_sample")]
+    seed: u64,
+    /// Print one JSON line at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let loaded = args.model.load()?;
+    let prompt = args.prompt.ids(&loaded)?;
+    let plan = args.plan.plan()?.unwrap_or_default();
+    let mut options =
+        GenerationOptions::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
+    options.max_new_tokens = args.max_new_tokens;
+    options.min_new_tokens = args.min_new_tokens;
+    if args.do_sample {
+        options.sampling = Some(SamplingOptions {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        });
+    }
+    // Room for this one sequence: its prompt and every new token.
+    let cache_tokens = Some(prompt.len() + args.max_new_tokens);
+    let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, ..Default::default() })
+        .context(args.plan.flag())?;
+
+    let mut streamer = Streamer::default();
+    let stream = !args.json && loaded.tokenizer.is_some();
+    let generation = generate(&mut decoder, &prompt, &options, |token| {
+        if stream {
+            streamer.push(&loaded, token);
+        }
+        true
+    })
+    .with_context(|| if options.sampling.is_some() { "--do-sample" } else { "generate" })?;
+    let text = match &loaded.tokenizer {
+        Some(tokenizer) => tokenizer.decode(&generation.ids)?,
+        None => String::new(),
+    };
+    let new_tokens = generation.ids.len();
+    let decode_steps = new_tokens.saturating_sub(1);
+    let decode_tok_per_s = if generation.decode_s > 0.0 { decode_steps as f64 / generation.decode_s } else { 0.0 };
+    if args.json {
+        let line = json!({
+            "ids": generation.ids,
+            "text": text,
+            "prompt_tokens": generation.prompt_tokens,
+            "new_tokens": new_tokens,
+            "prefill_s": generation.prefill_s,
+            "decode_s": generation.decode_s,
+            "decode_tok_per_s": decode_tok_per_s,
+        });
+        println!("{line}");
+    } else {
+        if !stream {
+            // No tokenizer: print the ids.
+            let ids: Vec<String> = generation.ids.iter().map(u32::to_string).collect();
+            print!("{}", ids.join(","));
+        }
+        println!();
+        eprintln!(
+            "generate: {} prompt tokens, {new_tokens} new ({:?}); prefill {:.3}s, decode {decode_tok_per_s:.1} tokens/s; {}",
+            generation.prompt_tokens,
+            generation.finish,
+            generation.prefill_s,
+            crate::memory::describe()
+        );
+    }
+    Ok(())
+}
+
+/// Prints text as tokens arrive, holding back an incomplete UTF-8 character until it is complete.
+#[derive(Default)]
+struct Streamer {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Streamer {
+    fn push(&mut self, loaded: &layerwise::LoadedModel, token: u32) {
+        self.ids.push(token);
+        let Ok(text) = loaded.decode(&self.ids) else { return };
+        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        // A closed pipe (e.g. `| head`) is not worth a panic; the final result still follows.
+        let _ = stdout.write_all(&text.as_bytes()[self.printed..]);
+        let _ = stdout.flush();
+        self.printed = text.len();
+    }
+}

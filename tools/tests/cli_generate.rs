@@ -1,0 +1,131 @@
+//! The `layerwise generate` contract (flags, JSON line, streaming) and the plan flags of `forward`.
+
+use std::process::{Command, Output};
+
+use layerwise_tests::{fixture, fixture_str, read_safetensors};
+use serde_json::Value;
+
+fn layerwise(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_layerwise")).args(args).output().expect("run layerwise")
+}
+
+fn json_line(out: &Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().expect("a JSON line");
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+/// The recorded greedy ids of a generation case of the gpt2-sharded fixture.
+fn recorded(case: &str) -> (String, Vec<u64>) {
+    let text = std::fs::read_to_string(fixture("gpt2-sharded").join("generation.json")).expect("read");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    let prompt: Vec<String> = json["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+    let case = json["cases"].as_array().expect("cases").iter().find(|c| c["name"] == case).expect("case");
+    let ids = case["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id")).collect();
+    (prompt.join(","), ids)
+}
+
+#[test]
+fn generate_json_under_acd_matches_upstream() {
+    let model = fixture_str("gpt2-sharded");
+    for (case, plan) in [
+        ("contrast.4.1", vec!["--contrast", "4,1"]),
+        ("contrast.original.1", vec!["--contrast", "original,1"]),
+        ("exit.1", vec!["--exit", "1"]),
+        ("original", vec![]),
+        ("lens.exit.2", vec!["--exit", "2", "--lens"]),
+        ("converted.contrast.4.2", vec!["--contrast", "4,2", "--converted"]),
+        ("contrast.4.1.alpha0.3.k3", vec!["--contrast", "4,1", "--alpha", "0.3", "--min-candidates", "3"]),
+    ] {
+        let (prompt, ids) = recorded(case);
+        let mut args = vec!["generate", "--model", &model, "--prompt-ids", &prompt, "--max-new-tokens", "12", "--json"];
+        args.extend(plan);
+        let line = json_line(&layerwise(&args));
+        let got: Vec<u64> = line["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id")).collect();
+        assert_eq!(got, ids, "{case}");
+        assert_eq!(line["new_tokens"].as_u64(), Some(ids.len() as u64));
+        assert_eq!(line["prompt_tokens"].as_u64(), Some(12));
+        for key in ["text", "prefill_s", "decode_s", "decode_tok_per_s"] {
+            assert!(line.get(key).is_some(), "{key} in {line}");
+        }
+    }
+}
+
+#[test]
+fn generate_streams_the_same_text_it_reports() {
+    let base = ["generate", "--prompt", "The benefits of bad advice", "--contrast", "4,2", "--max-new-tokens", "12"];
+    let json = json_line(&layerwise(&[&base[..], &["--json"]].concat()));
+    let streamed = layerwise(&base);
+    assert!(streamed.status.success());
+    let stdout = String::from_utf8_lossy(&streamed.stdout);
+    assert_eq!(stdout.trim_end_matches('\n'), json["text"].as_str().expect("text"));
+    assert!(!stdout.trim().is_empty());
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let args = [
+        "generate",
+        "--prompt",
+        "Hello",
+        "--do-sample",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "11",
+        "--json",
+    ];
+    assert_eq!(json_line(&layerwise(&args))["ids"], json_line(&layerwise(&args))["ids"]);
+}
+
+fn assert_fails_naming(args: &[&str], parts: &[&str]) {
+    let out = layerwise(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for part in parts {
+        assert!(err.contains(part), "{args:?}: {err:?} should mention {part:?}");
+    }
+}
+
+#[test]
+fn impossible_generate_options_are_refused_by_name() {
+    let model = fixture_str("gpt2-sharded");
+    let base = ["generate", "--model", model.as_str(), "--prompt-ids", "1,2,3"];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    assert_fails_naming(&with(&["--exit", "1", "--contrast", "4,1"]), &["--exit", "--contrast"]);
+    assert_fails_naming(&with(&["--exit", "3"]), &["--exit", "layer 3", "[1, 2, 4]"]);
+    assert_fails_naming(&with(&["--contrast", "4,x"]), &["--contrast", "`x`"]);
+    assert_fails_naming(&with(&["--contrast", "4,original"]), &["--contrast", "lower"]);
+    assert_fails_naming(&with(&["--contrast", "4,1", "--alpha", "2"]), &["alpha"]);
+    assert_fails_naming(&with(&["--alpha", "0.2"]), &["--alpha", "--contrast"]);
+    assert_fails_naming(&with(&["--exit", "3", "--converted"]), &["name_to_conv_matrix.3_to_4"]);
+    assert_fails_naming(&with(&["--lens"]), &["--lens", "--exit"]);
+    assert_fails_naming(&with(&["--do-sample", "--top-p", "1.5"]), &["top-p", "1.5"]);
+    assert_fails_naming(&with(&["--top-k", "5"]), &["--top-k", "--do-sample"]);
+    assert_fails_naming(&with(&["--max-new-tokens", "100"]), &["max-new-tokens", "64"]);
+}
+
+#[test]
+fn forward_under_a_plan_writes_the_plan_output_as_logits() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("acd.safetensors");
+    let (prompt, _) = recorded("contrast.4.1");
+    let model = fixture_str("gpt2-sharded");
+    let args =
+        ["forward", "--model", &model, "--prompt-ids", &prompt, "--contrast", "4,1", "--out", &file.to_string_lossy()];
+    let out = layerwise(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = read_safetensors(&file);
+    let reference = &read_safetensors(&fixture("gpt2-sharded").join("generation.safetensors"))["contrast.4.1"];
+    let logits = &written["logits"];
+    let vocab = logits.shape[1];
+    let last = &logits.values[(logits.shape[0] - 1) * vocab..];
+    for (a, b) in last.iter().zip(&reference.values) {
+        assert!((a.exp() - b.exp()).abs() <= 1e-5, "probabilities {} vs {}", a.exp(), b.exp());
+    }
+    assert!(written.contains_key("exit.1") && written.contains_key("hidden.4"), "the other tensors are still written");
+}
