@@ -73,7 +73,7 @@ impl<B: Backend> LoadedModel<B> {
 
 /// Opens a checkpoint (a local directory or a Hugging Face Hub id) on the CPU.
 pub fn load(source: &str) -> Result<LoadedModel<Cpu>> {
-    load_on(source, Cpu)
+    load_on(source, Cpu::default())
 }
 
 /// Opens a checkpoint on the given backend. Weight files are mapped, not read: this is fast and

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
-use layerwise::{Cpu, LoadedModel};
+use layerwise::{Cpu, DType, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
 pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
@@ -13,13 +13,22 @@ pub struct ModelArgs {
     /// Defaults to the repository's demo checkpoint (random weights).
     #[arg(long, value_name = "SRC")]
     pub model: Option<String>,
+    /// Compute with weight matrices in this dtype (f32, f16, bf16), converting them on first use
+    /// when the checkpoint stores another. Default: as stored.
+    #[arg(long, value_name = "D", value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel<Cpu>> {
         let source = self.model.as_deref().unwrap_or(DEMO_MODEL);
-        layerwise::load(source).with_context(|| format!("cannot load model `{source}`"))
+        let backend = Cpu { weight_dtype: self.dtype };
+        layerwise::load_on(source, backend).with_context(|| format!("cannot load model `{source}`"))
     }
+}
+
+fn parse_dtype(text: &str) -> std::result::Result<DType, String> {
+    DType::parse(text).ok_or_else(|| format!("`{text}` is not a dtype (f32, f16, bf16)"))
 }
 
 #[derive(clap::Args, Debug)]

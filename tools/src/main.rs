@@ -1,6 +1,7 @@
 //! `layerwise`: the command-line face of the engine. Each subcommand is a thin layer over the
 //! engine's public API; the engine never prints, this program decides what to show.
 
+mod bench;
 mod forward;
 mod generate;
 mod info;
@@ -28,6 +29,8 @@ enum Command {
     Forward(forward::Args),
     /// Generate text from the original head, an early exit (--exit) or an ACD contrast (--contrast).
     Generate(generate::Args),
+    /// Measure generation and prefill throughput, peak memory and the fraction of the memory-bandwidth bound.
+    Bench(bench::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),
 }
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,16 +1,31 @@
 //! The CPU backend: plain Rust, parallel over rows or heads with rayon. It is also the reference
 //! every faster path is tested against, so clarity wins over cleverness here.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
-use super::{AttentionParams, Backend, Layout, SeqSlice};
+use super::{simd, AttentionParams, Backend, Layout, SeqSlice};
 use crate::config::Activation;
 use crate::error::{Error, Result};
-use crate::weights::{HostTensor, WeightData};
+use crate::weights::{DType, HostTensor, WeightData};
 
 /// The CPU backend.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+pub struct Cpu {
+    /// Store matrices in this dtype, converting on first use when the checkpoint differs
+    /// (None: as stored). Vectors (norms, biases) are always read as stored.
+    pub weight_dtype: Option<DType>,
+}
+
+impl Cpu {
+    /// A CPU backend that converts weight matrices to `dtype` (e.g. bf16 to halve the bytes each
+    /// decoding step reads). The conversion happens the first time a weight is used, so weights a
+    /// run never touches are never converted.
+    pub fn with_weight_dtype(dtype: DType) -> Self {
+        Cpu { weight_dtype: Some(dtype) }
+    }
+}
 
 /// A row-major `[rows, cols]` f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +76,9 @@ impl CpuKv {
 #[derive(Clone, Debug)]
 pub struct CpuWeight {
     tensor: HostTensor,
+    /// The dtype to compute with, when it differs from the stored one.
+    convert_to: Option<DType>,
+    converted: OnceLock<HostTensor>,
     layout: Layout,
     out_features: usize,
     in_features: usize,
@@ -68,7 +86,15 @@ pub struct CpuWeight {
 
 impl CpuWeight {
     fn data(&self) -> WeightData<'_> {
-        self.tensor.data()
+        match self.convert_to {
+            Some(dtype) => self.converted.get_or_init(|| self.tensor.converted(dtype)).data(),
+            None => self.tensor.data(),
+        }
+    }
+
+    /// Bytes a full read of this weight touches.
+    pub fn bytes(&self) -> usize {
+        self.tensor.numel() * self.convert_to.unwrap_or(self.tensor.dtype()).size()
     }
 
     fn vector(&self) -> Vec<f32> {
@@ -76,16 +102,16 @@ impl CpuWeight {
     }
 }
 
-/// Rows at a time handed to one rayon task in the matrix products: small enough to balance, large
-/// enough to amortise the task.
-const ROWS_PER_TASK: usize = 16;
-
 impl Backend for Cpu {
     type Tensor = Matrix;
     type Weight = CpuWeight;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn weight_bytes(&self, w: &CpuWeight) -> usize {
+        w.bytes()
     }
 
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CpuWeight> {
@@ -97,7 +123,16 @@ impl Backend for Cpu {
                 return Err(Error::invalid("weight", format!("expected a vector or a matrix, got shape {shape:?}")))
             }
         };
-        Ok(CpuWeight { tensor: tensor.clone(), layout, out_features, in_features })
+        let is_matrix = in_features > 1;
+        let convert_to = self.weight_dtype.filter(|&d| is_matrix && d != tensor.dtype());
+        Ok(CpuWeight {
+            tensor: tensor.clone(),
+            convert_to,
+            converted: OnceLock::new(),
+            layout,
+            out_features,
+            in_features,
+        })
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Matrix {
@@ -322,22 +357,31 @@ impl Backend for Cpu {
     }
 }
 
+/// Below this many rows a product is a few matrix-vector products (decoding: bound by reading the
+/// weight once); from it on, a cache-blocked GEMM (prefill, large batches: bound by arithmetic).
+const GEMM_MIN_ROWS: usize = 8;
+
 /// `x: [t, in]`, `w: [out, in]` stored row by row: each output feature is a dot product with one
 /// weight row, so the weight streams through once for all tokens.
 fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
+    if t >= GEMM_MIN_ROWS {
+        return gemm_weight(x, w);
+    }
     let data = w.data();
-    let mut out_t = vec![0.0f32; n_out * t]; // [out, t], transposed at the end
-    out_t.par_chunks_mut(t * ROWS_PER_TASK).enumerate().for_each(|(chunk, block)| {
-        let mut wrow = vec![0.0f32; n_in];
+    let chunk = rows_per_task(n_out);
+    let mut out_t = vec![0.0f32; n_out * t]; // [out, t], transposed at the end when t > 1
+    out_t.par_chunks_mut(t * chunk).enumerate().for_each(|(c, block)| {
         for (r, outs) in block.chunks_exact_mut(t).enumerate() {
-            let o = chunk * ROWS_PER_TASK + r;
-            data.read_f32(o * n_in, &mut wrow);
+            let start = (c * chunk + r) * n_in;
             for (ti, slot) in outs.iter_mut().enumerate() {
-                *slot = dot(x.row(ti), &wrow);
+                *slot = simd::dot(x.row(ti), data, start);
             }
         }
     });
+    if t == 1 {
+        return Matrix::from_vec(out_t, 1, n_out);
+    }
     let mut out = Matrix::zeros(t, n_out);
     for (ti, row) in out.rows_mut().enumerate() {
         for (o, slot) in row.iter_mut().enumerate() {
@@ -347,59 +391,147 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     out
 }
 
-/// `x: [t, in]`, `w: [in, out]` stored row by row (GPT-2 Conv1D): each input feature scales one
-/// weight row into the outputs. Parallel over column blocks of the output.
+/// `x: [t, in]`, `w: [in, out]` stored row by row (GPT-2's Conv1D): each input feature scales one
+/// weight row into the outputs. The input features are split among the threads, so that each streams
+/// a contiguous part of the weight; their partial sums are added at the end.
 fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
+    if t >= GEMM_MIN_ROWS {
+        return gemm_weight(x, w);
+    }
     let data = w.data();
-    const COLS_PER_TASK: usize = 256;
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n_out.div_ceil(COLS_PER_TASK))
+    let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
+    let per_part = n_in.div_ceil(parts);
+    let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
-        .map(|b| {
-            let c0 = b * COLS_PER_TASK;
-            let width = COLS_PER_TASK.min(n_out - c0);
-            let mut acc = vec![0.0f32; t * width];
-            let mut seg = vec![0.0f32; width];
-            for i in 0..n_in {
-                data.read_f32(i * n_out + c0, &mut seg);
-                for ti in 0..t {
-                    axpy(&mut acc[ti * width..(ti + 1) * width], x.row(ti)[i], &seg);
+        .map(|p| {
+            let mut acc = vec![0.0f32; t * n_out];
+            for i in p * per_part..((p + 1) * per_part).min(n_in) {
+                for (ti, acc) in acc.chunks_exact_mut(n_out).enumerate() {
+                    simd::axpy(acc, x.row(ti)[i], data, i * n_out);
                 }
             }
-            (c0, acc)
+            acc
         })
         .collect();
+    let mut partials = partials.into_iter();
+    let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
+    for partial in partials {
+        simd::axpy_f32(&mut sum, 1.0, &partial);
+    }
+    Matrix::from_vec(sum, t, n_out)
+}
+
+/// Output rows per task in the matrix-vector products: enough tasks to balance the threads, few
+/// enough to amortise each.
+fn rows_per_task(n_out: usize) -> usize {
+    (n_out / (8 * rayon::current_num_threads().max(1))).clamp(16, 1024)
+}
+
+/// `x: [t, in]` times the weight (either layout) with a cache-blocked GEMM. f32 weights are used in
+/// place; f16/bf16 weights are widened one panel of output features at a time.
+fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
+    let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     let mut out = Matrix::zeros(t, n_out);
-    for (c0, acc) in blocks {
-        let width = acc.len() / t.max(1);
-        for (ti, row) in out.rows_mut().enumerate() {
-            row[c0..c0 + width].copy_from_slice(&acc[ti * width..(ti + 1) * width]);
+    // Strides of the weight seen as rhs [k = in, n = out].
+    let (rhs_rs, rhs_cs) = match w.layout {
+        Layout::OutIn => (1isize, n_in as isize),
+        Layout::InOut => (n_out as isize, 1isize),
+    };
+    match w.data() {
+        WeightData::F32(data) => {
+            // SAFETY: every pointer/stride pair addresses inside its buffer: dst is [t, n_out]
+            // row-major, lhs is x [t, n_in] row-major, rhs is the [n_out, n_in] or [n_in, n_out]
+            // weight, all with the shapes checked when the weight was created.
+            unsafe {
+                gemm::gemm(
+                    t,
+                    n_out,
+                    n_in,
+                    out.data.as_mut_ptr(),
+                    1,
+                    n_out as isize,
+                    false,
+                    x.data.as_ptr(),
+                    1,
+                    n_in as isize,
+                    data.as_ptr(),
+                    rhs_cs,
+                    rhs_rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            }
+        }
+        narrow => {
+            const PANEL: usize = 256;
+            let panels: Vec<(usize, Vec<f32>)> = (0..n_out.div_ceil(PANEL))
+                .into_par_iter()
+                .map(|p| {
+                    let (o0, width) = (p * PANEL, PANEL.min(n_out - p * PANEL));
+                    // The panel as a contiguous [width, n_in] f32 matrix.
+                    let mut panel = vec![0.0f32; width * n_in];
+                    for (j, row) in panel.chunks_exact_mut(n_in).enumerate() {
+                        match w.layout {
+                            Layout::OutIn => narrow.read_f32((o0 + j) * n_in, row),
+                            Layout::InOut => {
+                                row.iter_mut().enumerate().for_each(|(i, v)| *v = narrow.get(i * n_out + o0 + j))
+                            }
+                        }
+                    }
+                    let mut block = vec![0.0f32; t * width];
+                    // SAFETY: block is [t, width], x is [t, n_in], panel is [width, n_in], all row-major.
+                    unsafe {
+                        gemm::gemm(
+                            t,
+                            width,
+                            n_in,
+                            block.as_mut_ptr(),
+                            1,
+                            width as isize,
+                            false,
+                            x.data.as_ptr(),
+                            1,
+                            n_in as isize,
+                            panel.as_ptr(),
+                            n_in as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                    (o0, block)
+                })
+                .collect();
+            for (o0, block) in panels {
+                let width = block.len() / t;
+                for (ti, row) in out.rows_mut().enumerate() {
+                    row[o0..o0 + width].copy_from_slice(&block[ti * width..(ti + 1) * width]);
+                }
+            }
         }
     }
     out
 }
 
-/// Dot product with eight independent accumulators so that the compiler can vectorise it.
+/// Dot product of two f32 slices (vectorised where the CPU allows).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    simd::dot_f32(a, b)
 }
 
-/// `y += a * x`.
+/// `y += a * x` (vectorised where the CPU allows).
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
+    simd::axpy_f32(y, a, x)
 }
 
 /// Numerically stable softmax of a row, in place.

@@ -6,6 +6,7 @@
 //! [`Backend::to_host`], which callers use only for what they return to the user).
 
 pub mod cpu;
+pub mod simd;
 
 use crate::config::Activation;
 use crate::error::Result;
@@ -57,6 +58,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
+
+    /// Bytes a full read of `w` touches (for bandwidth accounting).
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
 
     /// Makes a checkpoint tensor usable by the ops. On the CPU this borrows the mapped bytes.
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<Self::Weight>;

@@ -110,6 +110,16 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         x
     }
 
+    fn block_bytes(&self, b: &B, layer: usize) -> usize {
+        let blk = &self.blocks[layer];
+        blk.ln_1.bytes(b)
+            + blk.c_attn.bytes(b)
+            + blk.attn_proj.bytes(b)
+            + blk.ln_2.bytes(b)
+            + blk.c_fc.bytes(b)
+            + blk.mlp_proj.bytes(b)
+    }
+
     fn final_norm(&self) -> &Norm<B> {
         &self.ln_f
     }

@@ -92,6 +92,18 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         x
     }
 
+    fn block_bytes(&self, b: &B, layer: usize) -> usize {
+        let blk = &self.blocks[layer];
+        blk.ln_1.bytes(b)
+            + blk.q_proj.bytes(b)
+            + blk.k_proj.bytes(b)
+            + blk.v_proj.bytes(b)
+            + blk.out_proj.bytes(b)
+            + blk.ln_2.bytes(b)
+            + blk.c_fc.bytes(b)
+            + blk.c_proj.bytes(b)
+    }
+
     fn final_norm(&self) -> &Norm<B> {
         &self.ln_f
     }

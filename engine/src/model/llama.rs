@@ -98,6 +98,19 @@ impl<B: Backend> Transformer<B> for Llama<B> {
         x
     }
 
+    fn block_bytes(&self, b: &B, layer: usize) -> usize {
+        let blk = &self.blocks[layer];
+        blk.input_layernorm.bytes(b)
+            + blk.q_proj.bytes(b)
+            + blk.k_proj.bytes(b)
+            + blk.v_proj.bytes(b)
+            + blk.o_proj.bytes(b)
+            + blk.post_attention_layernorm.bytes(b)
+            + blk.gate_proj.bytes(b)
+            + blk.up_proj.bytes(b)
+            + blk.down_proj.bytes(b)
+    }
+
     fn final_norm(&self) -> &Norm<B> {
         &self.norm
     }

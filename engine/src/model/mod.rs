@@ -48,6 +48,10 @@ impl<B: Backend> Linear<B> {
     pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
         b.linear(x, &self.weight, self.bias.as_ref())
     }
+
+    pub(crate) fn bytes(&self, b: &B) -> usize {
+        b.weight_bytes(&self.weight) + self.bias.as_ref().map_or(0, |w| b.weight_bytes(w))
+    }
 }
 
 /// LayerNorm (GPT-2, GPT-Neo) or RMSNorm (Llama) over the hidden dimension.
@@ -69,6 +73,13 @@ impl<B: Backend> Norm<B> {
         Ok(Norm::Rms { weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?, eps })
     }
 
+    pub(crate) fn bytes(&self, b: &B) -> usize {
+        match self {
+            Norm::Layer { weight, bias, .. } => b.weight_bytes(weight) + b.weight_bytes(bias),
+            Norm::Rms { weight, .. } => b.weight_bytes(weight),
+        }
+    }
+
     pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> B::Tensor {
         match self {
             Norm::Layer { weight, bias, eps } => b.layer_norm(x, weight, bias, *eps),
@@ -87,6 +98,8 @@ pub(crate) trait Transformer<B: Backend>: Send + Sync {
     fn block(&self, b: &B, layer: usize, x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor;
     /// The norm applied after the last block (`ln_f` / `norm`); exits reuse it.
     fn final_norm(&self) -> &Norm<B>;
+    /// Bytes of weights block `layer` reads per step.
+    fn block_bytes(&self, b: &B, layer: usize) -> usize;
 }
 
 /// The tokens of one forward call, possibly from several sequences: row `i` is at `positions[i]`
@@ -329,6 +342,29 @@ impl<B: Backend> Model<B> {
             tap(layer, &x);
         }
         x
+    }
+
+    /// Bytes of weights one decoding step under `plan` reads: the blocks it runs, the final norm and
+    /// the heads it projects with (embedding rows are negligible).
+    pub fn step_weight_bytes(&self, plan: &PlanOptions) -> Result<usize> {
+        let b = &self.backend;
+        let (main, lower) = self.plan_sources(plan)?;
+        let depth = plan.depth(&self.spec)?;
+        let blocks: usize = (0..depth).map(|layer| self.body.block_bytes(b, layer)).sum();
+        let head_bytes = |source: Source| match (source, plan.projection) {
+            (Source::Original, _) | (Source::Layer(_), Projection::Lens) => b.weight_bytes(&self.lm_head),
+            (Source::Layer(layer), Projection::ExitHeads) => b.weight_bytes(&self.exit_heads[&layer]),
+            (Source::Layer(layer), Projection::Converted) => {
+                b.weight_bytes(&self.lm_head) + self.conversions.get(&layer).map_or(0, |w| b.weight_bytes(w))
+            }
+        };
+        let mut heads = head_bytes(main);
+        if let Some(lower) = lower {
+            // An upper lens/converted projection and a lower one share the LM head's reads only in
+            // cache-sized models; count both.
+            heads += head_bytes(lower);
+        }
+        Ok(blocks + self.body.final_norm().bytes(b) + heads)
     }
 
     /// Validates a plan against this checkpoint; returns its main and (for a contrast) lower source.

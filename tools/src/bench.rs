@@ -1,0 +1,158 @@
+//! `layerwise bench`: generation throughput, prefill throughput, peak memory, and how close decoding
+//! comes to the machine's memory-bandwidth bound.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use layerwise::decoder::{Decoder, DecoderOptions, SeqId};
+use layerwise::generate::argmax;
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::input::{ModelArgs, PlanArgs};
+use crate::memory;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Sequences decoded together.
+    #[arg(long, value_name = "B", default_value_t = 1)]
+    batch: usize,
+    /// Prompt tokens per sequence (synthetic ids).
+    #[arg(long, value_name = "P", default_value_t = 32)]
+    prompt_len: usize,
+    /// Tokens generated per sequence (exactly: EOS is ignored).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    new_tokens: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Timing {
+    prefill_s: f64,
+    decode_s: f64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(args.prompt_len >= 1, "--prompt-len must be at least 1");
+    anyhow::ensure!(args.new_tokens >= 1, "--new-tokens must be at least 1");
+    let loaded = args.model.load()?;
+    let spec = loaded.model.spec();
+    anyhow::ensure!(
+        args.prompt_len + args.new_tokens <= spec.max_positions,
+        "--prompt-len {} + --new-tokens {} exceed the model's context of {} positions",
+        args.prompt_len,
+        args.new_tokens,
+        spec.max_positions
+    );
+    let plan = args.plan.plan()?.unwrap_or_default();
+    let vocab = spec.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
+        .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
+        .collect();
+    let block_size = 16;
+    let per_sequence = (args.prompt_len + args.new_tokens).div_ceil(block_size) * block_size;
+    let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(args.batch * per_sequence) };
+    let mut decoder = Decoder::new(&loaded.model, options).context(args.plan.flag())?;
+
+    // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
+    // framework's load step would; the timed run then measures generation alone.
+    generate_batch(&mut decoder, &prompts, 2.min(args.new_tokens))?;
+    let timing = generate_batch(&mut decoder, &prompts, args.new_tokens)?;
+
+    let bytes_per_step = loaded.model.step_weight_bytes(&plan)? as f64;
+    let decode_steps = (args.new_tokens - 1) as f64;
+    let (batch, prompt_len, new_tokens) = (args.batch as f64, args.prompt_len as f64, args.new_tokens as f64);
+    let decode_tok_per_s = if timing.decode_s > 0.0 { batch * decode_steps / timing.decode_s } else { 0.0 };
+    let prefill_tok_per_s = batch * prompt_len / timing.prefill_s;
+    let end_to_end_tok_per_s = batch * new_tokens / (timing.prefill_s + timing.decode_s);
+    // Read before the bandwidth probe, whose buffer is not the model's memory.
+    let peak_rss_mb = memory::resident_mib().map_or(f64::NAN, |(_, peak)| peak);
+    let bandwidth = measure_read_bandwidth();
+    let achieved = if timing.decode_s > 0.0 { bytes_per_step * decode_steps / timing.decode_s } else { 0.0 };
+    let line = json!({
+        "decode_tok_per_s": decode_tok_per_s,
+        "prefill_tok_per_s": prefill_tok_per_s,
+        "end_to_end_tok_per_s": end_to_end_tok_per_s,
+        "peak_rss_mb": peak_rss_mb,
+        "bandwidth_fraction": achieved / bandwidth,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes_per_step": bytes_per_step,
+        "blocks_per_step": decoder.depth(),
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "prefill_s": timing.prefill_s,
+        "decode_s": timing.decode_s,
+        "plan": format!("{:?}", plan.plan),
+        "projection": format!("{:?}", plan.projection),
+        "dtype": args.model.dtype.map_or("as stored".to_string(), |d| d.to_string()),
+        "threads": rayon::current_num_threads(),
+    });
+    if args.json {
+        println!("{line}");
+    } else {
+        println!(
+            "{:?} batch {}: prefill {prefill_tok_per_s:.1} tok/s, decode {decode_tok_per_s:.1} tok/s, end-to-end {end_to_end_tok_per_s:.1} tok/s; \
+             {:.0}% of the {:.1} GB/s read bandwidth ({:.0} MB of weights per step); peak {peak_rss_mb:.0} MiB",
+            plan.plan,
+            args.batch,
+            100.0 * achieved / bandwidth,
+            bandwidth / 1e9,
+            bytes_per_step / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// Prefills every prompt in one step, then decodes `new_tokens - 1` greedy steps for all of them.
+fn generate_batch(
+    decoder: &mut Decoder<'_, layerwise::Cpu>,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> Result<Timing> {
+    let seqs: Vec<SeqId> = prompts.iter().map(|p| decoder.add_sequence(p)).collect::<layerwise::Result<_>>()?;
+    let start = Instant::now();
+    let mut outputs = decoder.step()?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    for _ in 1..new_tokens {
+        for output in &outputs {
+            decoder.append(output.seq, argmax(&output.logits))?;
+        }
+        outputs = decoder.step()?;
+    }
+    let decode_s = start.elapsed().as_secs_f64() - prefill_s;
+    for seq in seqs {
+        decoder.release(seq)?;
+    }
+    Ok(Timing { prefill_s, decode_s })
+}
+
+/// Read bandwidth of this machine in bytes/s: the best of a few parallel vectorised sums over 512 MiB.
+fn measure_read_bandwidth() -> f64 {
+    let buffer = vec![1.0f32; 128 << 20];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let total: f32 = buffer
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                let mut acc = [0.0f32; 16];
+                for block in chunk.chunks_exact(16) {
+                    for (a, v) in acc.iter_mut().zip(block) {
+                        *a += v;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (buffer.len() * 4) as f64 / best
+}
