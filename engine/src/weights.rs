@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
@@ -116,16 +117,8 @@ impl WeightData<'_> {
         let end = start + out.len();
         match self {
             WeightData::F32(v) => out.copy_from_slice(&v[start..end]),
-            WeightData::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..end]) {
-                    *o = x.to_f32();
-                }
-            }
-            WeightData::BF16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..end]) {
-                    *o = x.to_f32();
-                }
-            }
+            WeightData::F16(v) => v[start..end].convert_to_f32_slice(out),
+            WeightData::BF16(v) => v[start..end].convert_to_f32_slice(out),
         }
     }
 

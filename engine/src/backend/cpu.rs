@@ -192,13 +192,17 @@ impl Backend for Cpu {
     }
 
     fn activate(&self, x: &mut Matrix, act: Activation) {
+        if act == Activation::GeluTanh {
+            x.data.par_chunks_mut(1 << 14).for_each(simd::gelu_tanh_in_place);
+            return;
+        }
         let f: fn(f32) -> f32 = match act {
             Activation::GeluTanh => gelu_tanh,
             Activation::Gelu => gelu_erf,
             Activation::Relu => |v| v.max(0.0),
             Activation::Silu => silu,
         };
-        x.data.par_chunks_mut(4096).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+        x.data.par_chunks_mut(1 << 14).for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
     }
 
     fn rope(&self, x: &mut Matrix, head_dim: usize, positions: &[usize], theta: f32) {
@@ -285,39 +289,43 @@ impl Backend for Cpu {
         // One task per (sequence, head); each returns its [len, d] slab.
         let tasks: Vec<(usize, usize)> =
             (0..sequences.len()).flat_map(|s| (0..p.num_heads).map(move |h| (s, h))).collect();
-        let slabs: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|&(s, h)| {
-                let seq = &sequences[s];
-                let kv = h / group;
-                let last_position = seq.first_position + seq.len;
-                // Where each visible position's key/value row starts, for this layer and kv head.
-                let rows: Vec<usize> = (0..last_position)
-                    .map(|pos| {
-                        let slot = seq.block_table[pos / store.block_size] as usize * store.block_size
-                            + pos % store.block_size;
-                        store.offset(layer, slot) + kv * d
-                    })
-                    .collect();
-                let mut out = vec![0.0f32; seq.len * d];
-                let mut scores = vec![0.0f32; last_position];
-                for i in 0..seq.len {
-                    let pos = seq.first_position + i;
-                    let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let qi = &q.row(seq.first_row + i)[h * d..(h + 1) * d];
-                    let visible = &mut scores[first..=pos];
-                    for (score, &at) in visible.iter_mut().zip(&rows[first..=pos]) {
-                        *score = dot(qi, &store.keys[at..at + d]) * p.scale;
-                    }
-                    softmax_in_place(visible);
-                    let oi = &mut out[i * d..(i + 1) * d];
-                    for (&weight, &at) in visible.iter().zip(&rows[first..=pos]) {
-                        axpy(oi, weight, &store.values[at..at + d]);
-                    }
+        // Decoding attends one query per sequence over a short context: too little work to wake threads for.
+        let work: usize = sequences.iter().map(|s| s.len * (s.first_position + s.len)).sum::<usize>() * p.num_heads * d;
+        let attend_head = |&(s, h): &(usize, usize)| {
+            let seq = &sequences[s];
+            let kv = h / group;
+            let last_position = seq.first_position + seq.len;
+            // Where each visible position's key/value row starts, for this layer and kv head.
+            let rows: Vec<usize> = (0..last_position)
+                .map(|pos| {
+                    let slot =
+                        seq.block_table[pos / store.block_size] as usize * store.block_size + pos % store.block_size;
+                    store.offset(layer, slot) + kv * d
+                })
+                .collect();
+            let mut out = vec![0.0f32; seq.len * d];
+            let mut scores = vec![0.0f32; last_position];
+            for i in 0..seq.len {
+                let pos = seq.first_position + i;
+                let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let qi = &q.row(seq.first_row + i)[h * d..(h + 1) * d];
+                let visible = &mut scores[first..=pos];
+                for (score, &at) in visible.iter_mut().zip(&rows[first..=pos]) {
+                    *score = dot(qi, &store.keys[at..at + d]) * p.scale;
                 }
-                out
-            })
-            .collect();
+                softmax_in_place(visible);
+                let oi = &mut out[i * d..(i + 1) * d];
+                for (&weight, &at) in visible.iter().zip(&rows[first..=pos]) {
+                    axpy(oi, weight, &store.values[at..at + d]);
+                }
+            }
+            out
+        };
+        let slabs: Vec<Vec<f32>> = if work < 1 << 20 {
+            tasks.iter().map(attend_head).collect()
+        } else {
+            tasks.par_iter().map(attend_head).collect()
+        };
         let mut out = Matrix::zeros(q.rows, p.num_heads * d);
         for (&(s, h), slab) in tasks.iter().zip(&slabs) {
             let seq = &sequences[s];
@@ -359,7 +367,7 @@ impl Backend for Cpu {
 
 /// Below this many rows a product is a few matrix-vector products (decoding: bound by reading the
 /// weight once); from it on, a cache-blocked GEMM (prefill, large batches: bound by arithmetic).
-const GEMM_MIN_ROWS: usize = 8;
+const GEMM_MIN_ROWS: usize = 32;
 
 /// `x: [t, in]`, `w: [out, in]` stored row by row: each output feature is a dot product with one
 /// weight row, so the weight streams through once for all tokens.
@@ -372,10 +380,17 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     let chunk = rows_per_task(n_out);
     let mut out_t = vec![0.0f32; n_out * t]; // [out, t], transposed at the end when t > 1
     out_t.par_chunks_mut(t * chunk).enumerate().for_each(|(c, block)| {
-        for (r, outs) in block.chunks_exact_mut(t).enumerate() {
-            let start = (c * chunk + r) * n_in;
-            for (ti, slot) in outs.iter_mut().enumerate() {
-                *slot = simd::dot(x.row(ti), data, start);
+        let first_row = c * chunk;
+        let rows = block.len() / t;
+        let mut dots = [0.0f32; 4];
+        // Four weight rows at a time, every token against them while they are in L1.
+        for group in (0..rows).step_by(4) {
+            let width = 4.min(rows - group);
+            for ti in 0..t {
+                simd::dot_rows(x.row(ti), data, (first_row + group) * n_in, n_in, &mut dots[..width]);
+                for (r, &d) in dots[..width].iter().enumerate() {
+                    block[(group + r) * t + ti] = d;
+                }
             }
         }
     });
@@ -392,34 +407,74 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
 }
 
 /// `x: [t, in]`, `w: [in, out]` stored row by row (GPT-2's Conv1D): each input feature scales one
-/// weight row into the outputs. The input features are split among the threads, so that each streams
-/// a contiguous part of the weight; their partial sums are added at the end.
+/// weight row into the outputs. For one token the input features are split among the threads, so
+/// that each streams a contiguous part of the weight and their partial sums are added at the end; for
+/// several tokens the output columns are split instead, so that each thread's accumulators stay in L1.
 fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     if t >= GEMM_MIN_ROWS {
         return gemm_weight(x, w);
     }
     let data = w.data();
+    if t > 1 {
+        // Each thread streams a contiguous range of weight rows, sixteen rows at a time (a block that
+        // stays in L2), and sweeps the block's column strips for every four tokens with the sums in
+        // registers; the accumulators [t, out] are touched once per block.
+        const BLOCK_ROWS: usize = 16;
+        let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
+        let per_part = n_in.div_ceil(parts);
+        let partials: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let mut acc = vec![0.0f32; t * n_out];
+                let rows = p * per_part..((p + 1) * per_part).min(n_in);
+                let strips = n_out / simd::STRIP;
+                for block in (rows.start..rows.end).step_by(BLOCK_ROWS) {
+                    let block_end = (block + BLOCK_ROWS).min(rows.end);
+                    for (group, acc) in acc.chunks_mut(4 * n_out).enumerate() {
+                        let tokens = group * 4..(group * 4 + 4).min(t);
+                        let xs: Vec<&[f32]> = tokens.clone().map(|ti| &x.row(ti)[block..block_end]).collect();
+                        let mut rows_acc: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
+                        simd::strips_in_out(&xs, data, block * n_out, n_out, strips, &mut rows_acc);
+                        // Columns past the last full strip (widths that are not a multiple of 16).
+                        for (xs, row) in xs.iter().zip(rows_acc) {
+                            simd::axpy_rows(
+                                &mut row[strips * simd::STRIP..],
+                                xs,
+                                data,
+                                block * n_out + strips * simd::STRIP,
+                                n_out,
+                            );
+                        }
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut partials = partials.into_iter();
+        let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
+        for partial in partials {
+            simd::axpy_f32(&mut sum, 1.0, &partial);
+        }
+        return Matrix::from_vec(sum, t, n_out);
+    }
     let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
     let per_part = n_in.div_ceil(parts);
     let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
         .map(|p| {
-            let mut acc = vec![0.0f32; t * n_out];
-            for i in p * per_part..((p + 1) * per_part).min(n_in) {
-                for (ti, acc) in acc.chunks_exact_mut(n_out).enumerate() {
-                    simd::axpy(acc, x.row(ti)[i], data, i * n_out);
-                }
-            }
+            let mut acc = vec![0.0f32; n_out];
+            let rows = p * per_part..((p + 1) * per_part).min(n_in);
+            simd::axpy_rows(&mut acc, &x.row(0)[rows.clone()], data, rows.start * n_out, n_out);
             acc
         })
         .collect();
     let mut partials = partials.into_iter();
-    let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
+    let mut sum = partials.next().unwrap_or_else(|| vec![0.0; n_out]);
     for partial in partials {
         simd::axpy_f32(&mut sum, 1.0, &partial);
     }
-    Matrix::from_vec(sum, t, n_out)
+    Matrix::from_vec(sum, 1, n_out)
 }
 
 /// Output rows per task in the matrix-vector products: enough tasks to balance the threads, few
@@ -473,18 +528,24 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
                 .into_par_iter()
                 .map(|p| {
                     let (o0, width) = (p * PANEL, PANEL.min(n_out - p * PANEL));
-                    // The panel as a contiguous [width, n_in] f32 matrix.
+                    // The panel widened to f32, in the weight's own orientation: [width, n_in] rows of
+                    // output features, or [n_in, width] rows of input features.
                     let mut panel = vec![0.0f32; width * n_in];
-                    for (j, row) in panel.chunks_exact_mut(n_in).enumerate() {
-                        match w.layout {
-                            Layout::OutIn => narrow.read_f32((o0 + j) * n_in, row),
-                            Layout::InOut => {
-                                row.iter_mut().enumerate().for_each(|(i, v)| *v = narrow.get(i * n_out + o0 + j))
-                            }
+                    let (panel_rs, panel_cs) = match w.layout {
+                        Layout::OutIn => {
+                            narrow.read_f32(o0 * n_in, &mut panel);
+                            (1isize, n_in as isize)
                         }
-                    }
+                        Layout::InOut => {
+                            for (i, row) in panel.chunks_exact_mut(width).enumerate() {
+                                narrow.read_f32(i * n_out + o0, row);
+                            }
+                            (width as isize, 1isize)
+                        }
+                    };
                     let mut block = vec![0.0f32; t * width];
-                    // SAFETY: block is [t, width], x is [t, n_in], panel is [width, n_in], all row-major.
+                    // SAFETY: block is [t, width] and x is [t, n_in], row-major; panel holds width * n_in
+                    // elements addressed by (panel_rs, panel_cs) as an [n_in, width] rhs.
                     unsafe {
                         gemm::gemm(
                             t,
@@ -498,8 +559,8 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
                             1,
                             n_in as isize,
                             panel.as_ptr(),
-                            n_in as isize,
-                            1,
+                            panel_cs,
+                            panel_rs,
                             0.0,
                             1.0,
                             false,

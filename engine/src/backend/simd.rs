@@ -43,6 +43,136 @@ pub fn axpy(y: &mut [f32], a: f32, w: WeightData<'_>, start: usize) {
     }
 }
 
+/// `y += Σ_r coeffs[r] * w[first + r * stride ..][..y.len()]`: several weight rows into one
+/// accumulator per pass, so that the accumulator is loaded and stored once per four rows.
+pub fn axpy_rows(y: &mut [f32], coeffs: &[f32], w: WeightData<'_>, first: usize, stride: usize) {
+    let n = y.len();
+    if coeffs.is_empty() {
+        return;
+    }
+    let last = first + (coeffs.len() - 1) * stride + n;
+    assert!(last <= w.len(), "axpy_rows reads past the weight");
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        while r + 4 <= coeffs.len() {
+            let a = [coeffs[r], coeffs[r + 1], coeffs[r + 2], coeffs[r + 3]];
+            let start = first + r * stride;
+            // SAFETY: AVX2/FMA/F16C are present; the four rows `start + k * stride .. + n` lie inside
+            // `w` (checked above against the last row).
+            unsafe {
+                match w {
+                    WeightData::F32(w) => x86::axpy4_f32(y, a, w.as_ptr().add(start), stride),
+                    WeightData::F16(w) => x86::axpy4_f16(y, a, w.as_ptr().add(start), stride),
+                    WeightData::BF16(w) => x86::axpy4_bf16(y, a, w.as_ptr().add(start), stride),
+                }
+            }
+            r += 4;
+        }
+    }
+    while r < coeffs.len() {
+        axpy(y, coeffs[r], w, first + r * stride);
+        r += 1;
+    }
+}
+
+/// `out[r] = x · w[first + r * stride ..][..x.len()]` for up to four rows at a time, loading `x` once
+/// per four rows (batched decoding reuses the rows for every token from the L1 cache).
+pub fn dot_rows(x: &[f32], w: WeightData<'_>, first: usize, stride: usize, out: &mut [f32]) {
+    let n = x.len();
+    if out.is_empty() {
+        return;
+    }
+    assert!(first + (out.len() - 1) * stride + n <= w.len(), "dot_rows reads past the weight");
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        while r + 4 <= out.len() {
+            let start = first + r * stride;
+            // SAFETY: AVX2/FMA/F16C are present; the four rows lie inside `w` (checked above).
+            let dots = unsafe {
+                match w {
+                    WeightData::F32(w) => x86::dot4_f32(x, w.as_ptr().add(start), stride),
+                    WeightData::F16(w) => x86::dot4_f16(x, w.as_ptr().add(start), stride),
+                    WeightData::BF16(w) => x86::dot4_bf16(x, w.as_ptr().add(start), stride),
+                }
+            };
+            out[r..r + 4].copy_from_slice(&dots);
+            r += 4;
+        }
+    }
+    while r < out.len() {
+        out[r] = dot(x, w, first + r * stride);
+        r += 1;
+    }
+}
+
+/// Columns of one register-blocked strip in [`strips_in_out`].
+pub const STRIP: usize = 16;
+
+/// A register-blocked piece of a matrix product against an `[in, out]` weight. For up to four tokens
+/// `xs[r]` (each a slice of the `k` inputs of one row block) and every column `j` of the first
+/// `strips * STRIP` columns: `acc[r][j] += Σ_k xs[r][k] * w[first + k * stride + j]`. Each sixteen-column
+/// strip of the block's rows is loaded once for all the tokens and its sums stay in registers.
+pub fn strips_in_out(
+    xs: &[&[f32]],
+    w: WeightData<'_>,
+    first: usize,
+    stride: usize,
+    strips: usize,
+    acc: &mut [&mut [f32]],
+) {
+    let rows = xs.len();
+    assert!((1..=4).contains(&rows) && acc.len() == rows, "strips_in_out takes one to four tokens");
+    let k = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == k), "tokens of different widths");
+    assert!(acc.iter().all(|a| a.len() >= strips * STRIP), "accumulators narrower than the strips");
+    if k == 0 || strips == 0 {
+        return;
+    }
+    assert!(first + (k - 1) * stride + strips * STRIP <= w.len(), "strips_in_out reads past the weight");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let last = rows - 1;
+        let x4 = [xs[0].as_ptr(), xs[1.min(last)].as_ptr(), xs[2.min(last)].as_ptr(), xs[3.min(last)].as_ptr()];
+        // Missing tokens write into a scratch row, never into another token's sums.
+        let mut scratch = vec![0.0f32; if rows < 4 { strips * STRIP } else { 0 }];
+        let mut a4 = [scratch.as_mut_ptr(); 4];
+        for (slot, a) in a4.iter_mut().zip(acc.iter_mut()) {
+            *slot = a.as_mut_ptr();
+        }
+        // SAFETY: AVX2/FMA/F16C are present; rows first + i * stride .. + strips * STRIP for i < k lie
+        // inside `w` (checked above); each x has k elements and each accumulator (or the scratch row)
+        // strips * STRIP; the four accumulators are distinct.
+        unsafe {
+            match w {
+                WeightData::F32(w) => x86::strips_f32(x4, k, w.as_ptr().add(first), stride, strips, a4),
+                WeightData::F16(w) => x86::strips_f16(x4, k, w.as_ptr().add(first), stride, strips, a4),
+                WeightData::BF16(w) => x86::strips_bf16(x4, k, w.as_ptr().add(first), stride, strips, a4),
+            }
+        }
+        return;
+    }
+    for (x, a) in xs.iter().zip(acc.iter_mut()) {
+        for (i, &xi) in x.iter().enumerate() {
+            for (j, aj) in a[..strips * STRIP].iter_mut().enumerate() {
+                *aj += xi * w.get(first + i * stride + j);
+            }
+        }
+    }
+}
+
+/// GELU, tanh approximation, in place (transformers' `NewGELUActivation`).
+pub fn gelu_tanh_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { x86::gelu_tanh(x) };
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = scalar::gelu_tanh(*v));
+}
+
 macro_rules! dispatch {
     ($avx:ident, $scalar:ident, $($arg:expr),*) => {{
         #[cfg(target_arch = "x86_64")]
@@ -127,6 +257,12 @@ pub mod scalar {
         acc.iter().sum::<f32>() + tail
     }
 
+    /// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    pub fn gelu_tanh(x: f32) -> f32 {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+    }
+
     pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
     }
@@ -145,6 +281,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use half::{bf16, f16};
+
+    /// How far ahead (in elements) the streaming kernels prefetch.
+    const PREFETCH_ELEMENTS: usize = 512;
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -183,6 +322,7 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i + 32 <= n {
+                    _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(i + PREFETCH_ELEMENTS).cast());
                     for (k, acc) in acc.iter_mut().enumerate() {
                         let off = i + 8 * k;
                         *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(off)), $load(pb.add(off)), *acc);
@@ -245,6 +385,202 @@ mod x86 {
         };
     }
 
+    macro_rules! axpy4_kernel {
+        ($name:ident, $ty:ty, $load:ident) => {
+            /// `y += a[0] * w[0..n] + a[1] * w[stride..] + a[2] * w[2 stride..] + a[3] * w[3 stride..]`.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; the four rows of `y.len()` elements starting
+            /// at `w`, `w + stride`, `w + 2 stride`, `w + 3 stride` must be readable.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(y: &mut [f32], a: [f32; 4], w: *const $ty, stride: usize) {
+                let n = y.len();
+                let py = y.as_mut_ptr();
+                let (a0, a1, a2, a3) =
+                    (_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3]));
+                let (w0, w1, w2, w3) = (w, w.add(stride), w.add(2 * stride), w.add(3 * stride));
+                let mut i = 0;
+                while i + 8 <= n {
+                    if i % 32 == 0 {
+                        // Ask for the rows' next lines early: streaming four rows per thread is
+                        // bound by how many misses are in flight, not by arithmetic.
+                        for row in [w0, w1, w2, w3] {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(i + PREFETCH_ELEMENTS).cast());
+                        }
+                    }
+                    let mut acc = _mm256_loadu_ps(py.add(i));
+                    acc = _mm256_fmadd_ps(a0, $load(w0.add(i)), acc);
+                    acc = _mm256_fmadd_ps(a1, $load(w1.add(i)), acc);
+                    acc = _mm256_fmadd_ps(a2, $load(w2.add(i)), acc);
+                    acc = _mm256_fmadd_ps(a3, $load(w3.add(i)), acc);
+                    _mm256_storeu_ps(py.add(i), acc);
+                    i += 8;
+                }
+                while i < n {
+                    let widen = |p: *const $ty| -> f32 { (*p).into_f32() };
+                    *py.add(i) += a[0] * widen(w0.add(i))
+                        + a[1] * widen(w1.add(i))
+                        + a[2] * widen(w2.add(i))
+                        + a[3] * widen(w3.add(i));
+                    i += 1;
+                }
+            }
+        };
+    }
+
+    trait IntoF32: Copy {
+        fn into_f32(self) -> f32;
+    }
+    impl IntoF32 for f32 {
+        fn into_f32(self) -> f32 {
+            self
+        }
+    }
+    impl IntoF32 for f16 {
+        fn into_f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+    impl IntoF32 for bf16 {
+        fn into_f32(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// e^x for each lane (Cephes-style: x = n ln2 + r, e^r by a degree-6 polynomial, 2^n by the
+    /// exponent bits); relative error about 2e-7 over the range GELU uses.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        // r = x - n ln2, with ln2 split in two for precision
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_666_66));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_tanh(x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let (half, one, two) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0), _mm256_set1_ps(2.0));
+        let (k, c) = (_mm256_set1_ps(0.797_884_6), _mm256_set1_ps(0.044715));
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_loadu_ps(p.add(i));
+            let inner = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
+            // tanh(y) = 1 - 2 / (e^{2y} + 1), exact at both tails
+            let e = exp(_mm256_mul_ps(two, inner));
+            let tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, tanh)));
+            i += 8;
+        }
+        while i < n {
+            x[i] = super::scalar::gelu_tanh(x[i]);
+            i += 1;
+        }
+    }
+
+    macro_rules! dot4_kernel {
+        ($name:ident, $ty:ty, $load:ident) => {
+            /// Dot products of `x` with the four rows at `w`, `w + stride`, `w + 2 stride`, `w + 3 stride`.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; the four rows of `x.len()` elements must be readable.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(x: &[f32], w: *const $ty, stride: usize) -> [f32; 4] {
+                let n = x.len();
+                let px = x.as_ptr();
+                let rows = [w, w.add(stride), w.add(2 * stride), w.add(3 * stride)];
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 8 <= n {
+                    let xv = _mm256_loadu_ps(px.add(i));
+                    for (acc, row) in acc.iter_mut().zip(rows) {
+                        *acc = _mm256_fmadd_ps(xv, $load(row.add(i)), *acc);
+                    }
+                    i += 8;
+                }
+                let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+                while i < n {
+                    for (o, row) in out.iter_mut().zip(rows) {
+                        *o += x[i] * (*row.add(i)).into_f32();
+                    }
+                    i += 1;
+                }
+                out
+            }
+        };
+    }
+
+    macro_rules! strips_kernel {
+        ($name:ident, $ty:ty, $load:ident) => {
+            /// Four tokens times `strips` sixteen-column strips of `k` rows of an `[in, out]` weight,
+            /// added into four accumulator rows.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; `w + i * stride .. + 16 * strips` must be
+            /// readable for every `i < k`; each `x` must have `k` readable elements and each `acc`
+            /// `16 * strips` writable ones, the accumulators not overlapping.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(
+                x: [*const f32; 4],
+                k: usize,
+                w: *const $ty,
+                stride: usize,
+                strips: usize,
+                acc: [*mut f32; 4],
+            ) {
+                for s in 0..strips {
+                    let col = s * 16;
+                    let mut sums = [[_mm256_setzero_ps(); 2]; 4];
+                    for (sum, a) in sums.iter_mut().zip(acc) {
+                        *sum = [_mm256_loadu_ps(a.add(col)), _mm256_loadu_ps(a.add(col + 8))];
+                    }
+                    for i in 0..k {
+                        let row = w.add(i * stride + col);
+                        let (w0, w1) = ($load(row), $load(row.add(8)));
+                        for (sum, xr) in sums.iter_mut().zip(x) {
+                            let xb = _mm256_broadcast_ss(&*xr.add(i));
+                            sum[0] = _mm256_fmadd_ps(xb, w0, sum[0]);
+                            sum[1] = _mm256_fmadd_ps(xb, w1, sum[1]);
+                        }
+                    }
+                    for (sum, a) in sums.iter().zip(acc) {
+                        _mm256_storeu_ps(a.add(col), sum[0]);
+                        _mm256_storeu_ps(a.add(col + 8), sum[1]);
+                    }
+                }
+            }
+        };
+    }
+
+    strips_kernel!(strips_f32, f32, load_f32);
+    strips_kernel!(strips_f16, f16, load_f16);
+    strips_kernel!(strips_bf16, bf16, load_bf16);
+
+    dot4_kernel!(dot4_f32, f32, load_f32);
+    dot4_kernel!(dot4_f16, f16, load_f16);
+    dot4_kernel!(dot4_bf16, bf16, load_bf16);
+
+    axpy4_kernel!(axpy4_f32, f32, load_f32);
+    axpy4_kernel!(axpy4_f16, f16, load_f16);
+    axpy4_kernel!(axpy4_bf16, bf16, load_bf16);
+
     axpy_kernel!(axpy_f32, f32, load_f32, |x: f32| x);
     axpy_kernel!(axpy_f16, f16, load_f16, |x: f16| x.to_f32());
     axpy_kernel!(axpy_bf16, bf16, load_bf16, |x: bf16| x.to_f32());
@@ -279,6 +615,56 @@ mod tests {
             check_axpy(&|y| axpy_f32(y, 0.7, &b), &|y| scalar::axpy_f32(y, 0.7, &b));
             check_axpy(&|y| axpy_f16(y, 0.7, &b16), &|y| scalar::axpy_f16(y, 0.7, &b16));
             check_axpy(&|y| axpy_bf16(y, 0.7, &bb16), &|y| scalar::axpy_bf16(y, 0.7, &bb16));
+        }
+        // Four rows at a time equals four single-row passes.
+        let w: Vec<f32> = data(7 * 40, 9);
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for rows in [1usize, 3, 4, 5, 7] {
+            let coeffs = data(rows, 11);
+            for (weights, name) in [(WeightData::F32(&w), "f32"), (WeightData::BF16(&wb), "bf16")] {
+                let mut fast = data(37, 12);
+                let mut slow = fast.clone();
+                axpy_rows(&mut fast, &coeffs, weights, 2, 40);
+                for (r, &c) in coeffs.iter().enumerate() {
+                    let row: Vec<f32> = (0..37).map(|i| weights.get(2 + r * 40 + i)).collect();
+                    scalar::axpy_f32(&mut slow, c, &row);
+                }
+                assert!(fast.iter().zip(&slow).all(|(p, q)| (p - q).abs() < 1e-5), "axpy_rows {name} rows={rows}");
+            }
+        }
+        // Four dot products at a time equal four single ones.
+        for rows in [1usize, 4, 6] {
+            let x = data(37, 13);
+            let mut fast = vec![0.0f32; rows];
+            dot_rows(&x, WeightData::BF16(&wb), 3, 40, &mut fast);
+            for (r, f) in fast.iter().enumerate() {
+                let row: Vec<f32> = (0..37).map(|i| wb[3 + r * 40 + i].to_f32()).collect();
+                assert!((f - scalar::dot_f32(&x, &row)).abs() < 1e-5, "dot_rows rows={rows}");
+            }
+        }
+        // The strip kernel equals sixteen dot products per column and token, added to what was there.
+        let (k_in, n_out) = (37usize, 40usize);
+        let w: Vec<f32> = data(k_in * n_out, 21);
+        let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        for tokens in 1..=4 {
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|r| data(k_in, 30 + r as u32)).collect();
+            let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+            let mut rows: Vec<Vec<f32>> = vec![vec![0.5f32; 2 * STRIP]; tokens];
+            let mut acc: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+            strips_in_out(&refs, WeightData::F16(&wh), 3, n_out, 2, &mut acc);
+            for (x, o) in xs.iter().zip(&rows) {
+                for (j, v) in o.iter().enumerate() {
+                    let sum: f32 = (0..k_in).map(|k| x[k] * wh[3 + k * n_out + j].to_f32()).sum();
+                    assert!((v - 0.5 - sum).abs() < 1e-4, "strips tokens={tokens} column {j}: {v} vs {}", 0.5 + sum);
+                }
+            }
+        }
+        // GELU: the vector version stays within float rounding of the scalar one.
+        let mut xs: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) / 100.0).collect();
+        let reference: Vec<f32> = xs.iter().map(|&v| scalar::gelu_tanh(v)).collect();
+        gelu_tanh_in_place(&mut xs);
+        for (a, b) in xs.iter().zip(&reference) {
+            assert!((a - b).abs() <= 2e-6 * (1.0 + b.abs()), "gelu {a} vs {b}");
         }
         // The reference for f16/bf16 is the widened f32 value.
         let b = data(64, 5);

@@ -1,0 +1,63 @@
+//! The CPU kernels on synthetic weights shaped like GPT-2 medium's: matrix-vector products (decoding),
+//! matrix-matrix products (prefill, batched decoding) in every dtype and layout, and attention over
+//! the paged cache.
+//!
+//! `cargo bench -p layerwise-benches --bench kernels`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use layerwise::backend::cpu::Matrix;
+use layerwise::backend::{AttentionParams, Backend, Layout, SeqSlice};
+use layerwise::weights::HostTensor;
+use layerwise::{Cpu, DType};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
+
+fn linear(c: &mut Criterion) {
+    // GPT-2 medium's MLP up-projection: 1024 -> 4096.
+    let (n_in, n_out) = (1024usize, 4096usize);
+    let mut group = c.benchmark_group("linear_1024x4096");
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for layout in [Layout::OutIn, Layout::InOut] {
+            let shape = match layout {
+                Layout::OutIn => vec![n_out, n_in],
+                Layout::InOut => vec![n_in, n_out],
+            };
+            let tensor = HostTensor::from_f32(values(n_in * n_out, 1), shape).converted(dtype);
+            let cpu = Cpu::default();
+            let weight = cpu.weight(&tensor, layout).expect("weight");
+            for rows in [1usize, 16, 128] {
+                let x = Matrix::from_vec(values(rows * n_in, 2), rows, n_in);
+                group.throughput(Throughput::Bytes((n_in * n_out * dtype.size()) as u64));
+                let id = BenchmarkId::new(format!("{dtype}_{layout:?}"), rows);
+                group.bench_with_input(id, &x, |b, x| b.iter(|| cpu.linear(x, &weight, None)));
+            }
+        }
+    }
+    group.finish();
+}
+
+fn paged_attention(c: &mut Criterion) {
+    // 16 heads of 64, one query over 512 cached positions in blocks of 16.
+    let cpu = Cpu::default();
+    let (heads, head_dim, context, block) = (16usize, 64usize, 512usize, 16usize);
+    let width = heads * head_dim;
+    let mut store = cpu.kv_store(1, context / block, block, width).expect("store");
+    let keys = Matrix::from_vec(values(context * width, 3), context, width);
+    let vals = Matrix::from_vec(values(context * width, 4), context, width);
+    let slots: Vec<usize> = (0..context).collect();
+    cpu.kv_write(&mut store, 0, &slots, &keys, &vals);
+    let table: Vec<u32> = (0..(context / block) as u32).rev().collect(); // scattered blocks
+    let q = Matrix::from_vec(values(width, 5), 1, width);
+    let params = AttentionParams { num_heads: heads, num_kv_heads: heads, head_dim, scale: 0.125, window: None };
+    let seq = [SeqSlice { first_row: 0, len: 1, first_position: context - 1, block_table: &table }];
+    c.bench_function("paged_attention_16x64_ctx512", |b| b.iter(|| cpu.paged_attention(&q, &store, 0, &seq, &params)));
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = linear, paged_attention
+}
+criterion_main!(benches);
