@@ -642,3 +642,71 @@ pub fn gelu_erf(x: f32) -> f32 {
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 5) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// out[t][o] = Σ_i x[t][i] * w(o, i), in f64.
+    fn naive(x: &Matrix, w: &CpuWeight) -> Vec<f64> {
+        let data = w.data();
+        let (n_in, n_out) = (w.in_features, w.out_features);
+        let at = |o: usize, i: usize| match w.layout {
+            Layout::OutIn => data.get(o * n_in + i),
+            Layout::InOut => data.get(i * n_out + o),
+        };
+        let mut out = Vec::with_capacity(x.rows * n_out);
+        for t in 0..x.rows {
+            for o in 0..n_out {
+                out.push((0..n_in).map(|i| x.row(t)[i] as f64 * at(o, i) as f64).sum());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_matrix_product_path_equals_the_naive_reference() {
+        // Widths that are not multiples of the vector, strip or panel sizes; token counts that take the
+        // matrix-vector, register-blocked and GEMM paths.
+        let cpu = Cpu::default();
+        for (n_in, n_out) in [(37usize, 53usize), (64, 300)] {
+            for layout in [Layout::OutIn, Layout::InOut] {
+                for dtype in [DType::F32, DType::F16, DType::BF16] {
+                    let shape = match layout {
+                        Layout::OutIn => vec![n_out, n_in],
+                        Layout::InOut => vec![n_in, n_out],
+                    };
+                    let tensor = HostTensor::from_f32(values(n_in * n_out, 7), shape).converted(dtype);
+                    let w = cpu.weight(&tensor, layout).expect("weight");
+                    for rows in [1usize, 2, 5, 16, 33] {
+                        let x = Matrix::from_vec(values(rows * n_in, rows as u64), rows, n_in);
+                        let got = cpu.linear(&x, &w, None);
+                        for (g, r) in got.data.iter().zip(naive(&x, &w)) {
+                            assert!(
+                                (*g as f64 - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                "{dtype} {layout:?} {n_in}x{n_out}, {rows} rows: {g} vs {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_converted_on_first_use_compute_like_their_conversion() {
+        let tensor = HostTensor::from_f32(values(40 * 24, 3), vec![40, 24]);
+        let x = Matrix::from_vec(values(2 * 24, 4), 2, 24);
+        let converted = Cpu::with_weight_dtype(DType::BF16).weight(&tensor, Layout::OutIn).expect("weight");
+        let reference = Cpu::default().weight(&tensor.converted(DType::BF16), Layout::OutIn).expect("weight");
+        assert_eq!(converted.bytes(), 40 * 24 * 2);
+        let cpu = Cpu::default();
+        assert_eq!(cpu.linear(&x, &converted, None), cpu.linear(&x, &reference, None));
+    }
+}
