@@ -52,27 +52,25 @@ pub fn axpy_rows(y: &mut [f32], coeffs: &[f32], w: WeightData<'_>, first: usize,
     }
     let last = first + (coeffs.len() - 1) * stride + n;
     assert!(last <= w.len(), "axpy_rows reads past the weight");
-    let mut r = 0;
+    let groups = coeffs.len() / 4 * 4;
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        while r + 4 <= coeffs.len() {
-            let a = [coeffs[r], coeffs[r + 1], coeffs[r + 2], coeffs[r + 3]];
-            let start = first + r * stride;
-            // SAFETY: AVX2/FMA/F16C are present; the four rows `start + k * stride .. + n` lie inside
-            // `w` (checked above against the last row).
-            unsafe {
-                match w {
-                    WeightData::F32(w) => x86::axpy4_f32(y, a, w.as_ptr().add(start), stride),
-                    WeightData::F16(w) => x86::axpy4_f16(y, a, w.as_ptr().add(start), stride),
-                    WeightData::BF16(w) => x86::axpy4_bf16(y, a, w.as_ptr().add(start), stride),
-                }
+    if has_avx2() && groups > 0 {
+        // SAFETY: AVX2/FMA/F16C are present; every row `first + r * stride .. + n` for r < groups lies
+        // inside `w` (checked above against the last row).
+        unsafe {
+            match w {
+                WeightData::F32(w) => x86::axpy4_f32(y, &coeffs[..groups], w.as_ptr().add(first), stride),
+                WeightData::F16(w) => x86::axpy4_f16(y, &coeffs[..groups], w.as_ptr().add(first), stride),
+                WeightData::BF16(w) => x86::axpy4_bf16(y, &coeffs[..groups], w.as_ptr().add(first), stride),
             }
-            r += 4;
         }
+        for (r, &c) in coeffs.iter().enumerate().skip(groups) {
+            axpy(y, c, w, first + r * stride);
+        }
+        return;
     }
-    while r < coeffs.len() {
-        axpy(y, coeffs[r], w, first + r * stride);
-        r += 1;
+    for (r, &c) in coeffs.iter().enumerate() {
+        axpy(y, c, w, first + r * stride);
     }
 }
 
@@ -387,42 +385,45 @@ mod x86 {
 
     macro_rules! axpy4_kernel {
         ($name:ident, $ty:ty, $load:ident) => {
-            /// `y += a[0] * w[0..n] + a[1] * w[stride..] + a[2] * w[2 stride..] + a[3] * w[3 stride..]`.
+            /// `y += Σ_r a[r] * w[r * stride ..][..y.len()]`, four rows per pass over `y`.
             ///
             /// # Safety
-            /// The CPU must support AVX2, FMA and F16C; the four rows of `y.len()` elements starting
-            /// at `w`, `w + stride`, `w + 2 stride`, `w + 3 stride` must be readable.
+            /// The CPU must support AVX2, FMA and F16C; `a.len()` is a multiple of four and the rows
+            /// `w + r * stride .. + y.len()` for `r < a.len()` must be readable.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(y: &mut [f32], a: [f32; 4], w: *const $ty, stride: usize) {
+            pub unsafe fn $name(y: &mut [f32], a: &[f32], w: *const $ty, stride: usize) {
                 let n = y.len();
                 let py = y.as_mut_ptr();
-                let (a0, a1, a2, a3) =
-                    (_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3]));
-                let (w0, w1, w2, w3) = (w, w.add(stride), w.add(2 * stride), w.add(3 * stride));
-                let mut i = 0;
-                while i + 8 <= n {
-                    if i % 32 == 0 {
-                        // Ask for the rows' next lines early: streaming four rows per thread is
-                        // bound by how many misses are in flight, not by arithmetic.
-                        for row in [w0, w1, w2, w3] {
-                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(i + PREFETCH_ELEMENTS).cast());
+                for (g, a) in a.chunks_exact(4).enumerate() {
+                    let (a0, a1, a2, a3) =
+                        (_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3]));
+                    let w0 = w.add(4 * g * stride);
+                    let (w1, w2, w3) = (w0.add(stride), w0.add(2 * stride), w0.add(3 * stride));
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        if i % 32 == 0 {
+                            // Ask early for what the next group reads: the same columns of the next
+                            // four rows (prefetches never fault, so the last group may point past the end).
+                            for row in [w0, w1, w2, w3] {
+                                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * stride + i).cast());
+                            }
                         }
+                        let mut acc = _mm256_loadu_ps(py.add(i));
+                        acc = _mm256_fmadd_ps(a0, $load(w0.add(i)), acc);
+                        acc = _mm256_fmadd_ps(a1, $load(w1.add(i)), acc);
+                        acc = _mm256_fmadd_ps(a2, $load(w2.add(i)), acc);
+                        acc = _mm256_fmadd_ps(a3, $load(w3.add(i)), acc);
+                        _mm256_storeu_ps(py.add(i), acc);
+                        i += 8;
                     }
-                    let mut acc = _mm256_loadu_ps(py.add(i));
-                    acc = _mm256_fmadd_ps(a0, $load(w0.add(i)), acc);
-                    acc = _mm256_fmadd_ps(a1, $load(w1.add(i)), acc);
-                    acc = _mm256_fmadd_ps(a2, $load(w2.add(i)), acc);
-                    acc = _mm256_fmadd_ps(a3, $load(w3.add(i)), acc);
-                    _mm256_storeu_ps(py.add(i), acc);
-                    i += 8;
-                }
-                while i < n {
-                    let widen = |p: *const $ty| -> f32 { (*p).into_f32() };
-                    *py.add(i) += a[0] * widen(w0.add(i))
-                        + a[1] * widen(w1.add(i))
-                        + a[2] * widen(w2.add(i))
-                        + a[3] * widen(w3.add(i));
-                    i += 1;
+                    while i < n {
+                        let widen = |p: *const $ty| -> f32 { (*p).into_f32() };
+                        *py.add(i) += a[0] * widen(w0.add(i))
+                            + a[1] * widen(w1.add(i))
+                            + a[2] * widen(w2.add(i))
+                            + a[3] * widen(w3.add(i));
+                        i += 1;
+                    }
                 }
             }
         };
