@@ -367,7 +367,7 @@ impl Backend for Cpu {
 
 /// Below this many rows a product is a few matrix-vector products (decoding: bound by reading the
 /// weight once); from it on, a cache-blocked GEMM (prefill, large batches: bound by arithmetic).
-const GEMM_MIN_ROWS: usize = 32;
+const GEMM_MIN_ROWS: usize = 64;
 
 /// `x: [t, in]`, `w: [out, in]` stored row by row: each output feature is a dot product with one
 /// weight row, so the weight streams through once for all tokens.

@@ -510,6 +510,12 @@ mod x86 {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i + 8 <= n {
+                    if i % 32 == 0 {
+                        // The same columns of the next four rows, which the next call reads.
+                        for row in rows {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * stride + i).cast());
+                        }
+                    }
                     let xv = _mm256_loadu_ps(px.add(i));
                     for (acc, row) in acc.iter_mut().zip(rows) {
                         *acc = _mm256_fmadd_ps(xv, $load(row.add(i)), *acc);
