@@ -303,6 +303,9 @@ impl Backend for Cpu {
                     store.offset(layer, slot) + kv * d
                 })
                 .collect();
+            if seq.len >= PREFILL_ATTENTION_ROWS {
+                return attend_prefill(q, store, seq, &rows, h, p);
+            }
             let mut out = vec![0.0f32; seq.len * d];
             let mut scores = vec![0.0f32; last_position];
             for i in 0..seq.len {
@@ -579,6 +582,89 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
                 }
             }
         }
+    }
+    out
+}
+
+/// From this many new tokens on, a sequence's attention runs as two small matrix products per head.
+const PREFILL_ATTENTION_ROWS: usize = 16;
+
+/// One head of one sequence's attention as matrix products: gather its keys and values (they sit in
+/// cache blocks), `S = scale * Q K^T` with the causal (and window) mask, row softmax, `O = P V`.
+/// Returns `[len, head_dim]`.
+fn attend_prefill(
+    q: &Matrix,
+    store: &CpuKv,
+    seq: &SeqSlice<'_>,
+    rows: &[usize],
+    h: usize,
+    p: &AttentionParams,
+) -> Vec<f32> {
+    let d = p.head_dim;
+    let (t, ctx) = (seq.len, rows.len());
+    let mut keys = vec![0.0f32; ctx * d];
+    let mut values = vec![0.0f32; ctx * d];
+    for (j, &at) in rows.iter().enumerate() {
+        keys[j * d..(j + 1) * d].copy_from_slice(&store.keys[at..at + d]);
+        values[j * d..(j + 1) * d].copy_from_slice(&store.values[at..at + d]);
+    }
+    let mut scores = vec![0.0f32; t * ctx];
+    // SAFETY: scores is [t, ctx] row-major; the queries are t rows of q (row stride q.cols) starting at
+    // column h * d of row seq.first_row; keys is [ctx, d] row-major, read transposed as [d, ctx].
+    unsafe {
+        gemm::gemm(
+            t,
+            ctx,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            ctx as isize,
+            false,
+            q.data.as_ptr().add(seq.first_row * q.cols + h * d),
+            1,
+            q.cols as isize,
+            keys.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            p.scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+    for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
+        let pos = seq.first_position + i;
+        let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        row[..first].fill(0.0);
+        row[pos + 1..].fill(0.0);
+        softmax_in_place(&mut row[first..=pos]);
+    }
+    let mut out = vec![0.0f32; t * d];
+    // SAFETY: out is [t, d], scores [t, ctx] and values [ctx, d], all row-major.
+    unsafe {
+        gemm::gemm(
+            t,
+            d,
+            ctx,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            ctx as isize,
+            values.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
     out
 }
