@@ -385,14 +385,24 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     out_t.par_chunks_mut(t * chunk).enumerate().for_each(|(c, block)| {
         let first_row = c * chunk;
         let rows = block.len() / t;
-        let mut dots = [0.0f32; 4];
-        // Four weight rows at a time, every token against them while they are in L1.
-        for group in (0..rows).step_by(4) {
-            let width = 4.min(rows - group);
-            for ti in 0..t {
-                simd::dot_rows(x.row(ti), data, (first_row + group) * n_in, n_in, &mut dots[..width]);
-                for (r, &d) in dots[..width].iter().enumerate() {
-                    block[(group + r) * t + ti] = d;
+        if t == 1 {
+            // Four weight rows per pass, the token's input loaded once for them.
+            let x0 = x.row(0);
+            for group in (0..rows).step_by(4) {
+                let width = 4.min(rows - group);
+                simd::dot_rows(x0, data, (first_row + group) * n_in, n_in, &mut block[group..group + width]);
+            }
+            return;
+        }
+        // Three weight rows times four tokens per tile, all twelve sums in registers.
+        for group in (0..rows).step_by(3) {
+            let width = 3.min(rows - group);
+            for tokens in (0..t).step_by(4) {
+                let count = 4.min(t - tokens);
+                let xs: [&[f32]; 4] = std::array::from_fn(|c| x.row(tokens + c.min(count - 1)));
+                let tile = simd::dot_tile(&xs[..count], data, (first_row + group) * n_in, n_in, width);
+                for (r, sums) in tile[..width].iter().enumerate() {
+                    block[(group + r) * t + tokens..][..count].copy_from_slice(&sums[..count]);
                 }
             }
         }

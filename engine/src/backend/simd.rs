@@ -105,6 +105,44 @@ pub fn dot_rows(x: &[f32], w: WeightData<'_>, first: usize, stride: usize, out: 
     }
 }
 
+/// A register-blocked tile of a matrix product against an `[out, in]` weight: for up to three rows
+/// `first + r * stride` of `w` and up to four tokens `xs[c]`, `out[r][c] = w_row_r · xs[c]`. Each row
+/// chunk and each token chunk is loaded once for the whole tile (seven loads per twelve FMAs).
+pub fn dot_tile(xs: &[&[f32]], w: WeightData<'_>, first: usize, stride: usize, rows: usize) -> [[f32; 4]; 3] {
+    let tokens = xs.len();
+    assert!((1..=4).contains(&tokens) && (1..=3).contains(&rows), "dot_tile takes 1-3 rows and 1-4 tokens");
+    let n = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == n), "tokens of different widths");
+    assert!(first + (rows - 1) * stride + n <= w.len(), "dot_tile reads past the weight");
+    let mut out = [[0.0f32; 4]; 3];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let x4 = [xs[0], xs[1.min(tokens - 1)], xs[2.min(tokens - 1)], xs[3.min(tokens - 1)]];
+        let row = |r: usize| first + r.min(rows - 1) * stride;
+        // SAFETY: AVX2/FMA/F16C are present; rows row(r) .. + n lie inside `w` (checked above for the
+        // last one) and every x has n elements.
+        return unsafe {
+            match w {
+                WeightData::F32(w) => {
+                    x86::tile_f32(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                }
+                WeightData::F16(w) => {
+                    x86::tile_f16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                }
+                WeightData::BF16(w) => {
+                    x86::tile_bf16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                }
+            }
+        };
+    }
+    for (r, out) in out.iter_mut().enumerate().take(rows) {
+        for (c, x) in xs.iter().enumerate() {
+            out[c] = dot(x, w, first + r * stride);
+        }
+    }
+    out
+}
+
 /// Columns of one register-blocked strip in [`strips_in_out`].
 pub const STRIP: usize = 16;
 
@@ -580,6 +618,47 @@ mod x86 {
     strips_kernel!(strips_f16, f16, load_f16);
     strips_kernel!(strips_bf16, bf16, load_bf16);
 
+    macro_rules! tile_kernel {
+        ($name:ident, $ty:ty, $load:ident) => {
+            /// Dot products of three weight rows with four tokens.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; each row must have `x[0].len()` readable
+            /// elements and every x that length.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(x: [&[f32]; 4], rows: [*const $ty; 3]) -> [[f32; 4]; 3] {
+                let n = x[0].len();
+                let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
+                let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+                let mut i = 0;
+                while i + 8 <= n {
+                    let w = [$load(rows[0].add(i)), $load(rows[1].add(i)), $load(rows[2].add(i))];
+                    for (c, xp) in px.iter().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(i));
+                        for (acc, w) in acc.iter_mut().zip(w) {
+                            acc[c] = _mm256_fmadd_ps(w, xv, acc[c]);
+                        }
+                    }
+                    i += 8;
+                }
+                let mut out = [[0.0f32; 4]; 3];
+                for (r, (out, acc)) in out.iter_mut().zip(acc).enumerate() {
+                    for (c, o) in out.iter_mut().enumerate() {
+                        *o = hsum(acc[c]);
+                        for k in i..n {
+                            *o += x[c][k] * (*rows[r].add(k)).into_f32();
+                        }
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    tile_kernel!(tile_f32, f32, load_f32);
+    tile_kernel!(tile_f16, f16, load_f16);
+    tile_kernel!(tile_bf16, bf16, load_bf16);
+
     dot4_kernel!(dot4_f32, f32, load_f32);
     dot4_kernel!(dot4_f16, f16, load_f16);
     dot4_kernel!(dot4_bf16, bf16, load_bf16);
@@ -663,6 +742,18 @@ mod tests {
                 for (j, v) in o.iter().enumerate() {
                     let sum: f32 = (0..k_in).map(|k| x[k] * wh[3 + k * n_out + j].to_f32()).sum();
                     assert!((v - 0.5 - sum).abs() < 1e-4, "strips tokens={tokens} column {j}: {v} vs {}", 0.5 + sum);
+                }
+            }
+        }
+        // The 3x4 tile equals its twelve dot products.
+        for (rows, tokens) in [(1usize, 1usize), (3, 4), (2, 3)] {
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|c| data(37, 50 + c as u32)).collect();
+            let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+            let tile = dot_tile(&refs, WeightData::BF16(&wb), 3, 40, rows);
+            for r in 0..rows {
+                for c in 0..tokens {
+                    let row: Vec<f32> = (0..37).map(|i| wb[3 + r * 40 + i].to_f32()).collect();
+                    assert!((tile[r][c] - scalar::dot_f32(&xs[c], &row)).abs() < 1e-5, "tile {rows}x{tokens}");
                 }
             }
         }
