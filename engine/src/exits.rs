@@ -169,42 +169,46 @@ impl PlanOptions {
 /// p_upper); tokens at or above it get softmax(log p_upper - log p_lower) over those tokens, scaled to
 /// the probability mass they had under p_upper; the others keep p_upper; the output is the log.
 pub fn acd(upper: &[f32], lower: &[f32], alpha: f32, min_candidates: usize, out: &mut [f32]) {
-    let log_upper = log_softmax(upper);
-    let log_lower = log_softmax(lower);
-    let p_upper: Vec<f32> = log_upper.iter().map(|l| l.exp()).collect();
-    let max_p = p_upper.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // A few passes over the two rows and no allocation (unless min_candidates > 1): the normalisers
+    // first, then the plausible set's contrast scores, then the output.
+    let log_norm = |row: &[f32]| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    };
+    let (norm_upper, norm_lower) = (log_norm(upper), log_norm(lower));
+    let p_upper = |i: usize| (upper[i] - norm_upper).exp();
+    let max_p = upper.iter().copied().fold(f32::NEG_INFINITY, f32::max) - norm_upper;
+    let max_p = max_p.exp();
     let kth = if min_candidates <= 1 {
         max_p
     } else {
-        let mut sorted = p_upper.clone();
+        let mut sorted: Vec<f32> = (0..upper.len()).map(p_upper).collect();
         let k = min_candidates.min(sorted.len()) - 1;
         sorted.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
         sorted[k]
     };
     let threshold = (max_p * alpha).min(kth);
-    let included = |i: usize| p_upper[i] >= threshold;
 
-    // softmax of the contrast scores over the included tokens
+    // Contrast scores log p_upper - log p_lower of the plausible tokens, and the mass they carry.
     let mut max_score = f32::NEG_INFINITY;
     let mut mass = 0.0f32;
-    for i in 0..upper.len() {
-        if included(i) {
-            max_score = max_score.max(log_upper[i] - log_lower[i]);
-            mass += p_upper[i];
-        }
-    }
-    let mut denom = 0.0f32;
-    for i in 0..upper.len() {
-        if included(i) {
-            denom += (log_upper[i] - log_lower[i] - max_score).exp();
-        }
-    }
-    for i in 0..upper.len() {
-        out[i] = if included(i) {
-            ((log_upper[i] - log_lower[i] - max_score).exp() / denom * mass).ln()
+    for (i, o) in out.iter_mut().enumerate() {
+        let log_p = upper[i] - norm_upper;
+        let p = log_p.exp();
+        if p >= threshold {
+            let score = log_p - (lower[i] - norm_lower);
+            max_score = max_score.max(score);
+            mass += p;
+            *o = score;
         } else {
-            log_upper[i]
-        };
+            *o = f32::NAN; // marks an implausible token for the last pass
+        }
+    }
+    let denom: f32 = out.iter().filter(|v| !v.is_nan()).map(|&s| (s - max_score).exp()).sum();
+    // Plausible tokens share the mass by softmax of their scores; the others keep p_upper.
+    let log_share = mass.ln() - denom.ln() - max_score;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = if o.is_nan() { upper[i] - norm_upper } else { *o + log_share };
     }
 }
 
