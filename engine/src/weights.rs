@@ -190,25 +190,6 @@ impl HostTensor {
         HostTensor { backing: Arc::new(Backing::Owned(words)), start: 0, len, dtype: DType::F32, shape }
     }
 
-    /// A 2-D tensor's transpose, as an owned f32 copy (vectors come back unchanged, as a copy).
-    pub fn transposed(&self) -> HostTensor {
-        let data = self.data();
-        match self.shape.as_slice() {
-            &[rows, cols] => {
-                let mut out = vec![0.0f32; rows * cols];
-                let mut row = vec![0.0f32; cols];
-                for r in 0..rows {
-                    data.read_f32(r * cols, &mut row);
-                    for (c, &v) in row.iter().enumerate() {
-                        out[c * rows + r] = v;
-                    }
-                }
-                HostTensor::from_f32(out, vec![cols, rows])
-            }
-            _ => HostTensor::from_f32(data.to_f32_vec(), self.shape.clone()),
-        }
-    }
-
     /// This tensor converted to `dtype` (an owned copy; returns a cheap clone when it already is).
     pub fn converted(&self, dtype: DType) -> HostTensor {
         if dtype == self.dtype {

@@ -87,26 +87,8 @@ pub struct CpuWeight {
 impl CpuWeight {
     fn data(&self) -> WeightData<'_> {
         match self.convert_to {
-            Some(dtype) => self.converted.get_or_init(|| self.convert(dtype)).data(),
+            Some(dtype) => self.converted.get_or_init(|| self.tensor.converted(dtype)).data(),
             None => self.tensor.data(),
-        }
-    }
-
-    /// The weight in `dtype`. A converted `[in, out]` matrix is also transposed to `[out, in]`: the copy
-    /// is made anyway, and long contiguous rows stream better than GPT-2's short Conv1D rows.
-    fn convert(&self, dtype: DType) -> HostTensor {
-        match self.layout {
-            Layout::OutIn => self.tensor.converted(dtype),
-            Layout::InOut => self.tensor.transposed().converted(dtype),
-        }
-    }
-
-    /// The layout of what [`CpuWeight::data`] returns.
-    fn layout(&self) -> Layout {
-        if self.convert_to.is_some() {
-            Layout::OutIn
-        } else {
-            self.layout
         }
     }
 
@@ -194,7 +176,7 @@ impl Backend for Cpu {
 
     fn linear(&self, x: &Matrix, w: &CpuWeight, bias: Option<&CpuWeight>) -> Matrix {
         assert_eq!(x.cols, w.in_features, "linear: input width does not match the weight");
-        let mut out = match w.layout() {
+        let mut out = match w.layout {
             Layout::OutIn => matmul_out_in(x, w),
             Layout::InOut => matmul_in_out(x, w),
         };
@@ -520,7 +502,7 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     let mut out = Matrix::zeros(t, n_out);
     // Strides of the weight seen as rhs [k = in, n = out].
-    let (rhs_rs, rhs_cs) = match w.layout() {
+    let (rhs_rs, rhs_cs) = match w.layout {
         Layout::OutIn => (1isize, n_in as isize),
         Layout::InOut => (n_out as isize, 1isize),
     };
@@ -562,7 +544,7 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
                     // The panel widened to f32, in the weight's own orientation: [width, n_in] rows of
                     // output features, or [n_in, width] rows of input features.
                     let mut panel = vec![0.0f32; width * n_in];
-                    let (panel_rs, panel_cs) = match w.layout() {
+                    let (panel_rs, panel_cs) = match w.layout {
                         Layout::OutIn => {
                             narrow.read_f32(o0 * n_in, &mut panel);
                             (1isize, n_in as isize)
@@ -771,7 +753,7 @@ mod tests {
     fn naive(x: &Matrix, w: &CpuWeight) -> Vec<f64> {
         let data = w.data();
         let (n_in, n_out) = (w.in_features, w.out_features);
-        let at = |o: usize, i: usize| match w.layout() {
+        let at = |o: usize, i: usize| match w.layout {
             Layout::OutIn => data.get(o * n_in + i),
             Layout::InOut => data.get(i * n_out + o),
         };
