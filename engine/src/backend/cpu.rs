@@ -501,87 +501,41 @@ fn rows_per_task(n_out: usize) -> usize {
 fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     let mut out = Matrix::zeros(t, n_out);
-    // Strides of the weight seen as rhs [k = in, n = out].
-    let (rhs_rs, rhs_cs) = match w.layout {
-        Layout::OutIn => (1isize, n_in as isize),
-        Layout::InOut => (n_out as isize, 1isize),
+    let lhs = || Operand::rows(x.data.as_ptr(), n_in);
+    // The weight seen as rhs [k = in, n = out], in either layout: [n_out, n_in] rows of output features
+    // or [n_in, n_out] rows of input features.
+    let as_rhs = |ptr: *const f32, width: usize| match w.layout {
+        Layout::OutIn => Operand { ptr, row_stride: 1, col_stride: n_in as isize },
+        Layout::InOut => Operand::rows(ptr, width),
     };
     match w.data() {
-        WeightData::F32(data) => {
-            // SAFETY: every pointer/stride pair addresses inside its buffer: dst is [t, n_out]
-            // row-major, lhs is x [t, n_in] row-major, rhs is the [n_out, n_in] or [n_in, n_out]
-            // weight, all with the shapes checked when the weight was created.
-            unsafe {
-                gemm::gemm(
-                    t,
-                    n_out,
-                    n_in,
-                    out.data.as_mut_ptr(),
-                    1,
-                    n_out as isize,
-                    false,
-                    x.data.as_ptr(),
-                    1,
-                    n_in as isize,
-                    data.as_ptr(),
-                    rhs_cs,
-                    rhs_rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                )
-            }
-        }
+        // SAFETY: x is [t, n_in] row-major and the weight holds n_in * n_out elements in its layout
+        // (shapes checked when the weight was created); out holds t * n_out.
+        WeightData::F32(data) => unsafe {
+            gemm_into(&mut out.data, (t, n_out, n_in), lhs(), as_rhs(data.as_ptr(), n_out), 1.0, true)
+        },
         narrow => {
             const PANEL: usize = 256;
             let panels: Vec<(usize, Vec<f32>)> = (0..n_out.div_ceil(PANEL))
                 .into_par_iter()
                 .map(|p| {
                     let (o0, width) = (p * PANEL, PANEL.min(n_out - p * PANEL));
-                    // The panel widened to f32, in the weight's own orientation: [width, n_in] rows of
-                    // output features, or [n_in, width] rows of input features.
+                    // The panel of output features o0.. widened to f32, in the weight's own layout.
                     let mut panel = vec![0.0f32; width * n_in];
-                    let (panel_rs, panel_cs) = match w.layout {
-                        Layout::OutIn => {
-                            narrow.read_f32(o0 * n_in, &mut panel);
-                            (1isize, n_in as isize)
-                        }
+                    match w.layout {
+                        Layout::OutIn => narrow.read_f32(o0 * n_in, &mut panel),
                         Layout::InOut => {
                             for (i, row) in panel.chunks_exact_mut(width).enumerate() {
                                 narrow.read_f32(i * n_out + o0, row);
                             }
-                            (width as isize, 1isize)
                         }
-                    };
-                    let mut block = vec![0.0f32; t * width];
-                    // SAFETY: block is [t, width] and x is [t, n_in], row-major; panel holds width * n_in
-                    // elements addressed by (panel_rs, panel_cs) as an [n_in, width] rhs.
-                    unsafe {
-                        gemm::gemm(
-                            t,
-                            width,
-                            n_in,
-                            block.as_mut_ptr(),
-                            1,
-                            width as isize,
-                            false,
-                            x.data.as_ptr(),
-                            1,
-                            n_in as isize,
-                            panel.as_ptr(),
-                            panel_cs,
-                            panel_rs,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
                     }
+                    let mut block = vec![0.0f32; t * width];
+                    // SAFETY: x is [t, n_in]; panel holds the n_in * width elements of an [n_in, width]
+                    // rhs in the weight's layout; block holds t * width.
+                    unsafe {
+                        gemm_into(&mut block, (t, width, n_in), lhs(), as_rhs(panel.as_ptr(), width), 1.0, false)
+                    };
                     (o0, block)
                 })
                 .collect();
@@ -594,6 +548,60 @@ fn gemm_weight(x: &Matrix, w: &CpuWeight) -> Matrix {
         }
     }
     out
+}
+
+/// A matrix operand in memory: element (r, c) is at `ptr + r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    /// A row-major matrix whose rows are `row_stride` elements apart.
+    fn rows(ptr: *const f32, row_stride: usize) -> Self {
+        Operand { ptr, row_stride: row_stride as isize, col_stride: 1 }
+    }
+}
+
+/// `dst[m, n] = scale * lhs[m, k] · rhs[k, n]` with the `gemm` crate; `dst` is row-major, contiguous.
+///
+/// # Safety
+/// `lhs` must address `m x k` and `rhs` `k x n` readable elements through their strides, and `dst` must
+/// hold `m * n` elements.
+unsafe fn gemm_into(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    debug_assert!(dst.len() >= m * n);
+    let parallelism =
+        if parallel { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride,
+        lhs.row_stride,
+        rhs.ptr,
+        rhs.col_stride,
+        rhs.row_stride,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// From this many new tokens on, a sequence's attention runs as two small matrix products per head.
@@ -619,31 +627,11 @@ fn attend_prefill(
         values[j * d..(j + 1) * d].copy_from_slice(&store.values[at..at + d]);
     }
     let mut scores = vec![0.0f32; t * ctx];
-    // SAFETY: scores is [t, ctx] row-major; the queries are t rows of q (row stride q.cols) starting at
-    // column h * d of row seq.first_row; keys is [ctx, d] row-major, read transposed as [d, ctx].
-    unsafe {
-        gemm::gemm(
-            t,
-            ctx,
-            d,
-            scores.as_mut_ptr(),
-            1,
-            ctx as isize,
-            false,
-            q.data.as_ptr().add(seq.first_row * q.cols + h * d),
-            1,
-            q.cols as isize,
-            keys.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            p.scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    let queries = Operand::rows(q.data[seq.first_row * q.cols + h * d..].as_ptr(), q.cols);
+    let keys_t = Operand { ptr: keys.as_ptr(), row_stride: 1, col_stride: d as isize };
+    // SAFETY: the queries are t rows of q from row seq.first_row, column h * d, d wide; keys is
+    // [ctx, d] row-major, read as its transpose [d, ctx]; scores holds t * ctx.
+    unsafe { gemm_into(&mut scores, (t, ctx, d), queries, keys_t, p.scale, false) };
     for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
         let pos = seq.first_position + i;
         let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -652,30 +640,17 @@ fn attend_prefill(
         softmax_in_place(&mut row[first..=pos]);
     }
     let mut out = vec![0.0f32; t * d];
-    // SAFETY: out is [t, d], scores [t, ctx] and values [ctx, d], all row-major.
+    // SAFETY: scores is [t, ctx] and values [ctx, d], both row-major; out holds t * d.
     unsafe {
-        gemm::gemm(
-            t,
-            d,
-            ctx,
-            out.as_mut_ptr(),
-            1,
-            d as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            ctx as isize,
-            values.as_ptr(),
-            1,
-            d as isize,
-            0.0,
+        gemm_into(
+            &mut out,
+            (t, d, ctx),
+            Operand::rows(scores.as_ptr(), ctx),
+            Operand::rows(values.as_ptr(), d),
             1.0,
             false,
-            false,
-            false,
-            gemm::Parallelism::None,
         )
-    }
+    };
     out
 }
 
