@@ -3,7 +3,7 @@
 //! Field names and defaults follow transformers' `GPT2Config`, `GPTNeoConfig` and `LlamaConfig`. Options
 //! the engine does not implement are refused by name rather than approximated.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -354,9 +354,7 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
             return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
         }
     }
-    if f.usize_opt("pretraining_tp")?.unwrap_or(1) != 1 {
-        // transformers 4.48 ignores it at inference as well; the slicing it once meant is exact math.
-    }
+    // `pretraining_tp` is ignored, as transformers 4.48 ignores it: the slicing it meant is exact math.
     let hidden = f.usize("hidden_size")?;
     let heads = f.usize("num_attention_heads")?;
     let layers = f.usize("num_hidden_layers")?;
@@ -387,9 +385,4 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
             mlp_bias: f.bool_or("mlp_bias", false)?,
         },
     })
-}
-
-/// Where a checkpoint's config came from, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
