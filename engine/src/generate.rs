@@ -129,7 +129,9 @@ pub fn generate<B: Backend>(
     let mut prefill_s = 0.0;
     let result = (|| {
         while ids.len() < options.max_new_tokens {
-            let mut scores = decoder.step()?.pop().map(|o| o.logits).unwrap_or_default();
+            // Other sequences of the decoder may step along; only ours is read.
+            let outputs = decoder.step()?;
+            let mut scores = outputs.into_iter().find(|o| o.seq == seq).map(|o| o.logits).unwrap_or_default();
             if ids.is_empty() {
                 prefill_s = start.elapsed().as_secs_f64();
             }
