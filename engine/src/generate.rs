@@ -131,7 +131,11 @@ pub fn generate<B: Backend>(
         while ids.len() < options.max_new_tokens {
             // Other sequences of the decoder may step along; only ours is read.
             let outputs = decoder.step()?;
-            let mut scores = outputs.into_iter().find(|o| o.seq == seq).map(|o| o.logits).unwrap_or_default();
+            let mut scores = outputs
+                .into_iter()
+                .find(|o| o.seq == seq)
+                .map(|o| o.logits)
+                .ok_or_else(|| Error::invalid("decoder", "a step returned no scores for the generated sequence"))?;
             if ids.is_empty() {
                 prefill_s = start.elapsed().as_secs_f64();
             }
