@@ -444,8 +444,8 @@ fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
                 let strips = n_out / simd::STRIP;
                 for block in (rows.start..rows.end).step_by(BLOCK_ROWS) {
                     let block_end = (block + BLOCK_ROWS).min(rows.end);
-                    for (group, acc) in acc.chunks_mut(4 * n_out).enumerate() {
-                        let tokens = group * 4..(group * 4 + 4).min(t);
+                    for (group, acc) in acc.chunks_mut(simd::STRIP_TOKENS * n_out).enumerate() {
+                        let tokens = group * simd::STRIP_TOKENS..((group + 1) * simd::STRIP_TOKENS).min(t);
                         let xs: Vec<&[f32]> = tokens.clone().map(|ti| &x.row(ti)[block..block_end]).collect();
                         let mut rows_acc: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
                         simd::strips_in_out(&xs, data, block * n_out, n_out, strips, &mut rows_acc);

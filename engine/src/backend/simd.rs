@@ -146,7 +146,10 @@ pub fn dot_tile(xs: &[&[f32]], w: WeightData<'_>, first: usize, stride: usize, r
 /// Columns of one register-blocked strip in [`strips_in_out`].
 pub const STRIP: usize = 16;
 
-/// A register-blocked piece of a matrix product against an `[in, out]` weight. For up to four tokens
+/// Tokens one call of [`strips_in_out`] handles at most.
+pub const STRIP_TOKENS: usize = 6;
+
+/// A register-blocked piece of a matrix product against an `[in, out]` weight. For up to six tokens
 /// `xs[r]` (each a slice of the `k` inputs of one row block) and every column `j` of the first
 /// `strips * STRIP` columns: `acc[r][j] += Σ_k xs[r][k] * w[first + k * stride + j]`. Each sixteen-column
 /// strip of the block's rows is loaded once for all the tokens and its sums stay in registers.
@@ -159,7 +162,7 @@ pub fn strips_in_out(
     acc: &mut [&mut [f32]],
 ) {
     let rows = xs.len();
-    assert!((1..=4).contains(&rows) && acc.len() == rows, "strips_in_out takes one to four tokens");
+    assert!((1..=STRIP_TOKENS).contains(&rows) && acc.len() == rows, "strips_in_out takes one to six tokens");
     let k = xs[0].len();
     assert!(xs.iter().all(|x| x.len() == k), "tokens of different widths");
     assert!(acc.iter().all(|a| a.len() >= strips * STRIP), "accumulators narrower than the strips");
@@ -170,11 +173,11 @@ pub fn strips_in_out(
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         let last = rows - 1;
-        let x4 = [xs[0].as_ptr(), xs[1.min(last)].as_ptr(), xs[2.min(last)].as_ptr(), xs[3.min(last)].as_ptr()];
+        let x6: [*const f32; STRIP_TOKENS] = std::array::from_fn(|r| xs[r.min(last)].as_ptr());
         // Missing tokens write into a scratch row, never into another token's sums.
-        let mut scratch = vec![0.0f32; if rows < 4 { strips * STRIP } else { 0 }];
-        let mut a4 = [scratch.as_mut_ptr(); 4];
-        for (slot, a) in a4.iter_mut().zip(acc.iter_mut()) {
+        let mut scratch = vec![0.0f32; if rows < STRIP_TOKENS { strips * STRIP } else { 0 }];
+        let mut a6 = [scratch.as_mut_ptr(); STRIP_TOKENS];
+        for (slot, a) in a6.iter_mut().zip(acc.iter_mut()) {
             *slot = a.as_mut_ptr();
         }
         // SAFETY: AVX2/FMA/F16C are present; rows first + i * stride .. + strips * STRIP for i < k lie
@@ -182,9 +185,9 @@ pub fn strips_in_out(
         // strips * STRIP; the four accumulators are distinct.
         unsafe {
             match w {
-                WeightData::F32(w) => x86::strips_f32(x4, k, w.as_ptr().add(first), stride, strips, a4),
-                WeightData::F16(w) => x86::strips_f16(x4, k, w.as_ptr().add(first), stride, strips, a4),
-                WeightData::BF16(w) => x86::strips_bf16(x4, k, w.as_ptr().add(first), stride, strips, a4),
+                WeightData::F32(w) => x86::strips_f32(x6, k, w.as_ptr().add(first), stride, strips, a6),
+                WeightData::F16(w) => x86::strips_f16(x6, k, w.as_ptr().add(first), stride, strips, a6),
+                WeightData::BF16(w) => x86::strips_bf16(x6, k, w.as_ptr().add(first), stride, strips, a6),
             }
         }
         return;
@@ -574,8 +577,8 @@ mod x86 {
 
     macro_rules! strips_kernel {
         ($name:ident, $ty:ty, $load:ident) => {
-            /// Four tokens times `strips` sixteen-column strips of `k` rows of an `[in, out]` weight,
-            /// added into four accumulator rows.
+            /// Six tokens times `strips` sixteen-column strips of `k` rows of an `[in, out]` weight,
+            /// added into six accumulator rows (twelve sums in registers).
             ///
             /// # Safety
             /// The CPU must support AVX2, FMA and F16C; `w + i * stride .. + 16 * strips` must be
@@ -583,16 +586,16 @@ mod x86 {
             /// `16 * strips` writable ones, the accumulators not overlapping.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name(
-                x: [*const f32; 4],
+                x: [*const f32; 6],
                 k: usize,
                 w: *const $ty,
                 stride: usize,
                 strips: usize,
-                acc: [*mut f32; 4],
+                acc: [*mut f32; 6],
             ) {
                 for s in 0..strips {
                     let col = s * 16;
-                    let mut sums = [[_mm256_setzero_ps(); 2]; 4];
+                    let mut sums = [[_mm256_setzero_ps(); 2]; 6];
                     for (sum, a) in sums.iter_mut().zip(acc) {
                         *sum = [_mm256_loadu_ps(a.add(col)), _mm256_loadu_ps(a.add(col + 8))];
                     }
@@ -732,7 +735,7 @@ mod tests {
         let (k_in, n_out) = (37usize, 40usize);
         let w: Vec<f32> = data(k_in * n_out, 21);
         let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        for tokens in 1..=4 {
+        for tokens in 1..=STRIP_TOKENS {
             let xs: Vec<Vec<f32>> = (0..tokens).map(|r| data(k_in, 30 + r as u32)).collect();
             let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
             let mut rows: Vec<Vec<f32>> = vec![vec![0.5f32; 2 * STRIP]; tokens];
