@@ -137,15 +137,21 @@ pub fn read_state_dict(bin: &Path) -> Result<Vec<(String, LoadedTensor)>> {
 
 /// Copies a (possibly strided) tensor out of its storage into contiguous row-major bytes.
 fn gather(storage: &[u8], elem: usize, t: &TensorRef) -> Option<Vec<u8>> {
-    let numel: usize = t.shape.iter().product();
+    // A corrupt archive may claim any shape: bound it by the storage before allocating.
+    let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    if numel.checked_mul(elem)? > storage.len() {
+        return None;
+    }
     let mut out = Vec::with_capacity(numel * elem);
     if numel == 0 {
         return Some(out);
     }
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {
-        let offset = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-        out.extend_from_slice(storage.get(offset * elem..(offset + 1) * elem)?);
+        let offset =
+            index.iter().zip(&t.stride).try_fold(t.offset, |acc, (i, s)| acc.checked_add(i.checked_mul(*s)?))?;
+        let start = offset.checked_mul(elem)?;
+        out.extend_from_slice(storage.get(start..start.checked_add(elem)?)?);
         for d in (0..index.len()).rev() {
             index[d] += 1;
             if index[d] < t.shape[d] {
@@ -533,8 +539,10 @@ mod tests {
             stride: vec![1, 3],
         };
         assert_eq!(gather(&storage, 1, &t), Some(vec![0, 3, 1, 4, 2, 5]));
-        let out_of_bounds = TensorRef { offset: 1, ..t };
+        let out_of_bounds = TensorRef { offset: 1, ..t.clone() };
         assert_eq!(gather(&storage, 1, &out_of_bounds), None);
+        let absurd = TensorRef { shape: vec![usize::MAX, 2], stride: vec![1, 1], ..t };
+        assert_eq!(gather(&storage, 1, &absurd), None);
     }
 
     #[test]
