@@ -1,18 +1,12 @@
 //! The `layerwise forward` contract: tensor names, shapes and values in the output file, and clear
 //! errors (naming the flag or file) for bad invocations.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
+use common::{assert_fails_naming, layerwise, stderr};
 use layerwise_tests::{assert_close, expected, expected_ids, fixture_str, read_safetensors};
-
-fn layerwise(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerwise")).args(args).output().expect("run layerwise")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[test]
 fn forward_writes_logits_exits_and_hidden_states() {
@@ -58,16 +52,6 @@ fn forward_tokenizes_text_prompts() {
     let logits: Vec<f32> = written["logits"].values.iter().map(|&v| v as f32).collect();
     assert_eq!(written["logits"].shape[0], expected_ids(&recorded).len());
     assert_close("demo logits", &logits, &recorded["logits"], 1e-4);
-}
-
-fn assert_fails_naming(args: &[&str], parts: &[&str]) {
-    let out = layerwise(args);
-    let err = stderr(&out);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for part in parts {
-        assert!(err.contains(part), "{args:?}: error {err:?} should mention {part:?}");
-    }
 }
 
 #[test]

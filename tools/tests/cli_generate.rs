@@ -1,13 +1,12 @@
 //! The `layerwise generate` contract (flags, JSON line, streaming) and the plan flags of `forward`.
 
-use std::process::{Command, Output};
+mod common;
 
+use std::process::Output;
+
+use common::{assert_fails_naming, layerwise};
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 use serde_json::Value;
-
-fn layerwise(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_layerwise")).args(args).output().expect("run layerwise")
-}
 
 fn json_line(out: &Output) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -79,16 +78,6 @@ fn sampling_with_a_seed_is_reproducible() {
         "--json",
     ];
     assert_eq!(json_line(&layerwise(&args))["ids"], json_line(&layerwise(&args))["ids"]);
-}
-
-fn assert_fails_naming(args: &[&str], parts: &[&str]) {
-    let out = layerwise(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for part in parts {
-        assert!(err.contains(part), "{args:?}: {err:?} should mention {part:?}");
-    }
 }
 
 #[test]
