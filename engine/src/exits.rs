@@ -169,46 +169,61 @@ impl PlanOptions {
 /// p_upper); tokens at or above it get softmax(log p_upper - log p_lower) over those tokens, scaled to
 /// the probability mass they had under p_upper; the others keep p_upper; the output is the log.
 pub fn acd(upper: &[f32], lower: &[f32], alpha: f32, min_candidates: usize, out: &mut [f32]) {
-    // A few passes over the two rows and no allocation (unless min_candidates > 1): the normalisers
-    // first, then the plausible set's contrast scores, then the output.
-    let log_norm = |row: &[f32]| {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
-    };
-    let (norm_upper, norm_lower) = (log_norm(upper), log_norm(lower));
-    let p_upper = |i: usize| (upper[i] - norm_upper).exp();
-    let max_p = upper.iter().copied().fold(f32::NEG_INFINITY, f32::max) - norm_upper;
-    let max_p = max_p.exp();
+    acd_with(upper, alpha, min_candidates, out, |tokens, logits| {
+        for (logit, &token) in logits.iter_mut().zip(tokens) {
+            *logit = lower[token as usize];
+        }
+    });
+}
+
+/// [`acd`] with the lower row's logits computed on demand: `lower_logits(tokens, out)` fills the
+/// lower logits of the plausible tokens only. The lower row's normaliser shifts every plausible
+/// score alike and cancels in their softmax, so no other lower logit is ever needed: a backend reads
+/// only the plausible rows of the lower head.
+pub fn acd_with(
+    upper: &[f32],
+    alpha: f32,
+    min_candidates: usize,
+    out: &mut [f32],
+    lower_logits: impl FnOnce(&[u32], &mut [f32]),
+) {
+    let max = upper.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let norm_upper = max + upper.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+    let max_p = (max - norm_upper).exp();
     let kth = if min_candidates <= 1 {
         max_p
     } else {
-        let mut sorted: Vec<f32> = (0..upper.len()).map(p_upper).collect();
+        let mut sorted: Vec<f32> = upper.iter().map(|v| (v - norm_upper).exp()).collect();
         let k = min_candidates.min(sorted.len()) - 1;
         sorted.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
         sorted[k]
     };
     let threshold = (max_p * alpha).min(kth);
 
-    // Contrast scores log p_upper - log p_lower of the plausible tokens, and the mass they carry.
-    let mut max_score = f32::NEG_INFINITY;
+    // Every token starts with log p_upper; the plausible ones are collected for the contrast.
+    let mut plausible = Vec::new();
     let mut mass = 0.0f32;
-    for (i, o) in out.iter_mut().enumerate() {
-        let log_p = upper[i] - norm_upper;
-        let p = log_p.exp();
+    for (i, (o, &logit)) in out.iter_mut().zip(upper).enumerate() {
+        *o = logit - norm_upper;
+        let p = o.exp();
         if p >= threshold {
-            let score = log_p - (lower[i] - norm_lower);
-            max_score = max_score.max(score);
+            plausible.push(i as u32);
             mass += p;
-            *o = score;
-        } else {
-            *o = f32::NAN; // marks an implausible token for the last pass
         }
     }
-    let denom: f32 = out.iter().filter(|v| !v.is_nan()).map(|&s| (s - max_score).exp()).sum();
-    // Plausible tokens share the mass by softmax of their scores; the others keep p_upper.
+    let mut scores = vec![0.0f32; plausible.len()];
+    lower_logits(&plausible, &mut scores);
+    // Contrast scores log p_upper - lower logit (the lower normaliser cancels below).
+    let mut max_score = f32::NEG_INFINITY;
+    for (score, &token) in scores.iter_mut().zip(&plausible) {
+        *score = out[token as usize] - *score;
+        max_score = max_score.max(*score);
+    }
+    let denom: f32 = scores.iter().map(|&s| (s - max_score).exp()).sum();
+    // Plausible tokens share the mass by softmax of their scores.
     let log_share = mass.ln() - denom.ln() - max_score;
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = if o.is_nan() { upper[i] - norm_upper } else { *o + log_share };
+    for (score, &token) in scores.iter().zip(&plausible) {
+        out[token as usize] = score + log_share;
     }
 }
 
@@ -239,5 +254,26 @@ mod tests {
         assert!(((p[0] + p[1]) - (p_up[0] + p_up[1])).abs() < 1e-6);
         assert!(p[1] > p[0]);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn acd_asks_only_for_the_plausible_lower_logits_and_ignores_their_normaliser() {
+        let upper = [3.0f32, 2.5, -2.0, -3.0, 2.9];
+        let lower = [5.0f32, 1.0, -2.0, -3.0, 0.5];
+        let mut full = [0.0f32; 5];
+        acd(&upper, &lower, 0.1, 1, &mut full);
+        let mut asked = Vec::new();
+        let mut sparse = [0.0f32; 5];
+        acd_with(&upper, 0.1, 1, &mut sparse, |tokens, logits| {
+            asked.extend_from_slice(tokens);
+            // Shifted lower logits: the same log-probabilities.
+            for (logit, &t) in logits.iter_mut().zip(tokens) {
+                *logit = lower[t as usize] + 7.0;
+            }
+        });
+        assert_eq!(asked, [0, 1, 4]);
+        for (a, b) in full.iter().zip(&sparse) {
+            assert!((a - b).abs() < 1e-5, "{full:?} vs {sparse:?}");
+        }
     }
 }

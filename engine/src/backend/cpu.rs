@@ -347,11 +347,37 @@ impl Backend for Cpu {
         out
     }
 
-    fn contrast_acd(&self, upper: &Matrix, lower: &Matrix, alpha: f32, min_candidates: usize) -> Matrix {
+    fn contrast_acd(
+        &self,
+        upper: &Matrix,
+        lower_features: &Matrix,
+        lower_head: &CpuWeight,
+        alpha: f32,
+        min_candidates: usize,
+    ) -> Matrix {
         let mut out = Matrix::zeros(upper.rows, upper.cols);
-        out.data.par_chunks_mut(upper.cols.max(1)).enumerate().for_each(|(r, row)| {
-            crate::exits::acd(upper.row(r), lower.row(r), alpha, min_candidates, row);
-        });
+        if lower_head.layout == Layout::InOut {
+            // A head stored [hidden, vocab] has no contiguous vocabulary rows to pick: compute it all.
+            let lower = self.linear(lower_features, lower_head, None);
+            for (r, row) in out.rows_mut().enumerate() {
+                crate::exits::acd(upper.row(r), lower.row(r), alpha, min_candidates, row);
+            }
+            return out;
+        }
+        let (data, n_in) = (lower_head.data(), lower_head.in_features);
+        for (r, row) in out.rows_mut().enumerate() {
+            let features = lower_features.row(r);
+            crate::exits::acd_with(upper.row(r), alpha, min_candidates, row, |tokens, logits| {
+                const TOKENS_PER_TASK: usize = 256;
+                tokens.par_chunks(TOKENS_PER_TASK).zip(logits.par_chunks_mut(TOKENS_PER_TASK)).for_each(
+                    |(tokens, logits)| {
+                        for (logit, &token) in logits.iter_mut().zip(tokens) {
+                            *logit = simd::dot(features, data, token as usize * n_in);
+                        }
+                    },
+                );
+            });
+        }
         out
     }
 

@@ -121,12 +121,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows `rows` of `x`, in that order: `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
 
-    /// Auto-contrastive decoding on each row (see [`crate::exits::acd`]): `upper, lower: [t, vocab]`
-    /// logits -> `[t, vocab]` log-probabilities.
+    /// Auto-contrastive decoding on each row (see [`crate::exits::acd_with`]): `upper: [t, vocab]`
+    /// logits against the lower exit, whose logits are `lower_features: [t, hidden]` times
+    /// `lower_head: [vocab, hidden]`, -> `[t, vocab]` log-probabilities. Only the lower head's rows of
+    /// each row's plausible tokens need to be read.
     fn contrast_acd(
         &self,
         upper: &Self::Tensor,
-        lower: &Self::Tensor,
+        lower_features: &Self::Tensor,
+        lower_head: &Self::Weight,
         alpha: f32,
         min_candidates: usize,
     ) -> Self::Tensor;

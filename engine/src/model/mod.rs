@@ -359,10 +359,16 @@ impl<B: Backend> Model<B> {
             }
         };
         let mut heads = head_bytes(main);
-        if let Some(lower) = lower {
+        match (lower, &plan.contrast) {
+            // ACD reads only the plausible tokens' rows of the lower head (a few, against a vocabulary
+            // of them): count its conversion matrix, if any.
+            (Some(Source::Layer(layer)), Contrast::Acd { .. }) if plan.projection == Projection::Converted => {
+                heads += self.conversions.get(&layer).map_or(0, |w| b.weight_bytes(w))
+            }
+            (Some(_), Contrast::Acd { .. }) | (None, _) => {}
             // An upper lens/converted projection and a lower one share the LM head's reads only in
             // cache-sized models; count both.
-            heads += head_bytes(lower);
+            (Some(lower), Contrast::Custom(_)) => heads += head_bytes(lower),
         }
         Ok(blocks + self.body.final_norm().bytes(b) + heads)
     }
@@ -374,18 +380,23 @@ impl<B: Backend> Model<B> {
 
     /// Logits of `source` from the raw (un-normed) output `state: [t, hidden]` of its layer.
     pub(crate) fn project(&self, source: Source, projection: Projection, state: &B::Tensor) -> B::Tensor {
+        let (features, head) = self.head_input(source, projection, state);
+        self.backend.linear(&features, head, None)
+    }
+
+    /// What `source`'s vocabulary head multiplies, and the head: the final norm of the layer's state
+    /// (through the conversion matrix for a converted projection).
+    fn head_input(&self, source: Source, projection: Projection, state: &B::Tensor) -> (B::Tensor, &B::Weight) {
         let b = &self.backend;
         let normed = self.body.final_norm().forward(b, state);
-        let head = match (source, projection) {
-            (Source::Original, _) => &self.lm_head,
-            (Source::Layer(layer), Projection::ExitHeads) => &self.exit_heads[&layer],
-            (Source::Layer(_), Projection::Lens) => &self.lm_head,
+        match (source, projection) {
+            (Source::Original, _) | (Source::Layer(_), Projection::Lens) => (normed, &self.lm_head),
+            (Source::Layer(layer), Projection::ExitHeads) => (normed, &self.exit_heads[&layer]),
             (Source::Layer(layer), Projection::Converted) => match self.conversions.get(&layer) {
-                Some(conversion) => return b.linear(&b.linear(&normed, conversion, None), &self.lm_head, None),
-                None => &self.lm_head, // the top layer converts to itself
+                Some(conversion) => (b.linear(&normed, conversion, None), &self.lm_head),
+                None => (normed, &self.lm_head), // the top layer converts to itself
             },
-        };
-        b.linear(&normed, head, None)
+        }
     }
 
     /// A plan's output from the raw states of its sources: logits, or contrasted log-probabilities.
@@ -398,10 +409,13 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let upper = self.project(main, plan.projection, main_state);
         let Some((lower, lower_state)) = lower else { return upper };
-        let lower = self.project(lower, plan.projection, lower_state);
         match &plan.contrast {
-            Contrast::Acd { alpha, min_candidates } => b.contrast_acd(&upper, &lower, *alpha, *min_candidates),
+            Contrast::Acd { alpha, min_candidates } => {
+                let (features, head) = self.head_input(lower, plan.projection, lower_state);
+                b.contrast_acd(&upper, &features, head, *alpha, *min_candidates)
+            }
             Contrast::Custom(f) => {
+                let lower = self.project(lower, plan.projection, lower_state);
                 let (rows, cols) = b.shape(&upper);
                 let (up, low) = (b.to_host(&upper), b.to_host(&lower));
                 let mut out = vec![0.0f32; rows * cols];
