@@ -2,6 +2,7 @@
 //! weights. AVX2 + FMA (+ F16C for f16) are chosen at run time when the CPU has them; the scalar
 //! versions are the fallback and the reference the vector versions are tested against.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use crate::weights::WeightData;
@@ -143,33 +144,57 @@ pub fn dot_tile(xs: &[&[f32]], w: WeightData<'_>, first: usize, stride: usize, r
     out
 }
 
-/// Columns of one register-blocked strip in [`strips_in_out`].
+/// Columns of one register-blocked strip in [`strips_packed`].
 pub const STRIP: usize = 16;
 
-/// Tokens one call of [`strips_in_out`] handles at most.
+/// Tokens one call of [`strips_packed`] handles at most.
 pub const STRIP_TOKENS: usize = 6;
 
-/// A register-blocked piece of a matrix product against an `[in, out]` weight. For up to six tokens
-/// `xs[r]` (each a slice of the `k` inputs of one row block) and every column `j` of the first
-/// `strips * STRIP` columns: `acc[r][j] += Σ_k xs[r][k] * w[first + k * stride + j]`. Each sixteen-column
-/// strip of the block's rows is loaded once for all the tokens and its sums stay in registers.
-pub fn strips_in_out(
-    xs: &[&[f32]],
-    w: WeightData<'_>,
-    first: usize,
-    stride: usize,
-    strips: usize,
-    acc: &mut [&mut [f32]],
-) {
-    let rows = xs.len();
-    assert!((1..=STRIP_TOKENS).contains(&rows) && acc.len() == rows, "strips_in_out takes one to six tokens");
-    let k = xs[0].len();
-    assert!(xs.iter().all(|x| x.len() == k), "tokens of different widths");
-    assert!(acc.iter().all(|a| a.len() >= strips * STRIP), "accumulators narrower than the strips");
+/// Copies `k` rows of the first `strips * STRIP` columns of an `[in, out]` weight (row `i` at
+/// `first + i * stride`) into `packed` strip by strip, widened to f32: strip `s`'s row `i` lands at
+/// `(s * k + i) * STRIP`. The rows are read front to back (streaming from memory), and every strip
+/// then lies contiguous for [`strips_packed`], however wide the weight.
+pub fn pack_strips(w: WeightData<'_>, first: usize, stride: usize, k: usize, strips: usize, packed: &mut [f32]) {
+    let width = strips * STRIP;
+    assert!(packed.len() >= k * width, "pack_strips: buffer too small");
     if k == 0 || strips == 0 {
         return;
     }
-    assert!(first + (k - 1) * stride + strips * STRIP <= w.len(), "strips_in_out reads past the weight");
+    assert!(first + (k - 1) * stride + width <= w.len(), "pack_strips reads past the weight");
+    let mut wide = vec![0.0f32; if matches!(w, WeightData::F32(_)) { 0 } else { width }];
+    for i in 0..k {
+        let start = first + i * stride;
+        let row: &[f32] = match w {
+            WeightData::F32(w) => &w[start..start + width],
+            WeightData::F16(w) => {
+                w[start..start + width].convert_to_f32_slice(&mut wide);
+                &wide
+            }
+            WeightData::BF16(w) => {
+                w[start..start + width].convert_to_f32_slice(&mut wide);
+                &wide
+            }
+        };
+        for (s, chunk) in row.chunks_exact(STRIP).enumerate() {
+            packed[(s * k + i) * STRIP..][..STRIP].copy_from_slice(chunk);
+        }
+    }
+}
+
+/// A register-blocked piece of a matrix product against packed weight strips (see [`pack_strips`]):
+/// for up to six tokens `xs[r]` (each `k` inputs) and every column `j < strips * STRIP`:
+/// `acc[r][j] += Σ_i xs[r][i] * strip(j / STRIP)[i][j % STRIP]`. Each strip row is loaded once for all
+/// the tokens and the sums stay in registers.
+pub fn strips_packed(xs: &[&[f32]], packed: &[f32], strips: usize, acc: &mut [&mut [f32]]) {
+    let rows = xs.len();
+    assert!((1..=STRIP_TOKENS).contains(&rows) && acc.len() == rows, "strips_packed takes one to six tokens");
+    let k = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == k), "tokens of different widths");
+    assert!(acc.iter().all(|a| a.len() >= strips * STRIP), "accumulators narrower than the strips");
+    assert!(packed.len() >= k * strips * STRIP, "strips_packed: packed weight too small");
+    if k == 0 || strips == 0 {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         let last = rows - 1;
@@ -180,22 +205,19 @@ pub fn strips_in_out(
         for (slot, a) in a6.iter_mut().zip(acc.iter_mut()) {
             *slot = a.as_mut_ptr();
         }
-        // SAFETY: AVX2/FMA/F16C are present; rows first + i * stride .. + strips * STRIP for i < k lie
-        // inside `w` (checked above); each x has k elements and each accumulator (or the scratch row)
-        // strips * STRIP; the four accumulators are distinct.
-        unsafe {
-            match w {
-                WeightData::F32(w) => x86::strips_f32(x6, k, w.as_ptr().add(first), stride, strips, a6),
-                WeightData::F16(w) => x86::strips_f16(x6, k, w.as_ptr().add(first), stride, strips, a6),
-                WeightData::BF16(w) => x86::strips_bf16(x6, k, w.as_ptr().add(first), stride, strips, a6),
-            }
-        }
+        // SAFETY: AVX2/FMA are present; `packed` holds k * strips * STRIP floats (checked above); each
+        // x has k elements and each accumulator (or the scratch row) strips * STRIP; the accumulators
+        // are distinct.
+        unsafe { x86::strips_packed_f32(x6, k, packed.as_ptr(), strips, a6) };
         return;
     }
     for (x, a) in xs.iter().zip(acc.iter_mut()) {
-        for (i, &xi) in x.iter().enumerate() {
-            for (j, aj) in a[..strips * STRIP].iter_mut().enumerate() {
-                *aj += xi * w.get(first + i * stride + j);
+        for s in 0..strips {
+            for (i, &xi) in x.iter().enumerate() {
+                let row = &packed[(s * k + i) * STRIP..][..STRIP];
+                for (aj, wj) in a[s * STRIP..][..STRIP].iter_mut().zip(row) {
+                    *aj += xi * wj;
+                }
             }
         }
     }
@@ -575,51 +597,36 @@ mod x86 {
         };
     }
 
-    macro_rules! strips_kernel {
-        ($name:ident, $ty:ty, $load:ident) => {
-            /// Six tokens times `strips` sixteen-column strips of `k` rows of an `[in, out]` weight,
-            /// added into six accumulator rows (twelve sums in registers).
-            ///
-            /// # Safety
-            /// The CPU must support AVX2, FMA and F16C; `w + i * stride .. + 16 * strips` must be
-            /// readable for every `i < k`; each `x` must have `k` readable elements and each `acc`
-            /// `16 * strips` writable ones, the accumulators not overlapping.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(
-                x: [*const f32; 6],
-                k: usize,
-                w: *const $ty,
-                stride: usize,
-                strips: usize,
-                acc: [*mut f32; 6],
-            ) {
-                for s in 0..strips {
-                    let col = s * 16;
-                    let mut sums = [[_mm256_setzero_ps(); 2]; 6];
-                    for (sum, a) in sums.iter_mut().zip(acc) {
-                        *sum = [_mm256_loadu_ps(a.add(col)), _mm256_loadu_ps(a.add(col + 8))];
-                    }
-                    for i in 0..k {
-                        let row = w.add(i * stride + col);
-                        let (w0, w1) = ($load(row), $load(row.add(8)));
-                        for (sum, xr) in sums.iter_mut().zip(x) {
-                            let xb = _mm256_broadcast_ss(&*xr.add(i));
-                            sum[0] = _mm256_fmadd_ps(xb, w0, sum[0]);
-                            sum[1] = _mm256_fmadd_ps(xb, w1, sum[1]);
-                        }
-                    }
-                    for (sum, a) in sums.iter().zip(acc) {
-                        _mm256_storeu_ps(a.add(col), sum[0]);
-                        _mm256_storeu_ps(a.add(col + 8), sum[1]);
-                    }
+    /// Six tokens times `strips` packed sixteen-column strips of `k` rows, added into six
+    /// accumulator rows (twelve sums in registers, the strip read front to back).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `w` must hold `k * 16 * strips` floats; each `x` must have
+    /// `k` readable elements and each `acc` `16 * strips` writable ones, the accumulators not overlapping.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn strips_packed_f32(x: [*const f32; 6], k: usize, w: *const f32, strips: usize, acc: [*mut f32; 6]) {
+        for s in 0..strips {
+            let col = s * 16;
+            let strip = w.add(s * k * 16);
+            let mut sums = [[_mm256_setzero_ps(); 2]; 6];
+            for (sum, a) in sums.iter_mut().zip(acc) {
+                *sum = [_mm256_loadu_ps(a.add(col)), _mm256_loadu_ps(a.add(col + 8))];
+            }
+            for i in 0..k {
+                let row = strip.add(i * 16);
+                let (w0, w1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                for (sum, xr) in sums.iter_mut().zip(x) {
+                    let xb = _mm256_broadcast_ss(&*xr.add(i));
+                    sum[0] = _mm256_fmadd_ps(xb, w0, sum[0]);
+                    sum[1] = _mm256_fmadd_ps(xb, w1, sum[1]);
                 }
             }
-        };
+            for (sum, a) in sums.iter().zip(acc) {
+                _mm256_storeu_ps(a.add(col), sum[0]);
+                _mm256_storeu_ps(a.add(col + 8), sum[1]);
+            }
+        }
     }
-
-    strips_kernel!(strips_f32, f32, load_f32);
-    strips_kernel!(strips_f16, f16, load_f16);
-    strips_kernel!(strips_bf16, bf16, load_bf16);
 
     macro_rules! tile_kernel {
         ($name:ident, $ty:ty, $load:ident) => {
@@ -731,19 +738,22 @@ mod tests {
                 assert!((f - scalar::dot_f32(&x, &row)).abs() < 1e-5, "dot_rows rows={rows}");
             }
         }
-        // The strip kernel equals sixteen dot products per column and token, added to what was there.
+        // Packed strips equal sixteen dot products per column and token, added to what was there.
         let (k_in, n_out) = (37usize, 40usize);
         let w: Vec<f32> = data(k_in * n_out, 21);
         let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let k = k_in - 1;
+        let mut packed = vec![0.0f32; k * 2 * STRIP];
+        pack_strips(WeightData::F16(&wh), 3, n_out, k, 2, &mut packed);
         for tokens in 1..=STRIP_TOKENS {
-            let xs: Vec<Vec<f32>> = (0..tokens).map(|r| data(k_in, 30 + r as u32)).collect();
+            let xs: Vec<Vec<f32>> = (0..tokens).map(|r| data(k, 30 + r as u32)).collect();
             let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
             let mut rows: Vec<Vec<f32>> = vec![vec![0.5f32; 2 * STRIP]; tokens];
             let mut acc: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
-            strips_in_out(&refs, WeightData::F16(&wh), 3, n_out, 2, &mut acc);
+            strips_packed(&refs, &packed, 2, &mut acc);
             for (x, o) in xs.iter().zip(&rows) {
                 for (j, v) in o.iter().enumerate() {
-                    let sum: f32 = (0..k_in).map(|k| x[k] * wh[3 + k * n_out + j].to_f32()).sum();
+                    let sum: f32 = (0..k).map(|i| x[i] * wh[3 + i * n_out + j].to_f32()).sum();
                     assert!((v - 0.5 - sum).abs() < 1e-4, "strips tokens={tokens} column {j}: {v} vs {}", 0.5 + sum);
                 }
             }
