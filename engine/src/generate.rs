@@ -1,36 +1,22 @@
 //! Generation on top of the decoder: greedy and sampled decoding with transformers' semantics for
-//! `max_new_tokens`, `min_new_tokens`, EOS, `temperature`, `top_k` and `top_p`.
+//! `max_new_tokens`, `min_new_tokens`, EOS, the logits processors of [`crate::processors`] and the
+//! text stopping rules of [`crate::stopping`].
 
 use std::path::Path;
 use std::time::Instant;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::config::ModelSpec;
 use crate::decoder::Decoder;
 use crate::error::{Error, Result};
-
-/// Sampling settings (transformers' `do_sample=True` with its warpers).
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingOptions {
-    /// Divides the scores before the other warpers (1 = unchanged).
-    pub temperature: f32,
-    /// Keep only the `top_k` highest scores (0 = off). transformers' default is 50.
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
-    pub top_p: f32,
-    /// Seed of the random generator: the same seed gives the same tokens.
-    pub seed: u64,
-}
-
-impl Default for SamplingOptions {
-    /// transformers' `GenerationConfig` defaults.
-    fn default() -> Self {
-        SamplingOptions { temperature: 1.0, top_k: 50, top_p: 1.0, seed: 0 }
-    }
-}
+use crate::processors::suppress;
+pub use crate::processors::{softmax, ProcessorOptions, SamplingOptions};
+use crate::stopping::{BraceMatching, TextStops};
+use crate::tokenizer::Tokenizer;
 
 /// What to generate and when to stop.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,40 +26,138 @@ pub struct GenerationOptions {
     pub min_new_tokens: usize,
     /// Generation stops after any of these (the EOS token is part of the output, as in transformers).
     pub eos_token_ids: Vec<u32>,
+    /// Repetition penalty and no-repeat n-grams (every strategy).
+    pub processors: ProcessorOptions,
     /// None: greedy.
     pub sampling: Option<SamplingOptions>,
+    /// Stop when one of these strings is generated (transformers' `stop_strings`; needs a tokenizer).
+    pub stop_strings: Vec<String>,
+    /// Stop when the braces opened in the generation are closed (needs a tokenizer).
+    pub brace_matching: Option<BraceMatching>,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        GenerationOptions {
+            max_new_tokens: 32,
+            min_new_tokens: 0,
+            eos_token_ids: Vec::new(),
+            processors: ProcessorOptions::default(),
+            sampling: None,
+            stop_strings: Vec::new(),
+            brace_matching: None,
+        }
+    }
 }
 
 impl GenerationOptions {
-    /// Defaults for a checkpoint: EOS from its `generation_config.json`, else from config.json.
+    /// Defaults for a checkpoint: EOS from config.json, then everything its `generation_config.json`
+    /// sets (see [`GenerationOptions::apply_generation_config`]).
     pub fn for_checkpoint(spec: &ModelSpec, generation_config: Option<&Path>) -> Result<Self> {
-        let mut eos = spec.eos_token_ids.clone();
+        let mut options = GenerationOptions { eos_token_ids: spec.eos_token_ids.clone(), ..Default::default() };
         if let Some(path) = generation_config {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
-            match json.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => eos = n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-                Some(serde_json::Value::Array(list)) => {
-                    eos = list.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect()
-                }
-                _ => {}
-            }
+            options.apply_generation_config(path)?;
         }
-        Ok(GenerationOptions { max_new_tokens: 32, min_new_tokens: 0, eos_token_ids: eos, sampling: None })
+        Ok(options)
+    }
+
+    /// Reads a transformers `generation_config.json` over these options: `eos_token_id`,
+    /// `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`,
+    /// `typical_p`, `repetition_penalty`, `no_repeat_ngram_size` and `stop_strings`. Fields of
+    /// strategies this engine does not run yet (`num_beams` > 1, `penalty_alpha`, `dola_layers`) are
+    /// refused by name rather than ignored.
+    pub fn apply_generation_config(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
+        let bad = |field: &str, why: &str| Error::bad_file(path, format!("`{field}` {why}"));
+        let uint = |field: &str| -> Result<Option<usize>> {
+            match json.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(|v| Some(v as usize)).ok_or_else(|| bad(field, "must be a whole number")),
+            }
+        };
+        let float = |field: &str| -> Result<Option<f32>> {
+            match json.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(|v| Some(v as f32)).ok_or_else(|| bad(field, "must be a number")),
+            }
+        };
+        match json.get("eos_token_id") {
+            Some(Value::Number(n)) => self.eos_token_ids = n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(list)) => {
+                self.eos_token_ids = list.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect()
+            }
+            _ => {}
+        }
+        if uint("num_beams")?.is_some_and(|n| n > 1) {
+            return Err(bad("num_beams", "asks for beam search, which layerwise does not run yet"));
+        }
+        if float("penalty_alpha")?.is_some_and(|a| a > 0.0) {
+            return Err(bad("penalty_alpha", "asks for contrastive search, which layerwise does not run yet"));
+        }
+        if json.get("dola_layers").is_some_and(|v| !v.is_null()) {
+            return Err(bad("dola_layers", "asks for DoLa decoding, which layerwise does not run yet"));
+        }
+        if let Some(n) = uint("max_new_tokens")? {
+            self.max_new_tokens = n;
+        }
+        if let Some(n) = uint("min_new_tokens")? {
+            self.min_new_tokens = n;
+        }
+        if let Some(p) = float("repetition_penalty")? {
+            self.processors.repetition_penalty = p;
+        }
+        if let Some(n) = uint("no_repeat_ngram_size")? {
+            self.processors.no_repeat_ngram_size = n;
+        }
+        match json.get("stop_strings") {
+            Some(Value::String(s)) => self.stop_strings = vec![s.clone()],
+            Some(Value::Array(list)) => {
+                self.stop_strings = list
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| bad("stop_strings", "must hold strings")))
+                    .collect::<Result<_>>()?
+            }
+            _ => {}
+        }
+        let do_sample = match json.get("do_sample") {
+            Some(Value::Bool(b)) => Some(*b),
+            None | Some(Value::Null) => None,
+            Some(_) => return Err(bad("do_sample", "must be true or false")),
+        };
+        match do_sample {
+            Some(false) => self.sampling = None,
+            Some(true) => {
+                let mut sampling = self.sampling.take().unwrap_or_default();
+                if let Some(t) = float("temperature")? {
+                    sampling.temperature = t;
+                }
+                if let Some(k) = uint("top_k")? {
+                    sampling.top_k = k;
+                }
+                if let Some(p) = float("top_p")? {
+                    sampling.top_p = p;
+                }
+                if let Some(p) = float("min_p")? {
+                    sampling.min_p = Some(p);
+                }
+                if let Some(p) = float("typical_p")? {
+                    sampling.typical_p = p;
+                }
+                self.sampling = Some(sampling);
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// Checks the options; errors name the option.
     pub fn validate(&self) -> Result<()> {
         if let Some(s) = &self.sampling {
-            if !(s.temperature > 0.0 && s.temperature.is_finite()) {
-                return Err(Error::invalid("temperature", format!("{} must be a positive number", s.temperature)));
-            }
-            if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-                return Err(Error::invalid("top-p", format!("{} is outside (0, 1]", s.top_p)));
-            }
+            s.validate()?;
         }
-        Ok(())
+        self.processors.validate()
     }
 }
 
@@ -82,6 +166,8 @@ impl GenerationOptions {
 pub enum FinishReason {
     Eos,
     MaxNewTokens,
+    /// A stop string was generated, or the braces were closed.
+    StopText,
     /// The caller's callback asked to stop.
     Stopped,
 }
@@ -101,14 +187,24 @@ pub struct Generation {
 
 /// Generates from `prompt` with `decoder` (whose plan decides the scores), calling `on_token` with
 /// each new id as it is chosen; `on_token` returns false to stop early. The sequence is released at
-/// the end.
+/// the end. `tokenizer` is needed only by the text stopping rules (stop strings, brace matching).
 pub fn generate<B: Backend>(
     decoder: &mut Decoder<'_, B>,
     prompt: &[u32],
     options: &GenerationOptions,
+    tokenizer: Option<&Tokenizer>,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
     options.validate()?;
+    let needs_text = !options.stop_strings.is_empty() || options.brace_matching.is_some();
+    let mut text_stops = match (needs_text, tokenizer) {
+        (false, _) => None,
+        (true, Some(tokenizer)) => Some(TextStops::new(tokenizer, &options.stop_strings, options.brace_matching)),
+        (true, None) => {
+            let flag = if options.stop_strings.is_empty() { "brace-matching" } else { "stop" };
+            return Err(Error::invalid(flag, "stopping on text needs the checkpoint's tokenizer, and it has none"));
+        }
+    };
     let spec = decoder.model().spec();
     if prompt.len() + options.max_new_tokens > spec.max_positions {
         return Err(Error::invalid(
@@ -124,6 +220,8 @@ pub fn generate<B: Backend>(
     let seq = decoder.add_sequence(prompt)?;
     let mut rng = options.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed));
     let mut ids = Vec::with_capacity(options.max_new_tokens);
+    // The whole sequence, as transformers' processors and stopping criteria see it.
+    let mut sequence = prompt.to_vec();
     let mut finish = FinishReason::MaxNewTokens;
     let start = Instant::now();
     let mut prefill_s = 0.0;
@@ -139,17 +237,19 @@ pub fn generate<B: Backend>(
             if ids.is_empty() {
                 prefill_s = start.elapsed().as_secs_f64();
             }
+            options.processors.apply(&sequence, &mut scores);
             if ids.len() < options.min_new_tokens {
                 suppress(&mut scores, &options.eos_token_ids);
             }
             let next = match (&options.sampling, rng.as_mut()) {
                 (Some(sampling), Some(rng)) => {
-                    warp(&mut scores, sampling);
+                    sampling.warp(&mut scores, 1);
                     sample(&scores, rng)
                 }
                 _ => argmax(&scores),
             };
             ids.push(next);
+            sequence.push(next);
             if !on_token(next) {
                 finish = FinishReason::Stopped;
                 break;
@@ -157,6 +257,12 @@ pub fn generate<B: Backend>(
             if options.eos_token_ids.contains(&next) {
                 finish = FinishReason::Eos;
                 break;
+            }
+            if let Some(stops) = text_stops.as_mut() {
+                if stops.should_stop(&sequence)? {
+                    finish = FinishReason::StopText;
+                    break;
+                }
             }
             if ids.len() < options.max_new_tokens {
                 decoder.append(seq, next)?;
@@ -181,45 +287,6 @@ pub fn argmax(scores: &[f32]) -> u32 {
     best as u32
 }
 
-/// `MinNewTokensLengthLogitsProcessor`: EOS cannot be chosen yet.
-fn suppress(scores: &mut [f32], ids: &[u32]) {
-    for &id in ids {
-        if let Some(s) = scores.get_mut(id as usize) {
-            *s = f32::NEG_INFINITY;
-        }
-    }
-}
-
-/// transformers' sampling warpers, in its order: temperature, top-k, top-p. Removed tokens get -inf.
-pub fn warp(scores: &mut [f32], options: &SamplingOptions) {
-    if options.temperature != 1.0 {
-        scores.iter_mut().for_each(|s| *s /= options.temperature);
-    }
-    if options.top_k > 0 && options.top_k < scores.len() {
-        // Keep scores >= the k-th largest (ties at the boundary stay, as in transformers).
-        let mut sorted = scores.to_vec();
-        sorted.select_nth_unstable_by(options.top_k - 1, |a, b| b.total_cmp(a));
-        let kth = sorted[options.top_k - 1];
-        scores.iter_mut().filter(|s| **s < kth).for_each(|s| *s = f32::NEG_INFINITY);
-    }
-    if options.top_p < 1.0 {
-        // Ascending sort; drop the low tail whose cumulative probability is <= 1 - top_p, but always
-        // keep the most likely token.
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-        let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
-        let probs = softmax(&sorted);
-        let mut cumulative = 0.0f32;
-        let last = order.len() - 1;
-        for (rank, (&i, p)) in order.iter().zip(probs).enumerate() {
-            cumulative += p;
-            if cumulative <= 1.0 - options.top_p && rank != last {
-                scores[i] = f32::NEG_INFINITY;
-            }
-        }
-    }
-}
-
 /// Draws an index from softmax(scores).
 fn sample(scores: &[f32], rng: &mut ChaCha8Rng) -> u32 {
     let probs = softmax(scores);
@@ -236,11 +303,4 @@ fn sample(scores: &[f32], rng: &mut ChaCha8Rng) -> u32 {
         }
     }
     fallback as u32
-}
-
-/// softmax of a row (a new vector).
-pub fn softmax(scores: &[f32]) -> Vec<f32> {
-    let mut out = scores.to_vec();
-    crate::backend::cpu::softmax_in_place(&mut out);
-    out
 }

@@ -87,9 +87,9 @@ fn check_fixture(name: &str) {
             max_new_tokens,
             min_new_tokens: case.min_new_tokens,
             eos_token_ids: case.eos.clone(),
-            sampling: None,
+            ..Default::default()
         };
-        let out = generate(&mut decoder, &prompt, &generation, |_| true).expect("generate");
+        let out = generate(&mut decoder, &prompt, &generation, None, |_| true).expect("generate");
         assert_eq!(out.ids, case.ids, "{name} {}: generated ids", case.name);
         assert_eq!(decoder.pool().free_blocks(), decoder.pool().num_blocks(), "released at the end");
 

@@ -3,7 +3,7 @@
 //! greedy.
 
 use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::generate::{generate, warp, GenerationOptions, SamplingOptions};
+use layerwise::generate::{generate, GenerationOptions, SamplingOptions};
 use layerwise::load;
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 use serde_json::Value;
@@ -22,10 +22,10 @@ fn warpers_match_transformers() {
             temperature: s["temperature"].as_f64().expect("t") as f32,
             top_k: s["top_k"].as_u64().expect("k") as usize,
             top_p: s["top_p"].as_f64().expect("p") as f32,
-            seed: 0,
+            ..Default::default()
         };
         let mut ours = logits.clone();
-        warp(&mut ours, &options);
+        options.warp(&mut ours, 1);
         let theirs = &recorded[&format!("warped.{i}")].values;
         let kept = theirs.iter().filter(|v| v.is_finite()).count();
         assert!(kept >= 1);
@@ -42,16 +42,15 @@ fn warpers_match_transformers() {
 fn run(options: &GenerationOptions) -> Vec<u32> {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
-    generate(&mut decoder, &[5, 17, 42], options, |_| true).expect("generate").ids
+    generate(&mut decoder, &[5, 17, 42], options, None, |_| true).expect("generate").ids
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_and_seeds_differ() {
     let sampled = |seed| GenerationOptions {
         max_new_tokens: 16,
-        min_new_tokens: 0,
-        eos_token_ids: vec![],
-        sampling: Some(SamplingOptions { temperature: 1.5, top_k: 0, top_p: 1.0, seed }),
+        sampling: Some(SamplingOptions { temperature: 1.5, top_k: 0, seed, ..Default::default() }),
+        ..Default::default()
     };
     let first = run(&sampled(7));
     assert_eq!(first.len(), 16);
@@ -62,9 +61,9 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
 
 #[test]
 fn top_k_of_one_is_greedy() {
-    let greedy = GenerationOptions { max_new_tokens: 10, min_new_tokens: 0, eos_token_ids: vec![], sampling: None };
+    let greedy = GenerationOptions { max_new_tokens: 10, ..Default::default() };
     let top1 = GenerationOptions {
-        sampling: Some(SamplingOptions { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 3 }),
+        sampling: Some(SamplingOptions { top_k: 1, seed: 3, ..Default::default() }),
         ..greedy.clone()
     };
     assert_eq!(run(&greedy), run(&top1));
@@ -75,13 +74,12 @@ fn impossible_sampling_options_are_refused() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
     let mut bad = |sampling: SamplingOptions| {
-        let options =
-            GenerationOptions { max_new_tokens: 4, min_new_tokens: 0, eos_token_ids: vec![], sampling: Some(sampling) };
-        generate(&mut decoder, &[1, 2], &options, |_| true).expect_err("refused").to_string()
+        let options = GenerationOptions { max_new_tokens: 4, sampling: Some(sampling), ..Default::default() };
+        generate(&mut decoder, &[1, 2], &options, None, |_| true).expect_err("refused").to_string()
     };
     assert!(bad(SamplingOptions { top_p: 1.5, ..Default::default() }).contains("top-p"));
     assert!(bad(SamplingOptions { temperature: 0.0, ..Default::default() }).contains("temperature"));
-    let too_long = GenerationOptions { max_new_tokens: 64, min_new_tokens: 0, eos_token_ids: vec![], sampling: None };
-    let msg = generate(&mut decoder, &[1, 2], &too_long, |_| true).expect_err("context").to_string();
+    let too_long = GenerationOptions { max_new_tokens: 64, ..Default::default() };
+    let msg = generate(&mut decoder, &[1, 2], &too_long, None, |_| true).expect_err("context").to_string();
     assert!(msg.contains("max-new-tokens") && msg.contains("64"), "{msg}");
 }

@@ -5,10 +5,10 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::generate::{generate, GenerationOptions, SamplingOptions};
+use layerwise::generate::generate;
 use serde_json::json;
 
-use crate::input::{ModelArgs, PlanArgs, PromptArgs};
+use crate::input::{GenerationArgs, ModelArgs, PlanArgs, PromptArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -18,27 +18,8 @@ pub struct Args {
     prompt: PromptArgs,
     #[command(flatten)]
     plan: PlanArgs,
-    /// Tokens to generate at most.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    max_new_tokens: usize,
-    /// EOS is not allowed before this many new tokens.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    min_new_tokens: usize,
-    /// Sample instead of taking the most likely token.
-    #[arg(long)]
-    do_sample: bool,
-    /// Sampling temperature.
-    #[arg(long, value_name = "T", default_value_t = 1.0, requires = "do_sample")]
-    temperature: f32,
-    /// Sample among the K most likely tokens only (0: all); transformers' default is 50.
-    #[arg(long, value_name = "K", default_value_t = 50, requires = "do_sample")]
-    top_k: usize,
-    /// Sample within the smallest set of tokens whose probability reaches P.
-    #[arg(long, value_name = "P", default_value_t = 1.0, requires = "do_sample")]
-    top_p: f32,
-    /// Seed of the sampler; the same seed gives the same text.
-    #[arg(long, value_name = "S", default_value_t = 0, requires = "do_sample")]
-    seed: u64,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// Print one JSON line at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -48,32 +29,21 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = args.model.load()?;
     let prompt = args.prompt.ids(&loaded)?;
     let plan = args.plan.plan()?.unwrap_or_default();
-    let mut options =
-        GenerationOptions::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
-    options.max_new_tokens = args.max_new_tokens;
-    options.min_new_tokens = args.min_new_tokens;
-    if args.do_sample {
-        options.sampling = Some(SamplingOptions {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        });
-    }
+    let options = args.generation.options(&loaded)?;
     // Room for this one sequence: its prompt and every new token.
-    let cache_tokens = Some(prompt.len() + args.max_new_tokens);
+    let cache_tokens = Some(prompt.len() + options.max_new_tokens);
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, ..Default::default() })
         .context(args.plan.flag())?;
 
     let mut streamer = Streamer::default();
     let stream = !args.json && loaded.tokenizer.is_some();
-    let generation = generate(&mut decoder, &prompt, &options, |token| {
+    let generation = generate(&mut decoder, &prompt, &options, loaded.tokenizer.as_ref(), |token| {
         if stream {
             streamer.push(&loaded, token);
         }
         true
     })
-    .with_context(|| if options.sampling.is_some() { "--do-sample" } else { "generate" })?;
+    .context("generate")?;
     let text = match &loaded.tokenizer {
         Some(tokenizer) => tokenizer.decode(&generation.ids)?,
         None => String::new(),

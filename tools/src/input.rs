@@ -2,6 +2,10 @@
 
 use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
+use std::path::PathBuf;
+
+use layerwise::generate::{GenerationOptions, SamplingOptions};
+use layerwise::stopping::BraceMatching;
 use layerwise::{Cpu, DType, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
@@ -134,4 +138,112 @@ fn parse_contrast(pair: &str) -> Result<ExitPlan> {
         bail!("--contrast `{pair}`: the lower side must be a layer; the original head can only be the upper side");
     }
     Ok(ExitPlan::Contrast { upper, lower: layer(lower)? })
+}
+
+/// Generation settings with transformers' names; each flag overrides the checkpoint's
+/// `generation_config.json` and `--generation-config`.
+#[derive(clap::Args, Debug, Default)]
+pub struct GenerationArgs {
+    /// A transformers generation_config.json read over the checkpoint's own; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub generation_config: Option<PathBuf>,
+    /// Tokens to generate at most [default: 32, or the generation config's].
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// EOS is not allowed before this many new tokens.
+    #[arg(long, value_name = "N")]
+    pub min_new_tokens: Option<usize>,
+    /// Sample instead of taking the most likely token.
+    #[arg(long)]
+    pub do_sample: bool,
+    /// Sampling temperature [default: 1].
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
+    /// Sample among the K most likely tokens only (0: all) [default: 50, as transformers].
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Sample within the smallest set of tokens whose probability reaches P.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, value_name = "P")]
+    pub min_p: Option<f32>,
+    /// Locally typical sampling with mass P.
+    #[arg(long, value_name = "P")]
+    pub typical_p: Option<f32>,
+    /// Seed of the sampler; the same seed gives the same text.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Divide the scores of tokens already in the sequence by X (multiply negative ones).
+    #[arg(long, value_name = "X")]
+    pub repetition_penalty: Option<f32>,
+    /// No n-gram of this size appears twice.
+    #[arg(long, value_name = "N")]
+    pub no_repeat_ngram_size: Option<usize>,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Stop when the braces opened in the generation are closed.
+    #[arg(long)]
+    pub brace_matching: bool,
+    /// Braces already open in the prompt, for --brace-matching.
+    #[arg(long, value_name = "N", requires = "brace_matching")]
+    pub brace_start_level: Option<usize>,
+}
+
+impl GenerationArgs {
+    /// The checkpoint's defaults, then --generation-config, then the flags.
+    pub fn options(&self, loaded: &LoadedModel) -> Result<GenerationOptions> {
+        let mut options =
+            GenerationOptions::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
+        if let Some(path) = &self.generation_config {
+            options.apply_generation_config(path).context("--generation-config")?;
+        }
+        if let Some(n) = self.max_new_tokens {
+            options.max_new_tokens = n;
+        }
+        if let Some(n) = self.min_new_tokens {
+            options.min_new_tokens = n;
+        }
+        if self.do_sample && options.sampling.is_none() {
+            options.sampling = Some(SamplingOptions::default());
+        }
+        let sampling_flags = [
+            ("--temperature", self.temperature.is_some()),
+            ("--top-k", self.top_k.is_some()),
+            ("--top-p", self.top_p.is_some()),
+            ("--min-p", self.min_p.is_some()),
+            ("--typical-p", self.typical_p.is_some()),
+            ("--seed", self.seed.is_some()),
+        ];
+        match options.sampling.as_mut() {
+            Some(sampling) => {
+                sampling.temperature = self.temperature.unwrap_or(sampling.temperature);
+                sampling.top_k = self.top_k.unwrap_or(sampling.top_k);
+                sampling.top_p = self.top_p.unwrap_or(sampling.top_p);
+                sampling.min_p = self.min_p.or(sampling.min_p);
+                sampling.typical_p = self.typical_p.unwrap_or(sampling.typical_p);
+                sampling.seed = self.seed.unwrap_or(sampling.seed);
+            }
+            None => {
+                if let Some((flag, _)) = sampling_flags.iter().find(|(_, given)| *given) {
+                    bail!("{flag} only applies when sampling: add --do-sample (greedy decoding ignores it)");
+                }
+            }
+        }
+        if let Some(p) = self.repetition_penalty {
+            options.processors.repetition_penalty = p;
+        }
+        if let Some(n) = self.no_repeat_ngram_size {
+            options.processors.no_repeat_ngram_size = n;
+        }
+        if !self.stop.is_empty() {
+            options.stop_strings = self.stop.clone();
+        }
+        if self.brace_matching {
+            options.brace_matching = Some(BraceMatching { start_level: self.brace_start_level.unwrap_or(0) });
+        }
+        options.validate().map_err(anyhow::Error::from)?;
+        Ok(options)
+    }
 }

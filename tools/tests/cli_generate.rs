@@ -96,6 +96,55 @@ fn impossible_generate_options_are_refused_by_name() {
     assert_fails_naming(&with(&["--do-sample", "--top-p", "1.5"]), &["top-p", "1.5"]);
     assert_fails_naming(&with(&["--top-k", "5"]), &["--top-k", "--do-sample"]);
     assert_fails_naming(&with(&["--max-new-tokens", "100"]), &["max-new-tokens", "64"]);
+    assert_fails_naming(&with(&["--do-sample", "--min-p", "2"]), &["min-p", "2"]);
+    assert_fails_naming(&with(&["--do-sample", "--typical-p", "0"]), &["typical-p"]);
+    assert_fails_naming(&with(&["--repetition-penalty", "0"]), &["repetition-penalty"]);
+    assert_fails_naming(&with(&["--brace-start-level", "1"]), &["--brace-start-level", "--brace-matching"]);
+    assert_fails_naming(&with(&["--stop", "x"]), &["stop", "tokenizer"]);
+    assert_fails_naming(&with(&["--generation-config", "/nonexistent/gc.json"]), &["/nonexistent/gc.json"]);
+}
+
+#[test]
+fn generation_config_files_set_processors_and_flags_override_them() {
+    // transformers' ids for repetition_penalty 1.3 and 0.7 on this fixture (make_strategy_fixtures.py).
+    let text = std::fs::read_to_string(fixture("strategies/generation.json")).expect("read");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    let case = |penalty: f64| {
+        json["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .find(|c| {
+                c["fixture"] == "gpt2-sharded"
+                    && c["settings"]["repetition_penalty"].as_f64() == Some(penalty)
+                    && c["settings"].as_object().map(|o| o.len()) == Some(1)
+            })
+            .expect("case")
+            .clone()
+    };
+    let (strong, weak) = (case(1.3), case(0.7));
+    let prompt: Vec<String> = strong["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+    let prompt = prompt.join(",");
+    let dir = std::env::temp_dir().join(format!("layerwise-gc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("generation_config.json");
+    std::fs::write(&config, r#"{"repetition_penalty": 1.3, "max_new_tokens": 20, "eos_token_id": null}"#)
+        .expect("write");
+    let model = fixture_str("gpt2-sharded");
+    let base =
+        ["generate", "--model", model.as_str(), "--prompt-ids", prompt.as_str(), "--json", "--generation-config"];
+    let run = |extra: &[&str]| {
+        let args = [&base[..], &[config.to_str().expect("path")], extra].concat();
+        json_line(&layerwise(&args))["ids"].clone()
+    };
+    assert_eq!(run(&[]), strong["ids"]);
+    assert_eq!(run(&["--repetition-penalty", "0.7"]), weak["ids"]);
+    std::fs::write(&config, r#"{"num_beams": 4}"#).expect("write");
+    assert_fails_naming(
+        &[&base[..], &[config.to_str().expect("path")]].concat(),
+        &["num_beams", "generation_config.json"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -1,0 +1,112 @@
+"""Records transformers 4.48's decoding-strategy behaviour on the committed fixture checkpoints.
+
+Writes tests/fixtures/strategies/: processors.safetensors + processors.json (processed scores of each
+logits processor and warper chain on fixed logits), and generation.json (token ids of generate() with
+repetition penalty, no-repeat n-grams and stop strings on every fixture architecture).
+
+    python tools/scripts/make_strategy_fixtures.py   # needs torch, transformers==4.48.2, safetensors
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.logits_process import (MinPLogitsWarper, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests", "fixtures")
+OUT = os.path.join(FIXTURES, "strategies")
+
+
+def record_processors():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 96, generator=gen) * 3
+    sequence = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 5, 17]  # "5 17" repeats: bigram and trigram bans
+    ids = torch.tensor([sequence])
+    # Each case: the processors in transformers' order, with their arguments.
+    cases = [
+        {"repetition_penalty": 1.3},
+        {"repetition_penalty": 0.8},
+        {"no_repeat_ngram_size": 2},
+        {"no_repeat_ngram_size": 3},
+        {"min_p": 0.05},
+        {"min_p": 0.3, "temperature": 0.7},
+        {"typical_p": 0.9},
+        {"typical_p": 0.5, "top_k": 20},
+        {"repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "temperature": 0.8, "top_k": 30, "top_p": 0.9,
+         "min_p": 0.02, "typical_p": 0.95},
+    ]
+    tensors = {"logits": logits[0].contiguous()}
+    for i, case in enumerate(cases):
+        scores = logits.clone()
+        if case.get("repetition_penalty", 1.0) != 1.0:
+            scores = RepetitionPenaltyLogitsProcessor(case["repetition_penalty"])(ids, scores)
+        if case.get("no_repeat_ngram_size", 0) > 0:
+            scores = NoRepeatNGramLogitsProcessor(case["no_repeat_ngram_size"])(ids, scores)
+        if case.get("temperature", 1.0) != 1.0:
+            scores = TemperatureLogitsWarper(case["temperature"])(ids, scores)
+        if case.get("top_k", 0) > 0:
+            scores = TopKLogitsWarper(case["top_k"])(ids, scores)
+        if case.get("top_p", 1.0) < 1.0:
+            scores = TopPLogitsWarper(case["top_p"])(ids, scores)
+        if "min_p" in case:
+            scores = MinPLogitsWarper(case["min_p"])(ids, scores)
+        if case.get("typical_p", 1.0) < 1.0:
+            scores = TypicalLogitsWarper(case["typical_p"])(ids, scores)
+        tensors[f"processed.{i}"] = scores[0].contiguous()
+    save_file(tensors, os.path.join(OUT, "processors.safetensors"))
+    json.dump({"sequence": sequence, "cases": cases}, open(os.path.join(OUT, "processors.json"), "w"), indent=1)
+    print(f"  {len(cases)} processor chains")
+
+
+def generate(model, prompt, **kwargs):
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=eos, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def record_generations():
+    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    cases = []
+    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
+        model.eval()
+        for settings in [{"repetition_penalty": 1.3}, {"repetition_penalty": 0.7}, {"no_repeat_ngram_size": 2},
+                         {"no_repeat_ngram_size": 3, "repetition_penalty": 1.1}]:
+            # No EOS: the full length exercises the processors at every step.
+            ids = generate(model, prompt, max_new_tokens=20, eos_token_id=None, **settings)
+            plain = generate(model, prompt, max_new_tokens=20, eos_token_id=None)
+            cases.append({"fixture": fixture, "prompt": prompt, "max_new_tokens": 20, "settings": settings,
+                          "ids": ids, "differs_from_greedy": ids != plain})
+    # Stop strings need text: the demo checkpoint has the real GPT-2 vocabulary.
+    demo = os.path.join(FIXTURES, "demo-gpt2-multiexit")
+    tokenizer = AutoTokenizer.from_pretrained(demo)
+    model = AutoModelForCausalLM.from_pretrained(demo, torch_dtype=torch.float32)
+    model.eval()
+    prompt = tokenizer("The benefits of bad advice")["input_ids"]
+    free = generate(model, prompt, max_new_tokens=24, eos_token_id=None)
+    texts = [tokenizer.decode([t]) for t in free]
+    # A stop string across the boundary of tokens 6 and 7, one that is a whole later token, and one
+    # inside a token but not at its start.
+    across = texts[6][-2:] + texts[7][:2]
+    whole = texts[12]
+    inner = next((t[1:3] for t in texts if len(t) >= 4), None)
+    for stops in [[across], [whole], [inner], [across, whole]]:
+        if not stops or None in stops:
+            continue
+        ids = generate(model, prompt, max_new_tokens=24, eos_token_id=None, stop_strings=stops, tokenizer=tokenizer)
+        cases.append({"fixture": "demo-gpt2-multiexit", "prompt": prompt, "max_new_tokens": 24,
+                      "settings": {"stop_strings": stops}, "ids": ids, "differs_from_greedy": ids != free})
+    json.dump({"cases": cases}, open(os.path.join(OUT, "generation.json"), "w"), indent=1, ensure_ascii=False)
+    print(f"  {len(cases)} generations")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    os.makedirs(OUT, exist_ok=True)
+    record_processors()
+    record_generations()
