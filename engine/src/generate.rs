@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::backend::Backend;
+use crate::beam::{beam_search, BeamOptions, EarlyStopping};
 use crate::config::ModelSpec;
 use crate::decoder::Decoder;
 use crate::error::{Error, Result};
@@ -34,6 +35,8 @@ pub struct GenerationOptions {
     pub stop_strings: Vec<String>,
     /// Stop when the braces opened in the generation are closed (needs a tokenizer).
     pub brace_matching: Option<BraceMatching>,
+    /// Beam search (`num_beams` > 1) and how many sequences to return.
+    pub beam: BeamOptions,
 }
 
 impl Default for GenerationOptions {
@@ -46,6 +49,7 @@ impl Default for GenerationOptions {
             sampling: None,
             stop_strings: Vec::new(),
             brace_matching: None,
+            beam: BeamOptions::default(),
         }
     }
 }
@@ -90,8 +94,21 @@ impl GenerationOptions {
             }
             _ => {}
         }
-        if uint("num_beams")?.is_some_and(|n| n > 1) {
-            return Err(bad("num_beams", "asks for beam search, which layerwise does not run yet"));
+        if let Some(n) = uint("num_beams")? {
+            self.beam.num_beams = n;
+        }
+        if let Some(n) = uint("num_return_sequences")? {
+            self.beam.num_return_sequences = n;
+        }
+        if let Some(p) = float("length_penalty")? {
+            self.beam.length_penalty = p;
+        }
+        match json.get("early_stopping") {
+            Some(Value::Bool(true)) => self.beam.early_stopping = EarlyStopping::Always,
+            Some(Value::Bool(false)) => self.beam.early_stopping = EarlyStopping::Heuristic,
+            Some(Value::String(s)) if s == "never" => self.beam.early_stopping = EarlyStopping::Never,
+            None | Some(Value::Null) => {}
+            Some(_) => return Err(bad("early_stopping", "must be true, false or \"never\"")),
         }
         if float("penalty_alpha")?.is_some_and(|a| a > 0.0) {
             return Err(bad("penalty_alpha", "asks for contrastive search, which layerwise does not run yet"));
@@ -157,7 +174,22 @@ impl GenerationOptions {
         if let Some(s) = &self.sampling {
             s.validate()?;
         }
+        self.beam.validate(self.sampling.is_some())?;
+        if self.beam.num_beams > 1 && (!self.stop_strings.is_empty() || self.brace_matching.is_some()) {
+            return Err(Error::invalid(
+                "num-beams",
+                "stop strings and brace matching apply to one sequence, not to beams",
+            ));
+        }
         self.processors.validate()
+    }
+
+    /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs.
+    pub fn cache_tokens(&self, prompt_len: usize) -> usize {
+        // Beams share their prefix, but in the worst case each holds its own blocks, plus one
+        // partly-filled block copied on write per beam.
+        let beams = self.beam.num_beams.max(1);
+        beams * (prompt_len + self.max_new_tokens + 16)
     }
 }
 
@@ -175,8 +207,10 @@ pub enum FinishReason {
 /// The result of [`generate`].
 #[derive(Clone, Debug)]
 pub struct Generation {
-    /// Generated ids only (the prompt is not repeated).
+    /// Generated ids only (the prompt is not repeated); the best sequence.
     pub ids: Vec<u32>,
+    /// Every returned sequence, best (or first) first: `num_return_sequences` of them.
+    pub sequences: Vec<Vec<u32>>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     /// Seconds of the prompt's forward pass (to the first token's scores).
@@ -217,8 +251,50 @@ pub fn generate<B: Backend>(
             ),
         ));
     }
-    let seq = decoder.add_sequence(prompt)?;
+    let start = Instant::now();
+    if options.beam.num_beams > 1 {
+        let hypotheses = beam_search(decoder, prompt, options, &options.beam)?;
+        let sequences: Vec<Vec<u32>> = hypotheses.into_iter().map(|h| h.ids).collect();
+        let ids = sequences.first().cloned().unwrap_or_default();
+        let mut finish = match ids.last() {
+            Some(last) if options.eos_token_ids.contains(last) => FinishReason::Eos,
+            _ => FinishReason::MaxNewTokens,
+        };
+        for &token in &ids {
+            if !on_token(token) {
+                finish = FinishReason::Stopped;
+                break;
+            }
+        }
+        let total = start.elapsed().as_secs_f64();
+        return Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s: 0.0, decode_s: total });
+    }
     let mut rng = options.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed));
+    let (ids, finish, prefill_s) =
+        one_sequence(decoder, prompt, options, text_stops.as_mut(), rng.as_mut(), &mut on_token)?;
+    let mut sequences = vec![ids.clone()];
+    // More samples continue the same random stream; only the first is streamed.
+    for _ in 1..options.beam.num_return_sequences {
+        let mut stops = match (needs_text, tokenizer) {
+            (true, Some(tokenizer)) => Some(TextStops::new(tokenizer, &options.stop_strings, options.brace_matching)),
+            _ => None,
+        };
+        sequences.push(one_sequence(decoder, prompt, options, stops.as_mut(), rng.as_mut(), &mut |_| true)?.0);
+    }
+    let total = start.elapsed().as_secs_f64();
+    Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s, decode_s: total - prefill_s })
+}
+
+/// Greedy or sampled decoding of one sequence: its ids, why it ended, and the prefill seconds.
+fn one_sequence<B: Backend>(
+    decoder: &mut Decoder<'_, B>,
+    prompt: &[u32],
+    options: &GenerationOptions,
+    mut text_stops: Option<&mut TextStops<'_>>,
+    mut rng: Option<&mut ChaCha8Rng>,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, FinishReason, f64)> {
+    let seq = decoder.add_sequence(prompt)?;
     let mut ids = Vec::with_capacity(options.max_new_tokens);
     // The whole sequence, as transformers' processors and stopping criteria see it.
     let mut sequence = prompt.to_vec();
@@ -241,7 +317,7 @@ pub fn generate<B: Backend>(
             if ids.len() < options.min_new_tokens {
                 suppress(&mut scores, &options.eos_token_ids);
             }
-            let next = match (&options.sampling, rng.as_mut()) {
+            let next = match (&options.sampling, rng.as_deref_mut()) {
                 (Some(sampling), Some(rng)) => {
                     sampling.warp(&mut scores, 1);
                     sample(&scores, rng)
@@ -258,7 +334,7 @@ pub fn generate<B: Backend>(
                 finish = FinishReason::Eos;
                 break;
             }
-            if let Some(stops) = text_stops.as_mut() {
+            if let Some(stops) = text_stops.as_deref_mut() {
                 if stops.should_stop(&sequence)? {
                     finish = FinishReason::StopText;
                     break;
@@ -272,8 +348,7 @@ pub fn generate<B: Backend>(
     })();
     decoder.release(seq)?;
     result?;
-    let total = start.elapsed().as_secs_f64();
-    Ok(Generation { ids, finish, prompt_tokens: prompt.len(), prefill_s, decode_s: total - prefill_s })
+    Ok((ids, finish, prefill_s))
 }
 
 /// The first index of the largest score (torch.argmax's choice among ties).

@@ -18,12 +18,24 @@ pub struct BlockPool {
     block_size: usize,
     refcount: Vec<u32>,
     free: Vec<BlockId>,
+    /// The most blocks ever in use at once.
+    peak_used: usize,
 }
 
 impl BlockPool {
     /// A pool of `num_blocks` blocks of `block_size` token slots each.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        BlockPool { block_size, refcount: vec![0; num_blocks], free: (0..num_blocks as BlockId).rev().collect() }
+        BlockPool {
+            block_size,
+            refcount: vec![0; num_blocks],
+            free: (0..num_blocks as BlockId).rev().collect(),
+            peak_used: 0,
+        }
+    }
+
+    /// The most blocks that were ever in use at once (shared blocks count once).
+    pub fn peak_used_blocks(&self) -> usize {
+        self.peak_used
     }
 
     /// Token slots per block.
@@ -58,6 +70,7 @@ impl BlockPool {
             )
         })?;
         self.refcount[block as usize] = 1;
+        self.peak_used = self.peak_used.max(self.num_blocks() - self.free.len());
         Ok(block)
     }
 

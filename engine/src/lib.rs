@@ -21,6 +21,7 @@
 //! ```
 
 pub mod backend;
+pub mod beam;
 pub mod config;
 pub mod decoder;
 pub mod error;

@@ -2,7 +2,9 @@
 
 Writes tests/fixtures/strategies/: processors.safetensors + processors.json (processed scores of each
 logits processor and warper chain on fixed logits), and generation.json (token ids of generate() with
-repetition penalty, no-repeat n-grams and stop strings on every fixture architecture).
+repetition penalty, no-repeat n-grams and stop strings on every fixture architecture) and beams.json (beam
+search with each early_stopping rule, length penalties and several returned sequences; under ACD through
+upstream autocontrastive-gen).
 
     python tools/scripts/make_strategy_fixtures.py   # needs torch, transformers==4.48.2, safetensors
 """
@@ -105,8 +107,65 @@ def record_generations():
     print(f"  {len(cases)} generations")
 
 
+def beam_generate(model, prompt, **kwargs):
+    """generate() with beams; every returned sequence's new ids (pad -1 stripped)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=-1, **kwargs)
+    return [[t for t in row[len(prompt):].tolist() if t != -1] for row in out]
+
+
+def upstream_model(fixture, upper, lower):
+    """Upstream autocontrastive-gen's model with an ACD plan (exit heads, alpha 0.1)."""
+    from autocontrastive_gen.modeling.auto_model import AutoMultiExitModel
+    from autocontrastive_gen.modeling.configuration import MultiExitConfiguration
+    config = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=(upper, lower))
+    model = AutoMultiExitModel.from_pretrained(os.path.join(FIXTURES, fixture), multi_exit_config=config,
+                                               torch_dtype=torch.float32)
+    model.eval()
+    forward = model.forward  # upstream 0.2.0 predates the cache_position argument (see make_fixtures.py)
+    model.forward = lambda *a, cache_position=None, **kw: forward(*a, **kw)
+    return model
+
+
+def record_beams():
+    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    settings_list = [
+        {"num_beams": 4},
+        {"num_beams": 4, "early_stopping": True},
+        {"num_beams": 4, "early_stopping": "never"},
+        {"num_beams": 3, "length_penalty": 0.5, "num_return_sequences": 3},
+        {"num_beams": 4, "length_penalty": 2.0, "early_stopping": "never", "num_return_sequences": 2},
+        {"num_beams": 4, "length_penalty": -1.0, "num_return_sequences": 4},
+        {"num_beams": 4, "no_repeat_ngram_size": 2},
+        {"num_beams": 2, "repetition_penalty": 1.3, "min_new_tokens": 5},
+    ]
+    cases = []
+    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
+        model.eval()
+        # A token the search likes as EOS, so that hypotheses end early and EOS rules matter.
+        eos = beam_generate(model, prompt, max_new_tokens=16, num_beams=4, eos_token_id=None)[0][3]
+        for settings in settings_list:
+            sequences = beam_generate(model, prompt, max_new_tokens=16, eos_token_id=eos, **settings)
+            cases.append({"fixture": fixture, "plan": "original", "prompt": prompt, "max_new_tokens": 16,
+                          "eos_token_id": eos, "settings": settings, "sequences": sequences})
+    # Beam search under ACD, through upstream's own model (gpt2 and gpt-neo).
+    for fixture, upper, lower in [("gpt2-sharded", 4, 1), ("gpt-neo-bin", 4, 2)]:
+        model = upstream_model(fixture, upper, lower)
+        eos = beam_generate(model, prompt, max_new_tokens=16, num_beams=4, eos_token_id=None)[0][3]
+        for settings in [{"num_beams": 4}, {"num_beams": 3, "num_return_sequences": 2, "early_stopping": True}]:
+            sequences = beam_generate(model, prompt, max_new_tokens=16, eos_token_id=eos, **settings)
+            cases.append({"fixture": fixture, "plan": f"contrast.{upper}.{lower}", "prompt": prompt,
+                          "max_new_tokens": 16, "eos_token_id": eos, "settings": settings, "sequences": sequences,
+                          "reference": "transformers generate() + upstream autocontrastive-gen"})
+    json.dump({"cases": cases}, open(os.path.join(OUT, "beams.json"), "w"), indent=1)
+    ended = sum(any(len(s) < 16 for s in c["sequences"]) for c in cases)
+    print(f"  {len(cases)} beam searches, {ended} with a hypothesis ended by EOS")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     os.makedirs(OUT, exist_ok=True)
     record_processors()
     record_generations()
+    record_beams()

@@ -30,8 +30,8 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = args.prompt.ids(&loaded)?;
     let plan = args.plan.plan()?.unwrap_or_default();
     let options = args.generation.options(&loaded)?;
-    // Room for this one sequence: its prompt and every new token.
-    let cache_tokens = Some(prompt.len() + options.max_new_tokens);
+    // Room for the prompt and every new token of every beam.
+    let cache_tokens = Some(options.cache_tokens(prompt.len()));
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, ..Default::default() })
         .context(args.plan.flag())?;
 
@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
     let decode_steps = new_tokens.saturating_sub(1);
     let decode_tok_per_s = if generation.decode_s > 0.0 { decode_steps as f64 / generation.decode_s } else { 0.0 };
     if args.json {
-        let line = json!({
+        let mut line = json!({
             "ids": generation.ids,
             "text": text,
             "prompt_tokens": generation.prompt_tokens,
@@ -61,6 +61,9 @@ pub fn run(args: Args) -> Result<()> {
             "decode_s": generation.decode_s,
             "decode_tok_per_s": decode_tok_per_s,
         });
+        if generation.sequences.len() > 1 {
+            line["sequences"] = json!(generation.sequences);
+        }
         println!("{line}");
     } else {
         if !stream {

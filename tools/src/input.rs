@@ -189,6 +189,19 @@ pub struct GenerationArgs {
     /// Braces already open in the prompt, for --brace-matching.
     #[arg(long, value_name = "N", requires = "brace_matching")]
     pub brace_start_level: Option<usize>,
+    /// Beam search with N beams (1: none).
+    #[arg(long, value_name = "N")]
+    pub num_beams: Option<usize>,
+    /// Beam hypotheses are ranked by score / length ^ X [default: 1].
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    pub length_penalty: Option<f32>,
+    /// When beam search ends: true (num_beams hypotheses finished), false (heuristic, the default)
+    /// or never (no better hypothesis possible); the bare flag means true.
+    #[arg(long, value_name = "WHEN", num_args = 0..=1, default_missing_value = "true")]
+    pub early_stopping: Option<String>,
+    /// Sequences to return (beams, or independent samples with --do-sample).
+    #[arg(long, value_name = "N")]
+    pub num_return_sequences: Option<usize>,
 }
 
 impl GenerationArgs {
@@ -242,6 +255,18 @@ impl GenerationArgs {
         }
         if self.brace_matching {
             options.brace_matching = Some(BraceMatching { start_level: self.brace_start_level.unwrap_or(0) });
+        }
+        if let Some(n) = self.num_beams {
+            options.beam.num_beams = n;
+        }
+        if let Some(p) = self.length_penalty {
+            options.beam.length_penalty = p;
+        }
+        if let Some(when) = &self.early_stopping {
+            options.beam.early_stopping = when.parse().map_err(anyhow::Error::from)?;
+        }
+        if let Some(n) = self.num_return_sequences {
+            options.beam.num_return_sequences = n;
         }
         options.validate().map_err(anyhow::Error::from)?;
         Ok(options)

@@ -28,7 +28,7 @@ enum Command {
     /// Run a prompt through the model and write logits, exit-head logits and hidden states.
     Forward(forward::Args),
     /// Generate text from the original head, an early exit (--exit) or an ACD contrast (--contrast).
-    Generate(generate::Args),
+    Generate(Box<generate::Args>),
     /// Measure generation and prefill throughput, peak memory and the fraction of the memory-bandwidth bound.
     Bench(bench::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => forward::run(args),
         Command::Info(args) => info::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -139,10 +139,10 @@ fn generation_config_files_set_processors_and_flags_override_them() {
     };
     assert_eq!(run(&[]), strong["ids"]);
     assert_eq!(run(&["--repetition-penalty", "0.7"]), weak["ids"]);
-    std::fs::write(&config, r#"{"num_beams": 4}"#).expect("write");
+    std::fs::write(&config, r#"{"penalty_alpha": 0.6, "top_k": 4}"#).expect("write");
     assert_fails_naming(
         &[&base[..], &[config.to_str().expect("path")]].concat(),
-        &["num_beams", "generation_config.json"],
+        &["penalty_alpha", "generation_config.json"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -166,4 +166,55 @@ fn forward_under_a_plan_writes_the_plan_output_as_logits() {
         assert!((a.exp() - b.exp()).abs() <= 1e-5, "probabilities {} vs {}", a.exp(), b.exp());
     }
     assert!(written.contains_key("exit.1") && written.contains_key("hidden.4"), "the other tensors are still written");
+}
+
+#[test]
+fn beam_search_flags_return_every_sequence() {
+    // transformers' beams (make_strategy_fixtures.py): gpt2-sharded, 3 beams, length penalty 0.5,
+    // three sequences, EOS 46; and 4 beams with early stopping.
+    let text = std::fs::read_to_string(fixture("strategies/beams.json")).expect("read");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    let find = |settings: &str| {
+        let wanted: Value = serde_json::from_str(settings).expect("settings");
+        json["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .find(|c| c["fixture"] == "gpt2-sharded" && c["plan"] == "original" && c["settings"] == wanted)
+            .expect("case")
+            .clone()
+    };
+    let three = find(r#"{"num_beams": 3, "length_penalty": 0.5, "num_return_sequences": 3}"#);
+    let early = find(r#"{"num_beams": 4, "early_stopping": true}"#);
+    let prompt: Vec<String> = three["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+    let prompt = prompt.join(",");
+    let dir = std::env::temp_dir().join(format!("layerwise-beams-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("generation_config.json");
+    std::fs::write(&config, format!(r#"{{"eos_token_id": {}}}"#, three["eos_token_id"])).expect("write");
+    let model = fixture_str("gpt2-sharded");
+    let config = config.to_str().expect("path");
+    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", config];
+    let base = base.map(String::from);
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+        json_line(&layerwise(&args))
+    };
+    let out =
+        run(&["--max-new-tokens", "16", "--num-beams", "3", "--length-penalty", "0.5", "--num-return-sequences", "3"]);
+    assert_eq!(out["sequences"], three["sequences"]);
+    assert_eq!(out["ids"], three["sequences"][0]);
+    let out = run(&["--max-new-tokens", "16", "--num-beams", "4", "--early-stopping"]);
+    assert_eq!(out["ids"], early["sequences"][0]);
+    assert!(out.get("sequences").is_none(), "one sequence: no sequences key");
+    let args: Vec<&str> = base.iter().map(String::as_str).collect();
+    assert_fails_naming(
+        &[&args[..], &["--num-beams", "1", "--num-return-sequences", "3"]].concat(),
+        &["num-return-sequences", "--num-beams"],
+    );
+    assert_fails_naming(
+        &[&args[..], &["--num-beams", "2", "--early-stopping", "sometimes"]].concat(),
+        &["early-stopping", "sometimes"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
