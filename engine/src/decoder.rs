@@ -63,6 +63,23 @@ pub struct StepOutput {
     /// `[vocab]`: the plan's output at the sequence's last position (logits, or log-probabilities
     /// for a contrast).
     pub logits: Vec<f32>,
+    /// With [`StepExtras::hidden_states`]: `[new tokens, hidden]`, the final-normed state of the plan's
+    /// main layer at every token this step ran (transformers' last `hidden_states` entry for the
+    /// original head). Empty otherwise.
+    pub hidden: Vec<f32>,
+    /// With [`StepExtras::premature_layers`]: for each of those layers, `[vocab]` logits of the
+    /// original LM head applied to that layer's raw state at the last position (no final norm, as
+    /// transformers' DoLa does). Empty otherwise.
+    pub premature: Vec<Vec<f32>>,
+}
+
+/// What a step returns besides the plan's output (strategies that look inside the model).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepExtras {
+    /// Final-normed states of every new token (contrastive search's degeneration penalty).
+    pub hidden_states: bool,
+    /// Layers (0 = embeddings) whose raw last-position states go through the LM head (DoLa).
+    pub premature_layers: Vec<usize>,
 }
 
 struct Sequence {
@@ -84,6 +101,7 @@ pub struct Decoder<'m, B: Backend> {
     sequences: BTreeMap<SeqId, Sequence>,
     next_id: u64,
     blocks_run: u64,
+    extras: StepExtras,
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -112,7 +130,21 @@ impl<'m, B: Backend> Decoder<'m, B> {
             sequences: BTreeMap::new(),
             next_id: 0,
             blocks_run: 0,
+            extras: StepExtras::default(),
         })
+    }
+
+    /// Asks every later step for more than the plan's output. Premature layers must lie below the
+    /// plan's depth (the layers a step runs).
+    pub fn set_extras(&mut self, extras: StepExtras) -> Result<()> {
+        if let Some(&layer) = extras.premature_layers.iter().find(|&&l| l >= self.depth.max(1)) {
+            return Err(Error::invalid(
+                "dola-layers",
+                format!("layer {layer} is not below the {} layers this plan runs", self.depth),
+            ));
+        }
+        self.extras = extras;
+        Ok(())
     }
 
     /// Starts a sequence; its prompt runs at the next [`Decoder::step`].
@@ -236,6 +268,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let mut positions = Vec::with_capacity(slots.len());
         let mut slices = Vec::with_capacity(ready.len());
         let mut last_rows = Vec::with_capacity(ready.len());
+        let mut row_spans = Vec::with_capacity(ready.len());
         for (&id, &(_, before)) in ready.iter().zip(&reserved) {
             let sequence = &self.sequences[&id];
             let new = &sequence.tokens[sequence.tokens.len() - sequence.pending..];
@@ -245,6 +278,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 first_position: before,
                 block_table: sequence.table.blocks(),
             });
+            row_spans.push((ids.len(), new.len()));
             ids.extend_from_slice(new);
             positions.extend(before..before + new.len());
             last_rows.push(ids.len() - 1);
@@ -254,11 +288,20 @@ impl<'m, B: Backend> Decoder<'m, B> {
         // Run the blocks the plan needs, keeping the last row of each sequence at the layers it reads.
         let n = self.model.spec().num_layers;
         let (main, lower) = self.sources;
-        let wanted = |layer: usize| main.depth(n) == layer || lower.is_some_and(|l| l.depth(n) == layer);
+        let premature = &self.extras.premature_layers;
+        let wanted = |layer: usize| {
+            (layer > 0 && (main.depth(n) == layer || lower.is_some_and(|l| l.depth(n) == layer)))
+                || premature.contains(&layer)
+        };
+        let all_rows: Vec<usize> = if self.extras.hidden_states { (0..ids.len()).collect() } else { Vec::new() };
         let mut kept: BTreeMap<usize, B::Tensor> = BTreeMap::new();
+        let mut main_state = None;
         self.model.run_blocks(&ids, &batch, &mut self.store, self.depth, |layer, x| {
-            if layer > 0 && wanted(layer) {
+            if wanted(layer) {
                 kept.insert(layer, b.gather_rows(x, &last_rows));
+            }
+            if !all_rows.is_empty() && layer == main.depth(n) {
+                main_state = Some(b.gather_rows(x, &all_rows));
             }
         });
         drop(batch);
@@ -268,12 +311,41 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let host = b.to_host(&output);
 
         let vocab = self.model.spec().vocab_size;
+        let hidden_size = self.model.spec().hidden_size;
+        let hidden = main_state.map(|state| b.to_host(&self.model.final_norm(&state))).unwrap_or_default();
+        // Every premature layer's last rows through the LM head in one product: one read of the head.
+        let premature_logits = if premature.is_empty() {
+            Vec::new()
+        } else {
+            let mut stacked = Vec::with_capacity(premature.len() * ready.len() * hidden_size);
+            for layer in premature {
+                stacked.extend(b.to_host(&kept[layer]));
+            }
+            let rows = premature.len() * ready.len();
+            b.to_host(&self.model.lm_head_raw(&b.upload(stacked, rows, hidden_size)))
+        };
         let mut outputs = Vec::with_capacity(ready.len());
-        for (row, &id) in ready.iter().enumerate() {
+        for (row, (&id, span)) in ready.iter().zip(&row_spans).enumerate() {
             if let Some(sequence) = self.sequences.get_mut(&id) {
                 sequence.pending = 0;
             }
-            outputs.push(StepOutput { seq: id, logits: host[row * vocab..(row + 1) * vocab].to_vec() });
+            let hidden = if hidden.is_empty() {
+                Vec::new()
+            } else {
+                hidden[span.0 * hidden_size..(span.0 + span.1) * hidden_size].to_vec()
+            };
+            let premature = (0..premature.len())
+                .map(|p| {
+                    let r = p * ready.len() + row;
+                    premature_logits[r * vocab..(r + 1) * vocab].to_vec()
+                })
+                .collect();
+            outputs.push(StepOutput {
+                seq: id,
+                logits: host[row * vocab..(row + 1) * vocab].to_vec(),
+                hidden,
+                premature,
+            });
         }
         Ok(outputs)
     }

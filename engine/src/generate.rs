@@ -12,7 +12,10 @@ use serde_json::Value;
 use crate::backend::Backend;
 use crate::beam::{beam_search, BeamOptions, EarlyStopping};
 use crate::config::ModelSpec;
+use crate::contrastive::{contrastive_search, ContrastiveOptions};
 use crate::decoder::Decoder;
+use crate::decoder::StepExtras;
+use crate::dola::DolaLayers;
 use crate::error::{Error, Result};
 use crate::processors::suppress;
 pub use crate::processors::{softmax, ProcessorOptions, SamplingOptions};
@@ -37,6 +40,11 @@ pub struct GenerationOptions {
     pub brace_matching: Option<BraceMatching>,
     /// Beam search (`num_beams` > 1) and how many sequences to return.
     pub beam: BeamOptions,
+    /// Contrastive search (transformers runs it when `penalty_alpha` > 0 and `top_k` > 1 without
+    /// sampling).
+    pub contrastive: Option<ContrastiveOptions>,
+    /// DoLa: contrast the final layer with a premature one picked among these.
+    pub dola_layers: Option<DolaLayers>,
 }
 
 impl Default for GenerationOptions {
@@ -50,6 +58,8 @@ impl Default for GenerationOptions {
             stop_strings: Vec::new(),
             brace_matching: None,
             beam: BeamOptions::default(),
+            contrastive: None,
+            dola_layers: None,
         }
     }
 }
@@ -67,9 +77,9 @@ impl GenerationOptions {
 
     /// Reads a transformers `generation_config.json` over these options: `eos_token_id`,
     /// `max_new_tokens`, `min_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`,
-    /// `typical_p`, `repetition_penalty`, `no_repeat_ngram_size` and `stop_strings`. Fields of
-    /// strategies this engine does not run yet (`num_beams` > 1, `penalty_alpha`, `dola_layers`) are
-    /// refused by name rather than ignored.
+    /// `typical_p`, `repetition_penalty`, `no_repeat_ngram_size`, `stop_strings`, `num_beams`,
+    /// `num_return_sequences`, `length_penalty`, `early_stopping`, `penalty_alpha` (with `top_k`) and
+    /// `dola_layers`. A field of the wrong type is an error naming it and the file.
     pub fn apply_generation_config(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: Value =
@@ -87,6 +97,9 @@ impl GenerationOptions {
                 Some(v) => v.as_f64().map(|v| Some(v as f32)).ok_or_else(|| bad(field, "must be a number")),
             }
         };
+        // Read every field first, so that a wrong type is reported even where it would not apply.
+        let (temperature, top_k, top_p) = (float("temperature")?, uint("top_k")?, float("top_p")?);
+        let (min_p, typical_p, penalty_alpha) = (float("min_p")?, float("typical_p")?, float("penalty_alpha")?);
         match json.get("eos_token_id") {
             Some(Value::Number(n)) => self.eos_token_ids = n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             Some(Value::Array(list)) => {
@@ -110,11 +123,17 @@ impl GenerationOptions {
             None | Some(Value::Null) => {}
             Some(_) => return Err(bad("early_stopping", "must be true, false or \"never\"")),
         }
-        if float("penalty_alpha")?.is_some_and(|a| a > 0.0) {
-            return Err(bad("penalty_alpha", "asks for contrastive search, which layerwise does not run yet"));
-        }
-        if json.get("dola_layers").is_some_and(|v| !v.is_null()) {
-            return Err(bad("dola_layers", "asks for DoLa decoding, which layerwise does not run yet"));
+        match json.get("dola_layers") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => {
+                self.dola_layers = Some(s.parse().map_err(|_| bad("dola_layers", "must be low, high or a list"))?)
+            }
+            Some(Value::Array(list)) => {
+                let layers = list.iter().map(|v| v.as_u64().map(|l| l as usize)).collect::<Option<Vec<_>>>();
+                self.dola_layers =
+                    Some(DolaLayers::List(layers.ok_or_else(|| bad("dola_layers", "must hold layers"))?));
+            }
+            Some(_) => return Err(bad("dola_layers", "must be low, high or a list of layers")),
         }
         if let Some(n) = uint("max_new_tokens")? {
             self.max_new_tokens = n;
@@ -147,24 +166,29 @@ impl GenerationOptions {
             Some(false) => self.sampling = None,
             Some(true) => {
                 let mut sampling = self.sampling.take().unwrap_or_default();
-                if let Some(t) = float("temperature")? {
+                if let Some(t) = temperature {
                     sampling.temperature = t;
                 }
-                if let Some(k) = uint("top_k")? {
+                if let Some(k) = top_k {
                     sampling.top_k = k;
                 }
-                if let Some(p) = float("top_p")? {
+                if let Some(p) = top_p {
                     sampling.top_p = p;
                 }
-                if let Some(p) = float("min_p")? {
+                if let Some(p) = min_p {
                     sampling.min_p = Some(p);
                 }
-                if let Some(p) = float("typical_p")? {
+                if let Some(p) = typical_p {
                     sampling.typical_p = p;
                 }
                 self.sampling = Some(sampling);
             }
             None => {}
+        }
+        // transformers' choice: contrastive search when penalty_alpha > 0 and top_k > 1, not sampling.
+        if let Some(alpha) = penalty_alpha.filter(|&a| a > 0.0) {
+            let top_k = top_k.unwrap_or(50);
+            self.contrastive = (top_k > 1).then_some(ContrastiveOptions { penalty_alpha: alpha, top_k });
         }
         Ok(())
     }
@@ -175,6 +199,16 @@ impl GenerationOptions {
             s.validate()?;
         }
         self.beam.validate(self.sampling.is_some())?;
+        if self.beam.num_beams > 1 && (self.contrastive.is_some() || self.dola_layers.is_some()) {
+            let other = if self.contrastive.is_some() { "--penalty-alpha" } else { "--dola-layers" };
+            return Err(Error::invalid("num-beams", format!("beam search does not combine with {other}")));
+        }
+        if self.contrastive.is_some() && self.dola_layers.is_some() {
+            return Err(Error::invalid(
+                "dola-layers",
+                "DoLa does not combine with contrastive search (--penalty-alpha)",
+            ));
+        }
         if self.beam.num_beams > 1 && (!self.stop_strings.is_empty() || self.brace_matching.is_some()) {
             return Err(Error::invalid(
                 "num-beams",
@@ -186,10 +220,10 @@ impl GenerationOptions {
 
     /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs.
     pub fn cache_tokens(&self, prompt_len: usize) -> usize {
-        // Beams share their prefix, but in the worst case each holds its own blocks, plus one
-        // partly-filled block copied on write per beam.
-        let beams = self.beam.num_beams.max(1);
-        beams * (prompt_len + self.max_new_tokens + 16)
+        // Beams and contrastive-search candidates share their prefix, but in the worst case each
+        // holds its own blocks, plus one partly-filled block copied on write.
+        let sequences = self.beam.num_beams.max(1) + self.contrastive.map_or(0, |c| c.top_k);
+        sequences * (prompt_len + self.max_new_tokens + 16)
     }
 }
 
@@ -269,9 +303,22 @@ pub fn generate<B: Backend>(
         let total = start.elapsed().as_secs_f64();
         return Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s: 0.0, decode_s: total });
     }
+    if let (Some(settings), None) = (options.contrastive, &options.sampling) {
+        let (ids, finish) = contrastive_search(decoder, prompt, options, settings, &mut on_token)?;
+        let total = start.elapsed().as_secs_f64();
+        let sequences = vec![ids.clone()];
+        return Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s: 0.0, decode_s: total });
+    }
+    if let Some(layers) = &options.dola_layers {
+        let premature_layers = layers.candidates(decoder.model().spec())?;
+        decoder.set_extras(StepExtras { premature_layers, ..Default::default() })?;
+    }
     let mut rng = options.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed));
-    let (ids, finish, prefill_s) =
-        one_sequence(decoder, prompt, options, text_stops.as_mut(), rng.as_mut(), &mut on_token)?;
+    let first = one_sequence(decoder, prompt, options, text_stops.as_mut(), rng.as_mut(), &mut on_token);
+    if first.is_err() && options.dola_layers.is_some() {
+        decoder.set_extras(StepExtras::default())?;
+    }
+    let (ids, finish, prefill_s) = first?;
     let mut sequences = vec![ids.clone()];
     // More samples continue the same random stream; only the first is streamed.
     for _ in 1..options.beam.num_return_sequences {
@@ -280,6 +327,9 @@ pub fn generate<B: Backend>(
             _ => None,
         };
         sequences.push(one_sequence(decoder, prompt, options, stops.as_mut(), rng.as_mut(), &mut |_| true)?.0);
+    }
+    if options.dola_layers.is_some() {
+        decoder.set_extras(StepExtras::default())?;
     }
     let total = start.elapsed().as_secs_f64();
     Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s, decode_s: total - prefill_s })
@@ -305,11 +355,14 @@ fn one_sequence<B: Backend>(
         while ids.len() < options.max_new_tokens {
             // Other sequences of the decoder may step along; only ours is read.
             let outputs = decoder.step()?;
-            let mut scores = outputs
+            let output = outputs
                 .into_iter()
                 .find(|o| o.seq == seq)
-                .map(|o| o.logits)
                 .ok_or_else(|| Error::invalid("decoder", "a step returned no scores for the generated sequence"))?;
+            let mut scores = match options.dola_layers {
+                Some(_) => crate::dola::contrast(&output.logits, &output.premature).0,
+                None => output.logits,
+            };
             if ids.is_empty() {
                 prefill_s = start.elapsed().as_secs_f64();
             }
@@ -378,4 +431,39 @@ fn sample(scores: &[f32], rng: &mut ChaCha8Rng) -> u32 {
         }
     }
     fallback as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_follow_the_warped_distribution() {
+        // Pearson's chi-square over many seeded draws from a top-p-and-min-p-filtered distribution:
+        // removed tokens are never drawn, the kept ones in proportion.
+        let logits: Vec<f32> = (0..12).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.4).collect();
+        let options = SamplingOptions { top_k: 0, top_p: 0.9, min_p: Some(0.05), ..Default::default() };
+        let mut scores = logits.clone();
+        options.warp(&mut scores, 1);
+        let probs = softmax(&scores);
+        let kept = probs.iter().filter(|&&p| p > 0.0).count();
+        assert!(kept > 3 && kept < logits.len(), "the filters keep some tokens and drop others");
+        let draws = 40_000;
+        let mut counts = vec![0usize; logits.len()];
+        let mut rng = ChaCha8Rng::seed_from_u64(1234);
+        for _ in 0..draws {
+            counts[sample(&scores, &mut rng) as usize] += 1;
+        }
+        let mut chi2 = 0.0f64;
+        for (&c, &p) in counts.iter().zip(&probs) {
+            if p == 0.0 {
+                assert_eq!(c, 0, "a removed token was drawn");
+                continue;
+            }
+            let expected = draws as f64 * p as f64;
+            chi2 += (c as f64 - expected).powi(2) / expected;
+        }
+        // Critical value of chi-square at p = 0.001 for up to 11 degrees of freedom.
+        assert!(chi2 < 31.26, "chi-square {chi2} over {} degrees of freedom", kept - 1);
+    }
 }

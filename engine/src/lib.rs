@@ -23,7 +23,9 @@
 pub mod backend;
 pub mod beam;
 pub mod config;
+pub mod contrastive;
 pub mod decoder;
+pub mod dola;
 pub mod error;
 pub mod exits;
 pub mod generate;

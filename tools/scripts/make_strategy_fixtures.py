@@ -163,9 +163,31 @@ def record_beams():
     print(f"  {len(cases)} beam searches, {ended} with a hypothesis ended by EOS")
 
 
+def record_contrastive_and_dola():
+    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    cases = []
+    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
+        model.eval()
+        plain = generate(model, prompt, max_new_tokens=16, eos_token_id=None)
+        n = model.config.num_hidden_layers
+        for settings in [{"penalty_alpha": 0.6, "top_k": 4}, {"penalty_alpha": 0.3, "top_k": 6},
+                         {"penalty_alpha": 0.6, "top_k": 4, "repetition_penalty": 1.2},
+                         {"dola_layers": "low"}, {"dola_layers": "high"}, {"dola_layers": list(range(n))},
+                         {"dola_layers": [0, n // 2], "repetition_penalty": 1.2}]:
+            ids = generate(model, prompt, max_new_tokens=16, eos_token_id=None, **settings)
+            cases.append({"fixture": fixture, "prompt": prompt, "max_new_tokens": 16, "settings": settings,
+                          "ids": ids, "differs_from_greedy": ids != plain,
+                          "tie_word_embeddings": model.config.tie_word_embeddings})
+    json.dump({"cases": cases}, open(os.path.join(OUT, "contrastive_dola.json"), "w"), indent=1)
+    print(f"  {len(cases)} contrastive-search and DoLa generations, "
+          f"{sum(c['differs_from_greedy'] for c in cases)} differ from greedy")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     os.makedirs(OUT, exist_ok=True)
     record_processors()
     record_generations()
     record_beams()
+    record_contrastive_and_dola()

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use std::path::PathBuf;
 
+use layerwise::contrastive::ContrastiveOptions;
 use layerwise::generate::{GenerationOptions, SamplingOptions};
 use layerwise::stopping::BraceMatching;
 use layerwise::{Cpu, DType, LoadedModel};
@@ -202,6 +203,13 @@ pub struct GenerationArgs {
     /// Sequences to return (beams, or independent samples with --do-sample).
     #[arg(long, value_name = "N")]
     pub num_return_sequences: Option<usize>,
+    /// Contrastive search with this degeneration penalty among the --top-k candidates (greedy only).
+    #[arg(long, value_name = "A")]
+    pub penalty_alpha: Option<f32>,
+    /// DoLa: contrast the final layer with the most divergent of these layers: low, high or a list
+    /// such as 0,2,4.
+    #[arg(long, value_name = "LAYERS")]
+    pub dola_layers: Option<String>,
 }
 
 impl GenerationArgs {
@@ -229,6 +237,21 @@ impl GenerationArgs {
             ("--typical-p", self.typical_p.is_some()),
             ("--seed", self.seed.is_some()),
         ];
+        // transformers' choice: contrastive search when penalty_alpha > 0 and top_k > 1, not sampling.
+        if let Some(alpha) = self.penalty_alpha {
+            if options.sampling.is_some() {
+                bail!("--penalty-alpha selects contrastive search, which does not sample: drop --do-sample");
+            }
+            let top_k = self.top_k.or(options.contrastive.map(|c| c.top_k)).unwrap_or(50);
+            options.contrastive =
+                (alpha > 0.0 && top_k > 1).then_some(ContrastiveOptions { penalty_alpha: alpha, top_k });
+        } else if let (Some(k), Some(contrastive)) = (self.top_k, options.contrastive.as_mut()) {
+            contrastive.top_k = k;
+        }
+        if let Some(layers) = &self.dola_layers {
+            options.dola_layers = Some(layers.parse().map_err(anyhow::Error::from)?);
+        }
+        let top_k_used = options.contrastive.is_some();
         match options.sampling.as_mut() {
             Some(sampling) => {
                 sampling.temperature = self.temperature.unwrap_or(sampling.temperature);
@@ -239,7 +262,8 @@ impl GenerationArgs {
                 sampling.seed = self.seed.unwrap_or(sampling.seed);
             }
             None => {
-                if let Some((flag, _)) = sampling_flags.iter().find(|(_, given)| *given) {
+                let unused = |(flag, given): &&(&str, bool)| *given && !(top_k_used && *flag == "--top-k");
+                if let Some((flag, _)) = sampling_flags.iter().find(unused) {
                     bail!("{flag} only applies when sampling: add --do-sample (greedy decoding ignores it)");
                 }
             }

@@ -139,11 +139,8 @@ fn generation_config_files_set_processors_and_flags_override_them() {
     };
     assert_eq!(run(&[]), strong["ids"]);
     assert_eq!(run(&["--repetition-penalty", "0.7"]), weak["ids"]);
-    std::fs::write(&config, r#"{"penalty_alpha": 0.6, "top_k": 4}"#).expect("write");
-    assert_fails_naming(
-        &[&base[..], &[config.to_str().expect("path")]].concat(),
-        &["penalty_alpha", "generation_config.json"],
-    );
+    std::fs::write(&config, r#"{"top_k": "many"}"#).expect("write");
+    assert_fails_naming(&[&base[..], &[config.to_str().expect("path")]].concat(), &["top_k", "generation_config.json"]);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -215,6 +212,52 @@ fn beam_search_flags_return_every_sequence() {
     assert_fails_naming(
         &[&args[..], &["--num-beams", "2", "--early-stopping", "sometimes"]].concat(),
         &["early-stopping", "sometimes"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn contrastive_search_and_dola_flags_follow_transformers() {
+    let text = std::fs::read_to_string(fixture("strategies/contrastive_dola.json")).expect("read");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    let find = |settings: &str| {
+        let wanted: Value = serde_json::from_str(settings).expect("settings");
+        json["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .find(|c| c["fixture"] == "gpt2-sharded" && c["settings"] == wanted)
+            .expect("case")
+            .clone()
+    };
+    let contrastive = find(r#"{"penalty_alpha": 0.6, "top_k": 4}"#);
+    let dola = find(r#"{"dola_layers": [0, 2], "repetition_penalty": 1.2}"#);
+    let prompt: Vec<String> = contrastive["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+    let prompt = prompt.join(",");
+    // An EOS the recorded generations never produce: they ran to full length.
+    let used: Vec<&Value> = [&contrastive, &dola].iter().flat_map(|c| c["ids"].as_array().expect("ids")).collect();
+    let eos = (0u64..96).find(|t| !used.iter().any(|u| u.as_u64() == Some(*t))).expect("a free id");
+    let dir = std::env::temp_dir().join(format!("layerwise-cs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("generation_config.json");
+    std::fs::write(&config, format!(r#"{{"eos_token_id": {eos}, "max_new_tokens": 16}}"#)).expect("write");
+    let model = fixture_str("gpt2-sharded");
+    let config = config.to_str().expect("path");
+    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", config];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        json_line(&layerwise(&args))["ids"].clone()
+    };
+    assert_eq!(run(&["--penalty-alpha", "0.6", "--top-k", "4"]), contrastive["ids"]);
+    assert_eq!(run(&["--dola-layers", "0,2", "--repetition-penalty", "1.2"]), dola["ids"]);
+    assert_fails_naming(
+        &[&base[..], &["--penalty-alpha", "0.6", "--do-sample"]].concat(),
+        &["--penalty-alpha", "--do-sample"],
+    );
+    assert_fails_naming(&[&base[..], &["--dola-layers", "up"]].concat(), &["dola-layers", "up"]);
+    assert_fails_naming(
+        &[&base[..], &["--dola-layers", "low", "--num-beams", "2"]].concat(),
+        &["num-beams", "--dola-layers"],
     );
     std::fs::remove_dir_all(&dir).ok();
 }

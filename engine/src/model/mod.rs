@@ -378,6 +378,17 @@ impl<B: Backend> Model<B> {
         plan.sources(&self.spec, |layer| self.conversions.contains_key(&layer))
     }
 
+    /// The final norm of `state: [t, hidden]` (transformers' last `hidden_states` entry for the top layer).
+    pub(crate) fn final_norm(&self, state: &B::Tensor) -> B::Tensor {
+        self.body.final_norm().forward(&self.backend, state)
+    }
+
+    /// The original LM head applied to `state` as it is, without the final norm (what DoLa does to
+    /// its premature layers).
+    pub(crate) fn lm_head_raw(&self, state: &B::Tensor) -> B::Tensor {
+        self.backend.linear(state, &self.lm_head, None)
+    }
+
     /// Logits of `source` from the raw (un-normed) output `state: [t, hidden]` of its layer.
     pub(crate) fn project(&self, source: Source, projection: Projection, state: &B::Tensor) -> B::Tensor {
         let (features, head) = self.head_input(source, projection, state);

@@ -1,0 +1,119 @@
+//! Contrastive search (Su et al. 2022) as transformers 4.48's `_contrastive_search` runs it: the
+//! `top_k` most likely next tokens are run as forks of the sequence in one batch, and the one
+//! maximising (1 - alpha) * probability - alpha * (its hidden state's highest cosine similarity to
+//! any earlier position's) is kept, with its cache and its logits for the next step.
+
+use crate::backend::Backend;
+use crate::decoder::{Decoder, SeqId, StepExtras};
+use crate::error::{Error, Result};
+use crate::generate::{FinishReason, GenerationOptions};
+use crate::processors::{softmax, suppress};
+
+/// Contrastive search settings (transformers' `penalty_alpha` and `top_k`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ContrastiveOptions {
+    pub penalty_alpha: f32,
+    pub top_k: usize,
+}
+
+/// Contrastive search from `prompt`: the generated ids and why generation ended.
+pub fn contrastive_search<B: Backend>(
+    decoder: &mut Decoder<'_, B>,
+    prompt: &[u32],
+    options: &GenerationOptions,
+    settings: ContrastiveOptions,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Vec<u32>, FinishReason)> {
+    if !(settings.penalty_alpha > 0.0 && settings.penalty_alpha <= 1.0) || settings.top_k < 2 {
+        return Err(Error::invalid(
+            "penalty-alpha",
+            "contrastive search needs 0 < --penalty-alpha <= 1 and --top-k > 1",
+        ));
+    }
+    decoder.set_extras(StepExtras { hidden_states: true, ..Default::default() })?;
+    let mut seq = decoder.add_sequence(prompt)?;
+    let mut live: Vec<SeqId> = vec![seq];
+    let result = (|| {
+        let first = decoder.step()?.into_iter().find(|o| o.seq == seq).ok_or_else(missing)?;
+        let hidden_size = decoder.model().spec().hidden_size;
+        let mut context: Vec<Vec<f32>> = first.hidden.chunks(hidden_size).map(normalized).collect();
+        let mut logits = first.logits;
+        let mut sequence = prompt.to_vec();
+        let mut ids = Vec::new();
+        while ids.len() < options.max_new_tokens {
+            options.processors.apply(&sequence, &mut logits);
+            if ids.len() < options.min_new_tokens {
+                suppress(&mut logits, &options.eos_token_ids);
+            }
+            let probs = softmax(&logits);
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            let k = settings.top_k.min(order.len());
+            order.select_nth_unstable_by(k - 1, |&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            order.truncate(k);
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+
+            // Every candidate as a fork of the sequence, run together.
+            let mut candidates = Vec::with_capacity(k);
+            for &token in &order {
+                let fork = decoder.fork(seq)?;
+                live.push(fork);
+                decoder.append(fork, token as u32)?;
+                candidates.push(fork);
+            }
+            let outputs = decoder.step()?;
+            let mut best: Option<(f32, usize)> = None;
+            for (c, &fork) in candidates.iter().enumerate() {
+                let out = outputs.iter().find(|o| o.seq == fork).ok_or_else(missing)?;
+                let hidden = normalized(&out.hidden);
+                let penalty = context.iter().map(|h| dot(h, &hidden)).fold(f32::NEG_INFINITY, f32::max);
+                let score = (1.0 - settings.penalty_alpha) * probs[order[c]] - settings.penalty_alpha * penalty;
+                if best.is_none_or(|(s, _)| score > s) {
+                    best = Some((score, c));
+                }
+            }
+            let chosen = best.map_or(0, |(_, c)| c);
+            let out = outputs.into_iter().find(|o| o.seq == candidates[chosen]).ok_or_else(missing)?;
+            context.push(normalized(&out.hidden));
+            logits = out.logits;
+            // The chosen fork carries on; the others and the old sequence go.
+            for (c, &fork) in candidates.iter().enumerate() {
+                if c != chosen {
+                    decoder.release(fork)?;
+                }
+            }
+            decoder.release(seq)?;
+            seq = candidates[chosen];
+            live = vec![seq];
+
+            let token = order[chosen] as u32;
+            ids.push(token);
+            sequence.push(token);
+            if !on_token(token) {
+                return Ok((ids, FinishReason::Stopped));
+            }
+            if options.eos_token_ids.contains(&token) {
+                return Ok((ids, FinishReason::Eos));
+            }
+        }
+        Ok((ids, FinishReason::MaxNewTokens))
+    })();
+    for seq in live {
+        decoder.release(seq).ok();
+    }
+    decoder.set_extras(StepExtras::default())?;
+    result
+}
+
+fn missing() -> Error {
+    Error::invalid("decoder", "a step returned no output for a contrastive-search candidate")
+}
+
+/// `v / |v|` (transformers normalises before the cosine matrix).
+fn normalized(v: &[f32]) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

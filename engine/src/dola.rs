@@ -1,0 +1,108 @@
+//! DoLa, decoding by contrasting layers (Chuang et al. 2023), as transformers 4.48 ran it: at each
+//! step the premature layer whose next-token distribution is farthest (Jensen-Shannon) from the
+//! final one is picked among candidate layers, and the final log-probabilities minus the premature
+//! ones are the scores, on the tokens within a factor 10 of the top probability. Quirks kept: the
+//! premature layers go through the LM head without the final norm, layer 0 is the embeddings, and
+//! the candidates skip the first two layers when the head is tied to the embeddings.
+
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::exits::log_softmax;
+
+/// Which layers DoLa may contrast with (transformers' `dola_layers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DolaLayers {
+    /// Even layers of the lower half.
+    Low,
+    /// Even layers of the upper half.
+    High,
+    /// These layers (those not below the top layer are dropped, as in transformers).
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for DolaLayers {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "low" => Ok(DolaLayers::Low),
+            "high" => Ok(DolaLayers::High),
+            list => list
+                .split(',')
+                .map(|l| l.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(DolaLayers::List)
+                .map_err(|_| Error::invalid("dola-layers", format!("`{list}` is not low, high or a list of layers"))),
+        }
+    }
+}
+
+impl DolaLayers {
+    /// The candidate premature layers for a model (transformers' `_dola_decoding` selection).
+    pub fn candidates(&self, spec: &ModelSpec) -> Result<Vec<usize>> {
+        let n = spec.num_layers;
+        let start = match (spec.tie_word_embeddings, n) {
+            (false, _) => 0,
+            (true, n) if n > 2 => 2,
+            (true, 2) => 1,
+            (true, _) => 0,
+        };
+        let layers: Vec<usize> = match self {
+            DolaLayers::Low if start == n / 2 => vec![start],
+            DolaLayers::Low if n <= 40 => (start..n / 2).step_by(2).collect(),
+            DolaLayers::Low => (start..20).step_by(2).collect(),
+            DolaLayers::High if n <= 40 => (n / 2..n).step_by(2).collect(),
+            DolaLayers::High => (n - 20..n).step_by(2).collect(),
+            DolaLayers::List(list) => list.iter().copied().filter(|&l| l < n).collect(),
+        };
+        if layers.is_empty() {
+            return Err(Error::invalid("dola-layers", format!("no candidate layer below the model's {n} layers")));
+        }
+        Ok(layers)
+    }
+}
+
+/// DoLa's scores from the final logits and each candidate layer's logits (same order as
+/// `premature`); returns the scores and the index of the chosen candidate.
+pub fn contrast(final_logits: &[f32], premature: &[Vec<f32>]) -> (Vec<f32>, usize) {
+    let chosen = if premature.len() == 1 {
+        0
+    } else {
+        // Jensen-Shannon divergence to the final distribution, as mean-reduced KL terms.
+        let log_final = log_softmax(final_logits);
+        let p_final: Vec<f32> = log_final.iter().map(|l| l.exp()).collect();
+        let vocab = final_logits.len() as f32;
+        let divergences: Vec<f32> = premature
+            .iter()
+            .map(|logits| {
+                let log_layer = log_softmax(logits);
+                let (mut kl1, mut kl2) = (0.0f32, 0.0f32);
+                for ((&lf, &pf), &ll) in log_final.iter().zip(&p_final).zip(&log_layer) {
+                    let avg = 0.5 * (pf + ll.exp());
+                    if avg > 0.0 {
+                        kl1 += avg * (avg.ln() - lf);
+                        kl2 += avg * (avg.ln() - ll);
+                    }
+                }
+                0.5 * (kl1 / vocab + kl2 / vocab)
+            })
+            .collect();
+        let mut best = 0;
+        for (i, &d) in divergences.iter().enumerate() {
+            if d > divergences[best] {
+                best = i;
+            }
+        }
+        best
+    };
+    (relative_top_contrast(final_logits, &premature[chosen]), chosen)
+}
+
+/// transformers' `_relative_top_filter` (relative_top 0.1) and the difference of the two
+/// log-probabilities: tokens below a tenth of the top final probability get -inf.
+fn relative_top_contrast(final_logits: &[f32], base_logits: &[f32]) -> Vec<f32> {
+    let final_lp = log_softmax(final_logits);
+    let base_lp = log_softmax(base_logits);
+    let max = final_lp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let threshold = max + 0.1f64.ln() as f32;
+    final_lp.iter().zip(&base_lp).map(|(&f, &b)| if f < threshold { f32::NEG_INFINITY } else { f - b }).collect()
+}
