@@ -67,7 +67,7 @@ pub fn contrastive_search<B: Backend>(
                 let hidden = normalized(&out.hidden);
                 let penalty = context.iter().map(|h| dot(h, &hidden)).fold(f32::NEG_INFINITY, f32::max);
                 let score = (1.0 - settings.penalty_alpha) * probs[order[c]] - settings.penalty_alpha * penalty;
-                if best.is_none_or(|(s, _)| score > s) {
+                if best.map_or(true, |(s, _)| score > s) {
                     best = Some((score, c));
                 }
             }
