@@ -32,6 +32,19 @@ def peak_rss_mb():
     return float("nan")
 
 
+# Decoding strategies timed on the original head (transformers' generate() arguments).
+STRATEGIES = {
+    "beam4": {"num_beams": 4},
+    "contrastive": {"penalty_alpha": 0.6, "top_k": 4},
+    "dola_high": {"dola_layers": "high"},
+}
+LAYERWISE_STRATEGIES = {
+    "beam4": ["--num-beams", "4"],
+    "contrastive": ["--penalty-alpha", "0.6", "--top-k", "4"],
+    "dola_high": ["--dola-layers", "high"],
+}
+
+
 def prompt_ids(batch, length, vocab=50257):
     return [[(i * 7919 + b * 104729 + 13) % vocab for i in range(length)] for b in range(batch)]
 
@@ -61,7 +74,7 @@ def worker(kind, checkpoint, batch):
             return
         ids = torch.tensor(prompt_ids(batch, PROMPT_LEN))
         mask = torch.ones_like(ids)
-        kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=50256)
+        kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=50256, **STRATEGIES.get(kind, {}))
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kwargs)
@@ -113,6 +126,7 @@ def main():
         "b1": run_transformers("original", ck, 1),
         "b16": run_transformers("original", ck, 16),
         "prefill": run_transformers("prefill", ck),
+        **{kind: run_transformers(kind, ck) for kind in STRATEGIES},
     }
     print("measuring layerwise ...", file=sys.stderr)
     l = {
@@ -124,6 +138,7 @@ def main():
         "b1_bf16": run_layerwise(lw, ck, "--dtype", "bf16", *common),
         "b16": run_layerwise(lw, ck, "--batch", "16", *common),
         "prefill": run_layerwise(lw, ck, "--prompt-len", "512", "--new-tokens", "1"),
+        **{kind: run_layerwise(lw, ck, *flags, *common) for kind, flags in LAYERWISE_STRATEGIES.items()},
     }
     e2e = "end_to_end_tok_per_s"
     rows = [
@@ -136,6 +151,10 @@ def main():
         ("original head, f32, batch 16", "transformers", t["b16"]["tok_per_s"], l["b16"], e2e, 3.5),
         ("prefill of 512 tokens, f32 (tok/s)", "transformers", t["prefill"]["tok_per_s"], l["prefill"],
          "prefill_tok_per_s", 1.0),
+        ("beam search, 4 beams, f32, batch 1", "transformers", t["beam4"]["tok_per_s"], l["beam4"], e2e, 4.0),
+        ("contrastive search 0.6, k=4, f32", "transformers", t["contrastive"]["tok_per_s"], l["contrastive"], e2e,
+         4.0),
+        ("DoLa high, f32, batch 1", "transformers", t["dola_high"]["tok_per_s"], l["dola_high"], e2e, 2.0),
     ]
     lines = ["| workload | reference | reference tok/s | layerwise tok/s | ratio | goal | bandwidth bound reached |",
              "|---|---|---|---|---|---|---|"]

@@ -2,7 +2,7 @@
 //! on every fixture architecture: each early_stopping rule, length penalties, several returned
 //! sequences, processors (tools/scripts/make_strategy_fixtures.py records them).
 
-use layerwise::beam::EarlyStopping;
+use layerwise::beam::{beam_search, EarlyStopping};
 use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
 use layerwise::generate::{generate, GenerationOptions};
@@ -19,7 +19,10 @@ fn options_of(case: &Value) -> GenerationOptions {
     let mut options = GenerationOptions {
         max_new_tokens: case["max_new_tokens"].as_u64().expect("max") as usize,
         min_new_tokens: s["min_new_tokens"].as_u64().unwrap_or(0) as usize,
-        eos_token_ids: vec![case["eos_token_id"].as_u64().expect("eos") as u32],
+        eos_token_ids: match &case["eos_token_id"] {
+            Value::Array(_) => ids(&case["eos_token_id"]),
+            one => vec![one.as_u64().expect("eos") as u32],
+        },
         ..Default::default()
     };
     options.processors.repetition_penalty = s["repetition_penalty"].as_f64().unwrap_or(1.0) as f32;
@@ -56,7 +59,7 @@ fn beam_search_equals_transformers_and_upstream() {
     let json: Value = serde_json::from_str(&text).expect("json");
     let cases = json["cases"].as_array().expect("cases");
     assert!(cases.len() >= 24);
-    let (mut acd, mut several, mut ended) = (0, 0, 0);
+    let (mut acd, mut several, mut ended, mut scored, mut two_eos) = (0, 0, 0, 0, 0);
     for case in cases {
         let name = case["fixture"].as_str().expect("fixture");
         let loaded = load(&fixture_str(name)).expect("load");
@@ -72,12 +75,27 @@ fn beam_search_equals_transformers_and_upstream() {
         let expected: Vec<Vec<u32>> = case["sequences"].as_array().expect("sequences").iter().map(ids).collect();
         assert_eq!(out.sequences, expected, "{name} {} {}", case["plan"], case["settings"]);
         assert_eq!(out.ids, expected[0]);
+        // transformers' sequences_scores: sum of log-probabilities / length ^ length_penalty.
+        if let Some(scores) = case["sequence_scores"].as_array() {
+            let hypotheses = beam_search(&mut decoder, &prompt, &options, &options.beam).expect("beam search");
+            for (h, expected) in hypotheses.iter().zip(scores) {
+                let expected = expected.as_f64().expect("score") as f32;
+                assert!(
+                    (h.score - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                    "{name}: score {} vs {expected}",
+                    h.score
+                );
+            }
+            scored += 1;
+        }
+        two_eos += usize::from(case["eos_token_id"].is_array());
         assert_eq!(decoder.pool().free_blocks(), decoder.pool().num_blocks(), "every beam released");
         acd += usize::from(case["plan"] != "original");
         several += usize::from(expected.len() > 1);
         ended += usize::from(expected.iter().any(|s| s.len() < options.max_new_tokens));
     }
     assert!(acd >= 4 && several >= 8 && ended >= 16, "the recorded cases cover ACD, several sequences and EOS");
+    assert!(scored >= 24 && two_eos >= 3, "scores recorded, and cases with two EOS ids");
 }
 
 #[test]

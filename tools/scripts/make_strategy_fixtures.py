@@ -107,11 +107,13 @@ def record_generations():
     print(f"  {len(cases)} generations")
 
 
-def beam_generate(model, prompt, **kwargs):
-    """generate() with beams; every returned sequence's new ids (pad -1 stripped)."""
+def beam_generate(model, prompt, with_scores=False, **kwargs):
+    """generate() with beams; every returned sequence's new ids (pad -1 stripped), and their scores."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=-1, **kwargs)
-    return [[t for t in row[len(prompt):].tolist() if t != -1] for row in out]
+        out = model.generate(torch.tensor([prompt]), do_sample=False, pad_token_id=-1,
+                             return_dict_in_generate=True, output_scores=True, **kwargs)
+    sequences = [[t for t in row[len(prompt):].tolist() if t != -1] for row in out.sequences]
+    return (sequences, out.sequences_scores.tolist()) if with_scores else sequences
 
 
 def upstream_model(fixture, upper, lower):
@@ -145,10 +147,15 @@ def record_beams():
         model.eval()
         # A token the search likes as EOS, so that hypotheses end early and EOS rules matter.
         eos = beam_generate(model, prompt, max_new_tokens=16, num_beams=4, eos_token_id=None)[0][3]
-        for settings in settings_list:
-            sequences = beam_generate(model, prompt, max_new_tokens=16, eos_token_id=eos, **settings)
+        # A second EOS id: the best sequence's 6th token (several EOS ids widen the candidate list).
+        second = beam_generate(model, prompt, max_new_tokens=16, num_beams=4, eos_token_id=None)[0][5]
+        for settings in settings_list + [{"num_beams": 3, "num_return_sequences": 3, "eos_pair": True}]:
+            ends = [eos, second] if settings.pop("eos_pair", False) else eos
+            sequences, scores = beam_generate(model, prompt, with_scores=True, max_new_tokens=16, eos_token_id=ends,
+                                              **settings)
             cases.append({"fixture": fixture, "plan": "original", "prompt": prompt, "max_new_tokens": 16,
-                          "eos_token_id": eos, "settings": settings, "sequences": sequences})
+                          "eos_token_id": ends, "settings": settings, "sequences": sequences,
+                          "sequence_scores": scores})
     # Beam search under ACD, through upstream's own model (gpt2 and gpt-neo).
     for fixture, upper, lower in [("gpt2-sharded", 4, 1), ("gpt-neo-bin", 4, 2)]:
         model = upstream_model(fixture, upper, lower)

@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use layerwise::contrastive::ContrastiveOptions;
 use layerwise::decoder::{Decoder, DecoderOptions, SeqId};
-use layerwise::generate::argmax;
+use layerwise::generate::{argmax, generate, GenerationOptions};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -27,9 +28,44 @@ pub struct Args {
     /// Tokens generated per sequence (exactly: EOS is ignored).
     #[arg(long, value_name = "N", default_value_t = 64)]
     new_tokens: usize,
+    /// Beam search with N beams (batch 1).
+    #[arg(long, value_name = "N")]
+    num_beams: Option<usize>,
+    /// Contrastive search with this penalty among --top-k candidates (batch 1).
+    #[arg(long, value_name = "A")]
+    penalty_alpha: Option<f32>,
+    /// Candidates of contrastive search [default: 50, as transformers].
+    #[arg(long, value_name = "K", requires = "penalty_alpha")]
+    top_k: Option<usize>,
+    /// DoLa over these layers: low, high or a list (batch 1).
+    #[arg(long, value_name = "LAYERS")]
+    dola_layers: Option<String>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl Args {
+    /// The decoding strategy the flags ask for, if any besides greedy.
+    fn strategy(&self) -> Result<Option<GenerationOptions>> {
+        let mut options = GenerationOptions { max_new_tokens: self.new_tokens, ..Default::default() };
+        if let Some(n) = self.num_beams {
+            options.beam.num_beams = n;
+        }
+        if let Some(alpha) = self.penalty_alpha {
+            options.contrastive = Some(ContrastiveOptions { penalty_alpha: alpha, top_k: self.top_k.unwrap_or(50) });
+        }
+        if let Some(layers) = &self.dola_layers {
+            options.dola_layers = Some(layers.parse().map_err(anyhow::Error::from)?);
+        }
+        let any = options.beam.num_beams > 1 || options.contrastive.is_some() || options.dola_layers.is_some();
+        if !any {
+            return Ok(None);
+        }
+        anyhow::ensure!(self.batch == 1, "--batch must be 1 with --num-beams, --penalty-alpha or --dola-layers");
+        options.validate()?;
+        Ok(Some(options))
+    }
 }
 
 struct Timing {
@@ -57,19 +93,39 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let block_size = 16;
     let per_sequence = (args.prompt_len + args.new_tokens).div_ceil(block_size) * block_size;
-    let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(args.batch * per_sequence) };
+    let strategy = args.strategy()?;
+    let cache_tokens = match &strategy {
+        Some(options) => options.cache_tokens(args.prompt_len),
+        None => args.batch * per_sequence,
+    };
+    let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(cache_tokens) };
     let mut decoder = Decoder::new(&loaded.model, options).context(args.plan.flag())?;
 
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
     // framework's load step would; the timed run then measures generation alone.
-    generate_batch(&mut decoder, &prompts, 2.min(args.new_tokens))?;
-    let timing = generate_batch(&mut decoder, &prompts, args.new_tokens)?;
+    let timing = match &strategy {
+        None => {
+            generate_batch(&mut decoder, &prompts, 2.min(args.new_tokens))?;
+            generate_batch(&mut decoder, &prompts, args.new_tokens)?
+        }
+        Some(options) => {
+            let warm_up = GenerationOptions { max_new_tokens: 2.min(args.new_tokens), ..options.clone() };
+            generate(&mut decoder, &prompts[0], &warm_up, None, |_| true)?;
+            // Beam and contrastive search interleave prefill and search: their time counts as decode.
+            let start = Instant::now();
+            let out = generate(&mut decoder, &prompts[0], options, None, |_| true)?;
+            anyhow::ensure!(out.ids.len() == args.new_tokens, "the strategy stopped before --new-tokens");
+            let total = start.elapsed().as_secs_f64();
+            let prefill_s = out.prefill_s.min(total);
+            Timing { prefill_s, decode_s: total - prefill_s }
+        }
+    };
 
     let bytes_per_step = loaded.model.step_weight_bytes(&plan)? as f64;
     let decode_steps = (args.new_tokens - 1) as f64;
     let (batch, prompt_len, new_tokens) = (args.batch as f64, args.prompt_len as f64, args.new_tokens as f64);
     let decode_tok_per_s = if timing.decode_s > 0.0 { batch * decode_steps / timing.decode_s } else { 0.0 };
-    let prefill_tok_per_s = batch * prompt_len / timing.prefill_s;
+    let prefill_tok_per_s = if timing.prefill_s > 0.0 { batch * prompt_len / timing.prefill_s } else { 0.0 };
     let end_to_end_tok_per_s = batch * new_tokens / (timing.prefill_s + timing.decode_s);
     // Read before the bandwidth probe, whose buffer is not the model's memory.
     let peak_rss_mb = memory::resident_mib().map_or(f64::NAN, |(_, peak)| peak);
@@ -93,6 +149,7 @@ pub fn run(args: Args) -> Result<()> {
         "projection": format!("{:?}", plan.projection),
         "dtype": args.model.dtype.map_or("as stored".to_string(), |d| d.to_string()),
         "threads": rayon::current_num_threads(),
+        "strategy": strategy_name(&args),
     });
     if args.json {
         println!("{line}");
@@ -155,4 +212,14 @@ fn measure_read_bandwidth() -> f64 {
         best = best.min(start.elapsed().as_secs_f64());
     }
     (buffer.len() * 4) as f64 / best
+}
+
+/// The strategy flags, as the JSON line names them.
+fn strategy_name(args: &Args) -> String {
+    match (args.num_beams, args.penalty_alpha, &args.dola_layers) {
+        (Some(n), _, _) if n > 1 => format!("beam {n}"),
+        (_, Some(alpha), _) => format!("contrastive {alpha} k={}", args.top_k.unwrap_or(50)),
+        (_, _, Some(layers)) => format!("dola {layers}"),
+        _ => "greedy".to_string(),
+    }
 }
