@@ -27,7 +27,7 @@ fn linear(c: &mut Criterion) {
             let tensor = HostTensor::from_f32(values(n_in * n_out, 1), shape).converted(dtype);
             let cpu = Cpu::default();
             let weight = cpu.weight(&tensor, layout).expect("weight");
-            for rows in [1usize, 16, 128] {
+            for rows in [1usize, 4, 16, 128] {
                 let x = Matrix::from_vec(values(rows * n_in, 2), rows, n_in);
                 group.throughput(Throughput::Bytes((n_in * n_out * dtype.size()) as u64));
                 let id = BenchmarkId::new(format!("{dtype}_{layout:?}"), rows);

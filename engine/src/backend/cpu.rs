@@ -455,6 +455,29 @@ fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
         return gemm_weight(x, w);
     }
     let data = w.data();
+    if (2..=simd::AXPY_TOKENS).contains(&t) {
+        // A few tokens (beams, contrastive candidates): stream the weight as for one token, each row
+        // scaled into every token's sums; each thread adds its range of input features.
+        let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
+        let per_part = n_in.div_ceil(parts);
+        let partials: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let mut acc = vec![0.0f32; t * n_out];
+                let rows = p * per_part..((p + 1) * per_part).min(n_in);
+                let coeffs: Vec<&[f32]> = (0..t).map(|ti| &x.row(ti)[rows.clone()]).collect();
+                let mut ys: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
+                simd::axpy_rows_tokens(&mut ys, &coeffs, data, rows.start * n_out, n_out);
+                acc
+            })
+            .collect();
+        let mut partials = partials.into_iter();
+        let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
+        for partial in partials {
+            simd::axpy_f32(&mut sum, 1.0, &partial);
+        }
+        return Matrix::from_vec(sum, t, n_out);
+    }
     if t > 1 {
         // Each thread streams a contiguous range of weight rows, sixteen at a time: it packs the block
         // strip by strip (widened to f32), then sweeps the packed strips for every six tokens with the

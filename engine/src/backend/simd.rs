@@ -75,6 +75,50 @@ pub fn axpy_rows(y: &mut [f32], coeffs: &[f32], w: WeightData<'_>, first: usize,
     }
 }
 
+/// Most tokens [`axpy_rows_tokens`] takes.
+pub const AXPY_TOKENS: usize = 4;
+
+/// [`axpy_rows`] for up to four tokens at once: `ys[t] += Σ_r coeffs[t][r] * w[first + r * stride ..]`.
+/// Each weight row is read once for all the tokens (small batches: beams, contrastive candidates).
+pub fn axpy_rows_tokens(ys: &mut [&mut [f32]], coeffs: &[&[f32]], w: WeightData<'_>, first: usize, stride: usize) {
+    let tokens = ys.len();
+    assert!((1..=AXPY_TOKENS).contains(&tokens) && coeffs.len() == tokens, "axpy_rows_tokens takes one to four tokens");
+    let (n, rows) = (ys[0].len(), coeffs[0].len());
+    assert!(ys.iter().all(|y| y.len() == n) && coeffs.iter().all(|c| c.len() == rows), "ragged axpy_rows_tokens");
+    if rows == 0 {
+        return;
+    }
+    assert!(first + (rows - 1) * stride + n <= w.len(), "axpy_rows_tokens reads past the weight");
+    let groups = rows / 4 * 4;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && groups > 0 {
+        let last = tokens - 1;
+        let a: [*const f32; AXPY_TOKENS] = std::array::from_fn(|t| coeffs[t.min(last)].as_ptr());
+        let y: [*mut f32; AXPY_TOKENS] = std::array::from_fn(|t| ys[t.min(last)].as_mut_ptr());
+        // SAFETY: AVX2/FMA/F16C are present; rows first + r * stride .. + n for r < groups lie inside
+        // `w` (checked above); each coefficient row has `rows` >= groups elements and each y has n;
+        // only the first `tokens` pointers are written (the others repeat the last one and are skipped).
+        unsafe {
+            match w {
+                WeightData::F32(w) => x86::axpy4_tokens_f32(y, a, tokens, groups, w.as_ptr().add(first), stride, n),
+                WeightData::F16(w) => x86::axpy4_tokens_f16(y, a, tokens, groups, w.as_ptr().add(first), stride, n),
+                WeightData::BF16(w) => x86::axpy4_tokens_bf16(y, a, tokens, groups, w.as_ptr().add(first), stride, n),
+            }
+        }
+        for (y, c) in ys.iter_mut().zip(coeffs) {
+            for (r, &cr) in c.iter().enumerate().skip(groups) {
+                axpy(y, cr, w, first + r * stride);
+            }
+        }
+        return;
+    }
+    for (y, c) in ys.iter_mut().zip(coeffs) {
+        for (r, &cr) in c.iter().enumerate() {
+            axpy(y, cr, w, first + r * stride);
+        }
+    }
+}
+
 /// `out[r] = x · w[first + r * stride ..][..x.len()]` for up to four rows at a time, loading `x` once
 /// per four rows (batched decoding reuses the rows for every token from the L1 cache).
 pub fn dot_rows(x: &[f32], w: WeightData<'_>, first: usize, stride: usize, out: &mut [f32]) {
@@ -492,6 +536,85 @@ mod x86 {
         };
     }
 
+    macro_rules! axpy4_tokens_kernel {
+        ($name:ident, $ty:ty, $load:ident) => {
+            /// For each of `tokens` tokens t: `y[t] += Σ_r a[t][r] * w[r * stride ..][..n]` over `rows`
+            /// rows (a multiple of four), four weight rows per pass, streamed front to back: a
+            /// 256-column chunk of them is swept once per pair of tokens (from L1 after the first),
+            /// with the pair's eight coefficients in registers. (Chunks outside the row loop, which
+            /// keep the sums in L1, measured slower: the weight is then read in page-sized pieces.)
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; `1 <= tokens <= 4`; for t < tokens, `y[t]` has
+            /// `n` writable elements (distinct rows) and `a[t]` `rows` readable ones, and `a[t]` is
+            /// readable for every t < 4; the rows `w + r * stride .. + n` for r < rows must be readable.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(
+                y: [*mut f32; 4],
+                a: [*const f32; 4],
+                tokens: usize,
+                rows: usize,
+                w: *const $ty,
+                stride: usize,
+                n: usize,
+            ) {
+                const CHUNK: usize = 256;
+                for g in (0..rows).step_by(4) {
+                    let w0 = w.add(g * stride);
+                    let wr = [w0, w0.add(stride), w0.add(2 * stride), w0.add(3 * stride)];
+                    let full = n / 8 * 8;
+                    for chunk in (0..full).step_by(CHUNK) {
+                        let end = (chunk + CHUNK).min(full);
+                        for pair in (0..tokens).step_by(2) {
+                            let (t0, t1) = (pair, (pair + 1).min(tokens - 1));
+                            let c0: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(*a[t0].add(g + r)));
+                            let c1: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(*a[t1].add(g + r)));
+                            let (y0, y1) = (y[t0], y[t1]);
+                            let mut i = chunk;
+                            while i < end {
+                                if pair == 0 && i % 32 == 0 {
+                                    // The same columns of the next four rows, which the next group reads.
+                                    for row in wr {
+                                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * stride + i).cast());
+                                    }
+                                }
+                                let ws = [
+                                    $load(wr[0].add(i)),
+                                    $load(wr[1].add(i)),
+                                    $load(wr[2].add(i)),
+                                    $load(wr[3].add(i)),
+                                ];
+                                let mut acc0 = _mm256_loadu_ps(y0.add(i));
+                                let mut acc1 = _mm256_loadu_ps(y1.add(i));
+                                for r in 0..4 {
+                                    acc0 = _mm256_fmadd_ps(c0[r], ws[r], acc0);
+                                    acc1 = _mm256_fmadd_ps(c1[r], ws[r], acc1);
+                                }
+                                _mm256_storeu_ps(y0.add(i), acc0);
+                                if t1 != t0 {
+                                    _mm256_storeu_ps(y1.add(i), acc1);
+                                }
+                                i += 8;
+                            }
+                        }
+                    }
+                    for i in full..n {
+                        let widen = |p: *const $ty| -> f32 { (*p).into_f32() };
+                        let wv = [widen(wr[0].add(i)), widen(wr[1].add(i)), widen(wr[2].add(i)), widen(wr[3].add(i))];
+                        for t in 0..tokens {
+                            let at = a[t].add(g);
+                            *y[t].add(i) += *at * wv[0] + *at.add(1) * wv[1] + *at.add(2) * wv[2] + *at.add(3) * wv[3];
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    axpy4_tokens_kernel!(axpy4_tokens_f32, f32, load_f32);
+    axpy4_tokens_kernel!(axpy4_tokens_f16, f16, load_f16);
+    axpy4_tokens_kernel!(axpy4_tokens_bf16, bf16, load_bf16);
+
     trait IntoF32: Copy {
         fn into_f32(self) -> f32;
     }
@@ -726,6 +849,35 @@ mod tests {
                     scalar::axpy_f32(&mut slow, c, &row);
                 }
                 assert!(fast.iter().zip(&slow).all(|(p, q)| (p - q).abs() < 1e-5), "axpy_rows {name} rows={rows}");
+            }
+        }
+        // Several tokens at a time equal each token on its own.
+        let wide: Vec<f32> = data(11 * 300, 14);
+        let wide_bf: Vec<bf16> = wide.iter().map(|&v| bf16::from_f32(v)).collect();
+        for tokens in 1..=AXPY_TOKENS {
+            for rows in [3usize, 4, 9] {
+                for n in [5usize, 37, 290] {
+                    let coeffs: Vec<Vec<f32>> = (0..tokens).map(|t| data(rows, 60 + t as u32)).collect();
+                    let refs: Vec<&[f32]> = coeffs.iter().map(Vec::as_slice).collect();
+                    for (weights, name) in [(WeightData::F32(&wide), "f32"), (WeightData::BF16(&wide_bf), "bf16")] {
+                        let mut fast: Vec<Vec<f32>> = (0..tokens).map(|t| data(n, 70 + t as u32)).collect();
+                        let mut slow = fast.clone();
+                        let mut ys: Vec<&mut [f32]> = fast.iter_mut().map(Vec::as_mut_slice).collect();
+                        axpy_rows_tokens(&mut ys, &refs, weights, 2, 300);
+                        for (y, c) in slow.iter_mut().zip(&coeffs) {
+                            for (r, &cr) in c.iter().enumerate() {
+                                let row: Vec<f32> = (0..n).map(|i| weights.get(2 + r * 300 + i)).collect();
+                                scalar::axpy_f32(y, cr, &row);
+                            }
+                        }
+                        for (f, s) in fast.iter().zip(&slow) {
+                            assert!(
+                                f.iter().zip(s).all(|(p, q)| (p - q).abs() < 1e-4),
+                                "{name} t={tokens} rows={rows} n={n}"
+                            );
+                        }
+                    }
+                }
             }
         }
         // Four dot products at a time equal four single ones.
