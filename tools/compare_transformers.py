@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -92,6 +93,15 @@ def run_transformers(kind, checkpoint, batch=1):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_of(runs):
+    """Field by field median of several measurements (JSON objects); other fields from the first."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(run[key] for run in runs)
+    return out
+
+
 def run_layerwise(binary, checkpoint, *flags):
     cmd = [binary, "bench", "--model", checkpoint, "--json", *flags]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -105,6 +115,7 @@ def main():
     parser.add_argument("--checkpoint", default="/tmp/layerwise-gpt2-medium-multiexit-random")
     parser.add_argument("--layerwise", default=os.path.join(ROOT, "target", "release", "layerwise"))
     parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every measurement; medians are reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,27 +130,37 @@ def main():
     ck, lw = args.checkpoint, args.layerwise
     common = ["--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS)]
 
-    print("measuring transformers ...", file=sys.stderr)
-    t = {
-        "acd": run_transformers("acd", ck),
-        "exit12": run_transformers("exit12", ck),
-        "b1": run_transformers("original", ck, 1),
-        "b16": run_transformers("original", ck, 16),
-        "prefill": run_transformers("prefill", ck),
-        **{kind: run_transformers(kind, ck) for kind in STRATEGIES},
+    t_tasks = {
+        "acd": lambda: run_transformers("acd", ck),
+        "exit12": lambda: run_transformers("exit12", ck),
+        "b1": lambda: run_transformers("original", ck, 1),
+        "b16": lambda: run_transformers("original", ck, 16),
+        "prefill": lambda: run_transformers("prefill", ck),
+        **{kind: (lambda kind=kind: run_transformers(kind, ck)) for kind in STRATEGIES},
     }
-    print("measuring layerwise ...", file=sys.stderr)
-    l = {
-        "acd": run_layerwise(lw, ck, "--contrast", "24,12", *common),
-        "acd_bf16": run_layerwise(lw, ck, "--contrast", "24,12", "--dtype", "bf16", *common),
-        "exit12": run_layerwise(lw, ck, "--exit", "12", *common),
-        "b1": run_layerwise(lw, ck, *common),
-        "b1_f16": run_layerwise(lw, ck, "--dtype", "f16", *common),
-        "b1_bf16": run_layerwise(lw, ck, "--dtype", "bf16", *common),
-        "b16": run_layerwise(lw, ck, "--batch", "16", *common),
-        "prefill": run_layerwise(lw, ck, "--prompt-len", "512", "--new-tokens", "1"),
-        **{kind: run_layerwise(lw, ck, *flags, *common) for kind, flags in LAYERWISE_STRATEGIES.items()},
+    l_tasks = {
+        "acd": lambda: run_layerwise(lw, ck, "--contrast", "24,12", *common),
+        "acd_bf16": lambda: run_layerwise(lw, ck, "--contrast", "24,12", "--dtype", "bf16", *common),
+        "exit12": lambda: run_layerwise(lw, ck, "--exit", "12", *common),
+        "b1": lambda: run_layerwise(lw, ck, *common),
+        "b1_f16": lambda: run_layerwise(lw, ck, "--dtype", "f16", *common),
+        "b1_bf16": lambda: run_layerwise(lw, ck, "--dtype", "bf16", *common),
+        "b16": lambda: run_layerwise(lw, ck, "--batch", "16", *common),
+        "prefill": lambda: run_layerwise(lw, ck, "--prompt-len", "512", "--new-tokens", "1"),
+        **{kind: (lambda flags=flags: run_layerwise(lw, ck, *flags, *common))
+           for kind, flags in LAYERWISE_STRATEGIES.items()},
     }
+    # Rounds of every measurement, transformers and layerwise interleaved, so that the shared machine's
+    # slow and fast spells fall on both; each number is the median over the rounds.
+    t_runs, l_runs = {k: [] for k in t_tasks}, {k: [] for k in l_tasks}
+    for r in range(args.repeat):
+        print(f"round {r + 1} of {args.repeat} ...", file=sys.stderr)
+        for key in t_tasks:
+            t_runs[key].append(t_tasks[key]())
+        for key in l_tasks:
+            l_runs[key].append(l_tasks[key]())
+    t = {k: median_of(v) for k, v in t_runs.items()}
+    l = {k: median_of(v) for k, v in l_runs.items()}
     e2e = "end_to_end_tok_per_s"
     rows = [
         ("ACD 24 vs 12, f32, batch 1 (tok/s)", "upstream", t["acd"]["tok_per_s"], l["acd"], e2e, 4.5),
@@ -173,7 +194,8 @@ def main():
                     "layerwise": l["acd"]["peak_rss_mb"], "ratio": mem_ratio, "goal": 0.45})
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
               f"measured read bandwidth {l['b1']['bandwidth_gb_s']:.1f} GB/s"
-    print(f"\nMachine: {machine}. Prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, greedy.\n")
+    print(f"\nMachine: {machine}. Prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, greedy unless named; "
+          f"medians of {args.repeat} rounds.\n")
     print("\n".join(lines))
     if args.out:
         json.dump({"machine": machine, "rows": results, "transformers": t, "layerwise": l},
