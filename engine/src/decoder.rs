@@ -231,6 +231,18 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// nothing pending are left out. If the cache cannot hold the new tokens, nothing changes and
     /// the error says so.
     pub fn step(&mut self) -> Result<Vec<StepOutput>> {
+        // Decoding steps (a few tokens) are many short parallel ops: run them where the backend
+        // runs them best. Prefill steps are a few long ones, which split better from outside.
+        let tokens: usize = self.sequences.values().map(|s| s.pending).sum();
+        if tokens <= 8 {
+            let backend = self.model.backend();
+            backend.run(|| self.step_here())
+        } else {
+            self.step_here()
+        }
+    }
+
+    fn step_here(&mut self) -> Result<Vec<StepOutput>> {
         let b = self.model.backend();
         let ready: Vec<SeqId> = self.sequences.iter().filter(|(_, s)| s.pending > 0).map(|(&id, _)| id).collect();
         if ready.is_empty() {

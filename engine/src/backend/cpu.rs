@@ -110,6 +110,10 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| work())
+    }
+
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
         w.bytes()
     }
