@@ -3,6 +3,27 @@
 //! finished hypotheses ranked by score / generated_length ^ length_penalty, and the three
 //! `early_stopping` rules. Beams are decoder sequences: a step forks the chosen parents, so beams
 //! share the cache blocks of their common prefix.
+//!
+//! ```
+//! use layerwise::beam::{beam_search, EarlyStopping};
+//! use layerwise::decoder::{Decoder, DecoderOptions};
+//! use layerwise::generate::GenerationOptions;
+//!
+//! # fn main() -> layerwise::Result<()> {
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+//! let loaded = layerwise::load(dir)?;
+//! let mut options = GenerationOptions { max_new_tokens: 6, eos_token_ids: vec![46], ..Default::default() };
+//! options.beam.num_beams = 3;
+//! options.beam.num_return_sequences = 2;
+//! options.beam.early_stopping = EarlyStopping::Never;
+//! let cache_tokens = Some(options.cache_tokens(3));
+//! let mut decoder = Decoder::new(&loaded.model, DecoderOptions { cache_tokens, ..Default::default() })?;
+//! let hypotheses = beam_search(&mut decoder, &[5, 17, 42], &options, &options.beam)?;
+//! assert_eq!(hypotheses.len(), 2);
+//! assert!(hypotheses[0].score >= hypotheses[1].score); // best first
+//! # Ok(())
+//! # }
+//! ```
 
 use crate::backend::Backend;
 use crate::decoder::{Decoder, SeqId};

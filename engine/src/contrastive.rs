@@ -2,6 +2,24 @@
 //! `top_k` most likely next tokens are run as forks of the sequence in one batch, and the one
 //! maximising (1 - alpha) * probability - alpha * (its hidden state's highest cosine similarity to
 //! any earlier position's) is kept, with its cache and its logits for the next step.
+//!
+//! ```
+//! use layerwise::contrastive::ContrastiveOptions;
+//! use layerwise::decoder::{Decoder, DecoderOptions};
+//! use layerwise::generate::{generate, GenerationOptions};
+//!
+//! # fn main() -> layerwise::Result<()> {
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+//! let loaded = layerwise::load(dir)?;
+//! let contrastive = Some(ContrastiveOptions { penalty_alpha: 0.6, top_k: 4 });
+//! let options = GenerationOptions { max_new_tokens: 5, contrastive, ..Default::default() };
+//! let cache_tokens = Some(options.cache_tokens(3));
+//! let mut decoder = Decoder::new(&loaded.model, DecoderOptions { cache_tokens, ..Default::default() })?;
+//! let out = generate(&mut decoder, &[5, 17, 42], &options, None, |_| true)?;
+//! assert_eq!(out.ids.len(), 5);
+//! # Ok(())
+//! # }
+//! ```
 
 use crate::backend::Backend;
 use crate::decoder::{Decoder, SeqId, StepExtras};

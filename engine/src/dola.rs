@@ -4,6 +4,17 @@
 //! ones are the scores, on the tokens within a factor 10 of the top probability. Quirks kept: the
 //! premature layers go through the LM head without the final norm, layer 0 is the embeddings, and
 //! the candidates skip the first two layers when the head is tied to the embeddings.
+//!
+//! ```
+//! use layerwise::dola::contrast;
+//!
+//! let final_logits = [3.0, 2.9, -4.0];
+//! let premature = vec![vec![3.0, 1.0, -4.0], vec![0.0, 0.0, 0.0]];
+//! let (scores, chosen) = contrast(&final_logits, &premature);
+//! assert_eq!(chosen, 1); // the layer whose distribution is farthest from the final one
+//! assert!(scores[2].is_infinite()); // below a tenth of the top final probability
+//! assert!(scores[0] > 0.0 && scores[1] > 0.0); // log p_final - log p_premature on the others
+//! ```
 
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};

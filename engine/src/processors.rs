@@ -2,6 +2,17 @@
 //! `_get_logits_processor`): repetition penalty, no-repeat n-grams and the minimum of new tokens act
 //! on every strategy; temperature, top-k, top-p, min-p and typical-p warp the scores when sampling.
 //! Removed tokens get -inf, as transformers' `filter_value`.
+//!
+//! ```
+//! use layerwise::processors::{ProcessorOptions, SamplingOptions};
+//!
+//! let sequence = [3, 1, 3]; // prompt and generated tokens so far
+//! let mut scores = vec![2.0, -1.0, 0.5, 4.0];
+//! ProcessorOptions { repetition_penalty: 2.0, ..Default::default() }.apply(&sequence, &mut scores);
+//! assert_eq!(scores, [2.0, -2.0, 0.5, 2.0]); // tokens 1 and 3 were seen: divided if positive, multiplied if not
+//! SamplingOptions { top_k: 2, ..Default::default() }.warp(&mut scores, 1);
+//! assert!(scores[1].is_infinite() && scores[2].is_infinite());
+//! ```
 
 use crate::error::{Error, Result};
 

@@ -1,5 +1,22 @@
 //! Stopping rules on the generated text: stop strings (transformers' `StopStringCriteria`) and
 //! brace matching for code generation.
+//!
+//! ```
+//! use layerwise::stopping::{BraceMatching, TextStops};
+//!
+//! # fn main() -> layerwise::Result<()> {
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+//! let loaded = layerwise::load(dir)?;
+//! let tokenizer = loaded.tokenizer.as_ref().expect("the demo checkpoint has a tokenizer");
+//! let mut stops = TextStops::new(tokenizer, &["bad adv".to_string()], None);
+//! let ids = tokenizer.encode("The benefits of bad advice")?;
+//! // The stop string spans " bad" and " advice": it matches once the token completing it arrives.
+//! assert!(!stops.should_stop(&ids[..ids.len() - 1])?);
+//! assert!(stops.should_stop(&ids)?);
+//! let _braces = TextStops::new(tokenizer, &[], Some(BraceMatching { start_level: 1 }));
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 
