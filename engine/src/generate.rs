@@ -265,14 +265,13 @@ pub fn generate<B: Backend>(
 ) -> Result<Generation> {
     options.validate()?;
     let needs_text = !options.stop_strings.is_empty() || options.brace_matching.is_some();
-    let mut text_stops = match (needs_text, tokenizer) {
-        (false, _) => None,
-        (true, Some(tokenizer)) => Some(TextStops::new(tokenizer, &options.stop_strings, options.brace_matching)),
-        (true, None) => {
-            let flag = if options.stop_strings.is_empty() { "brace-matching" } else { "stop" };
-            return Err(Error::invalid(flag, "stopping on text needs the checkpoint's tokenizer, and it has none"));
-        }
-    };
+    if needs_text && tokenizer.is_none() {
+        let flag = if options.stop_strings.is_empty() { "brace-matching" } else { "stop" };
+        return Err(Error::invalid(flag, "stopping on text needs the checkpoint's tokenizer, and it has none"));
+    }
+    // Each sequence gets its own text rules (brace levels are per sequence).
+    let text_stops =
+        || tokenizer.filter(|_| needs_text).map(|t| TextStops::new(t, &options.stop_strings, options.brace_matching));
     let spec = decoder.model().spec();
     if prompt.len() + options.max_new_tokens > spec.max_positions {
         return Err(Error::invalid(
@@ -314,23 +313,21 @@ pub fn generate<B: Backend>(
         decoder.set_extras(StepExtras { premature_layers, ..Default::default() })?;
     }
     let mut rng = options.sampling.as_ref().map(|s| ChaCha8Rng::seed_from_u64(s.seed));
-    let first = one_sequence(decoder, prompt, options, text_stops.as_mut(), rng.as_mut(), &mut on_token);
-    if first.is_err() && options.dola_layers.is_some() {
-        decoder.set_extras(StepExtras::default())?;
-    }
-    let (ids, finish, prefill_s) = first?;
-    let mut sequences = vec![ids.clone()];
-    // More samples continue the same random stream; only the first is streamed.
-    for _ in 1..options.beam.num_return_sequences {
-        let mut stops = match (needs_text, tokenizer) {
-            (true, Some(tokenizer)) => Some(TextStops::new(tokenizer, &options.stop_strings, options.brace_matching)),
-            _ => None,
-        };
-        sequences.push(one_sequence(decoder, prompt, options, stops.as_mut(), rng.as_mut(), &mut |_| true)?.0);
-    }
+    let result = (|| {
+        let (ids, finish, prefill_s) =
+            one_sequence(decoder, prompt, options, text_stops().as_mut(), rng.as_mut(), &mut on_token)?;
+        let mut sequences = vec![ids.clone()];
+        // More samples continue the same random stream; only the first is streamed.
+        for _ in 1..options.beam.num_return_sequences {
+            sequences
+                .push(one_sequence(decoder, prompt, options, text_stops().as_mut(), rng.as_mut(), &mut |_| true)?.0);
+        }
+        Ok::<_, Error>((ids, finish, prefill_s, sequences))
+    })();
     if options.dola_layers.is_some() {
         decoder.set_extras(StepExtras::default())?;
     }
+    let (ids, finish, prefill_s, sequences) = result?;
     let total = start.elapsed().as_secs_f64();
     Ok(Generation { ids, sequences, finish, prompt_tokens: prompt.len(), prefill_s, decode_s: total - prefill_s })
 }

@@ -14,6 +14,11 @@ pub fn fixture_str(name: &str) -> String {
     fixture(name).to_string_lossy().into_owned()
 }
 
+/// Token ids from a JSON array (as the fixture scripts record them).
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("an array of ids").iter().map(|t| t.as_u64().expect("an id") as u32).collect()
+}
+
 /// A tensor recorded by the fixture script: shape and values widened to f64.
 pub struct Recorded {
     pub shape: Vec<usize>,

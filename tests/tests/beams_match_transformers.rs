@@ -7,12 +7,8 @@ use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
 use layerwise::generate::{generate, GenerationOptions};
 use layerwise::load;
-use layerwise_tests::{fixture, fixture_str};
+use layerwise_tests::{fixture, fixture_str, ids};
 use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|t| t.as_u64().expect("id") as u32).collect()
-}
 
 fn options_of(case: &Value) -> GenerationOptions {
     let s = &case["settings"];

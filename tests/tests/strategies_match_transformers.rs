@@ -5,7 +5,7 @@
 use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::generate::{generate, GenerationOptions, ProcessorOptions, SamplingOptions};
 use layerwise::load;
-use layerwise_tests::{fixture, fixture_str, read_safetensors};
+use layerwise_tests::{fixture, fixture_str, ids, read_safetensors};
 use serde_json::Value;
 
 fn json(path: &str) -> Value {
@@ -23,8 +23,7 @@ fn processors_of(settings: &Value) -> ProcessorOptions {
 fn processor_chains_equal_transformers_processed_scores() {
     let recorded = read_safetensors(&fixture("strategies/processors.safetensors"));
     let spec = json("strategies/processors.json");
-    let sequence: Vec<u32> =
-        spec["sequence"].as_array().expect("sequence").iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let sequence = ids(&spec["sequence"]);
     let logits: Vec<f32> = recorded["logits"].values.iter().map(|&v| v as f32).collect();
     let cases = spec["cases"].as_array().expect("cases");
     assert!(cases.len() >= 8);
@@ -74,12 +73,10 @@ fn generation_with_processors_and_stop_strings_equals_transformers() {
                 .unwrap_or_default(),
             ..Default::default()
         };
-        let prompt: Vec<u32> =
-            case["prompt"].as_array().expect("prompt").iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let prompt = ids(&case["prompt"]);
         let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
         let out = generate(&mut decoder, &prompt, &options, loaded.tokenizer.as_ref(), |_| true).expect("generate");
-        let expected: Vec<u32> =
-            case["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let expected = ids(&case["ids"]);
         assert_eq!(out.ids, expected, "{name} {settings}");
         changed += usize::from(case["differs_from_greedy"].as_bool() == Some(true));
     }

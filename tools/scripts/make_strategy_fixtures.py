@@ -21,6 +21,15 @@ from transformers.generation.logits_process import (MinPLogitsWarper, NoRepeatNG
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests", "fixtures")
 OUT = os.path.join(FIXTURES, "strategies")
+PROMPT = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]  # the prompt of tools/scripts/make_fixtures.py
+
+
+def fixture_models():
+    """(name, transformers model in f32) for each fixture architecture."""
+    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
+        model.eval()
+        yield fixture, model
 
 
 def record_processors():
@@ -72,16 +81,14 @@ def generate(model, prompt, **kwargs):
 
 
 def record_generations():
-    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    prompt = PROMPT
     cases = []
-    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
-        model.eval()
+    for fixture, model in fixture_models():
+        # No EOS: the full length exercises the processors at every step.
+        plain = generate(model, prompt, max_new_tokens=20, eos_token_id=None)
         for settings in [{"repetition_penalty": 1.3}, {"repetition_penalty": 0.7}, {"no_repeat_ngram_size": 2},
                          {"no_repeat_ngram_size": 3, "repetition_penalty": 1.1}]:
-            # No EOS: the full length exercises the processors at every step.
             ids = generate(model, prompt, max_new_tokens=20, eos_token_id=None, **settings)
-            plain = generate(model, prompt, max_new_tokens=20, eos_token_id=None)
             cases.append({"fixture": fixture, "prompt": prompt, "max_new_tokens": 20, "settings": settings,
                           "ids": ids, "differs_from_greedy": ids != plain})
     # Stop strings need text: the demo checkpoint has the real GPT-2 vocabulary.
@@ -130,7 +137,7 @@ def upstream_model(fixture, upper, lower):
 
 
 def record_beams():
-    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    prompt = PROMPT
     settings_list = [
         {"num_beams": 4},
         {"num_beams": 4, "early_stopping": True},
@@ -142,9 +149,7 @@ def record_beams():
         {"num_beams": 2, "repetition_penalty": 1.3, "min_new_tokens": 5},
     ]
     cases = []
-    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
-        model.eval()
+    for fixture, model in fixture_models():
         # A token the search likes as EOS, so that hypotheses end early and EOS rules matter.
         eos = beam_generate(model, prompt, max_new_tokens=16, num_beams=4, eos_token_id=None)[0][3]
         # A second EOS id: the best sequence's 6th token (several EOS ids widen the candidate list).
@@ -171,11 +176,9 @@ def record_beams():
 
 
 def record_contrastive_and_dola():
-    prompt = [5, 17, 42, 3, 88, 61, 17, 9, 0, 73, 26, 50]
+    prompt = PROMPT
     cases = []
-    for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, fixture), torch_dtype=torch.float32)
-        model.eval()
+    for fixture, model in fixture_models():
         plain = generate(model, prompt, max_new_tokens=16, eos_token_id=None)
         n = model.config.num_hidden_layers
         for settings in [{"penalty_alpha": 0.6, "top_k": 4}, {"penalty_alpha": 0.3, "top_k": 6},

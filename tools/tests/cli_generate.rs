@@ -106,42 +106,18 @@ fn impossible_generate_options_are_refused_by_name() {
 
 #[test]
 fn generation_config_files_set_processors_and_flags_override_them() {
-    // transformers' ids for repetition_penalty 1.3 and 0.7 on this fixture (make_strategy_fixtures.py).
-    let text = std::fs::read_to_string(fixture("strategies/generation.json")).expect("read");
-    let json: Value = serde_json::from_str(&text).expect("json");
-    let case = |penalty: f64| {
-        json["cases"]
-            .as_array()
-            .expect("cases")
-            .iter()
-            .find(|c| {
-                c["fixture"] == "gpt2-sharded"
-                    && c["settings"]["repetition_penalty"].as_f64() == Some(penalty)
-                    && c["settings"].as_object().map(|o| o.len()) == Some(1)
-            })
-            .expect("case")
-            .clone()
-    };
-    let (strong, weak) = (case(1.3), case(0.7));
-    let prompt: Vec<String> = strong["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
-    let prompt = prompt.join(",");
-    let dir = std::env::temp_dir().join(format!("layerwise-gc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("generation_config.json");
-    std::fs::write(&config, r#"{"repetition_penalty": 1.3, "max_new_tokens": 20, "eos_token_id": null}"#)
-        .expect("write");
-    let model = fixture_str("gpt2-sharded");
-    let base =
-        ["generate", "--model", model.as_str(), "--prompt-ids", prompt.as_str(), "--json", "--generation-config"];
-    let run = |extra: &[&str]| {
-        let args = [&base[..], &[config.to_str().expect("path")], extra].concat();
-        json_line(&layerwise(&args))["ids"].clone()
-    };
+    // transformers' ids for repetition_penalty 1.3 and 0.7 (make_strategy_fixtures.py).
+    let strong = strategy_case("generation.json", r#"{"repetition_penalty": 1.3}"#);
+    let weak = strategy_case("generation.json", r#"{"repetition_penalty": 0.7}"#);
+    let (_dir, config) =
+        generation_config(r#"{"repetition_penalty": 1.3, "max_new_tokens": 20, "eos_token_id": null}"#);
+    let (model, prompt) = (fixture_str("gpt2-sharded"), prompt_arg(&strong));
+    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", &config];
+    let run = |extra: &[&str]| json_line(&layerwise(&[&base[..], extra].concat()))["ids"].clone();
     assert_eq!(run(&[]), strong["ids"]);
     assert_eq!(run(&["--repetition-penalty", "0.7"]), weak["ids"]);
     std::fs::write(&config, r#"{"top_k": "many"}"#).expect("write");
-    assert_fails_naming(&[&base[..], &[config.to_str().expect("path")]].concat(), &["top_k", "generation_config.json"]);
-    std::fs::remove_dir_all(&dir).ok();
+    assert_fails_naming(&base, &["top_k", "generation_config.json"]);
 }
 
 #[test]
@@ -167,36 +143,15 @@ fn forward_under_a_plan_writes_the_plan_output_as_logits() {
 
 #[test]
 fn beam_search_flags_return_every_sequence() {
-    // transformers' beams (make_strategy_fixtures.py): gpt2-sharded, 3 beams, length penalty 0.5,
-    // three sequences, EOS 46; and 4 beams with early stopping.
-    let text = std::fs::read_to_string(fixture("strategies/beams.json")).expect("read");
-    let json: Value = serde_json::from_str(&text).expect("json");
-    let find = |settings: &str| {
-        let wanted: Value = serde_json::from_str(settings).expect("settings");
-        json["cases"]
-            .as_array()
-            .expect("cases")
-            .iter()
-            .find(|c| c["fixture"] == "gpt2-sharded" && c["plan"] == "original" && c["settings"] == wanted)
-            .expect("case")
-            .clone()
-    };
-    let three = find(r#"{"num_beams": 3, "length_penalty": 0.5, "num_return_sequences": 3}"#);
-    let early = find(r#"{"num_beams": 4, "early_stopping": true}"#);
-    let prompt: Vec<String> = three["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
-    let prompt = prompt.join(",");
-    let dir = std::env::temp_dir().join(format!("layerwise-beams-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("generation_config.json");
-    std::fs::write(&config, format!(r#"{{"eos_token_id": {}}}"#, three["eos_token_id"])).expect("write");
-    let model = fixture_str("gpt2-sharded");
-    let config = config.to_str().expect("path");
-    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", config];
-    let base = base.map(String::from);
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().map(String::as_str).chain(extra.iter().copied()).collect();
-        json_line(&layerwise(&args))
-    };
+    // transformers' beams (make_strategy_fixtures.py): 3 beams, length penalty 0.5, three sequences;
+    // and 4 beams with early stopping; both with the recorded EOS.
+    let three = strategy_case("beams.json", r#"{"num_beams": 3, "length_penalty": 0.5, "num_return_sequences": 3}"#);
+    let early = strategy_case("beams.json", r#"{"num_beams": 4, "early_stopping": true}"#);
+    assert_eq!(three["eos_token_id"], early["eos_token_id"]);
+    let (_dir, config) = generation_config(&format!(r#"{{"eos_token_id": {}}}"#, three["eos_token_id"]));
+    let (model, prompt) = (fixture_str("gpt2-sharded"), prompt_arg(&three));
+    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", &config];
+    let run = |extra: &[&str]| json_line(&layerwise(&[&base[..], extra].concat()));
     let out =
         run(&["--max-new-tokens", "16", "--num-beams", "3", "--length-penalty", "0.5", "--num-return-sequences", "3"]);
     assert_eq!(out["sequences"], three["sequences"]);
@@ -204,60 +159,56 @@ fn beam_search_flags_return_every_sequence() {
     let out = run(&["--max-new-tokens", "16", "--num-beams", "4", "--early-stopping"]);
     assert_eq!(out["ids"], early["sequences"][0]);
     assert!(out.get("sequences").is_none(), "one sequence: no sequences key");
-    let args: Vec<&str> = base.iter().map(String::as_str).collect();
-    assert_fails_naming(
-        &[&args[..], &["--num-beams", "1", "--num-return-sequences", "3"]].concat(),
-        &["num-return-sequences", "--num-beams"],
-    );
-    assert_fails_naming(
-        &[&args[..], &["--num-beams", "2", "--early-stopping", "sometimes"]].concat(),
-        &["early-stopping", "sometimes"],
-    );
-    std::fs::remove_dir_all(&dir).ok();
+    let refused = |extra: &[&str], parts: &[&str]| assert_fails_naming(&[&base[..], extra].concat(), parts);
+    refused(&["--num-beams", "1", "--num-return-sequences", "3"], &["num-return-sequences", "--num-beams"]);
+    refused(&["--num-beams", "2", "--early-stopping", "sometimes"], &["early-stopping", "sometimes"]);
 }
 
 #[test]
 fn contrastive_search_and_dola_flags_follow_transformers() {
-    let text = std::fs::read_to_string(fixture("strategies/contrastive_dola.json")).expect("read");
-    let json: Value = serde_json::from_str(&text).expect("json");
-    let find = |settings: &str| {
-        let wanted: Value = serde_json::from_str(settings).expect("settings");
-        json["cases"]
-            .as_array()
-            .expect("cases")
-            .iter()
-            .find(|c| c["fixture"] == "gpt2-sharded" && c["settings"] == wanted)
-            .expect("case")
-            .clone()
-    };
-    let contrastive = find(r#"{"penalty_alpha": 0.6, "top_k": 4}"#);
-    let dola = find(r#"{"dola_layers": [0, 2], "repetition_penalty": 1.2}"#);
-    let prompt: Vec<String> = contrastive["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
-    let prompt = prompt.join(",");
+    let contrastive = strategy_case("contrastive_dola.json", r#"{"penalty_alpha": 0.6, "top_k": 4}"#);
+    let dola = strategy_case("contrastive_dola.json", r#"{"dola_layers": [0, 2], "repetition_penalty": 1.2}"#);
     // An EOS the recorded generations never produce: they ran to full length.
     let used: Vec<&Value> = [&contrastive, &dola].iter().flat_map(|c| c["ids"].as_array().expect("ids")).collect();
     let eos = (0u64..96).find(|t| !used.iter().any(|u| u.as_u64() == Some(*t))).expect("a free id");
-    let dir = std::env::temp_dir().join(format!("layerwise-cs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("generation_config.json");
-    std::fs::write(&config, format!(r#"{{"eos_token_id": {eos}, "max_new_tokens": 16}}"#)).expect("write");
-    let model = fixture_str("gpt2-sharded");
-    let config = config.to_str().expect("path");
-    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", config];
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
-        json_line(&layerwise(&args))["ids"].clone()
-    };
+    let (_dir, config) = generation_config(&format!(r#"{{"eos_token_id": {eos}, "max_new_tokens": 16}}"#));
+    let (model, prompt) = (fixture_str("gpt2-sharded"), prompt_arg(&contrastive));
+    let base = ["generate", "--model", &model, "--prompt-ids", &prompt, "--json", "--generation-config", &config];
+    let run = |extra: &[&str]| json_line(&layerwise(&[&base[..], extra].concat()))["ids"].clone();
     assert_eq!(run(&["--penalty-alpha", "0.6", "--top-k", "4"]), contrastive["ids"]);
     assert_eq!(run(&["--dola-layers", "0,2", "--repetition-penalty", "1.2"]), dola["ids"]);
-    assert_fails_naming(
-        &[&base[..], &["--penalty-alpha", "0.6", "--do-sample"]].concat(),
-        &["--penalty-alpha", "--do-sample"],
-    );
-    assert_fails_naming(&[&base[..], &["--dola-layers", "up"]].concat(), &["dola-layers", "up"]);
-    assert_fails_naming(
-        &[&base[..], &["--dola-layers", "low", "--num-beams", "2"]].concat(),
-        &["num-beams", "--dola-layers"],
-    );
-    std::fs::remove_dir_all(&dir).ok();
+    let refused = |extra: &[&str], parts: &[&str]| assert_fails_naming(&[&base[..], extra].concat(), parts);
+    refused(&["--penalty-alpha", "0.6", "--do-sample"], &["--penalty-alpha", "--do-sample"]);
+    refused(&["--dola-layers", "up"], &["dola-layers", "up"]);
+    refused(&["--dola-layers", "low", "--num-beams", "2"], &["num-beams", "--dola-layers"]);
+}
+
+/// The gpt2-sharded case (original head) of a `tests/fixtures/strategies/` file whose settings are
+/// exactly `settings` (JSON).
+fn strategy_case(file: &str, settings: &str) -> Value {
+    let text = std::fs::read_to_string(fixture("strategies").join(file)).expect("read");
+    let json: Value = serde_json::from_str(&text).expect("json");
+    let wanted: Value = serde_json::from_str(settings).expect("settings");
+    let original = |c: &Value| c["plan"].as_str().unwrap_or("original") == "original";
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["fixture"] == "gpt2-sharded" && original(c) && c["settings"] == wanted)
+        .unwrap_or_else(|| panic!("no gpt2-sharded case with settings {settings} in {file}"))
+        .clone()
+}
+
+/// A recorded case's prompt as the value of `--prompt-ids`.
+fn prompt_arg(case: &Value) -> String {
+    let ids: Vec<String> = case["prompt"].as_array().expect("prompt").iter().map(Value::to_string).collect();
+    ids.join(",")
+}
+
+/// A `generation_config.json` holding `json`, in a directory that lives as long as the first value.
+fn generation_config(json: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("generation_config.json");
+    std::fs::write(&path, json).expect("write");
+    (dir, path.to_string_lossy().into_owned())
 }

@@ -450,100 +450,78 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
 }
 
 /// `x: [t, in]`, `w: [in, out]` stored row by row (GPT-2's Conv1D): each input feature scales one
-/// weight row into the outputs. For one token the input features are split among the threads, so
-/// that each streams a contiguous part of the weight and their partial sums are added at the end; for
-/// several tokens the output columns are split instead, so that each thread's accumulators stay in L1.
+/// weight row into the outputs. Below GEMM size the input features are split among the threads, so
+/// that each streams a contiguous part of the weight into its own sums, added at the end.
 fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
     if t >= GEMM_MIN_ROWS {
         return gemm_weight(x, w);
     }
     let data = w.data();
-    if (2..=simd::AXPY_TOKENS).contains(&t) {
-        // A few tokens (beams, contrastive candidates): stream the weight as for one token, each row
-        // scaled into every token's sums; each thread adds its range of input features.
-        let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
-        let per_part = n_in.div_ceil(parts);
-        let partials: Vec<Vec<f32>> = (0..parts)
-            .into_par_iter()
-            .map(|p| {
-                let mut acc = vec![0.0f32; t * n_out];
-                let rows = p * per_part..((p + 1) * per_part).min(n_in);
-                let coeffs: Vec<&[f32]> = (0..t).map(|ti| &x.row(ti)[rows.clone()]).collect();
-                let mut ys: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
-                simd::axpy_rows_tokens(&mut ys, &coeffs, data, rows.start * n_out, n_out);
-                acc
-            })
-            .collect();
-        let mut partials = partials.into_iter();
-        let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
-        for partial in partials {
-            simd::axpy_f32(&mut sum, 1.0, &partial);
-        }
-        return Matrix::from_vec(sum, t, n_out);
+    if t == 1 {
+        return sum_over_input_ranges(1, n_in, n_out, |rows, acc| {
+            simd::axpy_rows(acc, &x.row(0)[rows.clone()], data, rows.start * n_out, n_out);
+        });
     }
-    if t > 1 {
-        // Each thread streams a contiguous range of weight rows, sixteen at a time: it packs the block
-        // strip by strip (widened to f32), then sweeps the packed strips for every six tokens with the
-        // sums in registers. The packed block stays in L2 for all the tokens, and the accumulators
-        // [t, out] are touched once per block. (Narrower column chunks or taller blocks measured slower.)
-        const BLOCK_ROWS: usize = 16;
-        let strips = n_out / simd::STRIP;
-        let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
-        let per_part = n_in.div_ceil(parts);
-        let partials: Vec<Vec<f32>> = (0..parts)
-            .into_par_iter()
-            .map(|p| {
-                let mut acc = vec![0.0f32; t * n_out];
-                let mut packed = vec![0.0f32; BLOCK_ROWS * strips * simd::STRIP];
-                let rows = p * per_part..((p + 1) * per_part).min(n_in);
-                for block in (rows.start..rows.end).step_by(BLOCK_ROWS) {
-                    let block_end = (block + BLOCK_ROWS).min(rows.end);
-                    simd::pack_strips(data, block * n_out, n_out, block_end - block, strips, &mut packed);
-                    for (group, acc) in acc.chunks_mut(simd::STRIP_TOKENS * n_out).enumerate() {
-                        let tokens = group * simd::STRIP_TOKENS..((group + 1) * simd::STRIP_TOKENS).min(t);
-                        let xs: Vec<&[f32]> = tokens.map(|ti| &x.row(ti)[block..block_end]).collect();
-                        let mut rows_acc: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
-                        simd::strips_packed(&xs, &packed, strips, &mut rows_acc);
-                        // Columns past the last full strip (widths that are not a multiple of 16).
-                        for (xs, row) in xs.iter().zip(rows_acc) {
-                            simd::axpy_rows(
-                                &mut row[strips * simd::STRIP..],
-                                xs,
-                                data,
-                                block * n_out + strips * simd::STRIP,
-                                n_out,
-                            );
-                        }
-                    }
+    if t <= simd::AXPY_TOKENS {
+        // A few tokens (beams, contrastive candidates): the weight streams as for one token, each
+        // row scaled into every token's sums.
+        return sum_over_input_ranges(t, n_in, n_out, |rows, acc| {
+            let coeffs: Vec<&[f32]> = (0..t).map(|ti| &x.row(ti)[rows.clone()]).collect();
+            let mut ys: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
+            simd::axpy_rows_tokens(&mut ys, &coeffs, data, rows.start * n_out, n_out);
+        });
+    }
+    // More tokens: sixteen weight rows at a time are packed strip by strip (widened to f32), then the
+    // packed strips are swept for every six tokens with the sums in registers. The packed block stays
+    // in L2 for all the tokens, and the sums [t, out] are touched once per block. (Narrower column
+    // chunks or taller blocks measured slower.)
+    const BLOCK_ROWS: usize = 16;
+    let strips = n_out / simd::STRIP;
+    sum_over_input_ranges(t, n_in, n_out, |rows, acc| {
+        let mut packed = vec![0.0f32; BLOCK_ROWS * strips * simd::STRIP];
+        for block in rows.clone().step_by(BLOCK_ROWS) {
+            let block_end = (block + BLOCK_ROWS).min(rows.end);
+            simd::pack_strips(data, block * n_out, n_out, block_end - block, strips, &mut packed);
+            for (group, acc) in acc.chunks_mut(simd::STRIP_TOKENS * n_out).enumerate() {
+                let tokens = group * simd::STRIP_TOKENS..((group + 1) * simd::STRIP_TOKENS).min(t);
+                let xs: Vec<&[f32]> = tokens.map(|ti| &x.row(ti)[block..block_end]).collect();
+                let mut rows_acc: Vec<&mut [f32]> = acc.chunks_exact_mut(n_out).collect();
+                simd::strips_packed(&xs, &packed, strips, &mut rows_acc);
+                // Columns past the last full strip (widths that are not a multiple of 16).
+                for (xs, row) in xs.iter().zip(rows_acc) {
+                    let first = block * n_out + strips * simd::STRIP;
+                    simd::axpy_rows(&mut row[strips * simd::STRIP..], xs, data, first, n_out);
                 }
-                acc
-            })
-            .collect();
-        let mut partials = partials.into_iter();
-        let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
-        for partial in partials {
-            simd::axpy_f32(&mut sum, 1.0, &partial);
+            }
         }
-        return Matrix::from_vec(sum, t, n_out);
-    }
+    })
+}
+
+/// `[t, n_out]`: the input features `0..n_in` split into one contiguous range per thread; `part(range,
+/// sums)` adds that range's contribution to zeroed sums of its own, and the sums are added up.
+fn sum_over_input_ranges(
+    t: usize,
+    n_in: usize,
+    n_out: usize,
+    part: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Matrix {
     let parts = rayon::current_num_threads().clamp(1, n_in.max(1));
     let per_part = n_in.div_ceil(parts);
     let partials: Vec<Vec<f32>> = (0..parts)
         .into_par_iter()
         .map(|p| {
-            let mut acc = vec![0.0f32; n_out];
-            let rows = p * per_part..((p + 1) * per_part).min(n_in);
-            simd::axpy_rows(&mut acc, &x.row(0)[rows.clone()], data, rows.start * n_out, n_out);
+            let mut acc = vec![0.0f32; t * n_out];
+            part(p * per_part..((p + 1) * per_part).min(n_in), &mut acc);
             acc
         })
         .collect();
     let mut partials = partials.into_iter();
-    let mut sum = partials.next().unwrap_or_else(|| vec![0.0; n_out]);
+    let mut sum = partials.next().unwrap_or_else(|| vec![0.0; t * n_out]);
     for partial in partials {
         simd::axpy_f32(&mut sum, 1.0, &partial);
     }
-    Matrix::from_vec(sum, 1, n_out)
+    Matrix::from_vec(sum, t, n_out)
 }
 
 /// Output rows per task in the matrix-vector products: enough tasks to balance the threads, few
@@ -811,7 +789,7 @@ mod tests {
                     };
                     let tensor = HostTensor::from_f32(values(n_in * n_out, 7), shape).converted(dtype);
                     let w = cpu.weight(&tensor, layout).expect("weight");
-                    for rows in [1usize, 2, 5, 16, 33, 70] {
+                    for rows in [1usize, 2, 4, 5, 16, 33, 70] {
                         let x = Matrix::from_vec(values(rows * n_in, rows as u64), rows, n_in);
                         let got = cpu.linear(&x, &w, None);
                         for (g, r) in got.data.iter().zip(naive(&x, &w)) {
