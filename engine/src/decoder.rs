@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 use crate::backend::{Backend, SeqSlice};
 use crate::error::{Error, Result};
 use crate::exits::{PlanOptions, Source};
+use crate::inspect::Tap;
 use crate::kv::{BlockCopy, BlockPool, BlockTable};
 use crate::model::{Batch, Model};
 
@@ -308,14 +309,20 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let all_rows: Vec<usize> = if self.extras.hidden_states { (0..ids.len()).collect() } else { Vec::new() };
         let mut kept: BTreeMap<usize, B::Tensor> = BTreeMap::new();
         let mut main_state = None;
-        self.model.run_blocks(&ids, &batch, &mut self.store, self.depth, |layer, x| {
-            if wanted(layer) {
-                kept.insert(layer, b.gather_rows(x, &last_rows));
-            }
-            if !all_rows.is_empty() && layer == main.depth(n) {
-                main_state = Some(b.gather_rows(x, &all_rows));
-            }
-        });
+        self.model.run_blocks(
+            &ids,
+            &batch,
+            &mut self.store,
+            self.depth,
+            &mut Tap(|layer, x: &B::Tensor| {
+                if wanted(layer) {
+                    kept.insert(layer, b.gather_rows(x, &last_rows));
+                }
+                if !all_rows.is_empty() && layer == main.depth(n) {
+                    main_state = Some(b.gather_rows(x, &all_rows));
+                }
+            }),
+        );
         drop(batch);
         self.blocks_run += self.depth as u64;
         let state = |source: Source| &kept[&source.depth(n)];

@@ -29,7 +29,10 @@ pub fn converted_safetensors(bin: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let tensors = read_state_dict(bin)?;
-    let partial = dir.join(format!("{stem}-{key:016x}.{}.partial", std::process::id()));
+    // Unique per process and call: threads of one process may convert the same archive at once.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = dir.join(format!("{stem}-{key:016x}.{}-{call}.partial", std::process::id()));
     let views = tensors.iter().map(|(name, t)| (name.clone(), t));
     safetensors::serialize_to_file(views, None, &partial)
         .map_err(|e| Error::bad_file(&partial, format!("cannot write the converted weights: {e}")))?;

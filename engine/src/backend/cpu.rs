@@ -289,7 +289,6 @@ impl Backend for Cpu {
         p: &AttentionParams,
     ) -> Matrix {
         let d = p.head_dim;
-        let group = p.num_heads / p.num_kv_heads;
         // One task per (sequence, head); each returns its [len, d] slab.
         let tasks: Vec<(usize, usize)> =
             (0..sequences.len()).flat_map(|s| (0..p.num_heads).map(move |h| (s, h))).collect();
@@ -297,21 +296,12 @@ impl Backend for Cpu {
         let work: usize = sequences.iter().map(|s| s.len * (s.first_position + s.len)).sum::<usize>() * p.num_heads * d;
         let attend_head = |&(s, h): &(usize, usize)| {
             let seq = &sequences[s];
-            let kv = h / group;
-            let last_position = seq.first_position + seq.len;
-            // Where each visible position's key/value row starts, for this layer and kv head.
-            let rows: Vec<usize> = (0..last_position)
-                .map(|pos| {
-                    let slot =
-                        seq.block_table[pos / store.block_size] as usize * store.block_size + pos % store.block_size;
-                    store.offset(layer, slot) + kv * d
-                })
-                .collect();
+            let rows = cached_rows(store, layer, seq, h / (p.num_heads / p.num_kv_heads), d);
             if seq.len >= PREFILL_ATTENTION_ROWS {
                 return attend_prefill(q, store, seq, &rows, h, p);
             }
             let mut out = vec![0.0f32; seq.len * d];
-            let mut scores = vec![0.0f32; last_position];
+            let mut scores = vec![0.0f32; rows.len()];
             for i in 0..seq.len {
                 let pos = seq.first_position + i;
                 let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -341,6 +331,31 @@ impl Backend for Cpu {
             }
         }
         out
+    }
+
+    fn attention_probs(
+        &self,
+        q: &Matrix,
+        store: &CpuKv,
+        layer: usize,
+        seq: &SeqSlice<'_>,
+        p: &AttentionParams,
+    ) -> Vec<f32> {
+        let group = p.num_heads / p.num_kv_heads;
+        (0..p.num_heads)
+            .flat_map(|h| {
+                let rows = cached_rows(store, layer, seq, h / group, p.head_dim);
+                attention_scores(q, store, seq, &rows, h, p)
+            })
+            .collect()
+    }
+
+    fn scale_heads(&self, x: &mut Matrix, scales: &[f32], head_dim: usize) {
+        for row in x.rows_mut() {
+            for (head, &scale) in row.chunks_exact_mut(head_dim).zip(scales) {
+                head.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
     }
 
     fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Matrix {
@@ -641,10 +656,26 @@ unsafe fn gemm_into(
 /// From this many new tokens on, a sequence's attention runs as two small matrix products per head.
 const PREFILL_ATTENTION_ROWS: usize = 16;
 
-/// One head of one sequence's attention as matrix products: gather its keys and values (they sit in
-/// cache blocks), `S = scale * Q K^T` with the causal (and window) mask, row softmax, `O = P V`.
-/// Returns `[len, head_dim]`.
-fn attend_prefill(
+/// Where each position `0..seq.first_position + seq.len` of a sequence keeps its key/value row for
+/// `layer` and `kv_head`, as offsets into the store.
+fn cached_rows(store: &CpuKv, layer: usize, seq: &SeqSlice<'_>, kv_head: usize, head_dim: usize) -> Vec<usize> {
+    (0..seq.first_position + seq.len)
+        .map(|pos| {
+            let slot = seq.block_table[pos / store.block_size] as usize * store.block_size + pos % store.block_size;
+            store.offset(layer, slot) + kv_head * head_dim
+        })
+        .collect()
+}
+
+/// The `width`-wide runs of `source` starting at each of `rows`, packed: `[rows.len(), width]`.
+fn gathered(source: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
+    rows.iter().flat_map(|&at| &source[at..at + width]).copied().collect()
+}
+
+/// One head's attention probabilities for a sequence's new rows as a matrix product: gather its keys
+/// (they sit in cache blocks), `S = scale * Q K^T`, the causal (and window) mask as zeros, row
+/// softmax. Returns `[len, ctx]`.
+fn attention_scores(
     q: &Matrix,
     store: &CpuKv,
     seq: &SeqSlice<'_>,
@@ -654,12 +685,7 @@ fn attend_prefill(
 ) -> Vec<f32> {
     let d = p.head_dim;
     let (t, ctx) = (seq.len, rows.len());
-    let mut keys = vec![0.0f32; ctx * d];
-    let mut values = vec![0.0f32; ctx * d];
-    for (j, &at) in rows.iter().enumerate() {
-        keys[j * d..(j + 1) * d].copy_from_slice(&store.keys[at..at + d]);
-        values[j * d..(j + 1) * d].copy_from_slice(&store.values[at..at + d]);
-    }
+    let keys = gathered(&store.keys, rows, d);
     let mut scores = vec![0.0f32; t * ctx];
     let queries = Operand::rows(q.data[seq.first_row * q.cols + h * d..].as_ptr(), q.cols);
     let keys_t = Operand { ptr: keys.as_ptr(), row_stride: 1, col_stride: d as isize };
@@ -673,6 +699,23 @@ fn attend_prefill(
         row[pos + 1..].fill(0.0);
         softmax_in_place(&mut row[first..=pos]);
     }
+    scores
+}
+
+/// One head of one sequence's attention as two matrix products: the probabilities
+/// ([`attention_scores`]), then `O = P V`. Returns `[len, head_dim]`.
+fn attend_prefill(
+    q: &Matrix,
+    store: &CpuKv,
+    seq: &SeqSlice<'_>,
+    rows: &[usize],
+    h: usize,
+    p: &AttentionParams,
+) -> Vec<f32> {
+    let d = p.head_dim;
+    let (t, ctx) = (seq.len, rows.len());
+    let scores = attention_scores(q, store, seq, rows, h, p);
+    let values = gathered(&store.values, rows, d);
     let mut out = vec![0.0f32; t * d];
     // SAFETY: scores is [t, ctx] and values [ctx, d], both row-major; out holds t * d.
     unsafe {

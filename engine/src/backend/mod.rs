@@ -126,6 +126,21 @@ pub trait Backend: Send + Sync + 'static {
         params: &AttentionParams,
     ) -> Self::Tensor;
 
+    /// The attention probabilities of one sequence's new query rows (the same scores and mask as
+    /// [`Backend::paged_attention`]), on the host: `[heads, seq.len, seq.first_position + seq.len]`,
+    /// zero outside the causal (and local) window. For inspection, not for decoding.
+    fn attention_probs(
+        &self,
+        q: &Self::Tensor,
+        store: &Self::KvStore,
+        layer: usize,
+        seq: &SeqSlice<'_>,
+        params: &AttentionParams,
+    ) -> Vec<f32>;
+
+    /// Multiplies head `h`'s columns `h * head_dim .. (h + 1) * head_dim` of every row of `x` by `scales[h]`.
+    fn scale_heads(&self, x: &mut Self::Tensor, scales: &[f32], head_dim: usize);
+
     /// Rows `rows` of `x`, in that order: `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
 

@@ -1,10 +1,11 @@
 //! GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP.
 //! `Conv1D` weights are stored `[in, out]`.
 
-use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer, GPT_NAMES};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, Details, ModelSpec};
 use crate::error::Result;
+use crate::inspect::{Probe, Site};
 use crate::weights::Weights;
 
 struct Block<B: Backend> {
@@ -90,23 +91,41 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         x
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
+    fn attention_sublayer(
+        &self,
+        b: &B,
+        layer: usize,
+        mut x: B::Tensor,
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        probe: &mut dyn Probe<B>,
+    ) -> B::Tensor {
         let blk = &self.blocks[layer];
         let d = self.hidden;
 
-        // x = x + attn(ln_1(x))
+        // x = x + c_proj(attn(c_attn(ln_1(x))))
         let h = blk.ln_1.forward(b, &x);
+        probe.see(layer, Site::Norm1, &h);
         let qkv = blk.c_attn.forward(b, &h);
         let [q, k, v]: [B::Tensor; 3] =
             b.split_columns(&qkv, &[d, d, d]).try_into().unwrap_or_else(|_| unreachable!("split into three"));
-        let a = attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention);
-        b.add_assign(&mut x, &blk.attn_proj.forward(b, &a));
+        let a = blk.attn_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention, probe));
+        probe.see(layer, Site::Attention, &a);
+        b.add_assign(&mut x, &a);
+        x
+    }
 
-        // x = x + mlp(ln_2(x))
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+        let blk = &self.blocks[layer];
+
+        // x = x + c_proj(act(c_fc(ln_2(x))))
         let h = blk.ln_2.forward(b, &x);
+        probe.see(layer, Site::Norm2, &h);
         let mut m = blk.c_fc.forward(b, &h);
         b.activate(&mut m, self.activation);
-        b.add_assign(&mut x, &blk.mlp_proj.forward(b, &m));
+        let m = blk.mlp_proj.forward(b, &m);
+        probe.see(layer, Site::Mlp, &m);
+        b.add_assign(&mut x, &m);
         x
     }
 
@@ -122,5 +141,9 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
 
     fn final_norm(&self) -> &Norm<B> {
         &self.ln_f
+    }
+
+    fn names(&self) -> &'static ModuleNames {
+        &GPT_NAMES
     }
 }

@@ -1,10 +1,11 @@
 //! GPT-Neo (Black et al. 2021): GPT-2's shape with separate q/k/v projections, layers alternating
 //! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
 
-use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer, GPT_NAMES};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, AttentionSpan, ModelSpec};
 use crate::error::Result;
+use crate::inspect::{Probe, Site};
 use crate::weights::Weights;
 
 struct Block<B: Backend> {
@@ -75,20 +76,38 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         x
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
+    fn attention_sublayer(
+        &self,
+        b: &B,
+        layer: usize,
+        mut x: B::Tensor,
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        probe: &mut dyn Probe<B>,
+    ) -> B::Tensor {
         let blk = &self.blocks[layer];
 
-        // x = x + attn(ln_1(x)), global or local
+        // x = x + out_proj(attn(q_proj, k_proj, v_proj of ln_1(x))), local or global
         let h = blk.ln_1.forward(b, &x);
+        probe.see(layer, Site::Norm1, &h);
         let (q, k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
-        let a = attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention);
-        b.add_assign(&mut x, &blk.out_proj.forward(b, &a));
+        let a = blk.out_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention, probe));
+        probe.see(layer, Site::Attention, &a);
+        b.add_assign(&mut x, &a);
+        x
+    }
 
-        // x = x + mlp(ln_2(x))
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+        let blk = &self.blocks[layer];
+
+        // x = x + c_proj(act(c_fc(ln_2(x))))
         let h = blk.ln_2.forward(b, &x);
+        probe.see(layer, Site::Norm2, &h);
         let mut m = blk.c_fc.forward(b, &h);
         b.activate(&mut m, self.activation);
-        b.add_assign(&mut x, &blk.c_proj.forward(b, &m));
+        let m = blk.c_proj.forward(b, &m);
+        probe.see(layer, Site::Mlp, &m);
+        b.add_assign(&mut x, &m);
         x
     }
 
@@ -106,5 +125,9 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
 
     fn final_norm(&self) -> &Norm<B> {
         &self.ln_f
+    }
+
+    fn names(&self) -> &'static ModuleNames {
+        &GPT_NAMES
     }
 }

@@ -1,10 +1,11 @@
 //! Llama (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention and a
 //! SiLU-gated MLP; no biases unless the config asks for them.
 
-use super::{attend, base_prefix, Batch, Linear, Norm, Transformer};
+use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::config::{Activation, Details, ModelSpec};
 use crate::error::Result;
+use crate::inspect::{Probe, Site};
 use crate::weights::Weights;
 
 struct Block<B: Backend> {
@@ -72,29 +73,57 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// transformers' module names for Llama.
+static LLAMA_NAMES: ModuleNames = ModuleNames {
+    blocks: "layers",
+    norm_1: "input_layernorm",
+    attention: "self_attn",
+    norm_2: "post_attention_layernorm",
+    mlp: "mlp",
+    final_norm: "norm",
+};
+
 impl<B: Backend> Transformer<B> for Llama<B> {
     fn embed(&self, b: &B, ids: &[u32], _positions: &[usize]) -> B::Tensor {
         b.embed(&self.embed_tokens, ids)
     }
 
-    fn block(&self, b: &B, layer: usize, mut x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor {
+    fn attention_sublayer(
+        &self,
+        b: &B,
+        layer: usize,
+        mut x: B::Tensor,
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        probe: &mut dyn Probe<B>,
+    ) -> B::Tensor {
         let blk = &self.blocks[layer];
         let head_dim = self.attention.head_dim;
 
         // x = x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x)
         let h = blk.input_layernorm.forward(b, &x);
+        probe.see(layer, Site::Norm1, &h);
         let (mut q, mut k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
         b.rope(&mut q, head_dim, &batch.positions, self.rope_theta);
         b.rope(&mut k, head_dim, &batch.positions, self.rope_theta);
-        let a = attend(b, kv, layer, batch, (&q, &k, &v), &self.attention);
-        b.add_assign(&mut x, &blk.o_proj.forward(b, &a));
+        let a = blk.o_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &self.attention, probe));
+        probe.see(layer, Site::Attention, &a);
+        b.add_assign(&mut x, &a);
+        x
+    }
 
-        // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on post_attention_layernorm(x)
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+        let blk = &self.blocks[layer];
+
+        // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on h = post_attention_layernorm(x)
         let h = blk.post_attention_layernorm.forward(b, &x);
+        probe.see(layer, Site::Norm2, &h);
         let mut gate = blk.gate_proj.forward(b, &h);
         b.activate(&mut gate, self.activation);
         b.mul_assign(&mut gate, &blk.up_proj.forward(b, &h));
-        b.add_assign(&mut x, &blk.down_proj.forward(b, &gate));
+        let m = blk.down_proj.forward(b, &gate);
+        probe.see(layer, Site::Mlp, &m);
+        b.add_assign(&mut x, &m);
         x
     }
 
@@ -113,5 +142,9 @@ impl<B: Backend> Transformer<B> for Llama<B> {
 
     fn final_norm(&self) -> &Norm<B> {
         &self.norm
+    }
+
+    fn names(&self) -> &'static ModuleNames {
+        &LLAMA_NAMES
     }
 }

@@ -12,6 +12,7 @@ use crate::backend::{AttentionParams, Backend, Layout, SeqSlice};
 use crate::config::{Architecture, ModelSpec};
 use crate::error::{Error, Result};
 use crate::exits::{Contrast, PlanOptions, Projection, Source};
+use crate::inspect::{BlockPart, Probe, Site, Tap};
 use crate::weights::Weights;
 
 /// A linear layer: `w: [out, in]` and an optional bias `[out]`.
@@ -88,19 +89,46 @@ impl<B: Backend> Norm<B> {
     }
 }
 
-/// What an architecture file provides: the embedding, one block, the final norm. The driver in
-/// [`Model`] composes them.
+/// What an architecture file provides: the embedding, a block's two residual sub-layers, the final
+/// norm. The driver in [`Model`] composes them.
 pub(crate) trait Transformer<B: Backend>: Send + Sync {
     /// Token (and, where the architecture has them, position) embeddings: `[t, hidden]`.
     fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor;
-    /// Block `layer` (0-based) applied to the residual stream `x: [t, hidden]`; its keys and values
-    /// go to the cache at `batch.slots`.
-    fn block(&self, b: &B, layer: usize, x: B::Tensor, batch: &Batch<'_>, kv: &mut B::KvStore) -> B::Tensor;
+    /// `x + attention(norm_1(x))` of block `layer` (0-based) on the residual stream `x: [t, hidden]`;
+    /// its keys and values go to the cache at `batch.slots`.
+    fn attention_sublayer(
+        &self,
+        b: &B,
+        layer: usize,
+        x: B::Tensor,
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        probe: &mut dyn Probe<B>,
+    ) -> B::Tensor;
+    /// `x + mlp(norm_2(x))` of block `layer`.
+    fn mlp_sublayer(&self, b: &B, layer: usize, x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor;
     /// The norm applied after the last block (`ln_f` / `norm`); exits reuse it.
     fn final_norm(&self) -> &Norm<B>;
     /// Bytes of weights block `layer` reads per step.
     fn block_bytes(&self, b: &B, layer: usize) -> usize;
+    /// The checkpoint's module names, for naming points inside the forward pass.
+    fn names(&self) -> &'static ModuleNames;
 }
+
+/// How a checkpoint names its modules (transformers' attribute names): `{blocks}.{i}.{norm_1}` etc.
+#[derive(Debug)]
+pub struct ModuleNames {
+    pub blocks: &'static str,
+    pub norm_1: &'static str,
+    pub attention: &'static str,
+    pub norm_2: &'static str,
+    pub mlp: &'static str,
+    pub final_norm: &'static str,
+}
+
+/// GPT-2 and GPT-Neo: `h.{i}.ln_1`, `h.{i}.attn`, `h.{i}.ln_2`, `h.{i}.mlp`, `ln_f`.
+pub(crate) static GPT_NAMES: ModuleNames =
+    ModuleNames { blocks: "h", norm_1: "ln_1", attention: "attn", norm_2: "ln_2", mlp: "mlp", final_norm: "ln_f" };
 
 /// The tokens of one forward call, possibly from several sequences: row `i` is at `positions[i]`
 /// and its keys and values go to cache slot `slots[i]`.
@@ -111,7 +139,9 @@ pub(crate) struct Batch<'a> {
 }
 
 /// The one attention of every architecture: store the new keys and values, then attend over each
-/// sequence's cache. `q: [t, heads * head_dim]`, `k, v: [t, kv_heads * head_dim]`.
+/// sequence's cache. `q: [t, heads * head_dim]`, `k, v: [t, kv_heads * head_dim]`. A probe may mask
+/// heads (transformers' `head_mask`: each head's probabilities, hence its output, scaled) and read
+/// the probabilities.
 pub(crate) fn attend<B: Backend>(
     b: &B,
     kv: &mut B::KvStore,
@@ -119,9 +149,28 @@ pub(crate) fn attend<B: Backend>(
     batch: &Batch<'_>,
     (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
     params: &AttentionParams,
+    probe: &mut dyn Probe<B>,
 ) -> B::Tensor {
     b.kv_write(kv, layer, &batch.slots, k, v);
-    b.paged_attention(q, kv, layer, &batch.sequences, params)
+    let mut out = b.paged_attention(q, kv, layer, &batch.sequences, params);
+    let mask = probe.head_mask(layer).map(<[f32]>::to_vec);
+    if let Some(mask) = &mask {
+        b.scale_heads(&mut out, mask, params.head_dim);
+    }
+    if probe.wants_attention(layer) {
+        for seq in &batch.sequences {
+            let mut probs = b.attention_probs(q, kv, layer, seq, params);
+            if let Some(mask) = &mask {
+                // transformers returns the probabilities after the mask.
+                let per_head = probs.len() / params.num_heads;
+                for (head, &m) in probs.chunks_exact_mut(per_head).zip(mask) {
+                    head.iter_mut().for_each(|p| *p *= m);
+                }
+            }
+            probe.attention(layer, probs);
+        }
+    }
+    out
 }
 
 /// What a forward pass should return. Only the blocks needed for the requested outputs run.
@@ -289,18 +338,24 @@ impl<B: Backend> Model<B> {
         let keep = |layer: usize| {
             plan.is_some_and(|(_, (main, lower))| main == Source::Layer(layer) || lower == Some(Source::Layer(layer)))
         };
-        let top = self.run_blocks(ids, &batch, &mut kv, depth, |layer, x| {
-            if request.hidden_states && layer < n {
-                out.hidden_states.push(b.to_host(x));
-            }
-            if layer < n && request.exits.contains(&layer) {
-                let logits = b.linear(&self.body.final_norm().forward(b, x), &self.exit_heads[&layer], None);
-                out.exits.insert(layer, b.to_host(&logits));
-            }
-            if layer < n && keep(layer) {
-                states.insert(layer, x.clone());
-            }
-        });
+        let top = self.run_blocks(
+            ids,
+            &batch,
+            &mut kv,
+            depth,
+            &mut Tap(|layer, x: &B::Tensor| {
+                if request.hidden_states && layer < n {
+                    out.hidden_states.push(b.to_host(x));
+                }
+                if layer < n && request.exits.contains(&layer) {
+                    let logits = b.linear(&self.body.final_norm().forward(b, x), &self.exit_heads[&layer], None);
+                    out.exits.insert(layer, b.to_host(&logits));
+                }
+                if layer < n && keep(layer) {
+                    states.insert(layer, x.clone());
+                }
+            }),
+        );
         out.blocks_run = depth;
         if depth == n {
             // The top layer's state is read after the final norm, by the LM head and the top exit.
@@ -324,24 +379,50 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    /// Embeds `ids` and runs blocks `1..=depth`, calling `tap(layer, state)` with the embeddings
-    /// (layer 0) and each block's output. Returns the state after block `depth`.
+    /// Embeds `ids` and runs blocks `1..=depth`, showing the probe the embeddings and everything it
+    /// watches inside the blocks. Returns the state after block `depth`.
     pub(crate) fn run_blocks(
         &self,
         ids: &[u32],
         batch: &Batch<'_>,
         kv: &mut B::KvStore,
         depth: usize,
-        mut tap: impl FnMut(usize, &B::Tensor),
+        probe: &mut dyn Probe<B>,
     ) -> B::Tensor {
         let b = &self.backend;
         let mut x = self.body.embed(b, ids, &batch.positions);
-        tap(0, &x);
-        for layer in 1..=depth {
-            x = self.body.block(b, layer - 1, x, batch, kv);
-            tap(layer, &x);
+        probe.embeddings(&x);
+        for layer in 0..depth {
+            x = self.run_sublayers(layer, BlockPart::Whole, x, batch, kv, probe);
         }
         x
+    }
+
+    /// One block, or one of its two residual sub-layers, on the residual stream `x`.
+    pub(crate) fn run_sublayers(
+        &self,
+        layer: usize,
+        which: BlockPart,
+        mut x: B::Tensor,
+        batch: &Batch<'_>,
+        kv: &mut B::KvStore,
+        probe: &mut dyn Probe<B>,
+    ) -> B::Tensor {
+        let b = &self.backend;
+        if which != BlockPart::Mlp {
+            x = self.body.attention_sublayer(b, layer, x, batch, kv, probe);
+            probe.see(layer, Site::ResidMid, &x);
+        }
+        if which != BlockPart::Attention {
+            x = self.body.mlp_sublayer(b, layer, x, probe);
+            probe.see(layer, Site::Output, &x);
+        }
+        x
+    }
+
+    /// The checkpoint's module names.
+    pub fn module_names(&self) -> &'static ModuleNames {
+        self.body.names()
     }
 
     /// Bytes of weights one decoding step under `plan` reads: the blocks it runs, the final norm and
