@@ -33,6 +33,7 @@ pub mod inspect;
 pub mod kv;
 pub mod lens;
 pub mod model;
+pub mod plot;
 pub mod processors;
 pub mod source;
 pub mod stopping;

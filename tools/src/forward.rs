@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use layerwise::ForwardRequest;
-use safetensors::tensor::TensorView;
 
 use crate::input::{ModelArgs, PlanArgs, PromptArgs};
 
@@ -45,16 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     for (i, hidden) in out.hidden_states.iter().enumerate() {
         tensors.push((format!("hidden.{i}"), vec![t, spec.hidden_size], hidden));
     }
-    let views = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
-                .with_context(|| format!("tensor {name}"))?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, &args.out)
-        .with_context(|| format!("--out {}: cannot write", args.out.display()))?;
+    crate::input::write_safetensors(&args.out, &tensors)?;
     eprintln!(
         "forward: {t} tokens through {} layers in {seconds:.3}s; wrote {} tensors to {}; {}",
         out.blocks_run,

@@ -296,3 +296,17 @@ impl GenerationArgs {
         Ok(options)
     }
 }
+
+/// Writes f32 tensors `(name, shape, values)` to a safetensors file given by `--out`.
+pub fn write_safetensors(out: &std::path::Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+                .with_context(|| format!("tensor {name}"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, out).with_context(|| format!("--out {}: cannot write", out.display()))
+}

@@ -1,11 +1,13 @@
 //! `layerwise`: the command-line face of the engine. Each subcommand is a thin layer over the
 //! engine's public API; the engine never prints, this program decides what to show.
 
+mod activations;
 mod bench;
 mod forward;
 mod generate;
 mod info;
 mod input;
+mod lens;
 mod memory;
 
 use std::process::ExitCode;
@@ -31,6 +33,10 @@ enum Command {
     Generate(Box<generate::Args>),
     /// Measure generation and prefill throughput, peak memory and the fraction of the memory-bandwidth bound.
     Bench(bench::Args),
+    /// The logit lens of a prompt: every layer's prediction at every position, as JSON, HTML, SVG or PNG.
+    Lens(lens::Args),
+    /// Internal activations by name (e.g. h.0,h.5.mlp), computing no further than the deepest one.
+    Activations(activations::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),
 }
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Lens(args) => lens::run(args),
+        Command::Activations(args) => activations::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

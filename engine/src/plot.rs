@@ -1,0 +1,373 @@
+//! Pictures of what [`crate::lens`] and [`crate::inspect`] compute: self-contained HTML pages (no
+//! network, no scripts from elsewhere) and SVG for papers.
+//!
+//! The logit-lens heatmap follows transformer-utils' `plot_logit_lens`: rows are layers (the output
+//! on top), columns are input positions, each cell shows the row's top token and is coloured by the
+//! chosen metric; cells whose top token is the actual next input token are outlined.
+//!
+//! ```
+//! use layerwise::lens::LensOptions;
+//! use layerwise::plot::{lens_html, lens_svg, LensMetric};
+//!
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+//! let model = layerwise::load(dir)?.model;
+//! let lens = model.logit_lens(&[5, 17, 42], &LensOptions::default())?;
+//! let label = |id: u32| format!("#{id}");
+//! assert!(lens_html(&lens, &label, LensMetric::Probs).contains("<table"));
+//! assert!(lens_svg(&lens, &label, LensMetric::Kl).starts_with("<svg"));
+//! # Ok::<(), layerwise::Error>(())
+//! ```
+
+use std::fmt::Write;
+
+use crate::lens::Lens;
+
+/// What colours a lens cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LensMetric {
+    /// The logit the row gives the model's own top token.
+    Logits,
+    /// The probability the row gives the model's own top token.
+    Probs,
+    /// The rank (1 = top) of the model's own top token in the row, on a log scale.
+    Ranks,
+    /// KL(final ‖ row).
+    Kl,
+}
+
+impl LensMetric {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "logits" => Some(LensMetric::Logits),
+            "probs" => Some(LensMetric::Probs),
+            "ranks" => Some(LensMetric::Ranks),
+            "kl" => Some(LensMetric::Kl),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LensMetric::Logits => "logits",
+            LensMetric::Probs => "probs",
+            LensMetric::Ranks => "ranks",
+            LensMetric::Kl => "kl",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            LensMetric::Logits => "logit of the output's top token",
+            LensMetric::Probs => "probability of the output's top token",
+            LensMetric::Ranks => "rank of the output's top token (log scale)",
+            LensMetric::Kl => "KL(output ‖ layer), nats",
+        }
+    }
+
+    /// `[rows][positions]` values of this metric.
+    fn values(self, lens: &Lens) -> Vec<Vec<f32>> {
+        match self {
+            LensMetric::Logits => lens.final_top_logit.clone(),
+            LensMetric::Probs => lens.final_top_prob.clone(),
+            LensMetric::Ranks => lens.final_top_rank.iter().map(|r| r.iter().map(|&x| x as f32).collect()).collect(),
+            LensMetric::Kl => lens.kl_to_final.clone(),
+        }
+    }
+
+    /// Maps each value to [0, 1], 1 being closest to the model's output.
+    fn scale(self, values: &[Vec<f32>]) -> (Vec<Vec<f32>>, f32, f32) {
+        let flat = values.iter().flatten().copied().filter(|v| v.is_finite());
+        let (lo, hi) = flat.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+        let unit = |v: f32| -> f32 {
+            let t = match self {
+                LensMetric::Logits | LensMetric::Probs => (v - lo) / (hi - lo),
+                LensMetric::Kl => 1.0 - (v - lo) / (hi - lo),
+                LensMetric::Ranks => 1.0 - v.max(1.0).ln() / hi.max(2.0).ln(),
+            };
+            if t.is_finite() {
+                t.clamp(0.0, 1.0)
+            } else {
+                1.0
+            }
+        };
+        (values.iter().map(|row| row.iter().map(|&v| unit(v)).collect()).collect(), lo, hi)
+    }
+}
+
+/// Viridis at five stops, interpolated.
+fn colour(t: f32) -> (u8, u8, u8) {
+    const STOPS: [(f32, f32, f32); 5] =
+        [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+    let x = t.clamp(0.0, 1.0) * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f32;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: f32, q: f32| (p + (q - p) * f).round() as u8;
+    (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+fn hex((r, g, b): (u8, u8, u8)) -> String {
+    format!("#{r:02x}{g:02x}{b:02x}")
+}
+
+/// Dark text on the bright end of the scale, light text on the dark end.
+fn ink(t: f32) -> &'static str {
+    if t > 0.6 {
+        "#111"
+    } else {
+        "#fff"
+    }
+}
+
+/// Escapes text for HTML and SVG (element content and attribute values).
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A token as shown in a cell: visible spaces, at most `max` characters.
+fn shown(text: &str, max: usize) -> String {
+    let visible = text.replace(' ', "·");
+    if visible.chars().count() <= max {
+        visible
+    } else {
+        visible.chars().take(max - 1).collect::<String>() + "…"
+    }
+}
+
+/// The lens as a self-contained HTML page: the heatmap, a metric switch, and a tooltip with each
+/// cell's top tokens, entropy, KL and the next token's rank. `label(id)` is a token's text.
+pub fn lens_html(lens: &Lens, label: &dyn Fn(u32) -> String, metric: LensMetric) -> String {
+    let positions = lens.tokens.len();
+    let mut cells = String::new();
+    for r in (0..lens.rows.len()).rev() {
+        let _ = write!(cells, "<tr><th class=\"row\">{}</th>", escape(&lens.rows[r]));
+        for p in 0..positions {
+            let top = lens.top_ids[r][p][0];
+            let hit = lens.tokens.get(p + 1) == Some(&top);
+            let _ = write!(
+                cells,
+                "<td data-r=\"{r}\" data-p=\"{p}\"{}>{}</td>",
+                if hit { " class=\"hit\"" } else { "" },
+                escape(&shown(&label(top), 10))
+            );
+        }
+        cells.push_str("</tr>\n");
+    }
+    let header = |ids: &mut dyn Iterator<Item = Option<u32>>, class: &str, title: &str| {
+        let mut row = format!("<tr class=\"{class}\"><th class=\"row\">{title}</th>");
+        for id in ids {
+            let text = id.map(|id| escape(&shown(&label(id), 10))).unwrap_or_default();
+            let _ = write!(row, "<th>{text}</th>");
+        }
+        row + "</tr>\n"
+    };
+    let next_row = header(&mut (0..positions).map(|p| lens.tokens.get(p + 1).copied()), "next", "next token");
+    let input_row = header(&mut lens.tokens.iter().map(|&id| Some(id)), "input", "input");
+
+    // Everything the script needs, as JSON: token texts, the lens, the metric names.
+    let texts: std::collections::BTreeMap<u32, String> = lens
+        .top_ids
+        .iter()
+        .flatten()
+        .flatten()
+        .chain(&lens.tokens)
+        .chain(&lens.final_top)
+        .map(|&id| (id, label(id)))
+        .collect();
+    let metrics: Vec<serde_json::Value> = [LensMetric::Logits, LensMetric::Probs, LensMetric::Ranks, LensMetric::Kl]
+        .iter()
+        .map(|m| {
+            let values = m.values(lens);
+            let (unit, lo, hi) = m.scale(&values);
+            serde_json::json!({"name": m.name(), "describe": m.describe(), "unit": unit, "lo": lo, "hi": hi})
+        })
+        .collect();
+    let colours: Vec<String> = (0..=32).map(|i| hex(colour(i as f32 / 32.0))).collect();
+    let data = serde_json::json!({
+        "lens": lens,
+        "texts": texts,
+        "metric": metric.name(),
+        "metrics": metrics,
+        "colours": colours,
+    });
+    // `</` cannot close the script element from inside a JSON string.
+    let json = data.to_string().replace("</", "<\\/");
+    let options: String = ["logits", "probs", "ranks", "kl"]
+        .iter()
+        .map(|m| format!("<option{}>{m}</option>", if *m == metric.name() { " selected" } else { "" }))
+        .collect();
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>logit lens</title>
+<style>
+body {{ font: 13px system-ui, sans-serif; margin: 16px; color: #222; }}
+table {{ border-collapse: collapse; }}
+td, th {{ padding: 2px 4px; text-align: center; white-space: pre; font-family: ui-monospace, monospace; font-size: 12px; }}
+td {{ min-width: 56px; border: 1px solid #fff; cursor: default; }}
+td.hit {{ outline: 2px solid #e0115f; outline-offset: -2px; font-weight: bold; }}
+th.row {{ text-align: right; font-family: system-ui, sans-serif; color: #555; }}
+tr.next th {{ color: #e0115f; }} tr.input th {{ border-top: 1px solid #999; }}
+#tip {{ position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 6px 8px; box-shadow: 0 2px 6px #0003; font-size: 12px; pointer-events: none; }}
+#tip table td {{ min-width: 0; border: 0; text-align: left; }}
+#legend {{ display: inline-block; vertical-align: middle; width: 160px; height: 12px; margin: 0 6px; }}
+</style></head>
+<body>
+<h3>Logit lens</h3>
+<p>Colour: <select id="metric">{options}</select> <span id="lo"></span><canvas id="legend" width="160" height="12"></canvas><span id="hi"></span>
+<span id="describe"></span>. Brighter = closer to the model's output. Outlined: the layer's top token is the actual next token.</p>
+<table id="lens">
+{next_row}{cells}{input_row}</table>
+<div id="tip"></div>
+<script>
+const DATA = {json};
+const L = DATA.lens, T = id => DATA.texts[id] ?? ('#' + id);
+const esc = s => s.replace(/[&<>"]/g, c => ({{'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}})[c]);
+function paint(name) {{
+  const m = DATA.metrics.find(m => m.name === name);
+  document.querySelectorAll('#lens td').forEach(td => {{
+    const u = m.unit[td.dataset.r][td.dataset.p];
+    td.style.background = DATA.colours[Math.round(u * 32)];
+    td.style.color = u > 0.6 ? '#111' : '#fff';
+  }});
+  const reversed = name === 'ranks' || name === 'kl'; // bright = low rank, low KL
+  document.getElementById('lo').textContent = (reversed ? m.hi : m.lo).toPrecision(3);
+  document.getElementById('hi').textContent = (reversed ? m.lo : m.hi).toPrecision(3);
+  document.getElementById('describe').textContent = m.describe;
+  const g = document.getElementById('legend').getContext('2d');
+  DATA.colours.forEach((c, i) => {{ g.fillStyle = c; g.fillRect(i * 5, 0, 5, 12); }});
+}}
+const tip = document.getElementById('tip');
+document.querySelectorAll('#lens td').forEach(td => {{
+  td.addEventListener('mousemove', e => {{
+    const r = +td.dataset.r, p = +td.dataset.p;
+    let rows = L.top_ids[r][p].map((id, k) =>
+      `<tr><td>${{esc(JSON.stringify(T(id)))}}</td><td>${{(L.top_probs[r][p][k] * 100).toFixed(2)}}%</td></tr>`).join('');
+    let next = p + 1 < L.tokens.length
+      ? `<br>next ${{esc(JSON.stringify(T(L.tokens[p + 1])))}}: rank ${{L.next_rank[r][p]}}, p ${{L.next_prob[r][p].toExponential(2)}}` : '';
+    tip.innerHTML = `<b>${{esc(L.rows[r])}}</b> at ${{p}} (${{esc(JSON.stringify(T(L.tokens[p])))}})<table>${{rows}}</table>` +
+      `top logit ${{L.top_logit[r][p].toFixed(3)}}, entropy ${{L.entropy[r][p].toFixed(3)}}, KL ${{L.kl_to_final[r][p].toExponential(2)}}${{next}}`;
+    tip.style.display = 'block';
+    tip.style.left = Math.min(e.clientX + 12, innerWidth - tip.offsetWidth - 4) + 'px';
+    tip.style.top = Math.min(e.clientY + 12, innerHeight - tip.offsetHeight - 4) + 'px';
+  }});
+  td.addEventListener('mouseleave', () => tip.style.display = 'none');
+}});
+const select = document.getElementById('metric');
+select.addEventListener('change', () => paint(select.value));
+paint(DATA.metric);
+document.body.dataset.ready = 'lens';
+</script>
+</body></html>
+"#
+    )
+}
+
+/// The lens heatmap as a standalone SVG (for papers): the same grid as [`lens_html`], without the
+/// interactivity.
+pub fn lens_svg(lens: &Lens, label: &dyn Fn(u32) -> String, metric: LensMetric) -> String {
+    const CELL_W: usize = 64;
+    const CELL_H: usize = 20;
+    const LEFT: usize = 96;
+    const TOP: usize = 52;
+    let (rows, positions) = (lens.rows.len(), lens.tokens.len());
+    let values = metric.values(lens);
+    let (unit, lo, hi) = metric.scale(&values);
+    let title = format!(
+        "Logit lens: {} ({} to {}); outlined: top token = next token",
+        metric.describe(),
+        fmt_value(lo),
+        fmt_value(hi)
+    );
+    // About 7.5 px per character of 13 px sans-serif.
+    let width = (LEFT + positions * CELL_W + 16).max(LEFT + title.chars().count() * 15 / 2 + 16);
+    let height = TOP + (rows + 1) * CELL_H + 12;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"DejaVu Sans Mono, monospace\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n"
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"{LEFT}\" y=\"18\" font-family=\"DejaVu Sans, sans-serif\" font-size=\"13\">{}</text>",
+        escape(&title)
+    );
+    let text_at = |svg: &mut String, x: usize, y: usize, anchor: &str, fill: &str, text: &str| {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{x}\" y=\"{y}\" text-anchor=\"{anchor}\" dominant-baseline=\"central\" fill=\"{fill}\">{}</text>",
+            escape(text)
+        );
+    };
+    // The next tokens above the grid, the inputs below it.
+    for p in 0..positions {
+        let x = LEFT + p * CELL_W + CELL_W / 2;
+        if let Some(&next) = lens.tokens.get(p + 1) {
+            text_at(&mut svg, x, TOP - CELL_H / 2, "middle", "#e0115f", &shown(&label(next), 9));
+        }
+        text_at(&mut svg, x, TOP + rows * CELL_H + CELL_H / 2 + 2, "middle", "#222", &shown(&label(lens.tokens[p]), 9));
+    }
+    text_at(&mut svg, LEFT - 6, TOP - CELL_H / 2, "end", "#e0115f", "next");
+    text_at(&mut svg, LEFT - 6, TOP + rows * CELL_H + CELL_H / 2 + 2, "end", "#222", "input");
+    for (i, r) in (0..rows).rev().enumerate() {
+        let y = TOP + i * CELL_H;
+        text_at(&mut svg, LEFT - 6, y + CELL_H / 2, "end", "#555", &lens.rows[r]);
+        for (p, &t) in unit[r].iter().enumerate() {
+            let x = LEFT + p * CELL_W;
+            let top = lens.top_ids[r][p][0];
+            let hit = lens.tokens.get(p + 1) == Some(&top);
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x}\" y=\"{y}\" width=\"{CELL_W}\" height=\"{CELL_H}\" fill=\"{}\" stroke=\"{}\" stroke-width=\"{}\"/>",
+                hex(colour(t)),
+                if hit { "#e0115f" } else { "#fff" },
+                if hit { 2 } else { 1 }
+            );
+            text_at(&mut svg, x + CELL_W / 2, y + CELL_H / 2, "middle", ink(t), &shown(&label(top), 9));
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn fmt_value(v: f32) -> String {
+    if v.abs() >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Renders an SVG (such as [`lens_svg`]'s) to PNG at twice its size. Text is drawn with the
+/// system's fonts; with none installed this is an error rather than a picture without labels.
+pub fn svg_to_png(svg: &str) -> crate::Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let failed = |why: String| crate::Error::invalid("PNG", why);
+    let mut options = usvg::Options::default();
+    options.fontdb_mut().load_system_fonts();
+    if options.fontdb.is_empty() {
+        return Err(failed(
+            "no system font found to draw the labels with (install e.g. fonts-dejavu-core), or write .svg".into(),
+        ));
+    }
+    let tree = usvg::Tree::from_str(svg, &options).map_err(|e| failed(format!("cannot read the SVG: {e}")))?;
+    let size = tree.size().to_int_size().scale_by(2.0).ok_or_else(|| failed("the picture is empty".into()))?;
+    let mut pixmap =
+        tiny_skia::Pixmap::new(size.width(), size.height()).ok_or_else(|| failed("the picture is too large".into()))?;
+    resvg::render(&tree, tiny_skia::Transform::from_scale(2.0, 2.0), &mut pixmap.as_mut());
+    pixmap.encode_png().map_err(|e| failed(format!("cannot encode: {e}")))
+}

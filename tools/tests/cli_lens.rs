@@ -1,0 +1,147 @@
+//! `layerwise lens` and `layerwise activations`: outputs in every format, the HTML page rendered in
+//! headless Chromium (skipped when no browser is installed; CI installs Debian's `chromium`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{assert_fails_naming, layerwise, stderr};
+use layerwise_tests::{fixture, fixture_str, read_safetensors};
+
+const PROMPT: &str = "The quick brown fox jumps over the lazy dog";
+
+fn run_ok(args: &[&str]) {
+    let out = layerwise(args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn lens_json_has_the_contract_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lens.json");
+    run_ok(&["lens", "--prompt", PROMPT, "--subblocks", "--top-k", "4", "--out", out.to_str().unwrap()]);
+    let lens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = lens["rows"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r.as_str().unwrap()).collect();
+    assert_eq!(&labels[..3], ["embed", "h.0.attn", "h.0.mlp"]);
+    assert_eq!(labels.len(), 1 + 2 * 4);
+    let positions = lens["tokens"].as_array().unwrap().len();
+    assert!(positions > 5);
+    for key in ["top_ids", "top_probs"] {
+        let v = lens[key].as_array().unwrap();
+        assert_eq!(v.len(), rows.len(), "{key}");
+        assert_eq!(v[0].as_array().unwrap().len(), positions, "{key}");
+        assert_eq!(v[0][0].as_array().unwrap().len(), 4, "{key}");
+    }
+    for key in ["entropy", "kl_to_final"] {
+        assert_eq!(lens[key].as_array().unwrap().len(), rows.len(), "{key}");
+        assert_eq!(lens[key][0].as_array().unwrap().len(), positions, "{key}");
+    }
+}
+
+#[test]
+fn lens_writes_svg_and_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("lens.svg");
+    run_ok(&["lens", "--prompt", PROMPT, "--metric", "kl", "--out", svg.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("h.3") && text.contains("·fox"), "labels in the SVG");
+    let png = dir.path().join("lens.png");
+    run_ok(&["lens", "--prompt", PROMPT, "--out", png.to_str().unwrap()]);
+    let picture = resvg::tiny_skia::Pixmap::load_png(&png).expect("a PNG");
+    assert!(picture.width() > 600 && picture.height() > 200);
+    assert!(distinct_colours(&picture) > 20, "a heatmap, not a blank picture");
+}
+
+#[test]
+fn lens_refuses_bad_options_by_name() {
+    assert_fails_naming(&["lens", "--prompt", "hi", "--out", "x.txt"], &["--out", ".json"]);
+    assert_fails_naming(&["lens", "--prompt", "hi", "--decoder", "h.9", "--out", "x.json"], &["h.9"]);
+    assert_fails_naming(&["lens", "--prompt", "hi", "--metric", "loss", "--out", "x.json"], &["--metric"]);
+    assert_fails_naming(&["lens", "--prompt", "hi", "--top-k", "0", "--out", "x.json"], &["top-k"]);
+    assert_fails_naming(
+        &["lens", "--prompt", "hi", "--decoder", "exits", "--subblocks", "--out", "x.json"],
+        &["--subblocks"],
+    );
+}
+
+#[test]
+fn activations_equal_transformers_module_outputs() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("inspect").join("lens.json")).unwrap()).unwrap();
+    let prompt: Vec<String> = meta["prompt"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let recorded = read_safetensors(&fixture("inspect").join("gpt2-sharded.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("act.safetensors");
+    let model = fixture_str("gpt2-sharded");
+    let args = ["activations", "--model", &model, "--prompt-ids", &prompt.join(","), "--names", "h.0,h.1.mlp,embed"];
+    let result = layerwise(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(stderr(&result).contains("2 of 4 blocks ran"), "{}", stderr(&result));
+    let written = read_safetensors(&out);
+    for name in ["h.0", "h.1.mlp", "embed"] {
+        let values: Vec<f32> = written[name].values.iter().map(|&v| v as f32).collect();
+        layerwise_tests::assert_close(name, &values, &recorded[&format!("act.{name}")], 1e-4);
+    }
+    assert_fails_naming(&["activations", "--prompt", "hi", "--names", "h.0,h.0", "--out", "x.safetensors"], &["twice"]);
+    assert_fails_naming(
+        &["activations", "--prompt", "hi", "--names", "h.0.foo", "--out", "x.safetensors"],
+        &["h.0.foo"],
+    );
+}
+
+fn distinct_colours(picture: &resvg::tiny_skia::Pixmap) -> usize {
+    let mut seen: Vec<[u8; 4]> = picture.data().chunks_exact(4).map(|p| [p[0], p[1], p[2], p[3]]).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
+/// Debian's `chromium`, or `$LAYERWISE_CHROMIUM`.
+fn browser() -> Option<PathBuf> {
+    let candidates = [std::env::var("LAYERWISE_CHROMIUM").unwrap_or_default(), "/usr/bin/chromium".into()];
+    candidates.into_iter().filter(|c| !c.is_empty()).map(PathBuf::from).find(|p| p.is_file())
+}
+
+fn headless(browser: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"])
+        .args(args)
+        .output()
+        .expect("run chromium")
+}
+
+/// Renders `page` in headless Chromium: the DOM after its script ran, and a screenshot.
+pub fn render(page: &Path, ready: &str, dir: &Path) -> Option<(String, resvg::tiny_skia::Pixmap)> {
+    let Some(browser) = browser() else {
+        eprintln!("skipped: no chromium (apt install chromium, or set LAYERWISE_CHROMIUM)");
+        return None;
+    };
+    let url = format!("file://{}", page.display());
+    let dom = headless(&browser, &["--dump-dom", &url]);
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    assert!(dom.contains(&format!("data-ready=\"{ready}\"")), "the page's script ran to the end: {dom:.2000}");
+    let shot = dir.join("shot.png");
+    let out = headless(&browser, &[&format!("--screenshot={}", shot.display()), "--window-size=1200,700", &url]);
+    assert!(shot.is_file(), "screenshot written: {}", String::from_utf8_lossy(&out.stderr));
+    Some((dom, resvg::tiny_skia::Pixmap::load_png(&shot).expect("a PNG screenshot")))
+}
+
+#[test]
+fn lens_page_renders_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("lens.html");
+    run_ok(&["lens", "--prompt", PROMPT, "--metric", "ranks", "--out", page.to_str().unwrap()]);
+    let Some((dom, shot)) = render(&page, "lens", dir.path()) else { return };
+    // Every cell was painted by the script, and the tokens label the columns.
+    let cells = dom.matches("<td data-r=").count();
+    assert_eq!(cells, 5 * 9, "5 rows x 9 positions");
+    assert_eq!(dom.matches("style=\"background: rgb(").count(), cells, "every cell coloured");
+    assert!(dom.contains("·fox"));
+    assert!(distinct_colours(&shot) > 50, "the screenshot shows the heatmap");
+    // Viridis' dark end and the bright end are both on screen.
+    let pixels: Vec<&[u8]> = shot.data().chunks_exact(4).collect();
+    let near = |c: [u8; 3]| pixels.iter().any(|p| (0..3).all(|i| (p[i] as i32 - c[i] as i32).abs() < 12));
+    assert!(near([68, 1, 84]) && near([253, 231, 37]), "both ends of the colour scale appear");
+}
