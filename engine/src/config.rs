@@ -89,6 +89,9 @@ pub struct ModelSpec {
     pub attention_spans: Vec<AttentionSpan>,
     /// Layers with an exit head (`lm_head_layer_indices`), 1-based block outputs, ascending.
     pub exit_layers: Vec<usize>,
+    /// transformers' `pruned_heads`: block (0-based) -> the heads removed from it, in the original
+    /// numbering, ascending (GPT-2 only; see [`crate::heads`]).
+    pub pruned_heads: std::collections::BTreeMap<usize, Vec<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub details: Details,
@@ -192,6 +195,7 @@ impl ModelSpec {
         spec.bos_token_id = f.usize_opt("bos_token_id")?.map(|n| n as u32);
         spec.eos_token_ids = f.token_ids("eos_token_id")?;
         spec.exit_layers = exit_layers(&f, spec.num_layers)?;
+        spec.pruned_heads = pruned_heads(&f, &spec)?;
         spec.validate(&f)?;
         Ok(spec)
     }
@@ -257,6 +261,51 @@ fn exit_layers(f: &Fields, num_layers: usize) -> Result<Vec<usize>> {
     Ok(layers)
 }
 
+/// `pruned_heads`: `{"layer": [heads]}` (transformers writes the keys as strings).
+fn pruned_heads(f: &Fields, spec: &ModelSpec) -> Result<std::collections::BTreeMap<usize, Vec<usize>>> {
+    let key = "pruned_heads";
+    let mut pruned = std::collections::BTreeMap::new();
+    let Some(value) = f.present(key) else { return Ok(pruned) };
+    let map =
+        value.as_object().ok_or_else(|| f.error(key, format!("expected {{\"layer\": [heads]}}, found {value}")))?;
+    if map.is_empty() {
+        return Ok(pruned);
+    }
+    if spec.architecture != Architecture::Gpt2 {
+        return Err(f.error(key, "pruned heads are supported for gpt2 checkpoints only (as in transformers)"));
+    }
+    for (layer, heads) in map {
+        let layer: usize = layer
+            .parse()
+            .ok()
+            .filter(|&l| l < spec.num_layers)
+            .ok_or_else(|| f.error(key, format!("`{layer}` is not a layer in 0..{}", spec.num_layers)))?;
+        let mut list: Vec<usize> = heads
+            .as_array()
+            .and_then(|items| items.iter().map(|h| h.as_u64().map(|h| h as usize)).collect::<Option<_>>())
+            .ok_or_else(|| f.error(key, format!("layer {layer}: expected a list of head indices")))?;
+        list.sort_unstable();
+        list.dedup();
+        if list.iter().any(|&h| h >= spec.num_heads) || list.len() >= spec.num_heads {
+            return Err(
+                f.error(key, format!("layer {layer}: heads must be in 0..{} and one must remain", spec.num_heads))
+            );
+        }
+        if !list.is_empty() {
+            pruned.insert(layer, list);
+        }
+    }
+    Ok(pruned)
+}
+
+impl ModelSpec {
+    /// The heads block `layer` still has, in the original numbering.
+    pub fn kept_heads(&self, layer: usize) -> Vec<usize> {
+        let pruned = self.pruned_heads.get(&layer).map_or(&[][..], Vec::as_slice);
+        (0..self.num_heads).filter(|h| !pruned.contains(h)).collect()
+    }
+}
+
 fn gpt2_spec(f: &Fields) -> Result<ModelSpec> {
     let hidden = f.usize("n_embd")?;
     let heads = f.usize("n_head")?;
@@ -276,6 +325,7 @@ fn gpt2_spec(f: &Fields) -> Result<ModelSpec> {
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
         attention_spans: vec![AttentionSpan::Global; layers],
         exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         details: Details::Gpt2 {
@@ -306,6 +356,7 @@ fn gpt_neo_spec(f: &Fields) -> Result<ModelSpec> {
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
         attention_spans: spans,
         exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         details: Details::GptNeo,
@@ -377,6 +428,7 @@ fn llama_spec(f: &Fields) -> Result<ModelSpec> {
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         attention_spans: vec![AttentionSpan::Global; layers],
         exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         details: Details::Llama {

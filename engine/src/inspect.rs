@@ -83,7 +83,8 @@ impl Point {
 }
 
 /// transformers' `head_mask`: one factor per layer and head, multiplying that head's attention
-/// probabilities (1 keeps a head, 0 masks it).
+/// probabilities (1 keeps a head, 0 masks it). Heads are numbered as in the original checkpoint;
+/// the factors of heads a pruned checkpoint no longer has are ignored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeadMask {
     heads: usize,
@@ -160,7 +161,8 @@ pub struct Inspection {
     pub tokens: usize,
     /// Each requested point: `[tokens, hidden]`.
     pub activations: BTreeMap<Point, Vec<f32>>,
-    /// Block -> attention probabilities `[heads, tokens, tokens]` (zero above the diagonal).
+    /// Block -> attention probabilities `[heads, tokens, tokens]` (zero above the diagonal; in a
+    /// pruned checkpoint, the block's remaining heads).
     pub attentions: BTreeMap<usize, Vec<f32>>,
     /// `[tokens, vocab]` when requested.
     pub logits: Option<Vec<f32>>,
@@ -213,7 +215,8 @@ struct Recorder<'a, B: Backend> {
     backend: &'a B,
     points: BTreeSet<Point>,
     attention_blocks: BTreeSet<usize>,
-    head_mask: Option<&'a HeadMask>,
+    /// Per block, the mask's factors for the heads the block has (pruned heads dropped).
+    head_factors: Option<Vec<Vec<f32>>>,
     seen: Inspection,
 }
 
@@ -232,7 +235,7 @@ impl<B: Backend> Probe<B> for Recorder<'_, B> {
     }
 
     fn head_mask(&self, block: usize) -> Option<&[f32]> {
-        self.head_mask.map(|mask| mask.layer(block))
+        self.head_factors.as_ref().map(|factors| factors[block].as_slice())
     }
 
     fn wants_attention(&self, block: usize) -> bool {
@@ -353,7 +356,9 @@ impl<B: Backend> Model<B> {
             backend: b,
             points: request.points.iter().copied().collect(),
             attention_blocks: request.attentions.iter().copied().collect(),
-            head_mask: request.head_mask.as_ref(),
+            head_factors: request.head_mask.as_ref().map(|mask| {
+                (0..n).map(|block| spec.kept_heads(block).iter().map(|&h| mask.get(block, h)).collect()).collect()
+            }),
             seen: Inspection { tokens: t, blocks_run: depth, ..Default::default() },
         };
         let top = self.run_blocks(ids, &batch, &mut kv, depth, &mut recorder);

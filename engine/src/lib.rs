@@ -29,6 +29,7 @@ pub mod dola;
 pub mod error;
 pub mod exits;
 pub mod generate;
+pub mod heads;
 pub mod inspect;
 pub mod kv;
 pub mod lens;

@@ -371,3 +371,161 @@ pub fn svg_to_png(svg: &str) -> crate::Result<Vec<u8>> {
     resvg::render(&tree, tiny_skia::Transform::from_scale(2.0, 2.0), &mut pixmap.as_mut());
     pixmap.encode_png().map_err(|e| failed(format!("cannot encode: {e}")))
 }
+
+/// One line of a [`line_plot_svg`]: a name and its points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line plot as a standalone SVG: axes with a few ticks, one coloured line per series with a
+/// legend, and an optional dashed horizontal line (e.g. a threshold).
+pub fn line_plot_svg(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    guide: Option<(f64, &str)>,
+) -> String {
+    let (width, height) = (640.0, 360.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"DejaVu Sans, sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n"
+    );
+    panel(&mut svg, (0.0, 0.0, width, height), title, x_label, y_label, series, guide, true);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Several line plots on a grid, `columns` wide (e.g. one panel per layer).
+pub fn small_multiples_svg(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    panels: &[(String, Vec<Series>)],
+    columns: usize,
+) -> String {
+    let (w, h) = (300.0, 200.0);
+    let columns = columns.max(1);
+    let rows = panels.len().div_ceil(columns);
+    let (width, height) = (w * columns as f64, h * rows as f64 + 28.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"DejaVu Sans, sans-serif\" font-size=\"10\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n\
+         <text x=\"8\" y=\"18\" font-size=\"13\">{}</text>\n",
+        escape(title)
+    );
+    for (i, (name, series)) in panels.iter().enumerate() {
+        let (x, y) = ((i % columns) as f64 * w, 28.0 + (i / columns) as f64 * h);
+        panel(&mut svg, (x, y, w, h), name, x_label, y_label, series, None, i == 0);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Draws one plot into `area = (x, y, width, height)`.
+#[allow(clippy::too_many_arguments)]
+fn panel(
+    svg: &mut String,
+    (x0, y0, w, h): (f64, f64, f64, f64),
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    guide: Option<(f64, &str)>,
+    legend: bool,
+) {
+    const PALETTE: [&str; 10] =
+        ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+    let (left, right, top, bottom) = (x0 + 52.0, x0 + w - 12.0, y0 + 26.0, y0 + h - 34.0);
+    let points = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let ys = guide.map(|g| g.0).into_iter();
+    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for (x, y) in points {
+        (x_lo, x_hi, y_lo, y_hi) = (x_lo.min(x), x_hi.max(x), y_lo.min(y), y_hi.max(y));
+    }
+    for y in ys {
+        (y_lo, y_hi) = (y_lo.min(y), y_hi.max(y));
+    }
+    if !x_lo.is_finite() {
+        (x_lo, x_hi, y_lo, y_hi) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x_hi <= x_lo {
+        x_hi = x_lo + 1.0;
+    }
+    if y_hi <= y_lo {
+        (y_lo, y_hi) = (y_lo - 0.5, y_hi + 0.5);
+    }
+    let pad = (y_hi - y_lo) * 0.05;
+    let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
+    let sx = |x: f64| left + (x - x_lo) / (x_hi - x_lo) * (right - left);
+    let sy = |y: f64| bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top);
+    let _ = writeln!(svg, "<text x=\"{left}\" y=\"{}\" font-size=\"12\">{}</text>", y0 + 16.0, escape(title));
+    let _ = writeln!(
+        svg,
+        "<path d=\"M{left},{top}V{bottom}H{right}\" fill=\"none\" stroke=\"#333\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+         <text transform=\"translate({},{}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+        (left + right) / 2.0,
+        y0 + h - 6.0,
+        escape(x_label),
+        x0 + 12.0,
+        (top + bottom) / 2.0,
+        escape(y_label)
+    );
+    for i in 0..=4 {
+        let (xv, yv) = (x_lo + (x_hi - x_lo) * i as f64 / 4.0, y_lo + (y_hi - y_lo) * i as f64 / 4.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" \
+             dominant-baseline=\"central\">{}</text>",
+            sx(xv),
+            bottom + 14.0,
+            tick(xv),
+            left - 4.0,
+            sy(yv),
+            tick(yv)
+        );
+    }
+    if let Some((y, label)) = guide {
+        let _ = writeln!(
+            svg,
+            "<path d=\"M{left},{:.1}H{right}\" stroke=\"#d62728\" stroke-dasharray=\"4 3\"/>\n<text x=\"{right}\" y=\"{:.1}\" \
+             text-anchor=\"end\" fill=\"#d62728\">{}</text>",
+            sy(y),
+            sy(y) - 4.0,
+            escape(label)
+        );
+    }
+    for (i, s) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let path: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        if !path.is_empty() {
+            let _ = writeln!(
+                svg,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\"/>",
+                path.join(" ")
+            );
+        }
+        if legend && series.len() > 1 {
+            let (lx, ly) = (right - 70.0, top + 4.0 + 12.0 * i as f64);
+            let _ = writeln!(
+                svg,
+                "<path d=\"M{lx},{ly}h14\" stroke=\"{colour}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{ly}\" \
+                 dominant-baseline=\"central\">{}</text>",
+                lx + 18.0,
+                escape(&s.name)
+            );
+        }
+    }
+}
+
+fn tick(v: f64) -> String {
+    if v.abs() >= 1000.0 || (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}

@@ -190,6 +190,15 @@ impl HostTensor {
         HostTensor { backing: Arc::new(Backing::Owned(words)), start: 0, len, dtype: DType::F32, shape }
     }
 
+    /// A tensor over owned little-endian bytes of `dtype` (for tensors cut from others, e.g. pruning).
+    pub fn from_bytes(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Self {
+        let len = bytes.len();
+        assert_eq!(len, shape.iter().product::<usize>() * dtype.size(), "shape does not match data");
+        let mut words = vec![0u32; len.div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len].copy_from_slice(&bytes);
+        HostTensor { backing: Arc::new(Backing::Owned(words)), start: 0, len, dtype, shape }
+    }
+
     /// This tensor converted to `dtype` (an owned copy; returns a cheap clone when it already is).
     pub fn converted(&self, dtype: DType) -> HostTensor {
         if dtype == self.dtype {

@@ -37,6 +37,9 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, Recorded> {
                 safetensors::Dtype::F32 => {
                     data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
                 }
+                safetensors::Dtype::F64 => {
+                    data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+                }
                 safetensors::Dtype::I64 => {
                     data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect()
                 }

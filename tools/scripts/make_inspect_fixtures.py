@@ -5,6 +5,9 @@ Writes tests/fixtures/inspect/<fixture>.safetensors for gpt2-sharded, gpt-neo-bi
 - `act.<name>`: module outputs by name (forward hooks; `resid_mid` is the input of the second norm),
 - `attn.<block>`: attention probabilities (`output_attentions`, eager attention) [heads, t, t],
 - `masked.logits` + `head_mask` (GPT-2, GPT-Neo): logits with `head_mask` (llama has none in 4.48),
+- `heads.*` (gpt2-sharded): the LM loss over texts.json with every head and with each head masked
+  (importance), and the logits of the checkpoint `layerwise heads --prune` wrote, reloaded by
+  transformers (checked here to equal the masked model's), with the mask it found,
 - `lens.<decoder>.<stat>`: the logit lens computed here from hooked states pushed through the same
   decoder with transformers' own modules (final norm + LM head, exit heads, the last block's MLP or
   the whole last block run on the states): `top_ids`, `top_probs` [rows, t, k], `entropy`,
@@ -14,6 +17,8 @@ Writes tests/fixtures/inspect/<fixture>.safetensors for gpt2-sharded, gpt-neo-bi
 """
 import json
 import os
+import subprocess
+import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -139,9 +144,58 @@ def record_lens(model, fixture, acts, ids, tensors):
     return meta
 
 
+TEXTS = [[5, 17, 42, 3, 88, 61, 17, 9, 0, 73], [26, 50, 5, 17, 42, 11, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+THRESHOLD = 0.02
+
+
+def lm_loss(model, head_mask=None):
+    """Token-weighted mean next-token cross-entropy over TEXTS (transformers' loss, summed back)."""
+    total, count = 0.0, 0
+    for text in TEXTS:
+        with torch.no_grad():
+            out = model(torch.tensor([text]), labels=torch.tensor([text]), head_mask=head_mask)
+        total += out.loss.item() * (len(text) - 1)
+        count += len(text) - 1
+    return total / count
+
+
+def record_heads(model, tensors):
+    """Importance by ablation with transformers' head_mask, and the pruned checkpoint reloaded."""
+    n, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    tensors["heads.base_loss"] = torch.tensor([lm_loss(model)], dtype=torch.float64)
+    increase = torch.zeros(n, heads, dtype=torch.float64)
+    for layer in range(n):
+        for head in range(heads):
+            mask = torch.ones(n, heads)
+            mask[layer, head] = 0.0
+            increase[layer, head] = lm_loss(model, mask) - tensors["heads.base_loss"][0]
+    tensors["heads.importance"] = increase
+    json.dump(TEXTS, open(os.path.join(OUT, "texts.json"), "w"))
+    root = os.path.dirname(FIXTURES)
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run(["cargo", "run", "--release", "--quiet", "--bin", "layerwise", "--", "heads", "--model",
+                        os.path.join(FIXTURES, "gpt2-sharded"), "--texts", os.path.join(OUT, "texts.json"),
+                        "--threshold", str(THRESHOLD), "--prune", "--out", out], check=True, cwd=os.path.dirname(root))
+        found = json.load(open(os.path.join(out, "pruning.json")))["search"]["mask"]
+        mask = torch.tensor(found, dtype=torch.float32)
+        reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "pruned"), torch_dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+        assert reloaded.config.pruned_heads, "transformers read pruned_heads"
+        with torch.no_grad():
+            pruned_logits = reloaded(torch.tensor([PROMPT])).logits[0]
+            masked_logits = model(torch.tensor([PROMPT]), head_mask=mask).logits[0]
+        assert torch.allclose(pruned_logits, masked_logits, atol=1e-5), "the pruned checkpoint computes the masked model"
+        params = sum(p.numel() for p in reloaded.parameters())
+    tensors["heads.mask"] = mask
+    tensors["heads.pruned_logits"] = pruned_logits.contiguous()
+    tensors["heads.masked_logits"] = masked_logits.contiguous()
+    tensors["heads.pruned_parameters"] = torch.tensor([params], dtype=torch.int64)
+    print(f"  pruning: {int((mask == 0).sum())} heads masked, {params} parameters after")
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
-    meta = {"prompt": PROMPT, "top_k": TOP_K}
+    meta = {"prompt": PROMPT, "top_k": TOP_K, "threshold": THRESHOLD}
     for fixture in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
         model = load(fixture)
         acts, out = record_activations(model, PROMPT)
@@ -162,6 +216,8 @@ def main():
             tensors["masked.logits"] = masked.logits[0].contiguous()
             tensors["masked.attn.1"] = masked.attentions[1][0].contiguous()
         meta[fixture] = record_lens(model, fixture, acts, PROMPT, tensors)
+        if fixture == "gpt2-sharded":
+            record_heads(model, tensors)
         save_file(tensors, os.path.join(OUT, f"{fixture}.safetensors"))
         print(f"  {fixture}: {len(tensors)} tensors")
     json.dump(meta, open(os.path.join(OUT, "lens.json"), "w"), indent=1)

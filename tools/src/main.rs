@@ -5,6 +5,7 @@ mod activations;
 mod bench;
 mod forward;
 mod generate;
+mod heads;
 mod info;
 mod input;
 mod lens;
@@ -37,6 +38,9 @@ enum Command {
     Lens(lens::Args),
     /// Internal activations by name (e.g. h.0,h.5.mlp), computing no further than the deepest one.
     Activations(activations::Args),
+    /// Attention heads over a set of texts: entropy, importance (loss increase when masked), the
+    /// pruning curve, and with --prune a pruned checkpoint.
+    Heads(heads::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),
 }
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Lens(args) => lens::run(args),
+        Command::Heads(args) => heads::run(args),
         Command::Activations(args) => activations::run(args),
     };
     match result {

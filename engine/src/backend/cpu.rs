@@ -264,8 +264,9 @@ impl Backend for Cpu {
     fn kv_write(&self, store: &mut CpuKv, layer: usize, slots: &[usize], k: &Matrix, v: &Matrix) {
         for (row, &slot) in slots.iter().enumerate() {
             let at = store.offset(layer, slot);
-            store.keys[at..at + store.width].copy_from_slice(k.row(row));
-            store.values[at..at + store.width].copy_from_slice(v.row(row));
+            // A block with pruned heads fills only the start of its rows.
+            store.keys[at..at + k.cols].copy_from_slice(k.row(row));
+            store.values[at..at + v.cols].copy_from_slice(v.row(row));
         }
     }
 

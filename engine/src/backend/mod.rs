@@ -108,7 +108,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Storage for `layers` layers of `num_blocks * block_size` slots of width `kv_width`.
     fn kv_store(&self, layers: usize, num_blocks: usize, block_size: usize, kv_width: usize) -> Result<Self::KvStore>;
 
-    /// Writes row `i` of `k` and `v` (`[t, kv_width]`) into slot `slots[i]` of `layer`.
+    /// Writes row `i` of `k` and `v` (`[t, kv_width]`, or narrower for a block with pruned heads:
+    /// the start of the slot) into slot `slots[i]` of `layer`.
     fn kv_write(&self, store: &mut Self::KvStore, layer: usize, slots: &[usize], k: &Self::Tensor, v: &Self::Tensor);
 
     /// Copies block `from` to block `to` in every layer (copy-on-write of a shared block).

@@ -23,7 +23,6 @@ pub(crate) struct Gpt2<B: Backend> {
     wpe: B::Weight,
     blocks: Vec<Block<B>>,
     ln_f: Norm<B>,
-    hidden: usize,
     activation: Activation,
 }
 
@@ -37,14 +36,17 @@ impl<B: Backend> Gpt2<B> {
         let blocks = (0..spec.num_layers)
             .map(|i| {
                 let h = format!("{p}h.{i}");
+                // Pruned heads (transformers' `pruned_heads`) shrink this block's attention.
+                let heads = spec.kept_heads(i).len();
+                let width = heads * spec.head_dim;
                 let mut scale = if scale_attn_weights { 1.0 / (spec.head_dim as f32).sqrt() } else { 1.0 };
                 if scale_attn_by_inverse_layer_idx {
                     scale /= (i + 1) as f32;
                 }
                 Ok(Block {
                     ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
-                    c_attn: Linear::load(b, w, &format!("{h}.attn.c_attn"), (3 * d, d), Layout::InOut, true)?,
-                    attn_proj: Linear::load(b, w, &format!("{h}.attn.c_proj"), (d, d), Layout::InOut, true)?,
+                    c_attn: Linear::load(b, w, &format!("{h}.attn.c_attn"), (3 * width, d), Layout::InOut, true)?,
+                    attn_proj: Linear::load(b, w, &format!("{h}.attn.c_proj"), (d, width), Layout::InOut, true)?,
                     ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
                     c_fc: Linear::load(
                         b,
@@ -63,8 +65,8 @@ impl<B: Backend> Gpt2<B> {
                         true,
                     )?,
                     attention: AttentionParams {
-                        num_heads: spec.num_heads,
-                        num_kv_heads: spec.num_heads,
+                        num_heads: heads,
+                        num_kv_heads: heads,
                         head_dim: spec.head_dim,
                         scale,
                         window: None,
@@ -77,7 +79,6 @@ impl<B: Backend> Gpt2<B> {
             wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
-            hidden: d,
             activation: spec.activation,
         })
     }
@@ -101,14 +102,16 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         probe: &mut dyn Probe<B>,
     ) -> B::Tensor {
         let blk = &self.blocks[layer];
-        let d = self.hidden;
+        let width = blk.attention.num_heads * blk.attention.head_dim;
 
         // x = x + c_proj(attn(c_attn(ln_1(x))))
         let h = blk.ln_1.forward(b, &x);
         probe.see(layer, Site::Norm1, &h);
         let qkv = blk.c_attn.forward(b, &h);
-        let [q, k, v]: [B::Tensor; 3] =
-            b.split_columns(&qkv, &[d, d, d]).try_into().unwrap_or_else(|_| unreachable!("split into three"));
+        let [q, k, v]: [B::Tensor; 3] = b
+            .split_columns(&qkv, &[width, width, width])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("split into three"));
         let a = blk.attn_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention, probe));
         probe.see(layer, Site::Attention, &a);
         b.add_assign(&mut x, &a);
