@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use crate::backend::{Backend, SeqSlice};
 use crate::error::{Error, Result};
 use crate::exits::{PlanOptions, Source};
-use crate::inspect::Tap;
+use crate::inspect::{HeadMask, Masked, Tap};
 use crate::kv::{BlockCopy, BlockPool, BlockTable};
 use crate::model::{Batch, Model};
 
@@ -49,11 +49,14 @@ pub struct DecoderOptions {
     /// Cache capacity in tokens over all sequences (rounded up to whole blocks); `None`: one full
     /// context of the model.
     pub cache_tokens: Option<usize>,
+    /// Heads to mask in every step (transformers' `head_mask`), e.g. to generate from a model as
+    /// pruning would leave it.
+    pub head_mask: Option<HeadMask>,
 }
 
 impl Default for DecoderOptions {
     fn default() -> Self {
-        DecoderOptions { plan: PlanOptions::default(), block_size: 16, cache_tokens: None }
+        DecoderOptions { plan: PlanOptions::default(), block_size: 16, cache_tokens: None, head_mask: None }
     }
 }
 
@@ -103,6 +106,8 @@ pub struct Decoder<'m, B: Backend> {
     next_id: u64,
     blocks_run: u64,
     extras: StepExtras,
+    /// The head mask's factors per block, if any.
+    head_factors: Option<Vec<Vec<f32>>>,
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -118,6 +123,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         if tokens == 0 {
             return Err(Error::invalid("cache tokens", "must be at least 1"));
         }
+        let head_factors = options.head_mask.as_ref().map(|mask| mask.factors(spec)).transpose()?;
         let num_blocks = tokens.div_ceil(options.block_size);
         let store =
             model.backend().kv_store(depth, num_blocks, options.block_size, spec.num_kv_heads * spec.head_dim)?;
@@ -132,6 +138,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             next_id: 0,
             blocks_run: 0,
             extras: StepExtras::default(),
+            head_factors,
         })
     }
 
@@ -314,14 +321,17 @@ impl<'m, B: Backend> Decoder<'m, B> {
             &batch,
             &mut self.store,
             self.depth,
-            &mut Tap(|layer, x: &B::Tensor| {
-                if wanted(layer) {
-                    kept.insert(layer, b.gather_rows(x, &last_rows));
-                }
-                if !all_rows.is_empty() && layer == main.depth(n) {
-                    main_state = Some(b.gather_rows(x, &all_rows));
-                }
-            }),
+            &mut Masked {
+                factors: self.head_factors.as_deref(),
+                probe: Tap(|layer, x: &B::Tensor| {
+                    if wanted(layer) {
+                        kept.insert(layer, b.gather_rows(x, &last_rows));
+                    }
+                    if !all_rows.is_empty() && layer == main.depth(n) {
+                        main_state = Some(b.gather_rows(x, &all_rows));
+                    }
+                }),
+            },
         );
         drop(batch);
         self.blocks_run += self.depth as u64;

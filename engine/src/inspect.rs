@@ -135,6 +135,26 @@ impl HeadMask {
         (0..self.factors.len()).filter(|&i| self.factors[i] == 0.0).map(|i| (i / self.heads, i % self.heads)).collect()
     }
 
+    /// Per block, the factors of the heads the block has (pruned heads dropped), checked against
+    /// the model's shape.
+    pub(crate) fn factors(&self, spec: &crate::ModelSpec) -> Result<Vec<Vec<f32>>> {
+        if self.layers() != spec.num_layers || self.heads() != spec.num_heads {
+            return Err(Error::invalid(
+                "head mask",
+                format!(
+                    "is {} layers x {} heads; the model has {} x {}",
+                    self.layers(),
+                    self.heads(),
+                    spec.num_layers,
+                    spec.num_heads
+                ),
+            ));
+        }
+        Ok((0..spec.num_layers)
+            .map(|block| spec.kept_heads(block).iter().map(|&h| self.get(block, h)).collect())
+            .collect())
+    }
+
     /// `[layers][heads]`.
     pub fn rows(&self) -> Vec<Vec<f32>> {
         self.factors.chunks(self.heads.max(1)).map(<[f32]>::to_vec).collect()
@@ -207,6 +227,34 @@ impl<B: Backend, F: FnMut(usize, &B::Tensor)> Probe<B> for Tap<F> {
         if site == Site::Output {
             (self.0)(block + 1, x)
         }
+    }
+}
+
+/// Any probe, plus a head mask (per block, the factors of the heads the block has).
+pub(crate) struct Masked<'a, P> {
+    pub probe: P,
+    pub factors: Option<&'a [Vec<f32>]>,
+}
+
+impl<B: Backend, P: Probe<B>> Probe<B> for Masked<'_, P> {
+    fn embeddings(&mut self, x: &B::Tensor) {
+        self.probe.embeddings(x)
+    }
+
+    fn see(&mut self, block: usize, site: Site, x: &B::Tensor) {
+        self.probe.see(block, site, x)
+    }
+
+    fn head_mask(&self, block: usize) -> Option<&[f32]> {
+        self.factors.map(|factors| factors[block].as_slice())
+    }
+
+    fn wants_attention(&self, block: usize) -> bool {
+        self.probe.wants_attention(block)
+    }
+
+    fn attention(&mut self, block: usize, probs: Vec<f32>) {
+        self.probe.attention(block, probs)
     }
 }
 
@@ -325,19 +373,7 @@ impl<B: Backend> Model<B> {
         if let Some(&block) = request.attentions.iter().find(|&&b| b >= n) {
             return Err(Error::invalid("attention", format!("block {block} is past the model's {n} blocks")));
         }
-        if let Some(mask) = &request.head_mask {
-            if mask.layers() != n || mask.heads() != spec.num_heads {
-                return Err(Error::invalid(
-                    "head mask",
-                    format!(
-                        "is {} layers x {} heads; the model has {n} x {}",
-                        mask.layers(),
-                        mask.heads(),
-                        spec.num_heads
-                    ),
-                ));
-            }
-        }
+        let head_factors = request.head_mask.as_ref().map(|mask| mask.factors(spec)).transpose()?;
         let depth = request
             .points
             .iter()
@@ -356,9 +392,7 @@ impl<B: Backend> Model<B> {
             backend: b,
             points: request.points.iter().copied().collect(),
             attention_blocks: request.attentions.iter().copied().collect(),
-            head_factors: request.head_mask.as_ref().map(|mask| {
-                (0..n).map(|block| spec.kept_heads(block).iter().map(|&h| mask.get(block, h)).collect()).collect()
-            }),
+            head_factors,
             seen: Inspection { tokens: t, blocks_run: depth, ..Default::default() },
         };
         let top = self.run_blocks(ids, &batch, &mut kv, depth, &mut recorder);

@@ -529,3 +529,95 @@ fn tick(v: f64) -> String {
         format!("{v:.3}")
     }
 }
+
+/// Attention probabilities as a self-contained HTML page in the manner of bertviz's head view: the
+/// tokens in two columns (queries left, keys right) and a line from each query to each key it
+/// attends to, one colour per head, opacity = probability. A layer menu, head toggles (click; double
+/// click shows one head alone) and hover on a token to see only its lines.
+/// `layers` maps a block to its probabilities `[heads, T, T]`.
+pub fn attention_html(
+    tokens: &[String],
+    layers: &std::collections::BTreeMap<usize, Vec<f32>>,
+    initial_layer: usize,
+) -> String {
+    let t = tokens.len();
+    let data = serde_json::json!({
+        "tokens": tokens,
+        "layers": layers.iter().map(|(layer, probs)| {
+            let heads: Vec<Vec<Vec<f32>>> = probs.chunks(t * t).map(|h| h.chunks(t).map(<[f32]>::to_vec).collect()).collect();
+            serde_json::json!({"layer": layer, "heads": heads})
+        }).collect::<Vec<_>>(),
+        "initial": initial_layer,
+    });
+    let json = data.to_string().replace("</", "<\\/");
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>attention head view</title>
+<style>
+body {{ font: 13px system-ui, sans-serif; margin: 16px; color: #222; }}
+#heads span {{ display: inline-block; width: 18px; height: 18px; margin: 0 3px 0 0; cursor: pointer; border: 2px solid #fff; color: #fff; font-size: 10px; text-align: center; line-height: 18px; }}
+#heads span.off {{ opacity: 0.2; }}
+svg text {{ font-family: ui-monospace, monospace; font-size: 12px; cursor: default; }}
+</style></head>
+<body>
+<h3>Attention</h3>
+<p>Layer: <select id="layer"></select> Heads: <span id="heads"></span></p>
+<svg id="view"></svg>
+<script>
+const DATA = {json};
+const COLOURS = ['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#7f7f7f','#bcbd22','#17becf','#393b79','#637939','#8c6d31','#843c39','#7b4173','#3182bd'];
+const NS = 'http://www.w3.org/2000/svg', ROW = 20, LEFT = 180, RIGHT = 420, TOP = 16;
+const select = document.getElementById('layer'), view = document.getElementById('view');
+let active = [], focus = null;
+DATA.layers.forEach((l, i) => {{ const o = document.createElement('option'); o.value = i; o.textContent = l.layer; select.appendChild(o); }});
+select.value = Math.max(0, DATA.layers.findIndex(l => l.layer === DATA.initial));
+function el(name, attrs, text) {{
+  const e = document.createElementNS(NS, name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}}
+function heads() {{
+  const box = document.getElementById('heads'), layer = DATA.layers[+select.value];
+  if (active.length !== layer.heads.length) active = layer.heads.map(() => true);
+  box.innerHTML = '';
+  layer.heads.forEach((_, h) => {{
+    const s = document.createElement('span');
+    s.textContent = h; s.style.background = COLOURS[h % COLOURS.length]; s.className = active[h] ? '' : 'off';
+    s.onclick = () => {{ active[h] = !active[h]; draw(); }};
+    s.ondblclick = () => {{ active = active.map((_, k) => k === h); draw(); }};
+    box.appendChild(s);
+  }});
+}}
+function draw() {{
+  heads();
+  const layer = DATA.layers[+select.value], n = DATA.tokens.length;
+  view.innerHTML = '';
+  view.setAttribute('width', RIGHT + 200); view.setAttribute('height', TOP + n * ROW + 8);
+  const y = i => TOP + i * ROW + ROW / 2;
+  layer.heads.forEach((map, h) => {{
+    if (!active[h]) return;
+    map.forEach((row, i) => row.forEach((w, j) => {{
+      if (w < 0.005) return;
+      if (focus && !((focus.side === 'q' && focus.i === i) || (focus.side === 'k' && focus.i === j))) return;
+      view.appendChild(el('line', {{ x1: LEFT + 6, y1: y(i), x2: RIGHT - 6, y2: y(j), stroke: COLOURS[h % COLOURS.length],
+        'stroke-width': 2, 'stroke-opacity': w.toFixed(3) }}));
+    }}));
+  }});
+  DATA.tokens.forEach((tok, i) => {{
+    for (const [side, x, anchor] of [['q', LEFT, 'end'], ['k', RIGHT, 'start']]) {{
+      const t = el('text', {{ x, y: y(i), 'text-anchor': anchor, 'dominant-baseline': 'central' }}, tok);
+      t.onmouseenter = () => {{ focus = {{ side, i }}; draw(); }};
+      t.onmouseleave = () => {{ focus = null; draw(); }};
+      view.appendChild(t);
+    }}
+  }});
+}}
+select.onchange = () => {{ active = []; draw(); }};
+draw();
+document.body.dataset.ready = 'attention';
+</script>
+</body></html>
+"#
+    )
+}

@@ -65,6 +65,7 @@ fn beam_search_equals_transformers_and_upstream() {
             plan: plan_of(case),
             block_size: 4,
             cache_tokens: Some(options.cache_tokens(prompt.len())),
+            head_mask: None,
         };
         let mut decoder = Decoder::new(&loaded.model, decoder_options).expect("decoder");
         let out = generate(&mut decoder, &prompt, &options, None, |_| true).expect("beam search");

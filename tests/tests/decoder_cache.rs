@@ -36,7 +36,7 @@ fn incremental_equals_recompute(name: &str, plan: PlanOptions, length: usize) {
     let vocab = loaded.model.spec().vocab_size as u32;
     let tokens: Vec<u32> = (0..length as u32).map(|i| (i * 37 + 11) % vocab).collect();
     let reference = recomputed(&loaded, &plan, &tokens);
-    let options = DecoderOptions { plan, block_size: 4, cache_tokens: Some(64) };
+    let options = DecoderOptions { plan, block_size: 4, cache_tokens: Some(64), head_mask: None };
     let mut decoder = Decoder::new(&loaded.model, options).expect("decoder");
     let prompt = 3;
     let seq = decoder.add_sequence(&tokens[..prompt]).expect("add");
@@ -66,9 +66,11 @@ fn incremental_decoding_equals_recompute_for_every_architecture() {
 fn forks_share_blocks_then_diverge_correctly() {
     let loaded = load(&fixture_str("gpt-neo-bin")).expect("load");
     let acd = plan(ExitPlan::Contrast { upper: Upper::Original, lower: 2 });
-    let mut decoder =
-        Decoder::new(&loaded.model, DecoderOptions { plan: acd.clone(), block_size: 4, cache_tokens: Some(64) })
-            .expect("decoder");
+    let mut decoder = Decoder::new(
+        &loaded.model,
+        DecoderOptions { plan: acd.clone(), block_size: 4, cache_tokens: Some(64), head_mask: None },
+    )
+    .expect("decoder");
     let prompt = [5u32, 17, 42, 3, 88, 61]; // one full block and half of the next
     let a = decoder.add_sequence(&prompt).expect("add");
     decoder.step().expect("prefill");
@@ -136,7 +138,7 @@ fn one_step_serves_sequences_of_different_lengths() {
 fn pool_exhaustion_is_an_error_that_corrupts_nothing() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let original = plan(ExitPlan::Original);
-    let options = DecoderOptions { plan: original.clone(), block_size: 4, cache_tokens: Some(12) }; // 3 blocks
+    let options = DecoderOptions { plan: original.clone(), block_size: 4, cache_tokens: Some(12), head_mask: None }; // 3 blocks
     let mut decoder = Decoder::new(&loaded.model, options).expect("decoder");
     let a = decoder.add_sequence(&[1, 2, 3, 4, 5, 6]).expect("add"); // 2 blocks
     decoder.step().expect("fits");

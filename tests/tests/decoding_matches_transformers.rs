@@ -81,7 +81,8 @@ fn check_fixture(name: &str) {
     let mut compared = 0;
     for case in &cases {
         // A small block size, so that prompt and generation cross block boundaries.
-        let options = DecoderOptions { plan: case.plan.clone(), block_size: 4, cache_tokens: Some(64) };
+        let options =
+            DecoderOptions { plan: case.plan.clone(), block_size: 4, cache_tokens: Some(64), head_mask: None };
         let mut decoder = Decoder::new(&loaded.model, options).expect("decoder");
         let generation = GenerationOptions {
             max_new_tokens,

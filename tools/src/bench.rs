@@ -98,7 +98,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(options) => options.cache_tokens(args.prompt_len),
         None => args.batch * per_sequence,
     };
-    let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(cache_tokens) };
+    let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(cache_tokens), head_mask: None };
     let mut decoder = Decoder::new(&loaded.model, options).context(args.plan.flag())?;
 
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a

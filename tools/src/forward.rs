@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use layerwise::ForwardRequest;
 
-use crate::input::{ModelArgs, PlanArgs, PromptArgs};
+use crate::input::{MaskArgs, ModelArgs, PlanArgs, PromptArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,6 +16,8 @@ pub struct Args {
     prompt: PromptArgs,
     #[command(flatten)]
     plan: PlanArgs,
+    #[command(flatten)]
+    mask: MaskArgs,
     /// Output file (safetensors): `logits` [T, vocab] (under a plan flag: the plan's output, for a
     /// contrast the contrasted log-probabilities), `exit.<L>` [T, vocab] for every exit head,
     /// `hidden.<i>` [T, hidden] for i = 0..=num_layers, all f32.
@@ -27,7 +29,8 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = args.model.load()?;
     let ids = args.prompt.ids(&loaded)?;
     let spec = loaded.model.spec();
-    let request = ForwardRequest { plan: args.plan.plan()?, ..ForwardRequest::everything(spec) };
+    let head_mask = args.mask.mask(spec)?;
+    let request = ForwardRequest { plan: args.plan.plan()?, head_mask, ..ForwardRequest::everything(spec) };
     let start = Instant::now();
     let plan_flag = if request.plan.is_some() { args.plan.flag() } else { "forward" };
     let out = loaded.model.forward(&ids, &request).context(plan_flag)?;

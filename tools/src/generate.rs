@@ -8,7 +8,7 @@ use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::generate::generate;
 use serde_json::json;
 
-use crate::input::{GenerationArgs, ModelArgs, PlanArgs, PromptArgs};
+use crate::input::{GenerationArgs, MaskArgs, ModelArgs, PlanArgs, PromptArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,6 +20,8 @@ pub struct Args {
     plan: PlanArgs,
     #[command(flatten)]
     generation: GenerationArgs,
+    #[command(flatten)]
+    mask: MaskArgs,
     /// Print one JSON line at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -32,8 +34,10 @@ pub fn run(args: Args) -> Result<()> {
     let options = args.generation.options(&loaded)?;
     // Room for the prompt and every new token of every beam.
     let cache_tokens = Some(options.cache_tokens(prompt.len()));
-    let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, ..Default::default() })
-        .context(args.plan.flag())?;
+    let head_mask = args.mask.mask(loaded.model.spec())?;
+    let mut decoder =
+        Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, head_mask, ..Default::default() })
+            .context(args.plan.flag())?;
 
     let mut streamer = Streamer::default();
     let stream = !args.json && loaded.tokenizer.is_some();

@@ -310,3 +310,35 @@ pub fn write_safetensors(out: &std::path::Path, tensors: &[(String, Vec<usize>, 
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, None, out).with_context(|| format!("--out {}: cannot write", out.display()))
 }
+
+/// `--head-mask`, shared by `forward`, `generate` and `attention`.
+#[derive(clap::Args, Debug)]
+pub struct MaskArgs {
+    /// Mask attention heads (transformers' head_mask): a JSON file with one list of factors per
+    /// layer, one per head (0 masks a head, 1 keeps it), e.g. `mask` of `layerwise heads`' pruning.json.
+    #[arg(long, value_name = "FILE.json")]
+    pub head_mask: Option<PathBuf>,
+}
+
+impl MaskArgs {
+    /// The mask, checked against the model's layers and heads.
+    pub fn mask(&self, spec: &layerwise::ModelSpec) -> Result<Option<layerwise::inspect::HeadMask>> {
+        let Some(path) = &self.head_mask else { return Ok(None) };
+        let what = || format!("--head-mask {}", path.display());
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", what()))?;
+        let rows: Vec<Vec<f32>> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected [[factor per head] per layer]", what()))?;
+        let mask = layerwise::inspect::HeadMask::from_rows(&rows).with_context(what)?;
+        if mask.layers() != spec.num_layers || mask.heads() != spec.num_heads {
+            bail!(
+                "{}: is {} layers x {} heads; the model has {} x {}",
+                what(),
+                mask.layers(),
+                mask.heads(),
+                spec.num_layers,
+                spec.num_heads
+            );
+        }
+        Ok(Some(mask))
+    }
+}

@@ -2,6 +2,7 @@
 //! engine's public API; the engine never prints, this program decides what to show.
 
 mod activations;
+mod attention;
 mod bench;
 mod forward;
 mod generate;
@@ -38,6 +39,8 @@ enum Command {
     Lens(lens::Args),
     /// Internal activations by name (e.g. h.0,h.5.mlp), computing no further than the deepest one.
     Activations(activations::Args),
+    /// Attention probabilities per layer and head: safetensors, JSON or an HTML head view.
+    Attention(attention::Args),
     /// Attention heads over a set of texts: entropy, importance (loss increase when masked), the
     /// pruning curve, and with --prune a pruned checkpoint.
     Heads(heads::Args),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Lens(args) => lens::run(args),
         Command::Heads(args) => heads::run(args),
+        Command::Attention(args) => attention::run(args),
         Command::Activations(args) => activations::run(args),
     };
     match result {

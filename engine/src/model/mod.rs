@@ -12,7 +12,7 @@ use crate::backend::{AttentionParams, Backend, Layout, SeqSlice};
 use crate::config::{Architecture, ModelSpec};
 use crate::error::{Error, Result};
 use crate::exits::{Contrast, PlanOptions, Projection, Source};
-use crate::inspect::{BlockPart, Probe, Site, Tap};
+use crate::inspect::{BlockPart, HeadMask, Masked, Probe, Site, Tap};
 use crate::weights::Weights;
 
 /// A linear layer: `w: [out, in]` and an optional bias `[out]`.
@@ -185,12 +185,14 @@ pub struct ForwardRequest {
     pub hidden_states: bool,
     /// An exit plan whose output to compute at every position.
     pub plan: Option<PlanOptions>,
+    /// Heads to mask (transformers' `head_mask`).
+    pub head_mask: Option<HeadMask>,
 }
 
 impl ForwardRequest {
     /// Everything: logits, every exit head of `spec`, all hidden states.
     pub fn everything(spec: &ModelSpec) -> Self {
-        ForwardRequest { logits: true, exits: spec.exit_layers.clone(), hidden_states: true, plan: None }
+        ForwardRequest { logits: true, exits: spec.exit_layers.clone(), hidden_states: true, ..Default::default() }
     }
 }
 
@@ -338,23 +340,27 @@ impl<B: Backend> Model<B> {
         let keep = |layer: usize| {
             plan.is_some_and(|(_, (main, lower))| main == Source::Layer(layer) || lower == Some(Source::Layer(layer)))
         };
+        let factors = request.head_mask.as_ref().map(|mask| mask.factors(&self.spec)).transpose()?;
         let top = self.run_blocks(
             ids,
             &batch,
             &mut kv,
             depth,
-            &mut Tap(|layer, x: &B::Tensor| {
-                if request.hidden_states && layer < n {
-                    out.hidden_states.push(b.to_host(x));
-                }
-                if layer < n && request.exits.contains(&layer) {
-                    let logits = b.linear(&self.body.final_norm().forward(b, x), &self.exit_heads[&layer], None);
-                    out.exits.insert(layer, b.to_host(&logits));
-                }
-                if layer < n && keep(layer) {
-                    states.insert(layer, x.clone());
-                }
-            }),
+            &mut Masked {
+                factors: factors.as_deref(),
+                probe: Tap(|layer, x: &B::Tensor| {
+                    if request.hidden_states && layer < n {
+                        out.hidden_states.push(b.to_host(x));
+                    }
+                    if layer < n && request.exits.contains(&layer) {
+                        let logits = b.linear(&self.body.final_norm().forward(b, x), &self.exit_heads[&layer], None);
+                        out.exits.insert(layer, b.to_host(&logits));
+                    }
+                    if layer < n && keep(layer) {
+                        states.insert(layer, x.clone());
+                    }
+                }),
+            },
         );
         out.blocks_run = depth;
         if depth == n {

@@ -1,5 +1,6 @@
-//! `layerwise lens` and `layerwise activations`: outputs in every format, the HTML page rendered in
-//! headless Chromium (skipped when no browser is installed; CI installs Debian's `chromium`).
+//! `layerwise lens`, `activations`, `attention` and `--head-mask`: outputs in every format, the HTML
+//! pages rendered in headless Chromium (skipped when no browser is installed; CI installs Debian's
+//! `chromium`).
 
 mod common;
 
@@ -144,4 +145,106 @@ fn lens_page_renders_in_headless_chromium() {
     let pixels: Vec<&[u8]> = shot.data().chunks_exact(4).collect();
     let near = |c: [u8; 3]| pixels.iter().any(|p| (0..3).all(|i| (p[i] as i32 - c[i] as i32).abs() < 12));
     assert!(near([68, 1, 84]) && near([253, 231, 37]), "both ends of the colour scale appear");
+}
+
+/// The inspect fixtures' prompt as `--prompt-ids`.
+fn fixture_prompt() -> String {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("inspect").join("lens.json")).unwrap()).unwrap();
+    meta["prompt"].as_array().unwrap().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The head mask transformers was run with, written as a `--head-mask` file.
+fn recorded_mask_file(dir: &Path) -> PathBuf {
+    let recorded = read_safetensors(&fixture("inspect").join("gpt2-sharded.safetensors"));
+    let mask = &recorded["head_mask"];
+    let rows: Vec<Vec<f64>> = mask.values.chunks(mask.shape[1]).map(<[f64]>::to_vec).collect();
+    let path = dir.join("mask.json");
+    std::fs::write(&path, serde_json::to_string(&rows).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn attention_and_head_mask_flags_equal_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorded = read_safetensors(&fixture("inspect").join("gpt2-sharded.safetensors"));
+    let model = fixture_str("gpt2-sharded");
+    let prompt = fixture_prompt();
+    let mask = recorded_mask_file(dir.path());
+    let out = dir.path().join("attn.safetensors");
+    run_ok(&["attention", "--model", &model, "--prompt-ids", &prompt, "--out", out.to_str().unwrap()]);
+    let written = read_safetensors(&out);
+    for layer in 0..4 {
+        let name = format!("attn.{layer}");
+        let values: Vec<f32> = written[&name].values.iter().map(|&v| v as f32).collect();
+        layerwise_tests::assert_close(&name, &values, &recorded[&name], 1e-5);
+    }
+    let masked = dir.path().join("masked.safetensors");
+    let mask_arg = mask.to_str().unwrap();
+    let args = ["attention", "--model", &model, "--prompt-ids", &prompt, "--layers", "1", "--head-mask", mask_arg];
+    run_ok(&[&args[..], &["--out", masked.to_str().unwrap()]].concat());
+    let values: Vec<f32> = read_safetensors(&masked)["attn.1"].values.iter().map(|&v| v as f32).collect();
+    layerwise_tests::assert_close("masked attention", &values, &recorded["masked.attn.1"], 1e-5);
+
+    let logits = dir.path().join("logits.safetensors");
+    let args = ["forward", "--model", &model, "--prompt-ids", &prompt, "--head-mask", mask_arg];
+    run_ok(&[&args[..], &["--out", logits.to_str().unwrap()]].concat());
+    let values: Vec<f32> = read_safetensors(&logits)["logits"].values.iter().map(|&v| v as f32).collect();
+    layerwise_tests::assert_close("forward --head-mask", &values, &recorded["masked.logits"], 1e-4);
+
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(&wrong, "[[1, 1], [1, 1]]").unwrap();
+    assert_fails_naming(
+        &[
+            "forward",
+            "--model",
+            &model,
+            "--prompt-ids",
+            "1,2",
+            "--head-mask",
+            wrong.to_str().unwrap(),
+            "--out",
+            "x.safetensors",
+        ],
+        &["--head-mask", "2 layers x 2 heads"],
+    );
+    assert_fails_naming(
+        &["attention", "--model", &model, "--prompt-ids", "1,2", "--layers", "7", "--out", "x.json"],
+        &["--layers", "7"],
+    );
+}
+
+#[test]
+fn generating_with_a_head_mask_equals_generating_from_the_pruned_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts = fixture("inspect").join("texts.json");
+    let heads = dir.path().join("heads");
+    let model = fixture_str("gpt2-sharded");
+    let args = ["heads", "--model", &model, "--texts", texts.to_str().unwrap(), "--threshold", "0.02", "--prune"];
+    run_ok(&[&args[..], &["--out", heads.to_str().unwrap()]].concat());
+    let pruning: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(heads.join("pruning.json")).unwrap()).unwrap();
+    let mask = dir.path().join("mask.json");
+    std::fs::write(&mask, pruning["search"]["mask"].to_string()).unwrap();
+    let generate = |model: &str, extra: &[&str]| -> serde_json::Value {
+        let args = ["generate", "--model", model, "--prompt-ids", "5,17,42", "--max-new-tokens", "8", "--json"];
+        let out = layerwise(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["ids"].clone()
+    };
+    let masked = generate(&model, &["--head-mask", mask.to_str().unwrap()]);
+    let pruned = generate(heads.join("pruned").to_str().unwrap(), &[]);
+    assert_eq!(masked, pruned);
+    assert_ne!(masked, generate(&model, &[]), "the mask changes the generation on this fixture");
+}
+
+#[test]
+fn attention_page_renders_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("attention.html");
+    run_ok(&["attention", "--prompt", PROMPT, "--layers", "3", "--out", page.to_str().unwrap()]);
+    let Some((dom, shot)) = render(&page, "attention", dir.path()) else { return };
+    assert!(dom.matches("<line ").count() > 9 * 4, "lines from every query of every head");
+    assert_eq!(dom.matches("<text ").count(), 2 * 9, "the tokens on both sides");
+    assert!(distinct_colours(&shot) > 20, "the screenshot shows the lines");
 }
