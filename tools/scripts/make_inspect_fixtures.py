@@ -136,6 +136,13 @@ def record_lens(model, fixture, acts, ids, tensors):
         decoders["exits"] = (exit_rows, torch.stack([
             torch.log_softmax((ln_f(acts[r]) @ weights[f"name_to_lm_exit_head.lm_head_{layer}.weight"].float().T)
                               .double(), -1) for r, layer in zip(exit_rows, exits)]))
+        conversions = sorted(int(k.split(".")[1].split("_")[0]) for k in weights if k.startswith("name_to_conv_matrix."))
+        if conversions:  # upstream's converted projection: the conversion matrix after the final norm
+            conv_rows = [f"{prefix}.{layer - 1}" for layer in conversions] + [f"{prefix}.{n - 1}"]
+            decoders["converted"] = (conv_rows, torch.stack([
+                torch.log_softmax((ln_f(acts[r]) @ weights[f"name_to_conv_matrix.{layer}_to_{n}.weight"].float().T
+                                   @ head.T).double(), -1) for r, layer in zip(conv_rows, conversions)]
+                + [decoded(acts[f"{prefix}.{n - 1}"])]))
     meta = {}
     for name, (labels, log_probs) in decoders.items():
         meta[name] = labels
