@@ -833,7 +833,7 @@ mod tests {
                     };
                     let tensor = HostTensor::from_f32(values(n_in * n_out, 7), shape).converted(dtype);
                     let w = cpu.weight(&tensor, layout).expect("weight");
-                    for rows in [1usize, 2, 4, 5, 16, 33, 70] {
+                    for rows in [1usize, 2, 3, 4, 5, 16, 33, 70] {
                         let x = Matrix::from_vec(values(rows * n_in, rows as u64), rows, n_in);
                         let got = cpu.linear(&x, &w, None);
                         for (g, r) in got.data.iter().zip(naive(&x, &w)) {

@@ -89,7 +89,8 @@ pub fn axpy_rows_tokens(ys: &mut [&mut [f32]], coeffs: &[&[f32]], w: WeightData<
         return;
     }
     assert!(first + (rows - 1) * stride + n <= w.len(), "axpy_rows_tokens reads past the weight");
-    let groups = rows / 4 * 4;
+    #[cfg(target_arch = "x86_64")]
+    let groups = rows / x86::TOKEN_ROWS * x86::TOKEN_ROWS;
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && groups > 0 {
         let last = tokens - 1;
@@ -169,13 +170,13 @@ pub fn dot_tile(xs: &[&[f32]], w: WeightData<'_>, first: usize, stride: usize, r
         return unsafe {
             match w {
                 WeightData::F32(w) => {
-                    x86::tile_f32(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                    x86::tile_f32(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))], stride)
                 }
                 WeightData::F16(w) => {
-                    x86::tile_f16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                    x86::tile_f16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))], stride)
                 }
                 WeightData::BF16(w) => {
-                    x86::tile_bf16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))])
+                    x86::tile_bf16(x4, [w.as_ptr().add(row(0)), w.as_ptr().add(row(1)), w.as_ptr().add(row(2))], stride)
                 }
             }
         };
@@ -536,12 +537,17 @@ mod x86 {
         };
     }
 
+    /// Weight rows per pass of the few-token kernel: six rows' coefficients for a pair of tokens
+    /// (twelve registers) leave room for the pair's two sums and one weight vector, and each sum
+    /// is loaded and stored once per six rows.
+    pub const TOKEN_ROWS: usize = 6;
+
     macro_rules! axpy4_tokens_kernel {
         ($name:ident, $ty:ty, $load:ident) => {
             /// For each of `tokens` tokens t: `y[t] += Σ_r a[t][r] * w[r * stride ..][..n]` over `rows`
-            /// rows (a multiple of four), four weight rows per pass, streamed front to back: a
-            /// 256-column chunk of them is swept once per pair of tokens (from L1 after the first),
-            /// with the pair's eight coefficients in registers. (Chunks outside the row loop, which
+            /// rows (a multiple of [`TOKEN_ROWS`]), that many weight rows per pass, streamed front to
+            /// back: a 256-column chunk of them is swept once per pair of tokens (from L1 after the
+            /// first), with the pair's coefficients in registers. (Chunks outside the row loop, which
             /// keep the sums in L1, measured slower: the weight is then read in page-sized pieces.)
             ///
             /// # Safety
@@ -559,36 +565,32 @@ mod x86 {
                 n: usize,
             ) {
                 const CHUNK: usize = 256;
-                for g in (0..rows).step_by(4) {
+                const R: usize = TOKEN_ROWS;
+                for g in (0..rows).step_by(R) {
                     let w0 = w.add(g * stride);
-                    let wr = [w0, w0.add(stride), w0.add(2 * stride), w0.add(3 * stride)];
+                    let wr: [*const $ty; R] = std::array::from_fn(|r| w0.add(r * stride));
                     let full = n / 8 * 8;
                     for chunk in (0..full).step_by(CHUNK) {
                         let end = (chunk + CHUNK).min(full);
                         for pair in (0..tokens).step_by(2) {
                             let (t0, t1) = (pair, (pair + 1).min(tokens - 1));
-                            let c0: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(*a[t0].add(g + r)));
-                            let c1: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(*a[t1].add(g + r)));
+                            let c0: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*a[t0].add(g + r)));
+                            let c1: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(*a[t1].add(g + r)));
                             let (y0, y1) = (y[t0], y[t1]);
                             let mut i = chunk;
                             while i < end {
                                 if pair == 0 && i % 32 == 0 {
-                                    // The same columns of the next four rows, which the next group reads.
+                                    // The same columns of the next group of rows, which the next pass reads.
                                     for row in wr {
-                                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * stride + i).cast());
+                                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(R * stride + i).cast());
                                     }
                                 }
-                                let ws = [
-                                    $load(wr[0].add(i)),
-                                    $load(wr[1].add(i)),
-                                    $load(wr[2].add(i)),
-                                    $load(wr[3].add(i)),
-                                ];
                                 let mut acc0 = _mm256_loadu_ps(y0.add(i));
                                 let mut acc1 = _mm256_loadu_ps(y1.add(i));
-                                for r in 0..4 {
-                                    acc0 = _mm256_fmadd_ps(c0[r], ws[r], acc0);
-                                    acc1 = _mm256_fmadd_ps(c1[r], ws[r], acc1);
+                                for r in 0..R {
+                                    let wv = $load(wr[r].add(i));
+                                    acc0 = _mm256_fmadd_ps(c0[r], wv, acc0);
+                                    acc1 = _mm256_fmadd_ps(c1[r], wv, acc1);
                                 }
                                 _mm256_storeu_ps(y0.add(i), acc0);
                                 if t1 != t0 {
@@ -599,11 +601,13 @@ mod x86 {
                         }
                     }
                     for i in full..n {
-                        let widen = |p: *const $ty| -> f32 { (*p).into_f32() };
-                        let wv = [widen(wr[0].add(i)), widen(wr[1].add(i)), widen(wr[2].add(i)), widen(wr[3].add(i))];
                         for t in 0..tokens {
                             let at = a[t].add(g);
-                            *y[t].add(i) += *at * wv[0] + *at.add(1) * wv[1] + *at.add(2) * wv[2] + *at.add(3) * wv[3];
+                            let mut sum = 0.0f32;
+                            for r in 0..R {
+                                sum += *at.add(r) * (*wr[r].add(i)).into_f32();
+                            }
+                            *y[t].add(i) += sum;
                         }
                     }
                 }
@@ -753,18 +757,24 @@ mod x86 {
 
     macro_rules! tile_kernel {
         ($name:ident, $ty:ty, $load:ident) => {
-            /// Dot products of three weight rows with four tokens.
+            /// Dot products of three weight rows with four tokens. The same columns of the rows
+            /// `3 * stride` further on (the next tile's) are prefetched.
             ///
             /// # Safety
             /// The CPU must support AVX2, FMA and F16C; each row must have `x[0].len()` readable
             /// elements and every x that length.
             #[target_feature(enable = "avx2,fma,f16c")]
-            pub unsafe fn $name(x: [&[f32]; 4], rows: [*const $ty; 3]) -> [[f32; 4]; 3] {
+            pub unsafe fn $name(x: [&[f32]; 4], rows: [*const $ty; 3], stride: usize) -> [[f32; 4]; 3] {
                 let n = x[0].len();
                 let px = [x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr()];
                 let mut acc = [[_mm256_setzero_ps(); 4]; 3];
                 let mut i = 0;
                 while i + 8 <= n {
+                    if i % 32 == 0 {
+                        for row in rows {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(3 * stride + i).cast());
+                        }
+                    }
                     let w = [$load(rows[0].add(i)), $load(rows[1].add(i)), $load(rows[2].add(i))];
                     for (c, xp) in px.iter().enumerate() {
                         let xv = _mm256_loadu_ps(xp.add(i));
