@@ -239,15 +239,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// nothing pending are left out. If the cache cannot hold the new tokens, nothing changes and
     /// the error says so.
     pub fn step(&mut self) -> Result<Vec<StepOutput>> {
-        // Decoding steps (a few tokens) are many short parallel ops: run them where the backend
-        // runs them best. Prefill steps are a few long ones, which split better from outside.
-        let tokens: usize = self.sequences.values().map(|s| s.pending).sum();
-        if tokens <= 8 {
-            let backend = self.model.backend();
-            backend.run(|| self.step_here())
-        } else {
-            self.step_here()
-        }
+        // A step is a hundred or so parallel ops: run it where the backend runs them best.
+        let backend = self.model.backend();
+        backend.run(|| self.step_here())
     }
 
     fn step_here(&mut self) -> Result<Vec<StepOutput>> {

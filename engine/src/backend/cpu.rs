@@ -110,8 +110,27 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    /// The step runs on a thread of the pool while every other thread of the pool spins, taking
+    /// the step's parallel work the moment it appears. Left alone, an idle worker falls asleep in
+    /// the serial stretches of a step (norms, attention) and each of the next product's halves then
+    /// waits for it to wake: spinning made decoding 3-10% faster on 2 cores (A/B runs).
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
-        rayon::scope(|_| work())
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = AtomicBool::new(false);
+        rayon::scope(|scope| {
+            for _ in 1..rayon::current_num_threads() {
+                scope.spawn(|_| {
+                    while !done.load(Ordering::Acquire) {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                });
+            }
+            let result = work();
+            done.store(true, Ordering::Release);
+            result
+        })
     }
 
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
