@@ -312,7 +312,8 @@ impl Backend for Cpu {
         // One task per (sequence, head); each returns its [len, d] slab.
         let tasks: Vec<(usize, usize)> =
             (0..sequences.len()).flat_map(|s| (0..p.num_heads).map(move |h| (s, h))).collect();
-        // Decoding attends one query per sequence over a short context: too little work to wake threads for.
+        // Split across threads unless the work is tiny (decoding steps keep the workers awake, so a
+        // split costs little).
         let work: usize = sequences.iter().map(|s| s.len * (s.first_position + s.len)).sum::<usize>() * p.num_heads * d;
         let attend_head = |&(s, h): &(usize, usize)| {
             let seq = &sequences[s];
@@ -338,7 +339,7 @@ impl Backend for Cpu {
             }
             out
         };
-        let slabs: Vec<Vec<f32>> = if work < 1 << 20 {
+        let slabs: Vec<Vec<f32>> = if work < 1 << 14 {
             tasks.iter().map(attend_head).collect()
         } else {
             tasks.par_iter().map(attend_head).collect()
