@@ -9,6 +9,34 @@ use crate::weights::WeightData;
 
 /// True when the AVX2/FMA/F16C kernels can run on this CPU.
 #[inline]
+/// Whether the one-token kernels over f32 weights issue software prefetches for the rows they read
+/// next. They help on AMD Zen and slow an Intel Xeon (Granite Rapids class) down by 3-5%, where the
+/// L2 streamer already keeps up with one f32 token's pace (measured on decoding; 16-bit weights and
+/// the few-token kernels still gain from them there, so they always prefetch). Chosen once from the
+/// CPU vendor; `LAYERWISE_PREFETCH=0|1` overrides it.
+pub fn software_prefetch() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("LAYERWISE_PREFETCH").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => cpu_vendor_is_amd(),
+    })
+}
+
+fn cpu_vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // cpuid leaf 0 exists on every x86_64 CPU.
+        let id = std::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -500,6 +528,7 @@ mod x86 {
             /// `w + r * stride .. + y.len()` for `r < a.len()` must be readable.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name(y: &mut [f32], a: &[f32], w: *const $ty, stride: usize) {
+                let prefetch = super::software_prefetch() || std::mem::size_of::<$ty>() < 4;
                 let n = y.len();
                 let py = y.as_mut_ptr();
                 for (g, a) in a.chunks_exact(4).enumerate() {
@@ -509,7 +538,7 @@ mod x86 {
                     let (w1, w2, w3) = (w0.add(stride), w0.add(2 * stride), w0.add(3 * stride));
                     let mut i = 0;
                     while i + 8 <= n {
-                        if i % 32 == 0 {
+                        if prefetch && i % 32 == 0 {
                             // Ask early for what the next group reads: the same columns of the next
                             // four rows (prefetches never fault, so the last group may point past the end).
                             for row in [w0, w1, w2, w3] {
@@ -694,13 +723,14 @@ mod x86 {
             /// The CPU must support AVX2, FMA and F16C; the four rows of `x.len()` elements must be readable.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name(x: &[f32], w: *const $ty, stride: usize) -> [f32; 4] {
+                let prefetch = super::software_prefetch() || std::mem::size_of::<$ty>() < 4;
                 let n = x.len();
                 let px = x.as_ptr();
                 let rows = [w, w.add(stride), w.add(2 * stride), w.add(3 * stride)];
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i + 8 <= n {
-                    if i % 32 == 0 {
+                    if prefetch && i % 32 == 0 {
                         // The same columns of the next four rows, which the next call reads.
                         for row in rows {
                             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * stride + i).cast());
