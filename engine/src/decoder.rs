@@ -330,22 +330,30 @@ impl<'m, B: Backend> Decoder<'m, B> {
         drop(batch);
         self.blocks_run += self.depth as u64;
         let state = |source: Source| &kept[&source.depth(n)];
-        let output = self.model.plan_output(&self.plan, (main, state(main)), lower.map(|l| (l, state(l))));
-        let host = b.to_host(&output);
-
         let vocab = self.model.spec().vocab_size;
         let hidden_size = self.model.spec().hidden_size;
         let hidden = main_state.map(|state| b.to_host(&self.model.final_norm(&state))).unwrap_or_default();
         // Every premature layer's last rows through the LM head in one product: one read of the head.
-        let premature_logits = if premature.is_empty() {
+        // When the plan's output is the original head's, its rows join that product too.
+        let joins_premature = !premature.is_empty() && main == Source::Original && lower.is_none();
+        let mut head_rows = Vec::with_capacity((premature.len() + 1) * ready.len() * hidden_size);
+        if joins_premature {
+            head_rows.extend(b.to_host(&self.model.final_norm(state(main))));
+        }
+        for layer in premature {
+            head_rows.extend(b.to_host(&kept[layer]));
+        }
+        let mut premature_logits = if head_rows.is_empty() {
             Vec::new()
         } else {
-            let mut stacked = Vec::with_capacity(premature.len() * ready.len() * hidden_size);
-            for layer in premature {
-                stacked.extend(b.to_host(&kept[layer]));
-            }
-            let rows = premature.len() * ready.len();
-            b.to_host(&self.model.lm_head_raw(&b.upload(stacked, rows, hidden_size)))
+            let rows = head_rows.len() / hidden_size;
+            b.to_host(&self.model.lm_head_raw(&b.upload(head_rows, rows, hidden_size)))
+        };
+        let host = if joins_premature {
+            premature_logits.drain(..ready.len() * vocab).collect()
+        } else {
+            let output = self.model.plan_output(&self.plan, (main, state(main)), lower.map(|l| (l, state(l))));
+            b.to_host(&output)
         };
         let mut outputs = Vec::with_capacity(ready.len());
         for (row, (&id, span)) in ready.iter().zip(&row_spans).enumerate() {
