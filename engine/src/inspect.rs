@@ -263,8 +263,6 @@ struct Recorder<'a, B: Backend> {
     backend: &'a B,
     points: BTreeSet<Point>,
     attention_blocks: BTreeSet<usize>,
-    /// Per block, the mask's factors for the heads the block has (pruned heads dropped).
-    head_factors: Option<Vec<Vec<f32>>>,
     seen: Inspection,
 }
 
@@ -280,10 +278,6 @@ impl<B: Backend> Probe<B> for Recorder<'_, B> {
         if self.points.contains(&point) {
             self.seen.activations.insert(point, self.backend.to_host(x));
         }
-    }
-
-    fn head_mask(&self, block: usize) -> Option<&[f32]> {
-        self.head_factors.as_ref().map(|factors| factors[block].as_slice())
     }
 
     fn wants_attention(&self, block: usize) -> bool {
@@ -388,15 +382,15 @@ impl<B: Backend> Model<B> {
         let table = [0u32];
         let batch = scratch_batch(t, &table);
         let mut kv = b.kv_store(depth.max(1), 1, t, spec.num_kv_heads * spec.head_dim)?;
-        let mut recorder = Recorder {
+        let recorder = Recorder {
             backend: b,
             points: request.points.iter().copied().collect(),
             attention_blocks: request.attentions.iter().copied().collect(),
-            head_factors,
             seen: Inspection { tokens: t, blocks_run: depth, ..Default::default() },
         };
-        let top = self.run_blocks(ids, &batch, &mut kv, depth, &mut recorder);
-        let mut seen = recorder.seen;
+        let mut probe = Masked { probe: recorder, factors: head_factors.as_deref() };
+        let top = self.run_blocks(ids, &batch, &mut kv, depth, &mut probe);
+        let mut seen = probe.probe.seen;
         if depth == n && (request.logits || request.points.contains(&Point::FinalNorm)) {
             let normed = self.final_norm(&top);
             if request.logits {
