@@ -336,7 +336,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         // Every premature layer's last rows through the LM head in one product: one read of the head.
         // When the plan's output is the original head's, its rows join that product too.
         let joins_premature = !premature.is_empty() && main == Source::Original && lower.is_none();
-        let mut head_rows = Vec::with_capacity((premature.len() + 1) * ready.len() * hidden_size);
+        let mut head_rows = Vec::new();
         if joins_premature {
             head_rows.extend(b.to_host(&self.model.final_norm(state(main))));
         }

@@ -44,9 +44,7 @@ pub fn lm_loss<B: Backend>(model: &Model<B>, texts: &[Vec<u32>], mask: Option<&H
         let request = InspectRequest { logits: true, head_mask: mask.cloned(), ..Default::default() };
         let logits = model.inspect(text, &request)?.logits.expect("logits were requested");
         for (row, &next) in logits.chunks_exact(vocab).zip(&text[1..]) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let log_z = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-            total += log_z - row[next as usize] as f64;
+            total += crate::lens::log_normaliser(row) - row[next as usize] as f64;
             count += 1;
         }
     }
@@ -173,11 +171,15 @@ pub fn prune_search<B: Backend>(
             .filter_map(|(layer, head)| importance.increase[layer][head].map(|gain| (gain, layer, head)))
             .collect();
         candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        let mut left = vec![0usize; spec.num_layers]; // active heads per block
+        for (layer, _) in active_heads(model, &mask) {
+            left[layer] += 1;
+        }
         let mut chosen = Vec::new();
         for (_, layer, head) in candidates {
-            let left = active_heads(model, &mask).iter().filter(|(l, _)| *l == layer).count();
-            if left > 1 && chosen.len() < per_step {
+            if left[layer] > 1 && chosen.len() < per_step {
                 mask.set(layer, head, 0.0);
+                left[layer] -= 1;
                 chosen.push((layer, head));
             }
         }

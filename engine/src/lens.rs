@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::exits::{Projection, Source};
+use crate::generate::argmax;
 use crate::inspect::{BlockPart, InspectRequest, Point, Site};
 use crate::model::Model;
 
@@ -197,7 +198,7 @@ impl<B: Backend> Model<B> {
         let vocab = spec.vocab_size;
         let final_logits = seen.logits.as_ref().expect("logits were requested");
         let final_log_probs: Vec<Vec<f64>> = final_logits.chunks_exact(vocab).map(log_softmax).collect();
-        let final_top: Vec<u32> = final_logits.chunks_exact(vocab).map(|row| argmax(row) as u32).collect();
+        let final_top: Vec<u32> = final_logits.chunks_exact(vocab).map(argmax).collect();
 
         let mut lens = Lens {
             rows: Vec::new(),
@@ -284,12 +285,12 @@ fn cell(logits: &[f32], final_log_probs: &[f64], final_top: u32, next: Option<u3
 
 /// Natural-log softmax in f64.
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
+    let log_z = log_normaliser(logits);
     logits.iter().map(|&x| x as f64 - log_z).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (i, &x)| if x > row[best] { i } else { best })
+/// `log Σ exp(x)` in f64, computed stably.
+pub(crate) fn log_normaliser(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
 }

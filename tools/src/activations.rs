@@ -5,14 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use layerwise::inspect::InspectRequest;
 
-use crate::input::{ModelArgs, PromptArgs};
+use crate::input::InputArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
+    input: InputArgs,
     /// Comma-separated points named like the checkpoint's modules: embed, h.5 (block output),
     /// h.5.ln_1, h.5.attn, h.5.resid_mid, h.5.ln_2, h.5.mlp, ln_f (Llama: layers.5.self_attn, norm, ...).
     #[arg(long, value_name = "NAMES", required = true)]
@@ -23,8 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let loaded = args.model.load()?;
-    let ids = args.prompt.ids(&loaded)?;
+    let (loaded, ids) = args.input.load()?;
     let model = &loaded.model;
     let names: Vec<&str> = args.names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
     if let Some(twice) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)).map(|(_, n)| n) {

@@ -8,15 +8,13 @@ use anyhow::{bail, Context, Result};
 use layerwise::inspect::InspectRequest;
 use layerwise::plot::attention_html;
 
-use crate::input::{write_safetensors, MaskArgs, ModelArgs, PromptArgs};
+use crate::input::{write_safetensors, InputArgs, MaskArgs};
 use crate::lens::token_label;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
+    input: InputArgs,
     #[command(flatten)]
     mask: MaskArgs,
     /// Blocks (0-based, comma-separated) whose attention to record; default: every block. Nothing
@@ -36,8 +34,7 @@ pub fn run(args: Args) -> Result<()> {
         Some("html") => "html",
         _ => bail!("--out {}: the extension must be .safetensors, .json or .html", args.out.display()),
     };
-    let loaded = args.model.load()?;
-    let ids = args.prompt.ids(&loaded)?;
+    let (loaded, ids) = args.input.load()?;
     let model = &loaded.model;
     let n = model.spec().num_layers;
     let layers: Vec<usize> = match &args.layers {

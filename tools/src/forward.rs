@@ -6,14 +6,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use layerwise::ForwardRequest;
 
-use crate::input::{MaskArgs, ModelArgs, PlanArgs, PromptArgs};
+use crate::input::{InputArgs, MaskArgs, PlanArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
+    input: InputArgs,
     #[command(flatten)]
     plan: PlanArgs,
     #[command(flatten)]
@@ -26,8 +24,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let loaded = args.model.load()?;
-    let ids = args.prompt.ids(&loaded)?;
+    let (loaded, ids) = args.input.load()?;
     let spec = loaded.model.spec();
     let head_mask = args.mask.mask(spec)?;
     let request = ForwardRequest { plan: args.plan.plan()?, head_mask, ..ForwardRequest::everything(spec) };

@@ -8,14 +8,12 @@ use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::generate::generate;
 use serde_json::json;
 
-use crate::input::{GenerationArgs, MaskArgs, ModelArgs, PlanArgs, PromptArgs};
+use crate::input::{GenerationArgs, InputArgs, MaskArgs, PlanArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
+    input: InputArgs,
     #[command(flatten)]
     plan: PlanArgs,
     #[command(flatten)]
@@ -28,8 +26,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let loaded = args.model.load()?;
-    let prompt = args.prompt.ids(&loaded)?;
+    let (loaded, prompt) = args.input.load()?;
     let plan = args.plan.plan()?.unwrap_or_default();
     let options = args.generation.options(&loaded)?;
     // Room for the prompt and every new token of every beam.

@@ -72,6 +72,24 @@ fn parse_ids(list: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// The model and the prompt: the flags of every command that runs one prompt.
+#[derive(clap::Args, Debug)]
+pub struct InputArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+}
+
+impl InputArgs {
+    /// The loaded checkpoint and the prompt's checked token ids.
+    pub fn load(&self) -> Result<(LoadedModel<Cpu>, Vec<u32>)> {
+        let loaded = self.model.load()?;
+        let ids = self.prompt.ids(&loaded)?;
+        Ok((loaded, ids))
+    }
+}
+
 /// Exit-plan flags shared by `forward` and `generate`.
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {

@@ -7,14 +7,12 @@ use layerwise::lens::{LensDecoder, LensOptions};
 use layerwise::plot::{lens_html, lens_svg, LensMetric};
 use layerwise::{Cpu, LoadedModel};
 
-use crate::input::{ModelArgs, PromptArgs};
+use crate::input::InputArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    prompt: PromptArgs,
+    input: InputArgs,
     /// What colours the cells: the logit, probability or rank each layer gives the model's own top
     /// token, or the KL divergence from the model's output to the layer's distribution.
     #[arg(long, default_value = "probs", value_parser = ["logits", "probs", "ranks", "kl"])]
@@ -37,8 +35,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let format = output_format(&args.out)?;
-    let loaded = args.model.load()?;
-    let ids = args.prompt.ids(&loaded)?;
+    let (loaded, ids) = args.input.load()?;
     let model = &loaded.model;
     let decoder = LensDecoder::parse(model, &args.decoder)?;
     let metric = LensMetric::parse(&args.metric).context("--metric")?;
