@@ -5,8 +5,8 @@
 //! `cargo bench -p layerwise-benches --bench decode`
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
+use layerwise::runtime::{Decoder, DecoderOptions};
 
 fn decode_step(c: &mut Criterion) {
     let source = std::env::var("LAYERWISE_BENCH_MODEL").unwrap_or_else(|_| layerwise_benches::DEMO_MODEL.to_string());

@@ -5,9 +5,8 @@
 //! `cargo bench -p layerwise-benches --bench kernels`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use layerwise::backend::cpu::Matrix;
-use layerwise::backend::{AttentionParams, Backend, Layout, SeqSlice};
-use layerwise::weights::HostTensor;
+use layerwise::backend::{AttentionParams, Backend, Layout, Matrix, SeqLayout, StepLayout};
+use layerwise::HostTensor;
 use layerwise::{Cpu, DType};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -28,7 +27,7 @@ fn linear(c: &mut Criterion) {
             let cpu = Cpu::default();
             let weight = cpu.weight(&tensor, layout).expect("weight");
             for rows in [1usize, 4, 16, 128] {
-                let x = Matrix::from_vec(values(rows * n_in, 2), rows, n_in);
+                let x = Matrix::new(values(rows * n_in, 2), rows, n_in).expect("shape");
                 group.throughput(Throughput::Bytes((n_in * n_out * dtype.size()) as u64));
                 let id = BenchmarkId::new(format!("{dtype}_{layout:?}"), rows);
                 group.bench_with_input(id, &x, |b, x| b.iter(|| cpu.linear(x, &weight, None)));
@@ -44,15 +43,33 @@ fn paged_attention(c: &mut Criterion) {
     let (heads, head_dim, context, block) = (16usize, 64usize, 512usize, 16usize);
     let width = heads * head_dim;
     let mut store = cpu.kv_store(1, context / block, block, width).expect("store");
-    let keys = Matrix::from_vec(values(context * width, 3), context, width);
-    let vals = Matrix::from_vec(values(context * width, 4), context, width);
-    let slots: Vec<usize> = (0..context).collect();
-    cpu.kv_write(&mut store, 0, &slots, &keys, &vals);
+    let keys = Matrix::new(values(context * width, 3), context, width).expect("shape");
+    let vals = Matrix::new(values(context * width, 4), context, width).expect("shape");
     let table: Vec<u32> = (0..(context / block) as u32).rev().collect(); // scattered blocks
-    let q = Matrix::from_vec(values(width, 5), 1, width);
+    let mut layout = StepLayout {
+        ids: vec![0; context],
+        positions: (0..context as u32).collect(),
+        sequences: vec![SeqLayout {
+            first_row: 0,
+            len: context,
+            first_position: 0,
+            table_start: 0,
+            table_len: table.len(),
+        }],
+        block_tables: table.clone(),
+        block_size: block,
+        ..Default::default()
+    };
+    layout.slots = (0..context).map(|pos| layout.slot_of(0, pos) as u32).collect();
+    let fill = cpu.upload_step(layout.clone()).expect("step");
+    cpu.kv_write(&mut store, 0, &fill, &keys, &vals).expect("write");
+    // One query at the last position.
+    layout.sequences[0] =
+        SeqLayout { first_row: 0, len: 1, first_position: context - 1, table_start: 0, table_len: table.len() };
+    let step = cpu.upload_step(layout).expect("step");
+    let q = Matrix::new(values(width, 5), 1, width).expect("shape");
     let params = AttentionParams { num_heads: heads, num_kv_heads: heads, head_dim, scale: 0.125, window: None };
-    let seq = [SeqSlice { first_row: 0, len: 1, first_position: context - 1, block_table: &table }];
-    c.bench_function("paged_attention_16x64_ctx512", |b| b.iter(|| cpu.paged_attention(&q, &store, 0, &seq, &params)));
+    c.bench_function("paged_attention_16x64_ctx512", |b| b.iter(|| cpu.paged_attention(&q, &store, 0, &step, &params)));
 }
 
 criterion_group! {

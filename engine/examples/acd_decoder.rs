@@ -4,9 +4,9 @@
 //!
 //! `cargo run --release --example acd_decoder -p layerwise [MODEL_DIR_OR_HUB_ID] [UPPER LOWER]`
 
-use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
-use layerwise::generate::argmax;
+use layerwise::math::argmax;
+use layerwise::runtime::{Decoder, DecoderOptions};
 
 fn main() -> layerwise::Result<()> {
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");

@@ -19,36 +19,38 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The engine's parts, one folder each (a token flows CLI -> generation -> strategy -> decoder ->
+//! model -> backend ops):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`io`] | checkpoint sources, safetensors and `.bin` weights, tokenizers |
+//! | [`math`] | host-side numerics shared by everything (softmax, argmax, the ACD formula) |
+//! | [`backend`] | the op interface, the reference backend, the conformance suite, the CPU backend |
+//! | [`model`] | the architectures, their configs, shared layers, probes, heads, the forward runner |
+//! | [`exits`] | exit plans: which layer to read, how to project and contrast |
+//! | [`runtime`] | the paged cache's bookkeeping and the step-by-step decoder |
+//! | [`generation`] | the generation loop, its options, processors, stopping rules and strategies |
+//! | [`analysis`] | the logit lens and attention-head analysis |
 
+pub mod analysis;
 pub mod backend;
-pub mod beam;
-pub mod config;
-pub mod contrastive;
-pub mod decoder;
-pub mod dola;
-pub mod error;
+mod error;
 pub mod exits;
-pub mod generate;
-pub mod heads;
-pub mod inspect;
-pub mod kv;
-pub mod lens;
+pub mod generation;
+pub mod io;
+pub mod math;
 pub mod model;
-pub mod plot;
-pub mod processors;
-pub mod source;
-pub mod stopping;
-pub mod tokenizer;
-pub mod torch_pickle;
-pub mod weights;
+pub mod runtime;
 
-pub use backend::{Backend, Cpu};
-pub use config::{Architecture, ModelSpec};
+pub use backend::{Backend, Cpu, Reference};
 pub use error::{Error, Result};
-pub use model::{ForwardOutput, ForwardRequest, Model};
-pub use source::{ModelFiles, TokenizerFiles, WeightFiles};
-pub use tokenizer::Tokenizer;
-pub use weights::{DType, Weights, WeightsSummary};
+pub use io::source::{ModelFiles, TokenizerFiles, WeightFiles};
+pub use io::tokenizer::Tokenizer;
+pub use io::weights::{DType, HostTensor, Weights, WeightsSummary};
+pub use model::config::{Architecture, ModelSpec};
+pub use model::{ForwardOutput, ForwardRequest, HeadMask, InspectRequest, Inspection, Model, Point};
 
 /// A checkpoint opened for inference: the model on its backend, its tokenizer, and where it came from.
 pub struct LoadedModel<B: Backend = Cpu> {
@@ -87,22 +89,20 @@ pub fn load(source: &str) -> Result<LoadedModel<Cpu>> {
 
 /// Opens a checkpoint on the given backend. Weight files are mapped, not read: this is fast and
 /// memory grows only with the tensors a run touches.
+///
+/// ```
+/// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+/// // The reference backend: plain Rust, one function per op; what every other backend must equal.
+/// let loaded = layerwise::load_on(dir, layerwise::Reference::default())?;
+/// assert_eq!(loaded.model.backend().name(), "reference");
+/// # use layerwise::Backend;
+/// # Ok::<(), layerwise::Error>(())
+/// ```
 pub fn load_on<B: Backend>(source: &str, backend: B) -> Result<LoadedModel<B>> {
     let files = ModelFiles::resolve(source)?;
     let spec = ModelSpec::from_file(&files.config)?;
-    let weights = open_weights(&files.weights)?;
+    let weights = io::open_weights(&files.weights)?;
     let model = Model::load(spec, &weights, backend)?;
     let tokenizer = Tokenizer::load(&files.tokenizer)?;
     Ok(LoadedModel { model, tokenizer, files, weights: weights.summary() })
-}
-
-/// Maps a checkpoint's weight files, converting torch archives to safetensors once first.
-pub fn open_weights(files: &WeightFiles) -> Result<Weights> {
-    match files {
-        WeightFiles::Safetensors(paths) => Weights::open(paths),
-        WeightFiles::TorchBin(paths) => {
-            let converted = paths.iter().map(|p| torch_pickle::converted_safetensors(p)).collect::<Result<Vec<_>>>()?;
-            Weights::open(&converted)
-        }
-    }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the cross-crate tests: fixture paths and comparisons against the values
 //! transformers recorded (tools/scripts/make_fixtures.py).
 
+pub mod counting;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -2,17 +2,17 @@
 //! on every fixture architecture: each early_stopping rule, length penalties, several returned
 //! sequences, processors (tools/scripts/make_strategy_fixtures.py records them).
 
-use layerwise::beam::{beam_search, EarlyStopping};
-use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
-use layerwise::generate::{generate, GenerationOptions};
-use layerwise::load;
+use layerwise::generation::beam::{beam_search, EarlyStopping};
+use layerwise::generation::{generate, GenerationConfig};
+use layerwise::runtime::{Decoder, DecoderOptions};
+use layerwise::{load, load_on, Backend, Cpu, Reference};
 use layerwise_tests::{fixture, fixture_str, ids};
 use serde_json::Value;
 
-fn options_of(case: &Value) -> GenerationOptions {
+fn options_of(case: &Value) -> GenerationConfig {
     let s = &case["settings"];
-    let mut options = GenerationOptions {
+    let mut options = GenerationConfig {
         max_new_tokens: case["max_new_tokens"].as_u64().expect("max") as usize,
         min_new_tokens: s["min_new_tokens"].as_u64().unwrap_or(0) as usize,
         eos_token_ids: match &case["eos_token_id"] {
@@ -51,6 +51,15 @@ fn plan_of(case: &Value) -> PlanOptions {
 
 #[test]
 fn beam_search_equals_transformers_and_upstream() {
+    check(Cpu::default());
+}
+
+#[test]
+fn beam_search_equals_transformers_and_upstream_on_the_reference_backend() {
+    check(Reference::default());
+}
+
+fn check<B: Backend + Clone>(backend: B) {
     let text = std::fs::read_to_string(fixture("strategies/beams.json")).expect("read");
     let json: Value = serde_json::from_str(&text).expect("json");
     let cases = json["cases"].as_array().expect("cases");
@@ -58,23 +67,25 @@ fn beam_search_equals_transformers_and_upstream() {
     let (mut acd, mut several, mut ended, mut scored, mut two_eos) = (0, 0, 0, 0, 0);
     for case in cases {
         let name = case["fixture"].as_str().expect("fixture");
-        let loaded = load(&fixture_str(name)).expect("load");
+        let loaded = load_on(&fixture_str(name), backend.clone()).expect("load");
         let options = options_of(case);
         let prompt = ids(&case["prompt"]);
         let decoder_options = DecoderOptions {
             plan: plan_of(case),
             block_size: 4,
-            cache_tokens: Some(options.cache_tokens(prompt.len())),
+            cache_tokens: Some(options.resolve().expect("options").cache_tokens(prompt.len())),
             head_mask: None,
         };
         let mut decoder = Decoder::new(&loaded.model, decoder_options).expect("decoder");
-        let out = generate(&mut decoder, &prompt, &options, None, |_| true).expect("beam search");
+        let out =
+            generate(&mut decoder, &prompt, &options.resolve().expect("options"), None, |_| true).expect("beam search");
         let expected: Vec<Vec<u32>> = case["sequences"].as_array().expect("sequences").iter().map(ids).collect();
         assert_eq!(out.sequences, expected, "{name} {} {}", case["plan"], case["settings"]);
         assert_eq!(out.ids, expected[0]);
         // transformers' sequences_scores: sum of log-probabilities / length ^ length_penalty.
         if let Some(scores) = case["sequence_scores"].as_array() {
-            let hypotheses = beam_search(&mut decoder, &prompt, &options, &options.beam).expect("beam search");
+            let hypotheses = beam_search(&mut decoder, &prompt, &options.resolve().expect("options"), &options.beam)
+                .expect("beam search");
             for (h, expected) in hypotheses.iter().zip(scores) {
                 let expected = expected.as_f64().expect("score") as f32;
                 assert!(
@@ -99,13 +110,16 @@ fn beam_search_equals_transformers_and_upstream() {
 fn beams_share_the_prompt_blocks() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let prompt: Vec<u32> = (0..32).map(|i| (i * 7 % 90) as u32).collect();
-    let mut options = GenerationOptions { max_new_tokens: 8, ..Default::default() };
+    let mut options = GenerationConfig { max_new_tokens: 8, ..Default::default() };
     options.beam.num_beams = 4;
     let block_size = 4;
-    let decoder_options =
-        DecoderOptions { block_size, cache_tokens: Some(options.cache_tokens(prompt.len())), ..Default::default() };
+    let decoder_options = DecoderOptions {
+        block_size,
+        cache_tokens: Some(options.resolve().expect("options").cache_tokens(prompt.len())),
+        ..Default::default()
+    };
     let mut decoder = Decoder::new(&loaded.model, decoder_options).expect("decoder");
-    generate(&mut decoder, &prompt, &options, None, |_| true).expect("beam search");
+    generate(&mut decoder, &prompt, &options.resolve().expect("options"), None, |_| true).expect("beam search");
     // Unshared, four beams of 40 tokens would hold 4 * 10 blocks; shared, the 8 prompt blocks count
     // once and each beam owns its last 2-3 blocks (a copied partial block and the ones after it).
     let prompt_blocks = prompt.len() / block_size;
@@ -119,17 +133,22 @@ fn beams_share_the_prompt_blocks() {
 fn impossible_beam_options_are_refused_by_flag() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
-    let mut refuse = |options: GenerationOptions| {
-        generate(&mut decoder, &[1, 2], &options, None, |_| true).expect_err("refused").to_string()
+    let mut refuse = |options: GenerationConfig| {
+        options
+            .resolve()
+            .and_then(|o| generate(&mut decoder, &[1, 2], &o, None, |_| true))
+            .expect_err("refused")
+            .to_string()
     };
-    let mut three = GenerationOptions::default();
+    let mut three = GenerationConfig::default();
     three.beam.num_return_sequences = 3;
     let msg = refuse(three);
-    assert!(msg.contains("num-return-sequences") && msg.contains("num-beams"), "{msg}");
-    let mut sampled_beams = GenerationOptions { sampling: Some(Default::default()), ..Default::default() };
+    // The engine names its own fields (the CLI turns them into flags).
+    assert!(msg.contains("num_return_sequences") && msg.contains("num_beams"), "{msg}");
+    let mut sampled_beams = GenerationConfig { sampling: Some(Default::default()), ..Default::default() };
     sampled_beams.beam.num_beams = 2;
-    assert!(refuse(sampled_beams).contains("num-beams"));
-    let mut zero = GenerationOptions::default();
+    assert!(refuse(sampled_beams).contains("num_beams"));
+    let mut zero = GenerationConfig::default();
     zero.beam.num_beams = 0;
-    assert!(refuse(zero).contains("num-beams"));
+    assert!(refuse(zero).contains("num_beams"));
 }

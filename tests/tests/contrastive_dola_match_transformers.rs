@@ -1,17 +1,17 @@
 //! Contrastive search and DoLa against transformers 4.48's generate() on every fixture architecture
 //! (tools/scripts/make_strategy_fixtures.py records them).
 
-use layerwise::contrastive::ContrastiveOptions;
-use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::dola::DolaLayers;
-use layerwise::generate::{generate, GenerationOptions};
-use layerwise::load;
+use layerwise::generation::dola::DolaLayers;
+use layerwise::generation::ContrastiveOptions;
+use layerwise::generation::{generate, GenerationConfig};
+use layerwise::runtime::{Decoder, DecoderOptions};
+use layerwise::{load, load_on, Backend, Cpu, Reference};
 use layerwise_tests::{fixture, fixture_str, ids};
 use serde_json::Value;
 
-fn options_of(case: &Value) -> GenerationOptions {
+fn options_of(case: &Value) -> GenerationConfig {
     let s = &case["settings"];
-    let mut options = GenerationOptions {
+    let mut options = GenerationConfig {
         max_new_tokens: case["max_new_tokens"].as_u64().expect("max") as usize,
         ..Default::default()
     };
@@ -30,18 +30,28 @@ fn options_of(case: &Value) -> GenerationOptions {
 
 #[test]
 fn contrastive_search_and_dola_equal_transformers() {
+    check(Cpu::default());
+}
+
+#[test]
+fn contrastive_search_and_dola_equal_transformers_on_the_reference_backend() {
+    check(Reference::default());
+}
+
+fn check<B: Backend + Clone>(backend: B) {
     let text = std::fs::read_to_string(fixture("strategies/contrastive_dola.json")).expect("read");
     let json: Value = serde_json::from_str(&text).expect("json");
     let cases = json["cases"].as_array().expect("cases");
     assert!(cases.len() >= 21);
     for case in cases {
         let name = case["fixture"].as_str().expect("fixture");
-        let loaded = load(&fixture_str(name)).expect("load");
+        let loaded = load_on(&fixture_str(name), backend.clone()).expect("load");
         let options = options_of(case);
         let prompt = ids(&case["prompt"]);
         let decoder_options = DecoderOptions { block_size: 4, cache_tokens: Some(256), ..Default::default() };
         let mut decoder = Decoder::new(&loaded.model, decoder_options).expect("decoder");
-        let out = generate(&mut decoder, &prompt, &options, None, |_| true).expect("generate");
+        let out =
+            generate(&mut decoder, &prompt, &options.resolve().expect("options"), None, |_| true).expect("generate");
         assert_eq!(out.ids, ids(&case["ids"]), "{name} {}", case["settings"]);
         assert_eq!(decoder.pool().free_blocks(), decoder.pool().num_blocks(), "every candidate released");
         assert_eq!(case["differs_from_greedy"], true, "each recorded case differs from greedy decoding");
@@ -60,6 +70,6 @@ fn dola_layer_selection_follows_transformers() {
     assert_eq!(DolaLayers::High.candidates(l).expect("high"), [2]);
     assert_eq!(DolaLayers::List(vec![0, 3, 4, 9]).candidates(l).expect("list"), [0, 3]);
     let msg = DolaLayers::List(vec![7]).candidates(l).expect_err("none below the top").to_string();
-    assert!(msg.contains("dola-layers"), "{msg}");
-    assert!("sideways".parse::<DolaLayers>().expect_err("bad").to_string().contains("dola-layers"));
+    assert!(msg.contains("dola_layers"), "{msg}");
+    assert!("sideways".parse::<DolaLayers>().expect_err("bad").to_string().contains("dola_layers"));
 }

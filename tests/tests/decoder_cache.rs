@@ -3,8 +3,8 @@
 //! shared and returned correctly, exhaustion is a recoverable error, and early exits run only the
 //! blocks they need.
 
-use layerwise::decoder::{Decoder, DecoderOptions, SeqId};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
+use layerwise::runtime::{Decoder, DecoderOptions, SeqId};
 use layerwise::{load, ForwardRequest, LoadedModel};
 use layerwise_tests::fixture_str;
 

@@ -2,10 +2,11 @@
 //! autocontrastive-gen generated (tools/scripts/make_fixtures.py), and each plan's scores at the
 //! prompt's last position match upstream's within 1e-5 in probability.
 
-use layerwise::decoder::{Decoder, DecoderOptions};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
-use layerwise::generate::{generate, softmax, GenerationOptions};
-use layerwise::{load, ForwardRequest};
+use layerwise::generation::{generate, GenerationConfig};
+use layerwise::math::softmax;
+use layerwise::runtime::{Decoder, DecoderOptions};
+use layerwise::{load_on, Backend, Cpu, ForwardRequest, Reference};
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 use serde_json::Value;
 
@@ -73,8 +74,8 @@ fn probabilities(plan: &PlanOptions, scores: &[f32]) -> Vec<f32> {
     }
 }
 
-fn check_fixture(name: &str) {
-    let loaded = load(&fixture_str(name)).expect("load");
+fn check_fixture<B: Backend>(name: &str, backend: B) {
+    let loaded = load_on(&fixture_str(name), backend).expect("load");
     let (prompt, max_new_tokens, cases) = cases(name);
     let recorded_scores = read_safetensors(&fixture(name).join("generation.safetensors"));
     assert!(cases.len() >= 8);
@@ -84,13 +85,14 @@ fn check_fixture(name: &str) {
         let options =
             DecoderOptions { plan: case.plan.clone(), block_size: 4, cache_tokens: Some(64), head_mask: None };
         let mut decoder = Decoder::new(&loaded.model, options).expect("decoder");
-        let generation = GenerationOptions {
+        let generation = GenerationConfig {
             max_new_tokens,
             min_new_tokens: case.min_new_tokens,
             eos_token_ids: case.eos.clone(),
             ..Default::default()
         };
-        let out = generate(&mut decoder, &prompt, &generation, None, |_| true).expect("generate");
+        let out =
+            generate(&mut decoder, &prompt, &generation.resolve().expect("options"), None, |_| true).expect("generate");
         assert_eq!(out.ids, case.ids, "{name} {}: generated ids", case.name);
         assert_eq!(decoder.pool().free_blocks(), decoder.pool().num_blocks(), "released at the end");
 
@@ -122,15 +124,30 @@ fn check_fixture(name: &str) {
 
 #[test]
 fn gpt2_plans_match_upstream() {
-    check_fixture("gpt2-sharded");
+    check_fixture("gpt2-sharded", Cpu::default());
+}
+
+#[test]
+fn gpt2_plans_match_upstream_on_the_reference_backend() {
+    check_fixture("gpt2-sharded", Reference::default());
 }
 
 #[test]
 fn gpt_neo_plans_match_upstream() {
-    check_fixture("gpt-neo-bin");
+    check_fixture("gpt-neo-bin", Cpu::default());
+}
+
+#[test]
+fn gpt_neo_plans_match_upstream_on_the_reference_backend() {
+    check_fixture("gpt-neo-bin", Reference::default());
 }
 
 #[test]
 fn llama_plans_match_upstream_formulas() {
-    check_fixture("llama-bf16");
+    check_fixture("llama-bf16", Cpu::default());
+}
+
+#[test]
+fn llama_plans_match_upstream_formulas_on_the_reference_backend() {
+    check_fixture("llama-bf16", Reference::default());
 }

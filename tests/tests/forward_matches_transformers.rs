@@ -1,16 +1,16 @@
 //! Every output of the forward pass equals what transformers (and upstream autocontrastive-gen, for
 //! the exit heads) recorded, at every position, for each fixture architecture and storage format.
 
-use layerwise::{load, ForwardRequest};
+use layerwise::{load, load_on, Backend, Cpu, ForwardRequest, Reference};
 use layerwise_tests::{assert_close, expected, expected_ids, fixture_str};
 
 /// f32 weights and f32 compute: only summation order differs from torch.
 const TOLERANCE: f64 = 1e-4;
 
-fn check_fixture(name: &str) {
+fn check_fixture<B: Backend>(name: &str, backend: B) {
     let recorded = expected(name);
     let ids = expected_ids(&recorded);
-    let loaded = load(&fixture_str(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let loaded = load_on(&fixture_str(name), backend).unwrap_or_else(|e| panic!("{name}: {e}"));
     let spec = loaded.model.spec().clone();
     let out = loaded.model.forward(&ids, &ForwardRequest::everything(&spec)).expect("forward");
 
@@ -39,23 +39,43 @@ fn check_fixture(name: &str) {
 
 #[test]
 fn gpt2_sharded_safetensors_f32() {
-    check_fixture("gpt2-sharded");
+    check_fixture("gpt2-sharded", Cpu::default());
+}
+
+#[test]
+fn gpt2_sharded_safetensors_f32_on_the_reference_backend() {
+    check_fixture("gpt2-sharded", Reference::default());
 }
 
 #[test]
 fn gpt_neo_from_pytorch_bin_with_local_attention() {
     // The prompt (12 tokens) is longer than the local window (4), so local layers really mask.
-    check_fixture("gpt-neo-bin");
+    check_fixture("gpt-neo-bin", Cpu::default());
+}
+
+#[test]
+fn gpt_neo_from_pytorch_bin_with_local_attention_on_the_reference_backend() {
+    check_fixture("gpt-neo-bin", Reference::default());
 }
 
 #[test]
 fn llama_bf16_with_grouped_query_attention() {
-    check_fixture("llama-bf16");
+    check_fixture("llama-bf16", Cpu::default());
+}
+
+#[test]
+fn llama_bf16_with_grouped_query_attention_on_the_reference_backend() {
+    check_fixture("llama-bf16", Reference::default());
 }
 
 #[test]
 fn demo_checkpoint_f16_with_real_vocabulary() {
-    check_fixture("demo-gpt2-multiexit");
+    check_fixture("demo-gpt2-multiexit", Cpu::default());
+}
+
+#[test]
+fn demo_checkpoint_f16_with_real_vocabulary_on_the_reference_backend() {
+    check_fixture("demo-gpt2-multiexit", Reference::default());
 }
 
 #[test]

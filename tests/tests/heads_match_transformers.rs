@@ -2,8 +2,8 @@
 //! (tools/scripts/make_inspect_fixtures.py: loss with `head_mask`, and the checkpoint that
 //! `layerwise heads --prune` wrote, reloaded by transformers).
 
-use layerwise::heads::{head_entropy, head_importance, lm_loss, prune_checkpoint, prune_search};
-use layerwise::inspect::{HeadMask, InspectRequest};
+use layerwise::analysis::heads::{head_entropy, head_importance, lm_loss, prune_checkpoint, prune_search};
+use layerwise::model::{HeadMask, InspectRequest};
 use layerwise_tests::{assert_close, fixture, fixture_str, ids, read_safetensors};
 
 fn texts() -> Vec<Vec<u32>> {

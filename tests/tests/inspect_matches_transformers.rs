@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use layerwise::inspect::{HeadMask, InspectRequest, Point};
-use layerwise::lens::{Lens, LensDecoder, LensOptions};
+use layerwise::analysis::lens::{logit_lens, Lens, LensDecoder, LensOptions};
+use layerwise::model::{HeadMask, InspectRequest, Point};
 use layerwise::Model;
 use layerwise_tests::{assert_close, fixture, fixture_str, ids, read_safetensors, Recorded};
 
@@ -174,11 +174,11 @@ fn logit_lens_equals_transformers_states_through_the_same_decoder() {
             if r.meta[name].get(key).is_none() {
                 continue; // no conversion matrices in this checkpoint
             }
-            let lens = r.model.logit_lens(&r.prompt, &LensOptions { decoder, subblocks, top_k: k }).unwrap();
+            let lens = logit_lens(&r.model, &r.prompt, &LensOptions { decoder, subblocks, top_k: k }).unwrap();
             check_lens(&r, name, key, &lens);
         }
         // The default decoder's last row is the model's own distribution.
-        let lens = r.model.logit_lens(&r.prompt, &LensOptions { top_k: k, ..Default::default() }).unwrap();
+        let lens = logit_lens(&r.model, &r.prompt, &LensOptions { top_k: k, ..Default::default() }).unwrap();
         let top_row = lens.top_ids.last().unwrap();
         assert!(top_row.iter().zip(&lens.final_top).all(|(cell, &f)| cell[0] == f));
     }
@@ -187,17 +187,16 @@ fn logit_lens_equals_transformers_states_through_the_same_decoder() {
 #[test]
 fn lens_options_are_checked() {
     let r = reference("gpt2-sharded");
-    let err = r
-        .model
-        .logit_lens(&r.prompt, &LensOptions { decoder: LensDecoder::Exits, subblocks: true, top_k: 3 })
+    let err = logit_lens(&r.model, &r.prompt, &LensOptions { decoder: LensDecoder::Exits, subblocks: true, top_k: 3 })
         .unwrap_err()
         .to_string();
-    assert!(err.contains("--subblocks"), "{err}");
-    let err = r.model.logit_lens(&r.prompt, &LensOptions { top_k: 0, ..Default::default() }).unwrap_err().to_string();
-    assert!(err.contains("top-k"), "{err}");
+    assert!(err.contains("subblocks"), "{err}");
+    let err = logit_lens(&r.model, &r.prompt, &LensOptions { top_k: 0, ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("top_k"), "{err}");
     let err = LensDecoder::parse(&r.model, "h.3.ln_2").unwrap_err().to_string();
-    assert!(err.contains("--decoder") && err.contains("h.3.ln_2"), "{err}");
+    assert!(err.contains("decoder") && err.contains("h.3.ln_2"), "{err}");
     let converted =
-        r.model.logit_lens(&r.prompt, &LensOptions { decoder: LensDecoder::Converted, ..Default::default() }).unwrap();
+        logit_lens(&r.model, &r.prompt, &LensOptions { decoder: LensDecoder::Converted, ..Default::default() })
+            .unwrap();
     assert_eq!(converted.rows, ["h.0", "h.1", "h.3"]);
 }

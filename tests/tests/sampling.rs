@@ -2,9 +2,9 @@
 //! TopPLogitsWarper on recorded logits, a seed reproduces a run, and degenerate settings reduce to
 //! greedy.
 
-use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::generate::{generate, GenerationOptions, SamplingOptions};
+use layerwise::generation::{generate, GenerationConfig, SamplingOptions};
 use layerwise::load;
+use layerwise::runtime::{Decoder, DecoderOptions};
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 use serde_json::Value;
 
@@ -39,15 +39,15 @@ fn warpers_match_transformers() {
     }
 }
 
-fn run(options: &GenerationOptions) -> Vec<u32> {
+fn run(options: &GenerationConfig) -> Vec<u32> {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
-    generate(&mut decoder, &[5, 17, 42], options, None, |_| true).expect("generate").ids
+    generate(&mut decoder, &[5, 17, 42], &options.resolve().expect("options"), None, |_| true).expect("generate").ids
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_and_seeds_differ() {
-    let sampled = |seed| GenerationOptions {
+    let sampled = |seed| GenerationConfig {
         max_new_tokens: 16,
         sampling: Some(SamplingOptions { temperature: 1.5, top_k: 0, seed, ..Default::default() }),
         ..Default::default()
@@ -61,8 +61,8 @@ fn seeded_sampling_is_reproducible_and_seeds_differ() {
 
 #[test]
 fn top_k_of_one_is_greedy() {
-    let greedy = GenerationOptions { max_new_tokens: 10, ..Default::default() };
-    let top1 = GenerationOptions {
+    let greedy = GenerationConfig { max_new_tokens: 10, ..Default::default() };
+    let top1 = GenerationConfig {
         sampling: Some(SamplingOptions { top_k: 1, seed: 3, ..Default::default() }),
         ..greedy.clone()
     };
@@ -74,12 +74,20 @@ fn impossible_sampling_options_are_refused() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
     let mut bad = |sampling: SamplingOptions| {
-        let options = GenerationOptions { max_new_tokens: 4, sampling: Some(sampling), ..Default::default() };
-        generate(&mut decoder, &[1, 2], &options, None, |_| true).expect_err("refused").to_string()
+        let options = GenerationConfig { max_new_tokens: 4, sampling: Some(sampling), ..Default::default() };
+        options
+            .resolve()
+            .and_then(|o| generate(&mut decoder, &[1, 2], &o, None, |_| true))
+            .expect_err("refused")
+            .to_string()
     };
-    assert!(bad(SamplingOptions { top_p: 1.5, ..Default::default() }).contains("top-p"));
+    assert!(bad(SamplingOptions { top_p: 1.5, ..Default::default() }).contains("top_p"));
     assert!(bad(SamplingOptions { temperature: 0.0, ..Default::default() }).contains("temperature"));
-    let too_long = GenerationOptions { max_new_tokens: 64, ..Default::default() };
-    let msg = generate(&mut decoder, &[1, 2], &too_long, None, |_| true).expect_err("context").to_string();
-    assert!(msg.contains("max-new-tokens") && msg.contains("64"), "{msg}");
+    let too_long = GenerationConfig { max_new_tokens: 64, ..Default::default() };
+    let msg = too_long
+        .resolve()
+        .and_then(|o| generate(&mut decoder, &[1, 2], &o, None, |_| true))
+        .expect_err("context")
+        .to_string();
+    assert!(msg.contains("max_new_tokens") && msg.contains("64"), "{msg}");
 }

@@ -2,9 +2,9 @@
 //! (tools/scripts/make_strategy_fixtures.py): processed scores on fixed logits, and generate() ids on
 //! every fixture architecture.
 
-use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::generate::{generate, GenerationOptions, ProcessorOptions, SamplingOptions};
+use layerwise::generation::{generate, GenerationConfig, ProcessorOptions, SamplingOptions};
 use layerwise::load;
+use layerwise::runtime::{Decoder, DecoderOptions};
 use layerwise_tests::{fixture, fixture_str, ids, read_safetensors};
 use serde_json::Value;
 
@@ -63,7 +63,7 @@ fn generation_with_processors_and_stop_strings_equals_transformers() {
         let name = case["fixture"].as_str().expect("fixture");
         let loaded = load(&fixture_str(name)).expect("load");
         let settings = &case["settings"];
-        let options = GenerationOptions {
+        let options = GenerationConfig {
             max_new_tokens: case["max_new_tokens"].as_u64().expect("max") as usize,
             eos_token_ids: vec![],
             processors: processors_of(settings),
@@ -75,7 +75,9 @@ fn generation_with_processors_and_stop_strings_equals_transformers() {
         };
         let prompt = ids(&case["prompt"]);
         let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
-        let out = generate(&mut decoder, &prompt, &options, loaded.tokenizer.as_ref(), |_| true).expect("generate");
+        let out =
+            generate(&mut decoder, &prompt, &options.resolve().expect("options"), loaded.tokenizer.as_ref(), |_| true)
+                .expect("generate");
         let expected = ids(&case["ids"]);
         assert_eq!(out.ids, expected, "{name} {settings}");
         changed += usize::from(case["differs_from_greedy"].as_bool() == Some(true));
@@ -85,7 +87,7 @@ fn generation_with_processors_and_stop_strings_equals_transformers() {
 
 #[test]
 fn brace_matching_stops_when_the_generated_braces_close() {
-    use layerwise::stopping::{BraceMatching, TextStops};
+    use layerwise::generation::stopping::{BraceMatching, TextStops};
     let loaded = load(&fixture_str("demo-gpt2-multiexit")).expect("load");
     let tokenizer = loaded.tokenizer.as_ref().expect("tokenizer");
     // Feeds `generated` after `prompt` one token at a time; returns the text generated when the rule
@@ -117,7 +119,11 @@ fn brace_matching_stops_when_the_generated_braces_close() {
 fn stop_strings_without_a_tokenizer_are_refused_by_flag() {
     let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
     let mut decoder = Decoder::new(&loaded.model, DecoderOptions::default()).expect("decoder");
-    let options = GenerationOptions { stop_strings: vec!["x".into()], ..Default::default() };
-    let msg = generate(&mut decoder, &[1, 2], &options, None, |_| true).expect_err("refused").to_string();
+    let options = GenerationConfig { stop_strings: vec!["x".into()], ..Default::default() };
+    let msg = options
+        .resolve()
+        .and_then(|o| generate(&mut decoder, &[1, 2], &o, None, |_| true))
+        .expect_err("refused")
+        .to_string();
     assert!(msg.contains("stop") && msg.contains("tokenizer"), "{msg}");
 }

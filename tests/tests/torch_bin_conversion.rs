@@ -1,7 +1,7 @@
 //! A pytorch_model.bin is converted to safetensors once, and the conversion holds exactly the
 //! archive's tensors.
 
-use layerwise::torch_pickle::{converted_safetensors, read_state_dict};
+use layerwise::io::torch_pickle::{converted_safetensors, read_state_dict};
 use layerwise::Weights;
 use layerwise_tests::fixture;
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use layerwise::inspect::InspectRequest;
+use layerwise::{Backend, InspectRequest, LoadedModel};
 
 use crate::input::InputArgs;
 
@@ -21,7 +21,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (loaded, ids) = args.input.load()?;
+    crate::with_backend!(args.input.model, loaded => run_on(&args, loaded))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
+    let ids = args.input.prompt.ids(&loaded)?;
     let model = &loaded.model;
     let names: Vec<&str> = args.names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
     if let Some(twice) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)).map(|(_, n)| n) {

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use layerwise::inspect::InspectRequest;
-use layerwise::plot::attention_html;
+use layerwise::{Backend, InspectRequest, LoadedModel};
 
 use crate::input::{write_safetensors, InputArgs, MaskArgs};
 use crate::lens::token_label;
+use crate::plot::attention_html;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -34,7 +34,11 @@ pub fn run(args: Args) -> Result<()> {
         Some("html") => "html",
         _ => bail!("--out {}: the extension must be .safetensors, .json or .html", args.out.display()),
     };
-    let (loaded, ids) = args.input.load()?;
+    crate::with_backend!(args.input.model, loaded => run_on(&args, loaded, format))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>, format: &str) -> Result<()> {
+    let ids = args.input.prompt.ids(&loaded)?;
     let model = &loaded.model;
     let n = model.spec().num_layers;
     let layers: Vec<usize> = match &args.layers {

@@ -4,9 +4,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use layerwise::contrastive::ContrastiveOptions;
-use layerwise::decoder::{Decoder, DecoderOptions, SeqId};
-use layerwise::generate::{argmax, generate, GenerationOptions};
+use layerwise::generation::{generate, ContrastiveOptions, GenerationConfig, GenerationOptions};
+use layerwise::runtime::{Decoder, DecoderOptions, SeqId};
+use layerwise::{Backend, LoadedModel};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -48,7 +48,7 @@ pub struct Args {
 impl Args {
     /// The decoding strategy the flags ask for, if any besides greedy.
     fn strategy(&self) -> Result<Option<GenerationOptions>> {
-        let mut options = GenerationOptions { max_new_tokens: self.new_tokens, ..Default::default() };
+        let mut options = GenerationConfig { max_new_tokens: self.new_tokens, ..Default::default() };
         if let Some(n) = self.num_beams {
             options.beam.num_beams = n;
         }
@@ -63,8 +63,7 @@ impl Args {
             return Ok(None);
         }
         anyhow::ensure!(self.batch == 1, "--batch must be 1 with --num-beams, --penalty-alpha or --dola-layers");
-        options.validate()?;
-        Ok(Some(options))
+        Ok(Some(options.resolve().map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))?))
     }
 }
 
@@ -77,7 +76,10 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     anyhow::ensure!(args.prompt_len >= 1, "--prompt-len must be at least 1");
     anyhow::ensure!(args.new_tokens >= 1, "--new-tokens must be at least 1");
-    let loaded = args.model.load()?;
+    crate::with_backend!(args.model, loaded => run_on(&args, loaded))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let spec = loaded.model.spec();
     anyhow::ensure!(
         args.prompt_len + args.new_tokens <= spec.max_positions,
@@ -149,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
         "projection": format!("{:?}", plan.projection),
         "dtype": args.model.dtype.map_or("as stored".to_string(), |d| d.to_string()),
         "threads": rayon::current_num_threads(),
-        "strategy": strategy_name(&args),
+        "strategy": strategy_name(args),
     });
     if args.json {
         println!("{line}");
@@ -168,20 +170,18 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Prefills every prompt in one step, then decodes `new_tokens - 1` greedy steps for all of them.
-fn generate_batch(
-    decoder: &mut Decoder<'_, layerwise::Cpu>,
-    prompts: &[Vec<u32>],
-    new_tokens: usize,
-) -> Result<Timing> {
+fn generate_batch<B: Backend>(decoder: &mut Decoder<'_, B>, prompts: &[Vec<u32>], new_tokens: usize) -> Result<Timing> {
     let seqs: Vec<SeqId> = prompts.iter().map(|p| decoder.add_sequence(p)).collect::<layerwise::Result<_>>()?;
     let start = Instant::now();
-    let mut outputs = decoder.step()?;
+    // Only the chosen ids come back from each step.
+    let mut step = decoder.run_step()?;
     let prefill_s = start.elapsed().as_secs_f64();
     for _ in 1..new_tokens {
-        for output in &outputs {
-            decoder.append(output.seq, argmax(&output.logits))?;
+        let chosen = step.argmax()?;
+        for (&seq, &token) in step.sequences().iter().zip(&chosen) {
+            decoder.append(seq, token)?;
         }
-        outputs = decoder.step()?;
+        step = decoder.run_step()?;
     }
     let decode_s = start.elapsed().as_secs_f64() - prefill_s;
     for seq in seqs {
@@ -200,7 +200,7 @@ fn measure_read_bandwidth() -> f64 {
     let mut best = f64::MAX;
     for _ in 0..5 {
         let start = Instant::now();
-        let total: f32 = buffer.par_chunks(part).map(|chunk| layerwise::backend::simd::dot_f32(chunk, chunk)).sum();
+        let total: f32 = buffer.par_chunks(part).map(layerwise::backend::cpu::read_all).sum();
         std::hint::black_box(total);
         best = best.min(start.elapsed().as_secs_f64());
     }

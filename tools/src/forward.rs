@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use layerwise::ForwardRequest;
+use layerwise::{Backend, ForwardRequest, LoadedModel};
 
 use crate::input::{InputArgs, MaskArgs, PlanArgs};
 
@@ -24,7 +24,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (loaded, ids) = args.input.load()?;
+    crate::with_backend!(args.input.model, loaded => run_on(&args, loaded))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
+    let ids = args.input.prompt.ids(&loaded)?;
     let spec = loaded.model.spec();
     let head_mask = args.mask.mask(spec)?;
     let request = ForwardRequest { plan: args.plan.plan()?, head_mask, ..ForwardRequest::everything(spec) };

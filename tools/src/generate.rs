@@ -4,8 +4,9 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use layerwise::decoder::{Decoder, DecoderOptions};
-use layerwise::generate::generate;
+use layerwise::generation::generate;
+use layerwise::runtime::{Decoder, DecoderOptions};
+use layerwise::{Backend, LoadedModel};
 use serde_json::json;
 
 use crate::input::{GenerationArgs, InputArgs, MaskArgs, PlanArgs};
@@ -26,7 +27,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (loaded, prompt) = args.input.load()?;
+    crate::with_backend!(args.input.model, loaded => run_on(&args, loaded))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
+    let prompt = args.input.prompt.ids(&loaded)?;
     let plan = args.plan.plan()?.unwrap_or_default();
     let options = args.generation.options(&loaded)?;
     // Room for the prompt and every new token of every beam.
@@ -44,6 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         true
     })
+    .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))
     .context("generate")?;
     let text = match &loaded.tokenizer {
         Some(tokenizer) => tokenizer.decode(&generation.ids)?,
@@ -92,7 +98,7 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn push(&mut self, loaded: &layerwise::LoadedModel, token: u32) {
+    fn push<B: Backend>(&mut self, loaded: &LoadedModel<B>, token: u32) {
         self.ids.push(token);
         let Ok(text) = loaded.decode(&self.ids) else { return };
         if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {

@@ -5,9 +5,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use layerwise::heads::{head_entropy, head_importance, prune_checkpoint, prune_search};
-use layerwise::plot::{line_plot_svg, small_multiples_svg, Series};
-use layerwise::{Cpu, LoadedModel};
+use layerwise::analysis::heads::{check_prunable, head_entropy, head_importance, prune_checkpoint, prune_search};
+use layerwise::{Backend, LoadedModel};
+
+use crate::plot::{line_plot_svg, small_multiples_svg, Series};
 
 use crate::input::ModelArgs;
 
@@ -35,12 +36,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let loaded = args.model.load()?;
+    crate::with_backend!(args.model, loaded => run_on(&args, loaded))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let texts = read_texts(&args.texts, &loaded)?;
     let model = &loaded.model;
     let spec = model.spec();
     if args.prune {
-        layerwise::heads::check_prunable(spec).context("--prune")?;
+        check_prunable(spec).context("--prune")?;
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}: cannot create", args.out.display()))?;
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
@@ -123,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn read_texts(path: &Path, loaded: &LoadedModel<Cpu>) -> Result<Vec<Vec<u32>>> {
+fn read_texts<B: Backend>(path: &Path, loaded: &LoadedModel<B>) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--texts {}: cannot read", path.display()))?;
     let what = || format!("--texts {}", path.display());
     let texts: Vec<Vec<u32>> = if path.extension().is_some_and(|e| e == "json") {

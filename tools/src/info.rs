@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use layerwise::{TokenizerFiles, WeightFiles};
+use layerwise::{Backend, LoadedModel, TokenizerFiles, WeightFiles};
 use serde_json::json;
 
 use crate::input::ModelArgs;
@@ -20,8 +20,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    let loaded = args.model.load()?;
-    let open_s = start.elapsed().as_secs_f64();
+    crate::with_backend!(args.model, loaded => describe(&args, loaded, start.elapsed().as_secs_f64()))
+}
+
+fn describe<B: Backend>(args: &Args, loaded: LoadedModel<B>, open_s: f64) -> Result<()> {
     let (rss, _) = memory::resident_mib().unwrap_or((f64::NAN, f64::NAN));
     let spec = loaded.model.spec();
     let (format, weight_files) = match &loaded.files.weights {

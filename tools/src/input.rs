@@ -4,10 +4,8 @@ use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use std::path::PathBuf;
 
-use layerwise::contrastive::ContrastiveOptions;
-use layerwise::generate::{GenerationOptions, SamplingOptions};
-use layerwise::stopping::BraceMatching;
-use layerwise::{Cpu, DType, LoadedModel};
+use layerwise::generation::{BraceMatching, ContrastiveOptions, GenerationConfig, GenerationOptions, SamplingOptions};
+use layerwise::{Backend, DType, LoadedModel};
 
 /// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
 pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
@@ -22,14 +20,44 @@ pub struct ModelArgs {
     /// when the checkpoint stores another. Default: as stored.
     #[arg(long, value_name = "D", value_parser = parse_dtype)]
     pub dtype: Option<DType>,
+    /// Where the ops run: cpu (the optimised backend) or reference (plain Rust, one function per
+    /// op: slow, the definition every backend is checked against).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    pub device: Device,
+}
+
+/// The `--device` choices.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Reference,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<LoadedModel<Cpu>> {
+    /// Opens the checkpoint on `backend` (what [`with_backend!`] calls for the chosen device).
+    pub fn load_on<B: Backend>(&self, backend: B) -> Result<LoadedModel<B>> {
         let source = self.model.as_deref().unwrap_or(DEMO_MODEL);
-        let backend = Cpu { weight_dtype: self.dtype };
         layerwise::load_on(source, backend).with_context(|| format!("cannot load model `{source}`"))
     }
+}
+
+/// Opens the model of `$args` (a [`ModelArgs`]) on the backend `--device` names and evaluates
+/// `$body` with it bound to `$loaded` (a `LoadedModel<B>` of that backend's type).
+#[macro_export]
+macro_rules! with_backend {
+    ($args:expr, $loaded:ident => $body:expr) => {{
+        let args: &$crate::input::ModelArgs = &$args;
+        match args.device {
+            $crate::input::Device::Cpu => {
+                let $loaded = args.load_on(layerwise::Cpu { weight_dtype: args.dtype })?;
+                $body
+            }
+            $crate::input::Device::Reference => {
+                let $loaded = args.load_on(layerwise::Reference { weight_dtype: args.dtype })?;
+                $body
+            }
+        }
+    }};
 }
 
 fn parse_dtype(text: &str) -> std::result::Result<DType, String> {
@@ -49,7 +77,7 @@ pub struct PromptArgs {
 
 impl PromptArgs {
     /// The prompt's token ids, checked against the model's vocabulary and context.
-    pub fn ids(&self, loaded: &LoadedModel<Cpu>) -> Result<Vec<u32>> {
+    pub fn ids<B: Backend>(&self, loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
         let ids = match (&self.prompt, &self.prompt_ids) {
             (Some(text), _) => loaded.encode(text).context("--prompt")?,
             (None, Some(list)) => parse_ids(list)?,
@@ -79,15 +107,6 @@ pub struct InputArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
-}
-
-impl InputArgs {
-    /// The loaded checkpoint and the prompt's checked token ids.
-    pub fn load(&self) -> Result<(LoadedModel<Cpu>, Vec<u32>)> {
-        let loaded = self.model.load()?;
-        let ids = self.prompt.ids(&loaded)?;
-        Ok((loaded, ids))
-    }
 }
 
 /// Exit-plan flags shared by `forward` and `generate`.
@@ -232,9 +251,9 @@ pub struct GenerationArgs {
 
 impl GenerationArgs {
     /// The checkpoint's defaults, then --generation-config, then the flags.
-    pub fn options(&self, loaded: &LoadedModel) -> Result<GenerationOptions> {
+    pub fn options<B: Backend>(&self, loaded: &LoadedModel<B>) -> Result<GenerationOptions> {
         let mut options =
-            GenerationOptions::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
+            GenerationConfig::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
         if let Some(path) = &self.generation_config {
             options.apply_generation_config(path).context("--generation-config")?;
         }
@@ -267,7 +286,11 @@ impl GenerationArgs {
             contrastive.top_k = k;
         }
         if let Some(layers) = &self.dola_layers {
-            options.dola_layers = Some(layers.parse().map_err(anyhow::Error::from)?);
+            options.dola_layers = Some(
+                layers
+                    .parse()
+                    .map_err(|e: layerwise::Error| anyhow::anyhow!(crate::flags::translate(&e.to_string())))?,
+            );
         }
         let top_k_used = options.contrastive.is_some();
         match options.sampling.as_mut() {
@@ -305,13 +328,13 @@ impl GenerationArgs {
             options.beam.length_penalty = p;
         }
         if let Some(when) = &self.early_stopping {
-            options.beam.early_stopping = when.parse().map_err(anyhow::Error::from)?;
+            options.beam.early_stopping =
+                when.parse().map_err(|e: layerwise::Error| anyhow::anyhow!(crate::flags::translate(&e.to_string())))?;
         }
         if let Some(n) = self.num_return_sequences {
             options.beam.num_return_sequences = n;
         }
-        options.validate().map_err(anyhow::Error::from)?;
-        Ok(options)
+        options.resolve().map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))
     }
 }
 
@@ -340,13 +363,13 @@ pub struct MaskArgs {
 
 impl MaskArgs {
     /// The mask, checked against the model's layers and heads.
-    pub fn mask(&self, spec: &layerwise::ModelSpec) -> Result<Option<layerwise::inspect::HeadMask>> {
+    pub fn mask(&self, spec: &layerwise::ModelSpec) -> Result<Option<layerwise::HeadMask>> {
         let Some(path) = &self.head_mask else { return Ok(None) };
         let what = || format!("--head-mask {}", path.display());
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", what()))?;
         let rows: Vec<Vec<f32>> = serde_json::from_str(&text)
             .with_context(|| format!("{}: expected [[factor per head] per layer]", what()))?;
-        let mask = layerwise::inspect::HeadMask::from_rows(&rows).with_context(what)?;
+        let mask = layerwise::HeadMask::from_rows(&rows).with_context(what)?;
         if mask.layers() != spec.num_layers || mask.heads() != spec.num_heads {
             bail!(
                 "{}: is {} layers x {} heads; the model has {} x {}",

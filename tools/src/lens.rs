@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use layerwise::lens::{LensDecoder, LensOptions};
-use layerwise::plot::{lens_html, lens_svg, LensMetric};
-use layerwise::{Cpu, LoadedModel};
+use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
+use layerwise::{Backend, LoadedModel};
+
+use crate::plot::{lens_html, lens_svg, LensMetric};
 
 use crate::input::InputArgs;
 
@@ -35,18 +36,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let format = output_format(&args.out)?;
-    let (loaded, ids) = args.input.load()?;
+    crate::with_backend!(args.input.model, loaded => run_on(&args, loaded, format))
+}
+
+fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>, format: &str) -> Result<()> {
+    let ids = args.input.prompt.ids(&loaded)?;
     let model = &loaded.model;
-    let decoder = LensDecoder::parse(model, &args.decoder)?;
+    let lens_error = |e: layerwise::Error| anyhow::anyhow!(crate::flags::translate_lens(&e.to_string()));
+    let decoder = LensDecoder::parse(model, &args.decoder).map_err(lens_error)?;
     let metric = LensMetric::parse(&args.metric).context("--metric")?;
     let options = LensOptions { decoder, subblocks: args.subblocks, top_k: args.top_k };
-    let lens = model.logit_lens(&ids, &options).context("lens")?;
+    let lens = logit_lens(model, &ids, &options).map_err(lens_error).context("lens")?;
     let label = token_label(&loaded);
     let bytes = match format {
         "json" => serde_json::to_vec(&lens)?,
         "html" => lens_html(&lens, &label, metric).into_bytes(),
         "svg" => lens_svg(&lens, &label, metric).into_bytes(),
-        _ => layerwise::plot::svg_to_png(&lens_svg(&lens, &label, metric)).context("--out: PNG")?,
+        _ => crate::plot::svg_to_png(&lens_svg(&lens, &label, metric)).context("--out: PNG")?,
     };
     std::fs::write(&args.out, bytes).with_context(|| format!("--out {}: cannot write", args.out.display()))?;
     eprintln!("lens: {} rows x {} positions written to {}", lens.rows.len(), ids.len(), args.out.display());
@@ -65,7 +71,7 @@ pub fn output_format(out: &Path) -> Result<&'static str> {
 }
 
 /// A token's text through the checkpoint's tokenizer, else `#id`.
-pub fn token_label(loaded: &LoadedModel<Cpu>) -> impl Fn(u32) -> String + '_ {
+pub fn token_label<B: Backend>(loaded: &LoadedModel<B>) -> impl Fn(u32) -> String + '_ {
     move |id| match &loaded.tokenizer {
         Some(tokenizer) => tokenizer.decode(&[id]).unwrap_or_else(|_| format!("#{id}")),
         None => format!("#{id}"),

@@ -4,6 +4,7 @@
 mod activations;
 mod attention;
 mod bench;
+mod flags;
 mod forward;
 mod generate;
 mod heads;
@@ -11,6 +12,7 @@ mod info;
 mod input;
 mod lens;
 mod memory;
+mod plot;
 
 use std::process::ExitCode;
 

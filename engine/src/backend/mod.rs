@@ -1,18 +1,31 @@
-//! The op interface every model is written against, and its CPU implementation.
+//! The backend boundary: the ops every model is written against, and where they run.
 //!
 //! A model file only wires ops together; where tensors live and how the ops run is the backend's
-//! business. Activations are `[rows, cols]` f32 matrices of the backend's own type (on a GPU they stay
-//! in device memory between ops: nothing in this interface implies a round trip to the host, except
-//! [`Backend::to_host`], which callers use only for what they return to the user).
+//! business. Activations are `[rows, cols]` f32 matrices of the backend's own type: on a GPU they stay
+//! in device memory between ops and ops may run asynchronously on a stream. Nothing in this interface
+//! implies a round trip to the host:
+//! - a step's host-side facts (token ids, positions, cache slots, block tables, the rows whose outputs
+//!   are returned, blocks to copy) are built once into a [`StepLayout`] and handed over once
+//!   ([`Backend::upload_step`]);
+//! - weights are made resident once ([`Backend::weight`]);
+//! - only what a caller asks for comes back ([`Backend::to_host`], [`Backend::argmax_rows`]).
+//!
+//! Every op returns a [`Result`]: a device error is an error, not a panic.
+//!
+//! Owns: the trait, the step layout, the [`reference`] backend (plain Rust, the definition of every
+//! op), the [`conformance`] suite every backend is held to, and the optimised [`cpu`] backend.
+//! Imports: `io` (checkpoint tensors), `math` (shared host numerics), `model::config` (activations).
 
+pub mod conformance;
 pub mod cpu;
-pub mod simd;
+pub mod reference;
 
-use crate::config::Activation;
 use crate::error::Result;
-use crate::weights::HostTensor;
+use crate::io::weights::HostTensor;
+use crate::model::config::Activation;
 
 pub use cpu::Cpu;
+pub use reference::Reference;
 
 /// How a 2-D weight is laid out in the checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,120 +49,227 @@ pub struct AttentionParams {
     pub window: Option<usize>,
 }
 
-/// One sequence's part of a batched attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct SeqSlice<'a> {
-    /// Its query rows in the batch: `first_row .. first_row + len`.
+/// One sequence's part of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqLayout {
+    /// Its rows in the step: `first_row .. first_row + len`.
     pub first_row: usize,
     pub len: usize,
-    /// Position of its first query row; query row `i` sees keys at positions `..= first_position + i`.
+    /// Position of its first row; row `i` sees keys at positions `..= first_position + i`.
     pub first_position: usize,
-    /// Its cache blocks, in position order.
-    pub block_table: &'a [u32],
+    /// Its cache blocks, in position order: `StepLayout::block_tables[table_start .. table_start + table_len]`.
+    pub table_start: usize,
+    pub table_len: usize,
+}
+
+/// Everything a step needs from the host, built once per step: the tokens of every running sequence
+/// (rows of the step, sequence after sequence) and where their keys and values live in the paged cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepLayout {
+    /// `[t]`: the token of each row.
+    pub ids: Vec<u32>,
+    /// `[t]`: the position of each row in its sequence.
+    pub positions: Vec<u32>,
+    /// `[t]`: the cache slot (`block * block_size + offset`) each row's keys and values go to.
+    pub slots: Vec<u32>,
+    /// The sequences, in row order.
+    pub sequences: Vec<SeqLayout>,
+    /// Every sequence's block table, concatenated.
+    pub block_tables: Vec<u32>,
+    /// Slots per cache block.
+    pub block_size: usize,
+    /// Rows whose outputs the step returns (usually each sequence's last row), in order.
+    pub output_rows: Vec<u32>,
+    /// Cache blocks to copy before the step writes (`from`, `to`): copy-on-write of shared blocks.
+    pub block_copies: Vec<(u32, u32)>,
+}
+
+impl StepLayout {
+    /// One sequence of `t` tokens at positions `0..t` over one scratch block of `t` slots, every
+    /// row an output: a prompt run as a whole.
+    pub fn prompt(ids: &[u32]) -> Self {
+        let t = ids.len();
+        StepLayout {
+            ids: ids.to_vec(),
+            positions: (0..t as u32).collect(),
+            slots: (0..t as u32).collect(),
+            sequences: vec![SeqLayout { first_row: 0, len: t, first_position: 0, table_start: 0, table_len: 1 }],
+            block_tables: vec![0],
+            block_size: t.max(1),
+            output_rows: (0..t as u32).collect(),
+            block_copies: Vec::new(),
+        }
+    }
+
+    /// Rows of the step.
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The block table of sequence `s`.
+    pub fn table(&self, s: usize) -> &[u32] {
+        let seq = &self.sequences[s];
+        &self.block_tables[seq.table_start..seq.table_start + seq.table_len]
+    }
+
+    /// The cache slot of position `pos` of sequence `s`.
+    pub fn slot_of(&self, s: usize, pos: usize) -> usize {
+        self.table(s)[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+    }
+}
+
+/// Which embedding table rows a step looks up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The step's token ids.
+    Tokens,
+    /// The step's positions (learned position embeddings).
+    Positions,
 }
 
 /// The ops a forward pass is made of. Shapes are given as `x: [rows, cols]`; `w: [out, in]` means
-/// the weight maps `in` features to `out` features whatever its stored [`Layout`].
+/// the weight maps `in` features to `out` features whatever its stored [`Layout`]. The
+/// [`reference`] backend defines what each op computes; [`conformance`] checks a backend against it.
 pub trait Backend: Send + Sync + 'static {
     /// An activation matrix `[rows, cols]`, f32.
-    type Tensor: Send + Sync + Clone;
+    type Tensor: Send + Sync;
     /// A weight (matrix or vector) resident where the ops run.
     type Weight: Send + Sync;
+    /// Key/value storage of the paged cache: for each cached layer, one row of keys and one row of
+    /// values (`kv_heads * head_dim` wide) per slot.
+    type KvStore: Send + Sync;
+    /// A [`StepLayout`] where the ops run.
+    type Step: Send + Sync;
 
-    /// Short name for messages ("cpu", "cuda").
+    /// Short name for messages ("cpu", "reference", "cuda").
     fn name(&self) -> &'static str;
 
-    /// Runs `work` (a whole decoding step) where this backend's ops run best. The CPU runs it on a
-    /// thread of its pool, with the pool's other threads kept awake for the step: a step makes
-    /// about a hundred short parallel calls, and each one made from a thread outside the pool
-    /// would hand its work over and wait (1.4 ms per step measured on a 24-layer model with tiny
-    /// matrices), as would each one that has to wake a sleeping worker.
+    /// Runs `work` (a whole decoding step) where this backend's ops run best.
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
         work()
     }
 
+    // --- weights and transfers -------------------------------------------------------------
+
+    /// Makes a checkpoint tensor usable by the ops (a vector `[n]` or a matrix in `layout`).
+    fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<Self::Weight>;
+
     /// Bytes a full read of `w` touches (for bandwidth accounting).
     fn weight_bytes(&self, w: &Self::Weight) -> usize;
 
-    /// Makes a checkpoint tensor usable by the ops. On the CPU this borrows the mapped bytes.
-    fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<Self::Weight>;
+    /// A tensor from host data, row-major `[rows, cols]`.
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
 
-    /// `table: [vocab, d]`, `ids: [t]` -> `[t, d]`. Ids are already checked against the vocabulary.
-    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Tensor;
+    /// The step's layout, handed over once.
+    fn upload_step(&self, layout: StepLayout) -> Result<Self::Step>;
 
-    /// `x += y`, both `[t, d]`.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// Copies a tensor back to host memory, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
 
-    /// `x *= y` elementwise, both `[t, d]`.
-    fn mul_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// `[rows, cols]` of a tensor.
+    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
 
-    /// LayerNorm over the last dimension: `x: [t, d]`, `weight, bias: [d]`.
-    fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Weight, bias: &Self::Weight, eps: f32) -> Self::Tensor;
+    // --- tensors -----------------------------------------------------------------------------
 
-    /// RMSNorm over the last dimension (Llama): `x: [t, d]`, `weight: [d]`.
-    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
-
-    /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Tensor;
-
-    /// Applies `act` elementwise in place.
-    fn activate(&self, x: &mut Self::Tensor, act: Activation);
-
-    /// Rotary position embedding (rotate-half convention) on `x: [t, heads * head_dim]`, token `i` at
-    /// position `positions[i]`.
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, positions: &[usize], theta: f32);
+    /// A copy of `x`.
+    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
 
     /// Splits `x: [t, a + b + ...]` into column blocks of the given widths.
-    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
 
-    /// Key/value storage of the paged cache ([`crate::kv`]): for each cached layer, one row of keys
-    /// and one row of values (`kv_heads * head_dim` wide) per slot.
-    type KvStore: Send + Sync;
+    /// The step's output rows of `x: [step rows, d]` -> `[output rows, d]`.
+    fn gather_output_rows(&self, x: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor>;
+
+    /// `parts` stacked: `[Σ rows, d]`; every part has `d` columns.
+    fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
+
+    // --- the forward pass ----------------------------------------------------------------------
+
+    /// `table: [vocab or positions, d]` -> `[t, d]`: row `ids[i]` (or `positions[i]`) for each row.
+    fn embed(&self, table: &Self::Weight, step: &Self::Step, lookup: Lookup) -> Result<Self::Tensor>;
+
+    /// `x += y`, both `[t, d]`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// `x *= y` elementwise, both `[t, d]`.
+    fn mul_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// LayerNorm over the last dimension (biased variance): `x: [t, d]`, `weight, bias: [d]`.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// RMSNorm over the last dimension (Llama): `x: [t, d]`, `weight: [d]`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+
+    /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
+
+    /// Applies `act` elementwise in place.
+    fn activate(&self, x: &mut Self::Tensor, act: Activation) -> Result<()>;
+
+    /// Rotary position embedding (rotate-half convention) on `x: [t, heads * head_dim]`, row `i` at
+    /// the step's position `i`, `inv_freq = 1 / theta^(2j / head_dim)` in f32 as transformers has it.
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, step: &Self::Step, theta: f32) -> Result<()>;
+
+    /// Multiplies head `h`'s columns `h * head_dim .. (h + 1) * head_dim` of every row by `scales[h]`
+    /// (`scales: [heads]`, a vector weight).
+    fn scale_heads(&self, x: &mut Self::Tensor, scales: &Self::Weight, head_dim: usize) -> Result<()>;
+
+    // --- the paged cache ---------------------------------------------------------------------------
 
     /// Storage for `layers` layers of `num_blocks * block_size` slots of width `kv_width`.
     fn kv_store(&self, layers: usize, num_blocks: usize, block_size: usize, kv_width: usize) -> Result<Self::KvStore>;
 
+    /// Copies the step's `block_copies` in every layer (copy-on-write of shared blocks).
+    fn kv_copy_blocks(&self, store: &mut Self::KvStore, step: &Self::Step) -> Result<()>;
+
     /// Writes row `i` of `k` and `v` (`[t, kv_width]`, or narrower for a block with pruned heads:
-    /// the start of the slot) into slot `slots[i]` of `layer`.
-    fn kv_write(&self, store: &mut Self::KvStore, layer: usize, slots: &[usize], k: &Self::Tensor, v: &Self::Tensor);
+    /// the start of the slot) into the step's slot `i` of `layer`.
+    fn kv_write(
+        &self,
+        store: &mut Self::KvStore,
+        layer: usize,
+        step: &Self::Step,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Result<()>;
 
-    /// Copies block `from` to block `to` in every layer (copy-on-write of a shared block).
-    fn kv_copy_block(&self, store: &mut Self::KvStore, from: u32, to: u32);
-
-    /// Causal self-attention of each sequence's new query rows over its cached keys and values:
-    /// `q: [t, heads * head_dim]` (all sequences' rows, in order) -> `[t, heads * head_dim]`.
-    /// The new tokens' keys and values must already be written.
+    /// Causal self-attention of each sequence's rows over its cached keys and values:
+    /// `q: [t, heads * head_dim]` -> `[t, heads * head_dim]`. The step's keys and values must
+    /// already be written.
     fn paged_attention(
         &self,
         q: &Self::Tensor,
         store: &Self::KvStore,
         layer: usize,
-        sequences: &[SeqSlice<'_>],
+        step: &Self::Step,
         params: &AttentionParams,
-    ) -> Self::Tensor;
+    ) -> Result<Self::Tensor>;
 
-    /// The attention probabilities of one sequence's new query rows (the same scores and mask as
-    /// [`Backend::paged_attention`]), on the host: `[heads, seq.len, seq.first_position + seq.len]`,
-    /// zero outside the causal (and local) window. For inspection, not for decoding.
+    /// The attention probabilities of sequence `seq`'s rows (the same scores and mask as
+    /// [`Backend::paged_attention`]): `[heads * len, first_position + len]`, head-major, zero outside
+    /// the causal (and local) window. For inspection, not for decoding.
     fn attention_probs(
         &self,
         q: &Self::Tensor,
         store: &Self::KvStore,
         layer: usize,
-        seq: &SeqSlice<'_>,
+        step: &Self::Step,
+        seq: usize,
         params: &AttentionParams,
-    ) -> Vec<f32>;
+    ) -> Result<Self::Tensor>;
 
-    /// Multiplies head `h`'s columns `h * head_dim .. (h + 1) * head_dim` of every row of `x` by `scales[h]`.
-    fn scale_heads(&self, x: &mut Self::Tensor, scales: &[f32], head_dim: usize);
+    // --- what a step outputs ---------------------------------------------------------------------
 
-    /// Rows `rows` of `x`, in that order: `[rows.len(), cols]`.
-    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
-
-    /// Auto-contrastive decoding on each row (see [`crate::exits::acd_with`]): `upper: [t, vocab]`
-    /// logits against the lower exit, whose logits are `lower_features: [t, hidden]` times
-    /// `lower_head: [vocab, hidden]`, -> `[t, vocab]` log-probabilities. Only the lower head's rows of
-    /// each row's plausible tokens need to be read.
+    /// Auto-contrastive decoding of each row ([`crate::math::acd`]): `upper: [t, vocab]` logits
+    /// against the lower exit, whose logits are `lower_features: [t, hidden]` times
+    /// `lower_head: [vocab, hidden]`, -> `[t, vocab]` log-probabilities. Only the lower head's rows
+    /// of each row's plausible tokens need to be read.
     fn contrast_acd(
         &self,
         upper: &Self::Tensor,
@@ -157,14 +277,63 @@ pub trait Backend: Send + Sync + 'static {
         lower_head: &Self::Weight,
         alpha: f32,
         min_candidates: usize,
-    ) -> Self::Tensor;
+    ) -> Result<Self::Tensor>;
 
-    /// A tensor from host data, row-major `[rows, cols]`.
-    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
+    /// The first index of the largest value of each row of `x: [t, n]`, on the host (torch.argmax's
+    /// choice among ties).
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+}
 
-    /// `[rows, cols]` of a tensor.
-    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
+/// A row-major `[rows, cols]` f32 matrix in host memory: the tensor of the CPU and reference backends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Matrix {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
 
-    /// Copies a tensor back to host memory, row-major.
-    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+impl Matrix {
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Matrix { data: vec![0.0; rows * cols], rows, cols }
+    }
+
+    /// `data` seen as `[rows, cols]`; an error if the sizes disagree.
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(crate::error::Error::invalid(
+                "tensor",
+                format!("{} values do not make a [{rows}, {cols}] matrix", data.len()),
+            ));
+        }
+        Ok(Matrix { data, rows, cols })
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    pub(crate) fn rows_mut(&mut self) -> std::slice::ChunksExactMut<'_, f32> {
+        self.data.chunks_exact_mut(self.cols.max(1))
+    }
+}
+
+/// `(out, in)` of a checkpoint tensor used as a weight: a vector `[n]` is `(n, 1)`.
+pub(crate) fn logical_shape(tensor: &HostTensor, layout: Layout) -> Result<(usize, usize)> {
+    match (tensor.shape(), layout) {
+        ([n], _) => Ok((*n, 1)),
+        ([out, inp], Layout::OutIn) => Ok((*out, *inp)),
+        ([inp, out], Layout::InOut) => Ok((*out, *inp)),
+        (shape, _) => {
+            Err(crate::error::Error::invalid("weight", format!("expected a vector or a matrix, got shape {shape:?}")))
+        }
+    }
+}
+
+/// Elements of one of a cache's two stores (keys or values), refused when it cannot be addressed.
+pub(crate) fn kv_elements(layers: usize, slots: usize, width: usize) -> Result<usize> {
+    layers
+        .checked_mul(slots)
+        .and_then(|n| n.checked_mul(width))
+        .filter(|&n| n < isize::MAX as usize / 8)
+        .ok_or_else(|| crate::error::Error::invalid("KV cache", "requested size overflows memory"))
 }

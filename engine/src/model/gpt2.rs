@@ -1,12 +1,13 @@
 //! GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP.
 //! `Conv1D` weights are stored `[in, out]`.
 
-use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer, GPT_NAMES};
-use crate::backend::{AttentionParams, Backend, Layout};
-use crate::config::{Activation, Details, ModelSpec};
+use super::config::{Activation, Details, ModelSpec};
+use super::layers::{attend, Linear, Norm};
+use super::probes::{Probe, Site};
+use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
+use crate::backend::{AttentionParams, Backend, Layout, Lookup};
 use crate::error::Result;
-use crate::inspect::{Probe, Site};
-use crate::weights::Weights;
+use crate::io::weights::Weights;
 
 struct Block<B: Backend> {
     ln_1: Norm<B>,
@@ -85,11 +86,10 @@ impl<B: Backend> Gpt2<B> {
 }
 
 impl<B: Backend> Transformer<B> for Gpt2<B> {
-    fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor {
-        let mut x = b.embed(&self.wte, ids);
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        b.add_assign(&mut x, &b.embed(&self.wpe, &pos));
-        x
+    fn embed(&self, b: &B, step: &B::Step) -> Result<B::Tensor> {
+        let mut x = b.embed(&self.wte, step, Lookup::Tokens)?;
+        b.add_assign(&mut x, &b.embed(&self.wpe, step, Lookup::Positions)?)?;
+        Ok(x)
     }
 
     fn attention_sublayer(
@@ -97,39 +97,39 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         b: &B,
         layer: usize,
         mut x: B::Tensor,
-        batch: &Batch<'_>,
+        step: &B::Step,
         kv: &mut B::KvStore,
         probe: &mut dyn Probe<B>,
-    ) -> B::Tensor {
+    ) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
         let width = blk.attention.num_heads * blk.attention.head_dim;
 
         // x = x + c_proj(attn(c_attn(ln_1(x))))
-        let h = blk.ln_1.forward(b, &x);
-        probe.see(layer, Site::Norm1, &h);
-        let qkv = blk.c_attn.forward(b, &h);
+        let h = blk.ln_1.forward(b, &x)?;
+        probe.see(layer, Site::Norm1, &h)?;
+        let qkv = blk.c_attn.forward(b, &h)?;
         let [q, k, v]: [B::Tensor; 3] = b
-            .split_columns(&qkv, &[width, width, width])
+            .split_columns(&qkv, &[width, width, width])?
             .try_into()
             .unwrap_or_else(|_| unreachable!("split into three"));
-        let a = blk.attn_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention, probe));
-        probe.see(layer, Site::Attention, &a);
-        b.add_assign(&mut x, &a);
-        x
+        let a = blk.attn_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?)?;
+        probe.see(layer, Site::Attention, &a)?;
+        b.add_assign(&mut x, &a)?;
+        Ok(x)
     }
 
-    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
 
         // x = x + c_proj(act(c_fc(ln_2(x))))
-        let h = blk.ln_2.forward(b, &x);
-        probe.see(layer, Site::Norm2, &h);
-        let mut m = blk.c_fc.forward(b, &h);
-        b.activate(&mut m, self.activation);
-        let m = blk.mlp_proj.forward(b, &m);
-        probe.see(layer, Site::Mlp, &m);
-        b.add_assign(&mut x, &m);
-        x
+        let h = blk.ln_2.forward(b, &x)?;
+        probe.see(layer, Site::Norm2, &h)?;
+        let mut m = blk.c_fc.forward(b, &h)?;
+        b.activate(&mut m, self.activation)?;
+        let m = blk.mlp_proj.forward(b, &m)?;
+        probe.see(layer, Site::Mlp, &m)?;
+        b.add_assign(&mut x, &m)?;
+        Ok(x)
     }
 
     fn block_bytes(&self, b: &B, layer: usize) -> usize {

@@ -1,12 +1,13 @@
 //! GPT-Neo (Black et al. 2021): GPT-2's shape with separate q/k/v projections, layers alternating
 //! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
 
-use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer, GPT_NAMES};
-use crate::backend::{AttentionParams, Backend, Layout};
-use crate::config::{Activation, AttentionSpan, ModelSpec};
+use super::config::{Activation, AttentionSpan, ModelSpec};
+use super::layers::{attend, Linear, Norm};
+use super::probes::{Probe, Site};
+use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
+use crate::backend::{AttentionParams, Backend, Layout, Lookup};
 use crate::error::Result;
-use crate::inspect::{Probe, Site};
-use crate::weights::Weights;
+use crate::io::weights::Weights;
 
 struct Block<B: Backend> {
     ln_1: Norm<B>,
@@ -69,11 +70,10 @@ impl<B: Backend> GptNeo<B> {
 }
 
 impl<B: Backend> Transformer<B> for GptNeo<B> {
-    fn embed(&self, b: &B, ids: &[u32], positions: &[usize]) -> B::Tensor {
-        let mut x = b.embed(&self.wte, ids);
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        b.add_assign(&mut x, &b.embed(&self.wpe, &pos));
-        x
+    fn embed(&self, b: &B, step: &B::Step) -> Result<B::Tensor> {
+        let mut x = b.embed(&self.wte, step, Lookup::Tokens)?;
+        b.add_assign(&mut x, &b.embed(&self.wpe, step, Lookup::Positions)?)?;
+        Ok(x)
     }
 
     fn attention_sublayer(
@@ -81,34 +81,34 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         b: &B,
         layer: usize,
         mut x: B::Tensor,
-        batch: &Batch<'_>,
+        step: &B::Step,
         kv: &mut B::KvStore,
         probe: &mut dyn Probe<B>,
-    ) -> B::Tensor {
+    ) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
 
         // x = x + out_proj(attn(q_proj, k_proj, v_proj of ln_1(x))), local or global
-        let h = blk.ln_1.forward(b, &x);
-        probe.see(layer, Site::Norm1, &h);
-        let (q, k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
-        let a = blk.out_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &blk.attention, probe));
-        probe.see(layer, Site::Attention, &a);
-        b.add_assign(&mut x, &a);
-        x
+        let h = blk.ln_1.forward(b, &x)?;
+        probe.see(layer, Site::Norm1, &h)?;
+        let (q, k, v) = (blk.q_proj.forward(b, &h)?, blk.k_proj.forward(b, &h)?, blk.v_proj.forward(b, &h)?);
+        let a = blk.out_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?)?;
+        probe.see(layer, Site::Attention, &a)?;
+        b.add_assign(&mut x, &a)?;
+        Ok(x)
     }
 
-    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
 
         // x = x + c_proj(act(c_fc(ln_2(x))))
-        let h = blk.ln_2.forward(b, &x);
-        probe.see(layer, Site::Norm2, &h);
-        let mut m = blk.c_fc.forward(b, &h);
-        b.activate(&mut m, self.activation);
-        let m = blk.c_proj.forward(b, &m);
-        probe.see(layer, Site::Mlp, &m);
-        b.add_assign(&mut x, &m);
-        x
+        let h = blk.ln_2.forward(b, &x)?;
+        probe.see(layer, Site::Norm2, &h)?;
+        let mut m = blk.c_fc.forward(b, &h)?;
+        b.activate(&mut m, self.activation)?;
+        let m = blk.c_proj.forward(b, &m)?;
+        probe.see(layer, Site::Mlp, &m)?;
+        b.add_assign(&mut x, &m)?;
+        Ok(x)
     }
 
     fn block_bytes(&self, b: &B, layer: usize) -> usize {

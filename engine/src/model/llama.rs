@@ -1,12 +1,13 @@
 //! Llama (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention and a
 //! SiLU-gated MLP; no biases unless the config asks for them.
 
-use super::{attend, base_prefix, Batch, Linear, ModuleNames, Norm, Transformer};
-use crate::backend::{AttentionParams, Backend, Layout};
-use crate::config::{Activation, Details, ModelSpec};
+use super::config::{Activation, Details, ModelSpec};
+use super::layers::{attend, Linear, Norm};
+use super::probes::{Probe, Site};
+use super::{base_prefix, ModuleNames, Transformer};
+use crate::backend::{AttentionParams, Backend, Layout, Lookup};
 use crate::error::Result;
-use crate::inspect::{Probe, Site};
-use crate::weights::Weights;
+use crate::io::weights::Weights;
 
 struct Block<B: Backend> {
     input_layernorm: Norm<B>,
@@ -84,8 +85,8 @@ static LLAMA_NAMES: ModuleNames = ModuleNames {
 };
 
 impl<B: Backend> Transformer<B> for Llama<B> {
-    fn embed(&self, b: &B, ids: &[u32], _positions: &[usize]) -> B::Tensor {
-        b.embed(&self.embed_tokens, ids)
+    fn embed(&self, b: &B, step: &B::Step) -> Result<B::Tensor> {
+        b.embed(&self.embed_tokens, step, Lookup::Tokens)
     }
 
     fn attention_sublayer(
@@ -93,38 +94,38 @@ impl<B: Backend> Transformer<B> for Llama<B> {
         b: &B,
         layer: usize,
         mut x: B::Tensor,
-        batch: &Batch<'_>,
+        step: &B::Step,
         kv: &mut B::KvStore,
         probe: &mut dyn Probe<B>,
-    ) -> B::Tensor {
+    ) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
         let head_dim = self.attention.head_dim;
 
         // x = x + o_proj(attn(rope(q), rope(k), v)) on input_layernorm(x)
-        let h = blk.input_layernorm.forward(b, &x);
-        probe.see(layer, Site::Norm1, &h);
-        let (mut q, mut k, v) = (blk.q_proj.forward(b, &h), blk.k_proj.forward(b, &h), blk.v_proj.forward(b, &h));
-        b.rope(&mut q, head_dim, &batch.positions, self.rope_theta);
-        b.rope(&mut k, head_dim, &batch.positions, self.rope_theta);
-        let a = blk.o_proj.forward(b, &attend(b, kv, layer, batch, (&q, &k, &v), &self.attention, probe));
-        probe.see(layer, Site::Attention, &a);
-        b.add_assign(&mut x, &a);
-        x
+        let h = blk.input_layernorm.forward(b, &x)?;
+        probe.see(layer, Site::Norm1, &h)?;
+        let (mut q, mut k, v) = (blk.q_proj.forward(b, &h)?, blk.k_proj.forward(b, &h)?, blk.v_proj.forward(b, &h)?);
+        b.rope(&mut q, head_dim, step, self.rope_theta)?;
+        b.rope(&mut k, head_dim, step, self.rope_theta)?;
+        let a = blk.o_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &self.attention, probe)?)?;
+        probe.see(layer, Site::Attention, &a)?;
+        b.add_assign(&mut x, &a)?;
+        Ok(x)
     }
 
-    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> B::Tensor {
+    fn mlp_sublayer(&self, b: &B, layer: usize, mut x: B::Tensor, probe: &mut dyn Probe<B>) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
 
         // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on h = post_attention_layernorm(x)
-        let h = blk.post_attention_layernorm.forward(b, &x);
-        probe.see(layer, Site::Norm2, &h);
-        let mut gate = blk.gate_proj.forward(b, &h);
-        b.activate(&mut gate, self.activation);
-        b.mul_assign(&mut gate, &blk.up_proj.forward(b, &h));
-        let m = blk.down_proj.forward(b, &gate);
-        probe.see(layer, Site::Mlp, &m);
-        b.add_assign(&mut x, &m);
-        x
+        let h = blk.post_attention_layernorm.forward(b, &x)?;
+        probe.see(layer, Site::Norm2, &h)?;
+        let mut gate = blk.gate_proj.forward(b, &h)?;
+        b.activate(&mut gate, self.activation)?;
+        b.mul_assign(&mut gate, &blk.up_proj.forward(b, &h)?)?;
+        let m = blk.down_proj.forward(b, &gate)?;
+        probe.see(layer, Site::Mlp, &m)?;
+        b.add_assign(&mut x, &m)?;
+        Ok(x)
     }
 
     fn block_bytes(&self, b: &B, layer: usize) -> usize {

@@ -11,8 +11,8 @@ use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::BPE;
 use tokenizers::AddedToken;
 
+use super::source::TokenizerFiles;
 use crate::error::{Error, Result};
-use crate::source::TokenizerFiles;
 
 /// A loaded tokenizer.
 pub struct Tokenizer {

@@ -1,12 +1,16 @@
 //! Exit plans: which layer's prediction to read, through which projection, and how to contrast two
 //! of them (Auto-Contrastive Decoding, Gera et al. 2023). Same meanings as upstream
 //! autocontrastive-gen's `MultiExitConfiguration` and `VocabularyProjectionMode`.
+//!
+//! Owns: the plan types and their validation against a checkpoint. The ACD formula itself is in
+//! [`crate::math::acd`]; a plan's output is computed by the model ([`crate::model::Model`]'s heads) on
+//! the backend. Imports: `model::config`, `error`.
 
 use std::fmt;
 use std::sync::Arc;
 
-use crate::config::ModelSpec;
 use crate::error::{Error, Result};
+use crate::model::config::ModelSpec;
 
 /// The upper side of a contrast: a layer, or the model's original LM head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +150,7 @@ impl PlanOptions {
                     }
                     if min_candidates == 0 || min_candidates > spec.vocab_size {
                         return Err(Error::invalid(
-                            "min-candidates",
+                            "min_candidates",
                             format!("{min_candidates} is outside 1..={}", spec.vocab_size),
                         ));
                     }
@@ -161,119 +165,5 @@ impl PlanOptions {
         let (main, lower) = self.sources(spec, |_| true)?;
         let n = spec.num_layers;
         Ok(main.depth(n).max(lower.map_or(0, |l| l.depth(n))))
-    }
-}
-
-/// Auto-contrastive decoding of one row, exactly upstream's `calculate_contrasted_logits`:
-/// softmax both rows; the threshold is min(alpha * max p_upper, the `min_candidates`-th largest
-/// p_upper); tokens at or above it get softmax(log p_upper - log p_lower) over those tokens, scaled to
-/// the probability mass they had under p_upper; the others keep p_upper; the output is the log.
-pub fn acd(upper: &[f32], lower: &[f32], alpha: f32, min_candidates: usize, out: &mut [f32]) {
-    acd_with(upper, alpha, min_candidates, out, |tokens, logits| {
-        for (logit, &token) in logits.iter_mut().zip(tokens) {
-            *logit = lower[token as usize];
-        }
-    });
-}
-
-/// [`acd`] with the lower row's logits computed on demand: `lower_logits(tokens, out)` fills the
-/// lower logits of the plausible tokens only. The lower row's normaliser shifts every plausible
-/// score alike and cancels in their softmax, so no other lower logit is ever needed: a backend reads
-/// only the plausible rows of the lower head.
-pub fn acd_with(
-    upper: &[f32],
-    alpha: f32,
-    min_candidates: usize,
-    out: &mut [f32],
-    lower_logits: impl FnOnce(&[u32], &mut [f32]),
-) {
-    let max = upper.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let norm_upper = max + upper.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-    let max_p = (max - norm_upper).exp();
-    let kth = if min_candidates <= 1 {
-        max_p
-    } else {
-        let mut sorted: Vec<f32> = upper.iter().map(|v| (v - norm_upper).exp()).collect();
-        let k = min_candidates.min(sorted.len()) - 1;
-        sorted.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
-        sorted[k]
-    };
-    let threshold = (max_p * alpha).min(kth);
-
-    // Every token starts with log p_upper; the plausible ones are collected for the contrast.
-    let mut plausible = Vec::new();
-    let mut mass = 0.0f32;
-    for (i, (o, &logit)) in out.iter_mut().zip(upper).enumerate() {
-        *o = logit - norm_upper;
-        let p = o.exp();
-        if p >= threshold {
-            plausible.push(i as u32);
-            mass += p;
-        }
-    }
-    let mut scores = vec![0.0f32; plausible.len()];
-    lower_logits(&plausible, &mut scores);
-    // Contrast scores log p_upper - lower logit (the lower normaliser cancels below).
-    let mut max_score = f32::NEG_INFINITY;
-    for (score, &token) in scores.iter_mut().zip(&plausible) {
-        *score = out[token as usize] - *score;
-        max_score = max_score.max(*score);
-    }
-    let denom: f32 = scores.iter().map(|&s| (s - max_score).exp()).sum();
-    // Plausible tokens share the mass by softmax of their scores.
-    let log_share = mass.ln() - denom.ln() - max_score;
-    for (score, &token) in scores.iter().zip(&plausible) {
-        out[token as usize] = score + log_share;
-    }
-}
-
-/// log(softmax(x)), computed stably.
-pub fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = x.iter().map(|v| (v - max).exp()).sum();
-    let log_sum = sum.ln() + max;
-    x.iter().map(|v| v - log_sum).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acd_keeps_implausible_tokens_and_redistributes_the_plausible_mass() {
-        // upper strongly prefers token 0, then 1; lower prefers token 0 even more.
-        let upper = [3.0f32, 2.5, -2.0, -3.0];
-        let lower = [5.0f32, 1.0, -2.0, -3.0];
-        let mut out = [0.0f32; 4];
-        acd(&upper, &lower, 0.1, 1, &mut out);
-        let p_up: Vec<f32> = log_softmax(&upper).iter().map(|l| l.exp()).collect();
-        let p: Vec<f32> = out.iter().map(|l| l.exp()).collect();
-        // Tokens 2 and 3 fall below 0.1 * max p_upper and keep their upper probability.
-        assert!((p[2] - p_up[2]).abs() < 1e-7 && (p[3] - p_up[3]).abs() < 1e-7);
-        // The plausible mass is kept, and the contrast moves it to token 1.
-        assert!(((p[0] + p[1]) - (p_up[0] + p_up[1])).abs() < 1e-6);
-        assert!(p[1] > p[0]);
-        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn acd_asks_only_for_the_plausible_lower_logits_and_ignores_their_normaliser() {
-        let upper = [3.0f32, 2.5, -2.0, -3.0, 2.9];
-        let lower = [5.0f32, 1.0, -2.0, -3.0, 0.5];
-        let mut full = [0.0f32; 5];
-        acd(&upper, &lower, 0.1, 1, &mut full);
-        let mut asked = Vec::new();
-        let mut sparse = [0.0f32; 5];
-        acd_with(&upper, 0.1, 1, &mut sparse, |tokens, logits| {
-            asked.extend_from_slice(tokens);
-            // Shifted lower logits: the same log-probabilities.
-            for (logit, &t) in logits.iter_mut().zip(tokens) {
-                *logit = lower[t as usize] + 7.0;
-            }
-        });
-        assert_eq!(asked, [0, 1, 4]);
-        for (a, b) in full.iter().zip(&sparse) {
-            assert!((a - b).abs() < 1e-5, "{full:?} vs {sparse:?}");
-        }
     }
 }

@@ -1,26 +1,14 @@
-//! Pictures of what [`crate::lens`] and [`crate::inspect`] compute: self-contained HTML pages (no
-//! network, no scripts from elsewhere) and SVG for papers.
+//! Pictures of what the engine's logit lens and inspection compute: self-contained HTML pages (no
+//! network, no scripts from elsewhere), SVG for papers, PNG through resvg. Plotting lives here, in
+//! the command line, so that the engine carries no font or rasteriser dependencies.
 //!
 //! The logit-lens heatmap follows transformer-utils' `plot_logit_lens`: rows are layers (the output
 //! on top), columns are input positions, each cell shows the row's top token and is coloured by the
 //! chosen metric; cells whose top token is the actual next input token are outlined.
-//!
-//! ```
-//! use layerwise::lens::LensOptions;
-//! use layerwise::plot::{lens_html, lens_svg, LensMetric};
-//!
-//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
-//! let model = layerwise::load(dir)?.model;
-//! let lens = model.logit_lens(&[5, 17, 42], &LensOptions::default())?;
-//! let label = |id: u32| format!("#{id}");
-//! assert!(lens_html(&lens, &label, LensMetric::Probs).contains("<table"));
-//! assert!(lens_svg(&lens, &label, LensMetric::Kl).starts_with("<svg"));
-//! # Ok::<(), layerwise::Error>(())
-//! ```
 
 use std::fmt::Write;
 
-use crate::lens::Lens;
+use layerwise::analysis::lens::Lens;
 
 /// What colours a lens cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,9 +342,9 @@ fn fmt_value(v: f32) -> String {
 
 /// Renders an SVG (such as [`lens_svg`]'s) to PNG at twice its size. Text is drawn with the
 /// system's fonts; with none installed this is an error rather than a picture without labels.
-pub fn svg_to_png(svg: &str) -> crate::Result<Vec<u8>> {
+pub fn svg_to_png(svg: &str) -> layerwise::Result<Vec<u8>> {
     use resvg::{tiny_skia, usvg};
-    let failed = |why: String| crate::Error::invalid("PNG", why);
+    let failed = |why: String| png_error(why);
     let mut options = usvg::Options::default();
     options.fontdb_mut().load_system_fonts();
     if options.fontdb.is_empty() {
@@ -620,4 +608,25 @@ document.body.dataset.ready = 'attention';
 </body></html>
 "#
     )
+}
+
+/// A PNG export error, in the engine's error type (the callers add the flag).
+fn png_error(why: String) -> layerwise::Error {
+    layerwise::Error::InvalidArgument { what: "PNG".into(), reason: why }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerwise::analysis::lens::{logit_lens, LensOptions};
+
+    #[test]
+    fn the_lens_renders_as_an_html_table_and_an_svg() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+        let model = layerwise::load(dir).expect("load").model;
+        let lens = logit_lens(&model, &[5, 17, 42], &LensOptions::default()).expect("lens");
+        let label = |id: u32| format!("#{id}");
+        assert!(lens_html(&lens, &label, LensMetric::Probs).contains("<table"));
+        assert!(lens_svg(&lens, &label, LensMetric::Kl).starts_with("<svg"));
+    }
 }

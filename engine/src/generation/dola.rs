@@ -6,7 +6,7 @@
 //! the candidates skip the first two layers when the head is tied to the embeddings.
 //!
 //! ```
-//! use layerwise::dola::contrast;
+//! use layerwise::generation::dola::contrast;
 //!
 //! let final_logits = [3.0, 2.9, -4.0];
 //! let premature = vec![vec![3.0, 1.0, -4.0], vec![0.0, 0.0, 0.0]];
@@ -16,9 +16,42 @@
 //! assert!(scores[0] > 0.0 && scores[1] > 0.0); // log p_final - log p_premature on the others
 //! ```
 
-use crate::config::ModelSpec;
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::processors::SamplingOptions;
+use super::search::{repeated, Pick};
+use super::strategy::{Decode, Outcome, Run};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::exits::log_softmax;
+use crate::math::log_softmax;
+use crate::model::config::ModelSpec;
+use crate::runtime::{Decoder, SeqRequest, StepOutput};
+
+/// DoLa's settings: the candidate layers, and sampling (None: greedy) with the number of sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DolaOptions {
+    pub layers: DolaLayers,
+    pub sampling: Option<SamplingOptions>,
+    pub num_return_sequences: usize,
+}
+
+impl<B: Backend> Decode<B> for DolaOptions {
+    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+        let request =
+            SeqRequest { raw_head_logits: self.layers.candidates(decoder.model().spec())?, ..Default::default() };
+        let scores: fn(&StepOutput) -> Vec<f32> = |out| contrast(&out.logits, &out.premature).0;
+        match &self.sampling {
+            None => repeated(decoder, prompt, run, &request, &mut Pick::BestOf(scores), self.num_return_sequences),
+            Some(sampling) => {
+                sampling.validate()?;
+                let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
+                let mut pick = Pick::Draw { sampling, rng: &mut rng, scores: Some(scores) };
+                repeated(decoder, prompt, run, &request, &mut pick, self.num_return_sequences)
+            }
+        }
+    }
+}
 
 /// Which layers DoLa may contrast with (transformers' `dola_layers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +75,7 @@ impl std::str::FromStr for DolaLayers {
                 .map(|l| l.trim().parse::<usize>())
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map(DolaLayers::List)
-                .map_err(|_| Error::invalid("dola-layers", format!("`{list}` is not low, high or a list of layers"))),
+                .map_err(|_| Error::invalid("dola_layers", format!("`{list}` is not low, high or a list of layers"))),
         }
     }
 }
@@ -66,7 +99,7 @@ impl DolaLayers {
             DolaLayers::List(list) => list.iter().copied().filter(|&l| l < n).collect(),
         };
         if layers.is_empty() {
-            return Err(Error::invalid("dola-layers", format!("no candidate layer below the model's {n} layers")));
+            return Err(Error::invalid("dola_layers", format!("no candidate layer below the model's {n} layers")));
         }
         Ok(layers)
     }

@@ -2,7 +2,7 @@
 //! brace matching for code generation.
 //!
 //! ```
-//! use layerwise::stopping::{BraceMatching, TextStops};
+//! use layerwise::generation::stopping::{BraceMatching, TextStops};
 //!
 //! # fn main() -> layerwise::Result<()> {
 //! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::tokenizer::Tokenizer;
+use crate::io::tokenizer::Tokenizer;
 
 /// Brace matching: stop once the braces opened during generation are closed again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

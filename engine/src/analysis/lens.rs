@@ -7,16 +7,16 @@
 //! `h.11.mlp` for GPT-Neo).
 //!
 //! ```
-//! use layerwise::lens::{LensDecoder, LensOptions};
+//! use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
 //!
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
 //! let model = layerwise::load(dir)?.model;
-//! let lens = model.logit_lens(&[5, 17, 42, 7], &LensOptions { top_k: 3, ..Default::default() })?;
+//! let lens = logit_lens(&model, &[5, 17, 42, 7], &LensOptions { top_k: 3, ..Default::default() })?;
 //! assert_eq!(lens.rows, ["embed", "h.0", "h.1", "h.2", "h.3"]);
 //! // The last row is the model's own output: no divergence from it.
 //! assert!(lens.kl_to_final[4].iter().all(|kl| kl.abs() < 1e-5));
 //! // Decoding through the exit heads gives one row per exit.
-//! let exits = model.logit_lens(&[5, 17, 42, 7], &LensOptions { decoder: LensDecoder::Exits, ..Default::default() })?;
+//! let exits = logit_lens(&model, &[5, 17, 42, 7], &LensOptions { decoder: LensDecoder::Exits, ..Default::default() })?;
 //! assert_eq!(exits.rows, ["h.0", "h.1", "h.3"]);
 //! # Ok::<(), layerwise::Error>(())
 //! ```
@@ -27,9 +27,8 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::exits::{Projection, Source};
-use crate::generate::argmax;
-use crate::inspect::{BlockPart, InspectRequest, Point, Site};
-use crate::model::Model;
+use crate::math::{argmax, log_normaliser};
+use crate::model::{BlockPart, InspectRequest, Model, Point, Site};
 
 /// How a residual state becomes a distribution over the vocabulary.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -63,7 +62,7 @@ impl LensDecoder {
                 Ok(Point::Block { block, site: Site::Attention }) => Ok((block, BlockPart::Attention)),
                 Ok(Point::Block { block, site: Site::Mlp }) => Ok((block, BlockPart::Mlp)),
                 _ => Err(Error::invalid(
-                    "--decoder",
+                    "decoder",
                     format!(
                         "`{name}` is not a block or sub-layer; use final, exits, converted, or names like {0}.N, \
                          {0}.N.{1}, {0}.N.{2}",
@@ -135,124 +134,116 @@ struct Cell {
     next: Option<(f32, u32)>,
 }
 
-impl<B: Backend> Model<B> {
-    /// The logit lens of `ids` under `options`.
-    pub fn logit_lens(&self, ids: &[u32], options: &LensOptions) -> Result<Lens> {
-        let spec = self.spec();
-        let n = spec.num_layers;
-        if options.top_k == 0 || options.top_k > spec.vocab_size {
-            return Err(Error::invalid(
-                "top-k",
-                format!("must be between 1 and the vocabulary size {}", spec.vocab_size),
-            ));
-        }
-        // Which states to project: (label, point, layer for exit/converted heads).
-        let block_name = |block: usize| self.point_name(Point::Block { block, site: Site::Output });
-        let mut rows: Vec<(String, Point, usize)> = Vec::new();
-        match &options.decoder {
-            LensDecoder::Final | LensDecoder::Through(_) => {
-                rows.push(("embed".into(), Point::Embeddings, 0));
-                for block in 0..n {
-                    if options.subblocks {
-                        let (attn, mlp) = (self.module_names().attention, self.module_names().mlp);
-                        rows.push((
-                            format!("{}.{attn}", block_name(block)),
-                            Point::Block { block, site: Site::ResidMid },
-                            0,
-                        ));
-                        rows.push((
-                            format!("{}.{mlp}", block_name(block)),
-                            Point::Block { block, site: Site::Output },
-                            0,
-                        ));
-                    } else {
-                        rows.push((block_name(block), Point::Block { block, site: Site::Output }, 0));
-                    }
-                }
-            }
-            LensDecoder::Exits | LensDecoder::Converted => {
-                if options.subblocks {
-                    return Err(Error::invalid(
-                        "--subblocks",
-                        "sub-block states have no exit heads or conversions; use the final decoder or a list of blocks",
-                    ));
-                }
-                let layers: Vec<usize> = if options.decoder == LensDecoder::Exits {
-                    spec.exit_layers.clone()
-                } else {
-                    self.conversion_layers().into_iter().chain([n]).collect()
-                };
-                if layers.is_empty() {
-                    return Err(Error::invalid("--decoder", "the checkpoint has no exit heads"));
-                }
-                for layer in layers {
-                    rows.push((block_name(layer - 1), Point::Block { block: layer - 1, site: Site::Output }, layer));
-                }
-            }
-        }
-
-        let request = InspectRequest { points: rows.iter().map(|r| r.1).collect(), logits: true, ..Default::default() };
-        let seen = self.inspect(ids, &request)?;
-        let b = self.backend();
-        let t = ids.len();
-        let vocab = spec.vocab_size;
-        let final_logits = seen.logits.as_ref().expect("logits were requested");
-        let final_log_probs: Vec<Vec<f64>> = final_logits.chunks_exact(vocab).map(log_softmax).collect();
-        let final_top: Vec<u32> = final_logits.chunks_exact(vocab).map(argmax).collect();
-
-        let mut lens = Lens {
-            rows: Vec::new(),
-            tokens: ids.to_vec(),
-            top_ids: Vec::new(),
-            top_probs: Vec::new(),
-            top_logit: Vec::new(),
-            entropy: Vec::new(),
-            kl_to_final: Vec::new(),
-            final_top: final_top.clone(),
-            final_top_logit: Vec::new(),
-            final_top_prob: Vec::new(),
-            final_top_rank: Vec::new(),
-            next_prob: Vec::new(),
-            next_rank: Vec::new(),
-        };
-        for (label, point, layer) in rows {
-            let state = b.upload(seen.activations[&point].clone(), t, spec.hidden_size);
-            let logits = match &options.decoder {
-                LensDecoder::Final => self.project(Source::Original, Projection::ExitHeads, &state),
-                LensDecoder::Through(parts) => {
-                    self.project(Source::Original, Projection::ExitHeads, &self.run_parts(state, parts)?)
-                }
-                LensDecoder::Exits => self.project(Source::Layer(layer), Projection::ExitHeads, &state),
-                LensDecoder::Converted => self.project(Source::Layer(layer), Projection::Converted, &state),
-            };
-            let logits = b.to_host(&logits);
-            let cells: Vec<Cell> = (0..t)
-                .into_par_iter()
-                .map(|pos| {
-                    let next = ids.get(pos + 1).copied();
-                    cell(
-                        &logits[pos * vocab..(pos + 1) * vocab],
-                        &final_log_probs[pos],
-                        final_top[pos],
-                        next,
-                        options.top_k,
-                    )
-                })
-                .collect();
-            lens.rows.push(label);
-            lens.top_ids.push(cells.iter().map(|c| c.top_ids.clone()).collect());
-            lens.top_probs.push(cells.iter().map(|c| c.top_probs.clone()).collect());
-            lens.top_logit.push(cells.iter().map(|c| c.top_logit).collect());
-            lens.entropy.push(cells.iter().map(|c| c.entropy).collect());
-            lens.kl_to_final.push(cells.iter().map(|c| c.kl_to_final).collect());
-            lens.final_top_logit.push(cells.iter().map(|c| c.final_top.0).collect());
-            lens.final_top_prob.push(cells.iter().map(|c| c.final_top.1).collect());
-            lens.final_top_rank.push(cells.iter().map(|c| c.final_top.2).collect());
-            lens.next_prob.push(cells.iter().filter_map(|c| c.next.map(|n| n.0)).collect());
-            lens.next_rank.push(cells.iter().filter_map(|c| c.next.map(|n| n.1)).collect());
-        }
-        Ok(lens)
+/// The logit lens of `ids` under `options`. The states stay on the backend; each row's logits come
+/// back once, for the statistics.
+pub fn logit_lens<B: Backend>(model: &Model<B>, ids: &[u32], options: &LensOptions) -> Result<Lens> {
+    let spec = model.spec();
+    let n = spec.num_layers;
+    if options.top_k == 0 || options.top_k > spec.vocab_size {
+        return Err(Error::invalid("top_k", format!("must be between 1 and the vocabulary size {}", spec.vocab_size)));
     }
+    // Which states to project: (label, point, layer for exit/converted heads).
+    let block_name = |block: usize| model.point_name(Point::Block { block, site: Site::Output });
+    let mut rows: Vec<(String, Point, usize)> = Vec::new();
+    match &options.decoder {
+        LensDecoder::Final | LensDecoder::Through(_) => {
+            rows.push(("embed".into(), Point::Embeddings, 0));
+            for block in 0..n {
+                if options.subblocks {
+                    let (attn, mlp) = (model.module_names().attention, model.module_names().mlp);
+                    rows.push((
+                        format!("{}.{attn}", block_name(block)),
+                        Point::Block { block, site: Site::ResidMid },
+                        0,
+                    ));
+                    rows.push((format!("{}.{mlp}", block_name(block)), Point::Block { block, site: Site::Output }, 0));
+                } else {
+                    rows.push((block_name(block), Point::Block { block, site: Site::Output }, 0));
+                }
+            }
+        }
+        LensDecoder::Exits | LensDecoder::Converted => {
+            if options.subblocks {
+                return Err(Error::invalid(
+                    "subblocks",
+                    "sub-block states have no exit heads or conversions; use the final decoder or a list of blocks",
+                ));
+            }
+            let layers: Vec<usize> = if options.decoder == LensDecoder::Exits {
+                spec.exit_layers.clone()
+            } else {
+                model.conversion_layers().into_iter().chain([n]).collect()
+            };
+            if layers.is_empty() {
+                return Err(Error::invalid("decoder", "the checkpoint has no exit heads"));
+            }
+            for layer in layers {
+                rows.push((block_name(layer - 1), Point::Block { block: layer - 1, site: Site::Output }, layer));
+            }
+        }
+    }
+
+    let request = InspectRequest { points: rows.iter().map(|r| r.1).collect(), logits: true, ..Default::default() };
+    let seen = model.inspect_on_backend(ids, &request)?;
+    let b = model.backend();
+    let t = ids.len();
+    let vocab = spec.vocab_size;
+    let final_logits = b.to_host(seen.logits.as_ref().ok_or_else(|| Error::invalid("lens", "no logits"))?)?;
+    let final_log_probs: Vec<Vec<f64>> = final_logits.chunks_exact(vocab).map(log_softmax).collect();
+    let final_top: Vec<u32> = final_logits.chunks_exact(vocab).map(argmax).collect();
+
+    let mut lens = Lens {
+        rows: Vec::new(),
+        tokens: ids.to_vec(),
+        top_ids: Vec::new(),
+        top_probs: Vec::new(),
+        top_logit: Vec::new(),
+        entropy: Vec::new(),
+        kl_to_final: Vec::new(),
+        final_top: final_top.clone(),
+        final_top_logit: Vec::new(),
+        final_top_prob: Vec::new(),
+        final_top_rank: Vec::new(),
+        next_prob: Vec::new(),
+        next_rank: Vec::new(),
+    };
+    for (label, point, layer) in rows {
+        let state = &seen.activations[&point];
+        let logits = match &options.decoder {
+            LensDecoder::Final => model.project(Source::Original, Projection::ExitHeads, state)?,
+            LensDecoder::Through(parts) => {
+                model.project(Source::Original, Projection::ExitHeads, &model.run_parts(b.copy(state)?, parts)?)?
+            }
+            LensDecoder::Exits => model.project(Source::Layer(layer), Projection::ExitHeads, state)?,
+            LensDecoder::Converted => model.project(Source::Layer(layer), Projection::Converted, state)?,
+        };
+        let logits = b.to_host(&logits)?;
+        let cells: Vec<Cell> = (0..t)
+            .into_par_iter()
+            .map(|pos| {
+                let next = ids.get(pos + 1).copied();
+                cell(
+                    &logits[pos * vocab..(pos + 1) * vocab],
+                    &final_log_probs[pos],
+                    final_top[pos],
+                    next,
+                    options.top_k,
+                )
+            })
+            .collect();
+        lens.rows.push(label);
+        lens.top_ids.push(cells.iter().map(|c| c.top_ids.clone()).collect());
+        lens.top_probs.push(cells.iter().map(|c| c.top_probs.clone()).collect());
+        lens.top_logit.push(cells.iter().map(|c| c.top_logit).collect());
+        lens.entropy.push(cells.iter().map(|c| c.entropy).collect());
+        lens.kl_to_final.push(cells.iter().map(|c| c.kl_to_final).collect());
+        lens.final_top_logit.push(cells.iter().map(|c| c.final_top.0).collect());
+        lens.final_top_prob.push(cells.iter().map(|c| c.final_top.1).collect());
+        lens.final_top_rank.push(cells.iter().map(|c| c.final_top.2).collect());
+        lens.next_prob.push(cells.iter().filter_map(|c| c.next.map(|n| n.0)).collect());
+        lens.next_rank.push(cells.iter().filter_map(|c| c.next.map(|n| n.1)).collect());
+    }
+    Ok(lens)
 }
 
 /// The statistics of one row's logits at one position.
@@ -287,10 +278,4 @@ fn cell(logits: &[f32], final_log_probs: &[f64], final_top: u32, next: Option<u3
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let log_z = log_normaliser(logits);
     logits.iter().map(|&x| x as f64 - log_z).collect()
-}
-
-/// `log Σ exp(x)` in f64, computed stably.
-pub(crate) fn log_normaliser(logits: &[f32]) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
 }

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::weights::DType;
 use crate::error::{Error, Result};
-use crate::weights::DType;
 
 /// Returns a safetensors file with the tensors of the torch archive `bin`, converting it on first use.
 pub fn converted_safetensors(bin: &Path) -> Result<PathBuf> {

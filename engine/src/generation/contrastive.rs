@@ -4,15 +4,15 @@
 //! any earlier position's) is kept, with its cache and its logits for the next step.
 //!
 //! ```
-//! use layerwise::contrastive::ContrastiveOptions;
-//! use layerwise::decoder::{Decoder, DecoderOptions};
-//! use layerwise::generate::{generate, GenerationOptions};
+//! use layerwise::generation::contrastive::ContrastiveOptions;
+//! use layerwise::generation::{generate, GenerationOptions, Strategy};
+//! use layerwise::runtime::{Decoder, DecoderOptions};
 //!
 //! # fn main() -> layerwise::Result<()> {
 //! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
 //! let loaded = layerwise::load(dir)?;
-//! let contrastive = Some(ContrastiveOptions { penalty_alpha: 0.6, top_k: 4 });
-//! let options = GenerationOptions { max_new_tokens: 5, contrastive, ..Default::default() };
+//! let contrastive = ContrastiveOptions { penalty_alpha: 0.6, top_k: 4 };
+//! let options = GenerationOptions { max_new_tokens: 5, strategy: Strategy::Contrastive(contrastive), ..Default::default() };
 //! let cache_tokens = Some(options.cache_tokens(3));
 //! let mut decoder = Decoder::new(&loaded.model, DecoderOptions { cache_tokens, ..Default::default() })?;
 //! let out = generate(&mut decoder, &[5, 17, 42], &options, None, |_| true)?;
@@ -21,11 +21,11 @@
 //! # }
 //! ```
 
+use super::strategy::{Decode, FinishReason, Outcome, Run};
 use crate::backend::Backend;
-use crate::decoder::{Decoder, SeqId, StepExtras};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationOptions};
-use crate::processors::{softmax, suppress};
+use crate::math::softmax;
+use crate::runtime::{Decoder, SeqId, SeqRequest};
 
 /// Contrastive search settings (transformers' `penalty_alpha` and `top_k`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,35 +34,37 @@ pub struct ContrastiveOptions {
     pub top_k: usize,
 }
 
+impl<B: Backend> Decode<B> for ContrastiveOptions {
+    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+        let (ids, finish) = contrastive_search(decoder, prompt, run, *self)?;
+        Ok(Outcome { sequences: vec![ids], finish, prefill_s: None })
+    }
+}
+
 /// Contrastive search from `prompt`: the generated ids and why generation ended.
-pub fn contrastive_search<B: Backend>(
+fn contrastive_search<B: Backend>(
     decoder: &mut Decoder<'_, B>,
     prompt: &[u32],
-    options: &GenerationOptions,
+    run: &mut Run<'_>,
     settings: ContrastiveOptions,
-    on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, FinishReason)> {
     if !(settings.penalty_alpha > 0.0 && settings.penalty_alpha <= 1.0) || settings.top_k < 2 {
-        return Err(Error::invalid(
-            "penalty-alpha",
-            "contrastive search needs 0 < --penalty-alpha <= 1 and --top-k > 1",
-        ));
+        return Err(Error::invalid("penalty_alpha", "contrastive search needs 0 < penalty_alpha <= 1 and top_k > 1"));
     }
-    decoder.set_extras(StepExtras { hidden_states: true, ..Default::default() })?;
     let mut seq = decoder.add_sequence(prompt)?;
     let mut live: Vec<SeqId> = vec![seq];
+    let max_new_tokens = run.options.max_new_tokens;
     let result = (|| {
+        // Forks inherit the request: every candidate's state comes back.
+        decoder.set_request(seq, SeqRequest { normed_states: true, ..Default::default() })?;
         let first = decoder.step()?.into_iter().find(|o| o.seq == seq).ok_or_else(missing)?;
         let hidden_size = decoder.model().spec().hidden_size;
         let mut context: Vec<Vec<f32>> = first.hidden.chunks(hidden_size).map(normalized).collect();
         let mut logits = first.logits;
         let mut sequence = prompt.to_vec();
         let mut ids = Vec::new();
-        while ids.len() < options.max_new_tokens {
-            options.processors.apply(&sequence, &mut logits);
-            if ids.len() < options.min_new_tokens {
-                suppress(&mut logits, &options.eos_token_ids);
-            }
+        while ids.len() < max_new_tokens {
+            run.process(&sequence, ids.len(), &mut logits);
             let probs = softmax(&logits);
             let mut order: Vec<usize> = (0..probs.len()).collect();
             let k = settings.top_k.min(order.len());
@@ -106,10 +108,10 @@ pub fn contrastive_search<B: Backend>(
             let token = order[chosen] as u32;
             ids.push(token);
             sequence.push(token);
-            if !on_token(token) {
+            if !run.emit(token) {
                 return Ok((ids, FinishReason::Stopped));
             }
-            if options.eos_token_ids.contains(&token) {
+            if run.is_eos(token) {
                 return Ok((ids, FinishReason::Eos));
             }
         }
@@ -118,7 +120,6 @@ pub fn contrastive_search<B: Backend>(
     for seq in live {
         decoder.release(seq).ok();
     }
-    decoder.set_extras(StepExtras::default())?;
     result
 }
 

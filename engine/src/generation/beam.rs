@@ -5,32 +5,36 @@
 //! share the cache blocks of their common prefix.
 //!
 //! ```
-//! use layerwise::beam::{beam_search, EarlyStopping};
-//! use layerwise::decoder::{Decoder, DecoderOptions};
-//! use layerwise::generate::GenerationOptions;
+//! use layerwise::generation::beam::{beam_search, BeamOptions, EarlyStopping};
+//! use layerwise::generation::{GenerationOptions, Strategy};
+//! use layerwise::runtime::{Decoder, DecoderOptions};
 //!
 //! # fn main() -> layerwise::Result<()> {
 //! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
 //! let loaded = layerwise::load(dir)?;
-//! let mut options = GenerationOptions { max_new_tokens: 6, eos_token_ids: vec![46], ..Default::default() };
-//! options.beam.num_beams = 3;
-//! options.beam.num_return_sequences = 2;
-//! options.beam.early_stopping = EarlyStopping::Never;
+//! let beams = BeamOptions { num_beams: 3, num_return_sequences: 2, early_stopping: EarlyStopping::Never, ..Default::default() };
+//! let options = GenerationOptions {
+//!     max_new_tokens: 6,
+//!     eos_token_ids: vec![46],
+//!     strategy: Strategy::Beam(beams.clone()),
+//!     ..Default::default()
+//! };
 //! let cache_tokens = Some(options.cache_tokens(3));
 //! let mut decoder = Decoder::new(&loaded.model, DecoderOptions { cache_tokens, ..Default::default() })?;
-//! let hypotheses = beam_search(&mut decoder, &[5, 17, 42], &options, &options.beam)?;
+//! let hypotheses = beam_search(&mut decoder, &[5, 17, 42], &options, &beams)?;
 //! assert_eq!(hypotheses.len(), 2);
 //! assert!(hypotheses[0].score >= hypotheses[1].score); // best first
 //! # Ok(())
 //! # }
 //! ```
 
+use super::processors::suppress;
+use super::strategy::{Decode, FinishReason, Outcome, Run};
+use super::GenerationOptions;
 use crate::backend::Backend;
-use crate::decoder::{Decoder, SeqId};
 use crate::error::{Error, Result};
-use crate::exits::log_softmax;
-use crate::generate::GenerationOptions;
-use crate::processors::suppress;
+use crate::math::log_softmax;
+use crate::runtime::{Decoder, SeqId};
 
 /// When beam search ends (transformers' `early_stopping`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -52,7 +56,7 @@ impl std::str::FromStr for EarlyStopping {
             "true" | "True" => Ok(EarlyStopping::Always),
             "false" | "False" => Ok(EarlyStopping::Heuristic),
             "never" => Ok(EarlyStopping::Never),
-            other => Err(Error::invalid("early-stopping", format!("`{other}` is not true, false or never"))),
+            other => Err(Error::invalid("early_stopping", format!("`{other}` is not true, false or never"))),
         }
     }
 }
@@ -84,25 +88,25 @@ impl BeamOptions {
     /// Checks the options (`sampling`: whether tokens are sampled); errors name the flags.
     pub fn validate(&self, sampling: bool) -> Result<()> {
         if self.num_beams < 1 {
-            return Err(Error::invalid("num-beams", "must be at least 1"));
+            return Err(Error::invalid("num_beams", "must be at least 1"));
         }
         if sampling && self.num_beams > 1 {
             return Err(Error::invalid(
-                "num-beams",
-                "beam sampling (--do-sample with --num-beams > 1) is not implemented yet; drop one of them",
+                "num_beams",
+                "beam sampling (do_sample with num_beams > 1) is not implemented yet; drop one of them",
             ));
         }
         if self.num_return_sequences < 1 || (!sampling && self.num_return_sequences > self.num_beams) {
             return Err(Error::invalid(
-                "num-return-sequences",
+                "num_return_sequences",
                 format!(
-                    "{} must be between 1 and --num-beams ({}) when not sampling",
+                    "{} must be between 1 and num_beams ({}) when not sampling",
                     self.num_return_sequences, self.num_beams
                 ),
             ));
         }
         if !self.length_penalty.is_finite() {
-            return Err(Error::invalid("length-penalty", "must be a finite number"));
+            return Err(Error::invalid("length_penalty", "must be a finite number"));
         }
         Ok(())
     }
@@ -163,14 +167,36 @@ struct Beam {
     score: f32,
 }
 
-/// Beam search from `prompt`; returns `num_return_sequences` hypotheses, best first.
+impl<B: Backend> Decode<B> for BeamOptions {
+    /// The best hypothesis is handed to the caller once the search ends (the best beam is known
+    /// only then).
+    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+        let hypotheses = beam_search(decoder, prompt, run.options, self)?;
+        let sequences: Vec<Vec<u32>> = hypotheses.into_iter().map(|h| h.ids).collect();
+        let best = sequences.first().cloned().unwrap_or_default();
+        let mut finish = match best.last() {
+            Some(&last) if run.is_eos(last) => FinishReason::Eos,
+            _ => FinishReason::MaxNewTokens,
+        };
+        for &token in &best {
+            if !run.emit(token) {
+                finish = FinishReason::Stopped;
+                break;
+            }
+        }
+        Ok(Outcome { sequences, finish, prefill_s: None })
+    }
+}
+
+/// Beam search from `prompt` (the processors, limits and EOS ids of `options`); returns
+/// `num_return_sequences` hypotheses, best first.
 pub fn beam_search<B: Backend>(
     decoder: &mut Decoder<'_, B>,
     prompt: &[u32],
     options: &GenerationOptions,
     beams: &BeamOptions,
 ) -> Result<Vec<Hypothesis>> {
-    beams.validate(options.sampling.is_some())?;
+    beams.validate(false)?;
     let first = decoder.add_sequence(prompt)?;
     let mut running = vec![Beam { seq: first, ids: Vec::new(), score: 0.0 }];
     let result = search(decoder, prompt, options, beams, &mut running);
@@ -245,7 +271,7 @@ fn search<B: Backend>(
             }
         }
         if next.len() < num_beams {
-            return Err(Error::invalid("num-beams", "fewer candidate tokens than beams (vocabulary too small)"));
+            return Err(Error::invalid("num_beams", "fewer candidate tokens than beams (vocabulary too small)"));
         }
         done = finished.is_done(candidates[0].0, generated, options.max_new_tokens, settings.early_stopping);
 

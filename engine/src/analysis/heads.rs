@@ -6,7 +6,7 @@
 //! Heads are numbered as in the original checkpoint, also in a checkpoint that was already pruned.
 //!
 //! ```
-//! use layerwise::heads::{head_importance, lm_loss, prune_search};
+//! use layerwise::analysis::heads::{head_importance, lm_loss, prune_search};
 //!
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
 //! let model = layerwise::load(dir)?.model;
@@ -25,12 +25,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::config::Architecture;
 use crate::error::{Error, Result};
-use crate::inspect::{HeadMask, InspectRequest};
-use crate::model::Model;
-use crate::source::ModelFiles;
-use crate::weights::{DType, HostTensor};
+use crate::io::source::ModelFiles;
+use crate::io::weights::{DType, HostTensor};
+use crate::math::log_normaliser;
+use crate::model::config::{Architecture, ModelSpec};
+use crate::model::{HeadMask, InspectRequest, Model};
 
 /// Mean next-token cross-entropy (nats) over every position of every text that has a next token,
 /// with `mask` applied: transformers' loss with `labels = input_ids`, weighted by tokens across texts.
@@ -44,7 +44,7 @@ pub fn lm_loss<B: Backend>(model: &Model<B>, texts: &[Vec<u32>], mask: Option<&H
         let request = InspectRequest { logits: true, head_mask: mask.cloned(), ..Default::default() };
         let logits = model.inspect(text, &request)?.logits.expect("logits were requested");
         for (row, &next) in logits.chunks_exact(vocab).zip(&text[1..]) {
-            total += crate::lens::log_normaliser(row) - row[next as usize] as f64;
+            total += log_normaliser(row) - row[next as usize] as f64;
             count += 1;
         }
     }
@@ -238,7 +238,7 @@ pub fn prune_checkpoint<B: Backend>(
             return Err(Error::invalid("head mask", format!("would remove every head of block {layer}")));
         }
     }
-    let weights = crate::open_weights(&files.weights)?;
+    let weights = crate::io::open_weights(&files.weights)?;
     let d = spec.head_dim;
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     let (mut before, mut after) = (0, 0);
@@ -315,7 +315,7 @@ pub fn prune_checkpoint<B: Backend>(
 }
 
 /// Whether [`prune_checkpoint`] can prune this architecture (GPT-2: the one transformers reloads pruned).
-pub fn check_prunable(spec: &crate::ModelSpec) -> Result<()> {
+pub fn check_prunable(spec: &ModelSpec) -> Result<()> {
     if spec.architecture != Architecture::Gpt2 {
         return Err(Error::invalid(
             "prune",

@@ -5,7 +5,7 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::weights::WeightData;
+use crate::io::weights::WeightData;
 
 /// True when the AVX2/FMA/F16C kernels can run on this CPU.
 #[inline]
@@ -391,11 +391,7 @@ pub mod scalar {
         acc.iter().sum::<f32>() + tail
     }
 
-    /// GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-    pub fn gelu_tanh(x: f32) -> f32 {
-        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-        0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
-    }
+    pub use crate::math::gelu_tanh;
 
     pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);

@@ -4,7 +4,7 @@
 //! Removed tokens get -inf, as transformers' `filter_value`.
 //!
 //! ```
-//! use layerwise::processors::{ProcessorOptions, SamplingOptions};
+//! use layerwise::generation::processors::{ProcessorOptions, SamplingOptions};
 //!
 //! let sequence = [3, 1, 3]; // prompt and generated tokens so far
 //! let mut scores = vec![2.0, -1.0, 0.5, 4.0];
@@ -34,15 +34,20 @@ impl Default for ProcessorOptions {
 }
 
 impl ProcessorOptions {
-    /// Checks the options; errors name the flag.
+    /// Checks the options; errors name the field.
     pub fn validate(&self) -> Result<()> {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return Err(Error::invalid(
-                "repetition-penalty",
+                "repetition_penalty",
                 format!("{} must be a positive number", self.repetition_penalty),
             ));
         }
         Ok(())
+    }
+
+    /// Whether any processor changes scores.
+    pub fn is_active(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.no_repeat_ngram_size > 0
     }
 
     /// Applies the processors to `scores` for the sequence `tokens` (prompt and generated so far).
@@ -118,21 +123,21 @@ impl Default for SamplingOptions {
 }
 
 impl SamplingOptions {
-    /// Checks the options; errors name the flag.
+    /// Checks the options; errors name the field.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(Error::invalid("temperature", format!("{} must be a positive number", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid("top-p", format!("{} is outside (0, 1]", self.top_p)));
+            return Err(Error::invalid("top_p", format!("{} is outside (0, 1]", self.top_p)));
         }
         if let Some(min_p) = self.min_p {
             if !(0.0..=1.0).contains(&min_p) {
-                return Err(Error::invalid("min-p", format!("{min_p} is outside [0, 1]")));
+                return Err(Error::invalid("min_p", format!("{min_p} is outside [0, 1]")));
             }
         }
         if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
-            return Err(Error::invalid("typical-p", format!("{} is outside (0, 1]", self.typical_p)));
+            return Err(Error::invalid("typical_p", format!("{} is outside (0, 1]", self.typical_p)));
         }
         Ok(())
     }
@@ -200,7 +205,7 @@ pub fn min_p(scores: &mut [f32], min_p: f32, keep: usize) {
 /// `TypicalLogitsWarper`: tokens sorted by how far their surprisal is from the entropy; those
 /// beyond the first that brings the cumulative probability to `mass` go; the first `keep` stay.
 pub fn typical_p(scores: &mut [f32], mass: f32, keep: usize) {
-    let log_probs = crate::exits::log_softmax(scores);
+    let log_probs = crate::math::log_softmax(scores);
     // The entropy skips tokens already removed (transformers' nansum over 0 * -inf).
     let entropy: f32 = -log_probs.iter().filter(|l| l.is_finite()).map(|&l| l * l.exp()).sum::<f32>();
     let shifted: Vec<f32> = log_probs.iter().map(|&l| (-l - entropy).abs()).collect();
@@ -229,9 +234,4 @@ fn sorted_order(scores: &[f32], cmp: impl Fn(usize, usize) -> std::cmp::Ordering
     order
 }
 
-/// softmax of a row (a new vector).
-pub fn softmax(scores: &[f32]) -> Vec<f32> {
-    let mut out = scores.to_vec();
-    crate::backend::cpu::softmax_in_place(&mut out);
-    out
-}
+pub use crate::math::softmax;

@@ -1,0 +1,117 @@
+//! The layers every architecture shares: a linear layer, the two norms, and the one attention
+//! (write the new keys and values, attend over the paged cache, apply a head mask, show the
+//! probabilities to a probe). An architecture file only wires these.
+
+use super::probes::Probe;
+use crate::backend::{AttentionParams, Backend, Layout};
+use crate::error::Result;
+use crate::io::weights::Weights;
+
+/// A linear layer: `w: [out, in]` and an optional bias `[out]`.
+pub(crate) struct Linear<B: Backend> {
+    weight: B::Weight,
+    bias: Option<B::Weight>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Loads `{prefix}.weight` with shape `[out, in]` (or `[in, out]` for `Layout::InOut`) and, when
+    /// `bias` is true, `{prefix}.bias` with shape `[out]`.
+    pub(crate) fn load(
+        b: &B,
+        w: &Weights,
+        prefix: &str,
+        (out_features, in_features): (usize, usize),
+        layout: Layout,
+        bias: bool,
+    ) -> Result<Self> {
+        let shape = match layout {
+            Layout::OutIn => [out_features, in_features],
+            Layout::InOut => [in_features, out_features],
+        };
+        let weight = b.weight(w.get_shaped(&format!("{prefix}.weight"), &shape)?, layout)?;
+        let bias = if bias {
+            Some(b.weight(w.get_shaped(&format!("{prefix}.bias"), &[out_features])?, Layout::OutIn)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x: [t, in]` -> `[t, out]`.
+    pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        b.linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    pub(crate) fn bytes(&self, b: &B) -> usize {
+        b.weight_bytes(&self.weight) + self.bias.as_ref().map_or(0, |w| b.weight_bytes(w))
+    }
+}
+
+/// LayerNorm (GPT-2, GPT-Neo) or RMSNorm (Llama) over the hidden dimension.
+pub(crate) enum Norm<B: Backend> {
+    Layer { weight: B::Weight, bias: B::Weight, eps: f32 },
+    Rms { weight: B::Weight, eps: f32 },
+}
+
+impl<B: Backend> Norm<B> {
+    pub(crate) fn layer_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Norm::Layer {
+            weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?,
+            bias: b.weight(w.get_shaped(&format!("{prefix}.bias"), &[dim])?, Layout::OutIn)?,
+            eps,
+        })
+    }
+
+    pub(crate) fn rms_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(Norm::Rms { weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?, eps })
+    }
+
+    pub(crate) fn bytes(&self, b: &B) -> usize {
+        match self {
+            Norm::Layer { weight, bias, .. } => b.weight_bytes(weight) + b.weight_bytes(bias),
+            Norm::Rms { weight, .. } => b.weight_bytes(weight),
+        }
+    }
+
+    pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        match self {
+            Norm::Layer { weight, bias, eps } => b.layer_norm(x, weight, bias, *eps),
+            Norm::Rms { weight, eps } => b.rms_norm(x, weight, *eps),
+        }
+    }
+}
+
+/// The one attention of every architecture: store the step's new keys and values, then attend over
+/// each sequence's cache. `q: [t, heads * head_dim]`, `k, v: [t, kv_heads * head_dim]`. A probe may
+/// mask heads (transformers' `head_mask`: each head's probabilities, hence its output, scaled) and
+/// read the probabilities.
+pub(crate) fn attend<B: Backend>(
+    b: &B,
+    kv: &mut B::KvStore,
+    layer: usize,
+    step: &B::Step,
+    (q, k, v): (&B::Tensor, &B::Tensor, &B::Tensor),
+    params: &AttentionParams,
+    probe: &mut dyn Probe<B>,
+) -> Result<B::Tensor> {
+    b.kv_write(kv, layer, step, k, v)?;
+    let mut out = b.paged_attention(q, kv, layer, step, params)?;
+    let mask = probe.head_mask(layer);
+    if let Some((_, scales)) = mask {
+        b.scale_heads(&mut out, scales, params.head_dim)?;
+    }
+    if probe.wants_attention(layer) {
+        let factors = mask.map(|(host, _)| host.to_vec());
+        // A prompt pass is one sequence.
+        let mut probs = b.to_host(&b.attention_probs(q, kv, layer, step, 0, params)?)?;
+        if let Some(factors) = &factors {
+            // transformers returns the probabilities after the mask.
+            let per_head = probs.len() / params.num_heads;
+            for (head, &m) in probs.chunks_exact_mut(per_head).zip(factors) {
+                head.iter_mut().for_each(|p| *p *= m);
+            }
+        }
+        probe.attention(layer, probs);
+    }
+    Ok(out)
+}

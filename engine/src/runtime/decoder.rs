@@ -1,0 +1,475 @@
+//! The step-by-step decoder: sequences over a paged KV cache, one batched forward per step, the exit
+//! plan applied to each sequence's last position. Generation strategies, the CLI and services are
+//! written on top of it.
+//!
+//! A step builds its [`StepLayout`] once (tokens, positions, cache slots, block tables, output rows,
+//! blocks to copy), hands it to the backend once, and brings back only what was asked for: the plan's
+//! scores ([`Decoder::step`]) or just the best ids ([`StepResult::argmax`]), plus what each sequence
+//! requested ([`SeqRequest`]).
+//!
+//! ```
+//! use layerwise::runtime::{Decoder, DecoderOptions};
+//! use layerwise::exits::{ExitPlan, PlanOptions, Upper};
+//!
+//! # fn main() -> layerwise::Result<()> {
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+//! let loaded = layerwise::load(dir)?;
+//! // ACD between the top layer's exit head (4) and layer 2's.
+//! let plan = PlanOptions { plan: ExitPlan::Contrast { upper: Upper::Layer(4), lower: 2 }, ..Default::default() };
+//! let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, ..Default::default() })?;
+//! let seq = decoder.add_sequence(&[5, 17, 42])?;
+//! for _ in 0..4 {
+//!     let out = decoder.step()?; // prefill first, then one token per step
+//!     let scores = &out[0].logits; // contrasted log-probabilities over the vocabulary
+//!     let next = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap() as u32;
+//!     decoder.append(seq, next)?;
+//! }
+//! assert_eq!(decoder.tokens(seq)?.len(), 7);
+//! let beam = decoder.fork(seq)?; // shares every cache block with `seq` until one of them appends
+//! decoder.release(beam)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+
+use super::kv::{BlockCopy, BlockPool, BlockTable};
+use crate::backend::{Backend, SeqLayout, StepLayout};
+use crate::error::{Error, Result};
+use crate::exits::{PlanOptions, Source};
+use crate::model::heads::Scores;
+use crate::model::probes::{HeadMask, HeadScales, Masked, Tap};
+use crate::model::Model;
+
+/// Handle of a sequence in a [`Decoder`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqId(u64);
+
+/// How a decoder is set up.
+#[derive(Clone, Debug)]
+pub struct DecoderOptions {
+    /// What each step outputs.
+    pub plan: PlanOptions,
+    /// Token slots per cache block.
+    pub block_size: usize,
+    /// Cache capacity in tokens over all sequences (rounded up to whole blocks); `None`: one full
+    /// context of the model.
+    pub cache_tokens: Option<usize>,
+    /// Heads to mask in every step (transformers' `head_mask`), e.g. to generate from a model as
+    /// pruning would leave it.
+    pub head_mask: Option<HeadMask>,
+}
+
+impl Default for DecoderOptions {
+    fn default() -> Self {
+        DecoderOptions { plan: PlanOptions::default(), block_size: 16, cache_tokens: None, head_mask: None }
+    }
+}
+
+/// What a sequence wants from the steps that run it, besides the plan's output at its last token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeqRequest {
+    /// The plan's main layer after the final norm at every token a step runs (transformers' last
+    /// `hidden_states` entry for the original head): contrastive search's degeneration penalty.
+    pub normed_states: bool,
+    /// These layers' raw states (0 = embeddings) at the last token through the LM head, without the
+    /// final norm, as transformers' DoLa reads its premature layers. Each must lie below the
+    /// decoder's depth.
+    pub raw_head_logits: Vec<usize>,
+}
+
+/// One sequence's output of a step, on the host.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    pub seq: SeqId,
+    /// `[vocab]`: the plan's output at the sequence's last position (logits, or log-probabilities
+    /// for a contrast).
+    pub logits: Vec<f32>,
+    /// With [`SeqRequest::normed_states`]: `[new tokens, hidden]`. Empty otherwise.
+    pub hidden: Vec<f32>,
+    /// With [`SeqRequest::raw_head_logits`]: `[vocab]` logits for each requested layer, in the
+    /// request's order. Empty otherwise.
+    pub premature: Vec<Vec<f32>>,
+}
+
+/// A step's outputs, the plan's scores still where the backend computed them.
+pub struct StepResult<'m, B: Backend> {
+    backend: &'m B,
+    vocab: usize,
+    /// The sequences that ran, in order; row `i` of the scores is sequence `i`'s.
+    sequences: Vec<SeqId>,
+    scores: Option<Scores<B>>,
+    /// Per sequence: its requested states and premature logits, on the host.
+    hidden: Vec<Vec<f32>>,
+    premature: Vec<Vec<Vec<f32>>>,
+}
+
+impl<B: Backend> StepResult<'_, B> {
+    /// The sequences that ran, in order of creation.
+    pub fn sequences(&self) -> &[SeqId] {
+        &self.sequences
+    }
+
+    /// Each sequence's best-scoring token (first among ties), in [`StepResult::sequences`] order:
+    /// only the ids cross to the host.
+    pub fn argmax(&self) -> Result<Vec<u32>> {
+        match &self.scores {
+            Some(scores) => scores.argmax(self.backend, self.vocab),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Everything on the host, one [`StepOutput`] per sequence.
+    pub fn into_outputs(self) -> Result<Vec<StepOutput>> {
+        let scores = match &self.scores {
+            Some(scores) => scores.to_host(self.backend)?,
+            None => Vec::new(),
+        };
+        let vocab = self.vocab;
+        Ok(self
+            .sequences
+            .iter()
+            .zip(self.hidden)
+            .zip(self.premature)
+            .enumerate()
+            .map(|(row, ((&seq, hidden), premature))| StepOutput {
+                seq,
+                logits: scores[row * vocab..(row + 1) * vocab].to_vec(),
+                hidden,
+                premature,
+            })
+            .collect())
+    }
+}
+
+struct Sequence {
+    table: BlockTable,
+    tokens: Vec<u32>,
+    /// Tokens at the end of `tokens` not yet run through the model.
+    pending: usize,
+    request: SeqRequest,
+}
+
+/// Step-by-step decoding over a paged KV cache. See the module documentation for an example.
+pub struct Decoder<'m, B: Backend> {
+    model: &'m Model<B>,
+    plan: PlanOptions,
+    sources: (Source, Option<Source>),
+    /// Blocks every step runs (the plan needs nothing above).
+    depth: usize,
+    pool: BlockPool,
+    store: B::KvStore,
+    sequences: BTreeMap<SeqId, Sequence>,
+    next_id: u64,
+    blocks_run: u64,
+    head_scales: Option<HeadScales<B>>,
+}
+
+impl<'m, B: Backend> Decoder<'m, B> {
+    /// A decoder for `model` under `options.plan`. The cache holds only the layers the plan needs.
+    pub fn new(model: &'m Model<B>, options: DecoderOptions) -> Result<Self> {
+        let spec = model.spec();
+        let sources = model.plan_sources(&options.plan)?;
+        let depth = options.plan.depth(spec)?;
+        if options.block_size == 0 {
+            return Err(Error::invalid("block_size", "must be at least 1"));
+        }
+        let tokens = options.cache_tokens.unwrap_or(spec.max_positions);
+        if tokens == 0 {
+            return Err(Error::invalid("cache_tokens", "must be at least 1"));
+        }
+        let b = model.backend();
+        let head_scales = options.head_mask.as_ref().map(|mask| HeadScales::new(b, mask, spec)).transpose()?;
+        let num_blocks = tokens.div_ceil(options.block_size);
+        let store = b.kv_store(depth, num_blocks, options.block_size, spec.num_kv_heads * spec.head_dim)?;
+        Ok(Decoder {
+            model,
+            plan: options.plan,
+            sources,
+            depth,
+            pool: BlockPool::new(num_blocks, options.block_size),
+            store,
+            sequences: BTreeMap::new(),
+            next_id: 0,
+            blocks_run: 0,
+            head_scales,
+        })
+    }
+
+    /// Starts a sequence; its prompt runs at the next [`Decoder::step`].
+    pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<SeqId> {
+        self.model.check_prompt(prompt)?;
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        let sequence = Sequence {
+            table: BlockTable::default(),
+            tokens: prompt.to_vec(),
+            pending: prompt.len(),
+            request: SeqRequest::default(),
+        };
+        self.sequences.insert(id, sequence);
+        Ok(id)
+    }
+
+    /// Asks every later step that runs `seq` for more than the plan's output (forks inherit it).
+    pub fn set_request(&mut self, seq: SeqId, request: SeqRequest) -> Result<()> {
+        if let Some(&layer) = request.raw_head_logits.iter().find(|&&l| l >= self.depth.max(1)) {
+            return Err(Error::invalid(
+                "raw_head_logits",
+                format!("layer {layer} is not below the {} layers this plan runs", self.depth),
+            ));
+        }
+        self.sequence_mut(seq)?.request = request;
+        Ok(())
+    }
+
+    /// Adds `token` to `seq`; it runs at the next step.
+    pub fn append(&mut self, seq: SeqId, token: u32) -> Result<()> {
+        self.model.check_token(token, "appended token")?;
+        let max = self.model.spec().max_positions;
+        let sequence = self.sequence_mut(seq)?;
+        if sequence.tokens.len() >= max {
+            return Err(Error::invalid(
+                "sequence",
+                format!("already holds {max} tokens, the model's whole context; no position is left for another"),
+            ));
+        }
+        sequence.tokens.push(token);
+        sequence.pending += 1;
+        Ok(())
+    }
+
+    /// A new sequence with the same tokens and request, sharing every cache block with `seq` (copy
+    /// on write).
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        let pool = &mut self.pool;
+        let source = self.sequences.get(&seq).ok_or_else(|| unknown(seq))?;
+        let copy = Sequence {
+            table: source.table.fork(pool),
+            tokens: source.tokens.clone(),
+            pending: source.pending,
+            request: source.request.clone(),
+        };
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sequences.insert(id, copy);
+        Ok(id)
+    }
+
+    /// Ends `seq` and returns its cache blocks to the pool.
+    pub fn release(&mut self, seq: SeqId) -> Result<()> {
+        let mut sequence = self.sequences.remove(&seq).ok_or_else(|| unknown(seq))?;
+        sequence.table.release(&mut self.pool);
+        Ok(())
+    }
+
+    /// Every token of `seq` (prompt and appended).
+    pub fn tokens(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.sequences.get(&seq).ok_or_else(|| unknown(seq))?.tokens)
+    }
+
+    /// The cache blocks of `seq`, in position order.
+    pub fn block_table(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(self.sequences.get(&seq).ok_or_else(|| unknown(seq))?.table.blocks())
+    }
+
+    /// The cache's block pool (free blocks, reference counts).
+    pub fn pool(&self) -> &super::kv::BlockPool {
+        &self.pool
+    }
+
+    /// Blocks (transformer layers) each step runs.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Total transformer blocks run so far, summed over steps.
+    pub fn blocks_run(&self) -> u64 {
+        self.blocks_run
+    }
+
+    /// The model this decoder runs.
+    pub fn model(&self) -> &'m Model<B> {
+        self.model
+    }
+
+    /// The plan this decoder applies.
+    pub fn plan(&self) -> &PlanOptions {
+        &self.plan
+    }
+
+    /// Runs every sequence's pending tokens through the model in one batched forward and returns, for
+    /// each of them (in order of creation), the plan's output at its last position on the host.
+    /// Sequences with nothing pending are left out. If the cache cannot hold the new tokens, nothing
+    /// changes and the error says so.
+    pub fn step(&mut self) -> Result<Vec<StepOutput>> {
+        self.run_step()?.into_outputs()
+    }
+
+    /// [`Decoder::step`] with the plan's scores left on the backend, for callers that want less
+    /// than every score (e.g. [`StepResult::argmax`]).
+    pub fn run_step(&mut self) -> Result<StepResult<'m, B>> {
+        // A step is a hundred or so parallel ops: run it where the backend runs them best.
+        let backend = self.model.backend();
+        backend.run(|| self.step_here())
+    }
+
+    /// Reserves cache slots for every pending token (shared blocks to copy are listed in the
+    /// layout) and lays the step out: every ready sequence's pending tokens, in order. On failure
+    /// nothing is reserved.
+    fn layout(&mut self, ready: &[SeqId]) -> Result<StepLayout> {
+        let mut layout = StepLayout { block_size: self.pool.block_size(), ..Default::default() };
+        let mut reserved: Vec<(SeqId, usize)> = Vec::new();
+        let mut copies: Vec<BlockCopy> = Vec::new();
+        for &id in ready {
+            let sequence = self.sequences.get_mut(&id).ok_or_else(|| unknown(id))?;
+            let before = sequence.table.len();
+            match sequence.table.reserve(&mut self.pool, sequence.pending, &mut copies) {
+                Ok(slots) => {
+                    reserved.push((id, before));
+                    let new = &sequence.tokens[sequence.tokens.len() - sequence.pending..];
+                    let table = sequence.table.blocks();
+                    layout.sequences.push(SeqLayout {
+                        first_row: layout.ids.len(),
+                        len: new.len(),
+                        first_position: before,
+                        table_start: layout.block_tables.len(),
+                        table_len: table.len(),
+                    });
+                    layout.block_tables.extend_from_slice(table);
+                    layout.ids.extend_from_slice(new);
+                    layout.positions.extend(before as u32..(before + new.len()) as u32);
+                    layout.slots.extend(slots.iter().map(|&s| s as u32));
+                    layout.output_rows.push(layout.ids.len() as u32 - 1);
+                }
+                Err(e) => {
+                    // Blocks already copied on write keep their copies: make them before giving up.
+                    if !copies.is_empty() {
+                        let b = self.model.backend();
+                        let only_copies = StepLayout {
+                            block_copies: copies.iter().map(|c| (c.from, c.to)).collect(),
+                            ..Default::default()
+                        };
+                        b.kv_copy_blocks(&mut self.store, &b.upload_step(only_copies)?)?;
+                    }
+                    for (id, len) in reserved {
+                        if let Some(s) = self.sequences.get_mut(&id) {
+                            s.table.truncate(&mut self.pool, len);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        layout.block_copies = copies.iter().map(|c| (c.from, c.to)).collect();
+        Ok(layout)
+    }
+
+    fn step_here(&mut self) -> Result<StepResult<'m, B>> {
+        let b = self.model.backend();
+        let spec = self.model.spec();
+        let (vocab, hidden_size, n) = (spec.vocab_size, spec.hidden_size, spec.num_layers);
+        let ready: Vec<SeqId> = self.sequences.iter().filter(|(_, s)| s.pending > 0).map(|(&id, _)| id).collect();
+        let mut result = StepResult {
+            backend: b,
+            vocab,
+            sequences: ready.clone(),
+            scores: None,
+            hidden: vec![Vec::new(); ready.len()],
+            premature: vec![Vec::new(); ready.len()],
+        };
+        if ready.is_empty() {
+            return Ok(result);
+        }
+        let layout = self.layout(&ready)?;
+        let row_spans: Vec<(usize, usize)> = layout.sequences.iter().map(|s| (s.first_row, s.len)).collect();
+        let requests: Vec<SeqRequest> = ready.iter().map(|id| self.sequences[id].request.clone()).collect();
+        // Premature layers any sequence asked for, each computed once for every row.
+        let mut premature: Vec<usize> = requests.iter().flat_map(|r| r.raw_head_logits.iter().copied()).collect();
+        premature.sort_unstable();
+        premature.dedup();
+        let want_states = requests.iter().any(|r| r.normed_states);
+
+        // The one upload of the step, then everything stays on the backend.
+        let step = b.upload_step(layout)?;
+        b.kv_copy_blocks(&mut self.store, &step)?;
+
+        // Run the blocks the plan needs, keeping each sequence's last row at the layers it reads.
+        let (main, lower) = self.sources;
+        let wanted = |layer: usize| {
+            (layer > 0 && (main.depth(n) == layer || lower.is_some_and(|l| l.depth(n) == layer)))
+                || premature.contains(&layer)
+        };
+        let mut kept: BTreeMap<usize, B::Tensor> = BTreeMap::new();
+        let mut main_state = None;
+        self.model.run(
+            &step,
+            &mut self.store,
+            self.depth,
+            &mut Masked {
+                scales: self.head_scales.as_ref(),
+                probe: Tap(|layer, x: &B::Tensor| {
+                    if wanted(layer) {
+                        kept.insert(layer, b.gather_output_rows(x, &step)?);
+                    }
+                    if want_states && layer == main.depth(n) {
+                        main_state = Some(b.copy(x)?);
+                    }
+                    Ok(())
+                }),
+            },
+        )?;
+        self.blocks_run += self.depth as u64;
+        for id in &ready {
+            if let Some(sequence) = self.sequences.get_mut(id) {
+                sequence.pending = 0;
+            }
+        }
+
+        let state = |source: Source| &kept[&source.depth(n)];
+        if let Some(states) = main_state {
+            let normed = b.to_host(&self.model.final_norm(&states)?)?;
+            for ((hidden, request), &(first, len)) in result.hidden.iter_mut().zip(&requests).zip(&row_spans) {
+                if request.normed_states {
+                    *hidden = normed[first * hidden_size..(first + len) * hidden_size].to_vec();
+                }
+            }
+        }
+        if premature.is_empty() {
+            result.scores =
+                Some(self.model.plan_output(&self.plan, (main, state(main)), lower.map(|l| (l, state(l))))?);
+            return Ok(result);
+        }
+        // Every premature layer's rows through the LM head in one product: one read of the head. When
+        // the plan's output is the original head's, its rows join that product too.
+        let joins = main == Source::Original && lower.is_none();
+        let normed_main = if joins { Some(self.model.final_norm(state(main))?) } else { None };
+        let parts: Vec<&B::Tensor> = normed_main.iter().chain(premature.iter().map(|layer| &kept[layer])).collect();
+        let mut logits = b.to_host(&self.model.lm_head_raw(&b.concat_rows(&parts)?)?)?;
+        result.scores = Some(if joins {
+            Scores::Host(logits.drain(..ready.len() * vocab).collect())
+        } else {
+            self.model.plan_output(&self.plan, (main, state(main)), lower.map(|l| (l, state(l))))?
+        });
+        for (row, request) in requests.iter().enumerate() {
+            result.premature[row] = request
+                .raw_head_logits
+                .iter()
+                .map(|layer| {
+                    let p = premature.iter().position(|l| l == layer).unwrap_or_default();
+                    let r = p * ready.len() + row;
+                    logits[r * vocab..(r + 1) * vocab].to_vec()
+                })
+                .collect();
+        }
+        Ok(result)
+    }
+
+    fn sequence_mut(&mut self, seq: SeqId) -> Result<&mut Sequence> {
+        self.sequences.get_mut(&seq).ok_or_else(|| unknown(seq))
+    }
+}
+
+fn unknown(seq: SeqId) -> Error {
+    Error::invalid("sequence", format!("{seq:?} is not active in this decoder (released, or from another decoder)"))
+}
