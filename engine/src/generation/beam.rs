@@ -28,89 +28,14 @@
 //! # }
 //! ```
 
+use super::options::GenerationOptions;
+pub use super::options::{BeamOptions, EarlyStopping};
 use super::processors::suppress;
 use super::strategy::{Decode, FinishReason, Outcome, Run};
-use super::GenerationOptions;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::math::log_softmax;
 use crate::runtime::{Decoder, SeqId};
-
-/// When beam search ends (transformers' `early_stopping`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum EarlyStopping {
-    /// As soon as `num_beams` hypotheses are finished (`True`).
-    Always,
-    /// When the best running beam, scored at the current length, cannot beat the worst finished
-    /// hypothesis (`False`, the default heuristic).
-    #[default]
-    Heuristic,
-    /// Only when no running beam can become better, even at the maximum length (`"never"`).
-    Never,
-}
-
-impl std::str::FromStr for EarlyStopping {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "true" | "True" => Ok(EarlyStopping::Always),
-            "false" | "False" => Ok(EarlyStopping::Heuristic),
-            "never" => Ok(EarlyStopping::Never),
-            other => Err(Error::invalid("early_stopping", format!("`{other}` is not true, false or never"))),
-        }
-    }
-}
-
-/// Beam search settings and the number of returned sequences, with transformers' names
-/// (`num_beams` 1: no beam search).
-#[derive(Clone, Debug, PartialEq)]
-pub struct BeamOptions {
-    pub num_beams: usize,
-    /// Finished hypotheses are ranked by score / length ^ length_penalty.
-    pub length_penalty: f32,
-    pub early_stopping: EarlyStopping,
-    /// Hypotheses returned, best first (at most `num_beams`).
-    pub num_return_sequences: usize,
-}
-
-impl Default for BeamOptions {
-    fn default() -> Self {
-        BeamOptions {
-            num_beams: 1,
-            length_penalty: 1.0,
-            early_stopping: EarlyStopping::Heuristic,
-            num_return_sequences: 1,
-        }
-    }
-}
-
-impl BeamOptions {
-    /// Checks the options (`sampling`: whether tokens are sampled); errors name the flags.
-    pub fn validate(&self, sampling: bool) -> Result<()> {
-        if self.num_beams < 1 {
-            return Err(Error::invalid("num_beams", "must be at least 1"));
-        }
-        if sampling && self.num_beams > 1 {
-            return Err(Error::invalid(
-                "num_beams",
-                "beam sampling (do_sample with num_beams > 1) is not implemented yet; drop one of them",
-            ));
-        }
-        if self.num_return_sequences < 1 || (!sampling && self.num_return_sequences > self.num_beams) {
-            return Err(Error::invalid(
-                "num_return_sequences",
-                format!(
-                    "{} must be between 1 and num_beams ({}) when not sampling",
-                    self.num_return_sequences, self.num_beams
-                ),
-            ));
-        }
-        if !self.length_penalty.is_finite() {
-            return Err(Error::invalid("length_penalty", "must be a finite number"));
-        }
-        Ok(())
-    }
-}
 
 /// One returned hypothesis.
 #[derive(Clone, Debug, PartialEq)]

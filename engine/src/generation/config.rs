@@ -6,13 +6,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::beam::{BeamOptions, EarlyStopping};
-use super::contrastive::ContrastiveOptions;
-use super::dola::{DolaLayers, DolaOptions};
+use super::options::{
+    BeamOptions, ContrastiveOptions, DolaLayers, DolaOptions, EarlyStopping, GenerationOptions, SampleOptions, Strategy,
+};
 use super::processors::{ProcessorOptions, SamplingOptions};
-use super::search::SampleOptions;
 use super::stopping::BraceMatching;
-use super::{GenerationOptions, Strategy};
 use crate::error::{Error, Result};
 use crate::model::config::ModelSpec;
 

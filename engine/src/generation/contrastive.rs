@@ -21,18 +21,12 @@
 //! # }
 //! ```
 
+pub use super::options::ContrastiveOptions;
 use super::strategy::{Decode, FinishReason, Outcome, Run};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::math::softmax;
 use crate::runtime::{Decoder, SeqId, SeqRequest};
-
-/// Contrastive search settings (transformers' `penalty_alpha` and `top_k`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ContrastiveOptions {
-    pub penalty_alpha: f32,
-    pub top_k: usize,
-}
 
 impl<B: Backend> Decode<B> for ContrastiveOptions {
     fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {

@@ -19,22 +19,13 @@
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::processors::SamplingOptions;
+pub use super::options::{DolaLayers, DolaOptions};
 use super::search::{repeated, Pick};
 use super::strategy::{Decode, Outcome, Run};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::math::log_softmax;
-use crate::model::config::ModelSpec;
 use crate::runtime::{Decoder, SeqRequest, StepOutput};
-
-/// DoLa's settings: the candidate layers, and sampling (None: greedy) with the number of sequences.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DolaOptions {
-    pub layers: DolaLayers,
-    pub sampling: Option<SamplingOptions>,
-    pub num_return_sequences: usize,
-}
 
 impl<B: Backend> Decode<B> for DolaOptions {
     fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
@@ -50,58 +41,6 @@ impl<B: Backend> Decode<B> for DolaOptions {
                 repeated(decoder, prompt, run, &request, &mut pick, self.num_return_sequences)
             }
         }
-    }
-}
-
-/// Which layers DoLa may contrast with (transformers' `dola_layers`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DolaLayers {
-    /// Even layers of the lower half.
-    Low,
-    /// Even layers of the upper half.
-    High,
-    /// These layers (those not below the top layer are dropped, as in transformers).
-    List(Vec<usize>),
-}
-
-impl std::str::FromStr for DolaLayers {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "low" => Ok(DolaLayers::Low),
-            "high" => Ok(DolaLayers::High),
-            list => list
-                .split(',')
-                .map(|l| l.trim().parse::<usize>())
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map(DolaLayers::List)
-                .map_err(|_| Error::invalid("dola_layers", format!("`{list}` is not low, high or a list of layers"))),
-        }
-    }
-}
-
-impl DolaLayers {
-    /// The candidate premature layers for a model (transformers' `_dola_decoding` selection).
-    pub fn candidates(&self, spec: &ModelSpec) -> Result<Vec<usize>> {
-        let n = spec.num_layers;
-        let start = match (spec.tie_word_embeddings, n) {
-            (false, _) => 0,
-            (true, n) if n > 2 => 2,
-            (true, 2) => 1,
-            (true, _) => 0,
-        };
-        let layers: Vec<usize> = match self {
-            DolaLayers::Low if start == n / 2 => vec![start],
-            DolaLayers::Low if n <= 40 => (start..n / 2).step_by(2).collect(),
-            DolaLayers::Low => (start..20).step_by(2).collect(),
-            DolaLayers::High if n <= 40 => (n / 2..n).step_by(2).collect(),
-            DolaLayers::High => (n - 20..n).step_by(2).collect(),
-            DolaLayers::List(list) => list.iter().copied().filter(|&l| l < n).collect(),
-        };
-        if layers.is_empty() {
-            return Err(Error::invalid("dola_layers", format!("no candidate layer below the model's {n} layers")));
-        }
-        Ok(layers)
     }
 }
 

@@ -29,6 +29,7 @@ pub mod beam;
 pub mod config;
 pub mod contrastive;
 pub mod dola;
+pub mod options;
 pub mod processors;
 pub mod search;
 pub mod stopping;
@@ -41,41 +42,14 @@ use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;
 use crate::runtime::Decoder;
 
-pub use beam::{BeamOptions, EarlyStopping};
 pub use config::GenerationConfig;
-pub use contrastive::ContrastiveOptions;
-pub use dola::{DolaLayers, DolaOptions};
+pub use options::{
+    BeamOptions, ContrastiveOptions, DolaLayers, DolaOptions, EarlyStopping, GenerationOptions, SampleOptions, Strategy,
+};
 pub use processors::{ProcessorOptions, SamplingOptions};
-pub use search::{Greedy, SampleOptions};
+pub use search::Greedy;
 pub use stopping::BraceMatching;
 pub use strategy::{Decode, FinishReason, Outcome, Run};
-
-/// The decoding strategy and the options it reads.
-#[derive(Clone, Debug, PartialEq, Default)]
-pub enum Strategy {
-    /// The most likely token at every step.
-    #[default]
-    Greedy,
-    /// Draws from the warped distribution; more sequences continue the same random stream.
-    Sample(SampleOptions),
-    /// Beam search (`num_beams` > 1).
-    Beam(BeamOptions),
-    /// Contrastive search.
-    Contrastive(ContrastiveOptions),
-    /// DoLa: the final layer contrasted with the most divergent premature layer.
-    Dola(DolaOptions),
-}
-
-impl Strategy {
-    /// How many sequences run side by side at most (beams, contrastive candidates plus the sequence).
-    fn parallel_sequences(&self) -> usize {
-        match self {
-            Strategy::Beam(beam) => beam.num_beams.max(1),
-            Strategy::Contrastive(c) => 1 + c.top_k,
-            _ => 1,
-        }
-    }
-}
 
 impl<B: Backend> Decode<B> for Strategy {
     fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
@@ -86,46 +60,6 @@ impl<B: Backend> Decode<B> for Strategy {
             Strategy::Contrastive(options) => options.decode(decoder, prompt, run),
             Strategy::Dola(options) => options.decode(decoder, prompt, run),
         }
-    }
-}
-
-/// What to generate and when to stop: the options every strategy shares, and the strategy.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GenerationOptions {
-    pub max_new_tokens: usize,
-    /// EOS is suppressed until this many tokens were generated.
-    pub min_new_tokens: usize,
-    /// Generation stops after any of these (the EOS token is part of the output, as in transformers).
-    pub eos_token_ids: Vec<u32>,
-    /// Repetition penalty and no-repeat n-grams (every strategy).
-    pub processors: ProcessorOptions,
-    /// Stop when one of these strings is generated (transformers' `stop_strings`; needs a tokenizer).
-    pub stop_strings: Vec<String>,
-    /// Stop when the braces opened in the generation are closed (needs a tokenizer).
-    pub brace_matching: Option<BraceMatching>,
-    pub strategy: Strategy,
-}
-
-impl Default for GenerationOptions {
-    fn default() -> Self {
-        GenerationOptions {
-            max_new_tokens: 32,
-            min_new_tokens: 0,
-            eos_token_ids: Vec::new(),
-            processors: ProcessorOptions::default(),
-            stop_strings: Vec::new(),
-            brace_matching: None,
-            strategy: Strategy::Greedy,
-        }
-    }
-}
-
-impl GenerationOptions {
-    /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs.
-    pub fn cache_tokens(&self, prompt_len: usize) -> usize {
-        // Beams and contrastive-search candidates share their prefix, but in the worst case each
-        // holds its own blocks, plus one partly-filled block copied on write.
-        self.strategy.parallel_sequences() * (prompt_len + self.max_new_tokens + 16)
     }
 }
 

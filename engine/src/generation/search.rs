@@ -7,6 +7,7 @@ use std::time::Instant;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+pub use super::options::SampleOptions;
 use super::processors::SamplingOptions;
 use super::stopping::TextStops;
 use super::strategy::{Decode, FinishReason, Outcome, Run};
@@ -18,13 +19,6 @@ use crate::runtime::{Decoder, SeqId, SeqRequest, StepOutput};
 /// Greedy decoding: the most likely token at every step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Greedy;
-
-/// Sampling with transformers' warpers, `num_return_sequences` draws from one seeded stream.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SampleOptions {
-    pub sampling: SamplingOptions,
-    pub num_return_sequences: usize,
-}
 
 impl<B: Backend> Decode<B> for Greedy {
     fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {

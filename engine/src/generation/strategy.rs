@@ -2,9 +2,9 @@
 //! ([`Run`]): the options common to all, the logits processors and EOS suppression applied in
 //! transformers' order, the text stopping rules, and the caller's token callback.
 
+use super::options::GenerationOptions;
 use super::processors::suppress;
 use super::stopping::TextStops;
-use super::GenerationOptions;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::tokenizer::Tokenizer;

@@ -1,7 +1,9 @@
 //! `config.json` into one typed [`ModelSpec`]: the architecture, its dimensions and its exit heads.
 //!
 //! Field names and defaults follow transformers' `GPT2Config`, `GPTNeoConfig` and `LlamaConfig`. Options
-//! the engine does not implement are refused by name rather than approximated.
+//! the engine does not implement are refused by name rather than approximated. What is common lives
+//! here (the spec, typed field reading, exit heads, pruned heads, checks); each architecture's file
+//! reads its own fields (`gpt2::spec`, `gpt_neo::spec`, `llama::spec`).
 
 use std::path::Path;
 
@@ -90,7 +92,7 @@ pub struct ModelSpec {
     /// Layers with an exit head (`lm_head_layer_indices`), 1-based block outputs, ascending.
     pub exit_layers: Vec<usize>,
     /// transformers' `pruned_heads`: block (0-based) -> the heads removed from it, in the original
-    /// numbering, ascending (GPT-2 only; see [`crate::heads`]).
+    /// numbering, ascending (GPT-2 only; see [`crate::analysis::heads`]).
     pub pruned_heads: std::collections::BTreeMap<usize, Vec<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -98,21 +100,21 @@ pub struct ModelSpec {
 }
 
 /// Reads typed fields from a JSON object and names the field (and file) in every error.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     path: &'a Path,
     map: &'a Map<String, Value>,
 }
 
 impl Fields<'_> {
-    fn error(&self, field: &str, reason: impl Into<String>) -> Error {
+    pub(crate) fn error(&self, field: &str, reason: impl Into<String>) -> Error {
         Error::Config { path: self.path.to_path_buf(), field: field.to_string(), reason: reason.into() }
     }
 
-    fn present(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn present(&self, key: &str) -> Option<&Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
             Some(v) => v
@@ -122,39 +124,39 @@ impl Fields<'_> {
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         self.usize_opt(key)?.ok_or_else(|| self.error(key, "missing"))
     }
 
-    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.present(key) {
             None => Ok(default),
             Some(v) => v.as_f64().ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
         }
     }
 
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),
             Some(v) => v.as_bool().ok_or_else(|| self.error(key, format!("expected true or false, found {v}"))),
         }
     }
 
-    fn str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
+    pub(crate) fn str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
         match self.present(key) {
             None => Ok(default),
             Some(v) => v.as_str().ok_or_else(|| self.error(key, format!("expected a string, found {v}"))),
         }
     }
 
-    fn activation(&self, key: &str, default: &str) -> Result<Activation> {
+    pub(crate) fn activation(&self, key: &str, default: &str) -> Result<Activation> {
         let name = self.str_or(key, default)?;
         Activation::parse(name).ok_or_else(|| {
             self.error(key, format!("activation `{name}` is not supported (gelu_new, gelu, relu, silu)"))
         })
     }
 
-    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+    pub(crate) fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
         let bad = || self.error(key, "expected a token id or a list of token ids");
         match self.present(key) {
             None => Ok(Vec::new()),
@@ -185,9 +187,9 @@ impl ModelSpec {
         let model_type =
             f.present("model_type").and_then(Value::as_str).ok_or_else(|| f.error("model_type", "missing"))?;
         let mut spec = match model_type {
-            "gpt2" => gpt2_spec(&f)?,
-            "gpt_neo" => gpt_neo_spec(&f)?,
-            "llama" => llama_spec(&f)?,
+            "gpt2" => super::gpt2::spec(&f)?,
+            "gpt_neo" => super::gpt_neo::spec(&f)?,
+            "llama" => super::llama::spec(&f)?,
             other => {
                 return Err(Error::UnknownArchitecture { path: path.to_path_buf(), model_type: other.to_string() })
             }
@@ -304,137 +306,4 @@ impl ModelSpec {
         let pruned = self.pruned_heads.get(&layer).map_or(&[][..], Vec::as_slice);
         (0..self.num_heads).filter(|h| !pruned.contains(h)).collect()
     }
-}
-
-fn gpt2_spec(f: &Fields) -> Result<ModelSpec> {
-    let hidden = f.usize("n_embd")?;
-    let heads = f.usize("n_head")?;
-    let layers = f.usize("n_layer")?;
-    Ok(ModelSpec {
-        architecture: Architecture::Gpt2,
-        vocab_size: f.usize("vocab_size")?,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: heads,
-        head_dim: hidden / heads.max(1),
-        intermediate_size: f.usize_opt("n_inner")?.unwrap_or(4 * hidden),
-        max_positions: f.usize("n_positions")?,
-        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
-        activation: f.activation("activation_function", "gelu_new")?,
-        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
-        attention_spans: vec![AttentionSpan::Global; layers],
-        exit_layers: Vec::new(),
-        pruned_heads: Default::default(),
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
-        details: Details::Gpt2 {
-            scale_attn_weights: f.bool_or("scale_attn_weights", true)?,
-            scale_attn_by_inverse_layer_idx: f.bool_or("scale_attn_by_inverse_layer_idx", false)?,
-        },
-    })
-}
-
-fn gpt_neo_spec(f: &Fields) -> Result<ModelSpec> {
-    let hidden = f.usize("hidden_size")?;
-    let heads = f.usize("num_heads")?;
-    let layers = f.usize("num_layers")?;
-    let window = f.usize("window_size")?;
-    let spans = gpt_neo_spans(f, layers, window)?;
-    Ok(ModelSpec {
-        architecture: Architecture::GptNeo,
-        vocab_size: f.usize("vocab_size")?,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: heads,
-        head_dim: hidden / heads.max(1),
-        intermediate_size: f.usize_opt("intermediate_size")?.unwrap_or(4 * hidden),
-        max_positions: f.usize("max_position_embeddings")?,
-        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
-        activation: f.activation("activation_function", "gelu_new")?,
-        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
-        attention_spans: spans,
-        exit_layers: Vec::new(),
-        pruned_heads: Default::default(),
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
-        details: Details::GptNeo,
-    })
-}
-
-/// GPT-Neo lists its layer kinds either expanded (`attention_layers`) or run-length encoded
-/// (`attention_types`: `[[["global", "local"], 12]]`); transformers prefers the latter.
-fn gpt_neo_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<AttentionSpan>> {
-    let span_of = |field: &str, kind: &Value| match kind.as_str() {
-        Some("global") => Ok(AttentionSpan::Global),
-        Some("local") => Ok(AttentionSpan::Local { window }),
-        _ => Err(f.error(field, format!("attention kind {kind} is not `global` or `local`"))),
-    };
-    let mut spans = Vec::new();
-    if let Some(types) = f.present("attention_types") {
-        let bad = || f.error("attention_types", "expected [[[kinds...], repeat], ...]");
-        for group in types.as_array().ok_or_else(bad)? {
-            let pair = group.as_array().filter(|p| p.len() == 2).ok_or_else(bad)?;
-            let kinds = pair[0].as_array().ok_or_else(bad)?;
-            let repeat = pair[1].as_u64().ok_or_else(bad)?;
-            for _ in 0..repeat {
-                for kind in kinds {
-                    spans.push(span_of("attention_types", kind)?);
-                }
-            }
-        }
-    } else if let Some(list) = f.present("attention_layers") {
-        let items = list.as_array().ok_or_else(|| f.error("attention_layers", "expected a list"))?;
-        for kind in items {
-            spans.push(span_of("attention_layers", kind)?);
-        }
-    } else {
-        return Err(f.error("attention_types", "missing"));
-    }
-    if spans.len() != layers {
-        return Err(f.error("attention_types", format!("describes {} layers but num_layers is {layers}", spans.len())));
-    }
-    Ok(spans)
-}
-
-fn llama_spec(f: &Fields) -> Result<ModelSpec> {
-    if let Some(scaling) = f.present("rope_scaling") {
-        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("?");
-        if kind != "default" {
-            return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
-        }
-    }
-    // `pretraining_tp` is ignored, as transformers 4.48 ignores it: the slicing it meant is exact math.
-    let hidden = f.usize("hidden_size")?;
-    let heads = f.usize("num_attention_heads")?;
-    let layers = f.usize("num_hidden_layers")?;
-    let sliding = f.bool_or("use_sliding_window", false)?;
-    if sliding {
-        return Err(f.error("use_sliding_window", "sliding-window attention is not implemented for llama"));
-    }
-    Ok(ModelSpec {
-        architecture: Architecture::Llama,
-        vocab_size: f.usize("vocab_size")?,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: f.usize_opt("num_key_value_heads")?.unwrap_or(heads),
-        head_dim: f.usize_opt("head_dim")?.unwrap_or(hidden / heads.max(1)),
-        intermediate_size: f.usize("intermediate_size")?,
-        max_positions: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
-        norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
-        activation: f.activation("hidden_act", "silu")?,
-        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
-        attention_spans: vec![AttentionSpan::Global; layers],
-        exit_layers: Vec::new(),
-        pruned_heads: Default::default(),
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
-        details: Details::Llama {
-            rope_theta: f.f64_or("rope_theta", 10000.0)? as f32,
-            attention_bias: f.bool_or("attention_bias", false)?,
-            mlp_bias: f.bool_or("mlp_bias", false)?,
-        },
-    })
 }

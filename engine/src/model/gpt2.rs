@@ -1,7 +1,7 @@
 //! GPT-2 (Radford et al. 2019): learned positions, pre-LayerNorm blocks, fused QKV projection, GELU MLP.
 //! `Conv1D` weights are stored `[in, out]`.
 
-use super::config::{Activation, Details, ModelSpec};
+use super::config::{Activation, Architecture, AttentionSpan, Details, Fields, ModelSpec};
 use super::layers::{attend, Linear, Norm};
 use super::probes::{Probe, Site};
 use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
@@ -149,4 +149,34 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
     fn names(&self) -> &'static ModuleNames {
         &GPT_NAMES
     }
+}
+
+/// The GPT-2 fields of `config.json` (`GPT2Config`'s names and defaults).
+pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
+    let hidden = f.usize("n_embd")?;
+    let heads = f.usize("n_head")?;
+    let layers = f.usize("n_layer")?;
+    Ok(ModelSpec {
+        architecture: Architecture::Gpt2,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads.max(1),
+        intermediate_size: f.usize_opt("n_inner")?.unwrap_or(4 * hidden),
+        max_positions: f.usize("n_positions")?,
+        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        activation: f.activation("activation_function", "gelu_new")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        attention_spans: vec![AttentionSpan::Global; layers],
+        exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::Gpt2 {
+            scale_attn_weights: f.bool_or("scale_attn_weights", true)?,
+            scale_attn_by_inverse_layer_idx: f.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+        },
+    })
 }

@@ -1,13 +1,14 @@
 //! GPT-Neo (Black et al. 2021): GPT-2's shape with separate q/k/v projections, layers alternating
 //! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
 
-use super::config::{Activation, AttentionSpan, ModelSpec};
+use super::config::{Activation, Architecture, AttentionSpan, Details, Fields, ModelSpec};
 use super::layers::{attend, Linear, Norm};
 use super::probes::{Probe, Site};
 use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
 use crate::backend::{AttentionParams, Backend, Layout, Lookup};
 use crate::error::Result;
 use crate::io::weights::Weights;
+use serde_json::Value;
 
 struct Block<B: Backend> {
     ln_1: Norm<B>,
@@ -130,4 +131,68 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
     fn names(&self) -> &'static ModuleNames {
         &GPT_NAMES
     }
+}
+
+/// The GPT-Neo fields of `config.json` (`GPTNeoConfig`'s names and defaults).
+pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
+    let hidden = f.usize("hidden_size")?;
+    let heads = f.usize("num_heads")?;
+    let layers = f.usize("num_layers")?;
+    let window = f.usize("window_size")?;
+    let spans = attention_spans(f, layers, window)?;
+    Ok(ModelSpec {
+        architecture: Architecture::GptNeo,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads.max(1),
+        intermediate_size: f.usize_opt("intermediate_size")?.unwrap_or(4 * hidden),
+        max_positions: f.usize("max_position_embeddings")?,
+        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        activation: f.activation("activation_function", "gelu_new")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        attention_spans: spans,
+        exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::GptNeo,
+    })
+}
+
+/// GPT-Neo lists its layer kinds either expanded (`attention_layers`) or run-length encoded
+/// (`attention_types`: `[[["global", "local"], 12]]`); transformers prefers the latter.
+fn attention_spans(f: &Fields, layers: usize, window: usize) -> Result<Vec<AttentionSpan>> {
+    let span_of = |field: &str, kind: &Value| match kind.as_str() {
+        Some("global") => Ok(AttentionSpan::Global),
+        Some("local") => Ok(AttentionSpan::Local { window }),
+        _ => Err(f.error(field, format!("attention kind {kind} is not `global` or `local`"))),
+    };
+    let mut spans = Vec::new();
+    if let Some(types) = f.present("attention_types") {
+        let bad = || f.error("attention_types", "expected [[[kinds...], repeat], ...]");
+        for group in types.as_array().ok_or_else(bad)? {
+            let pair = group.as_array().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            let kinds = pair[0].as_array().ok_or_else(bad)?;
+            let repeat = pair[1].as_u64().ok_or_else(bad)?;
+            for _ in 0..repeat {
+                for kind in kinds {
+                    spans.push(span_of("attention_types", kind)?);
+                }
+            }
+        }
+    } else if let Some(list) = f.present("attention_layers") {
+        let items = list.as_array().ok_or_else(|| f.error("attention_layers", "expected a list"))?;
+        for kind in items {
+            spans.push(span_of("attention_layers", kind)?);
+        }
+    } else {
+        return Err(f.error("attention_types", "missing"));
+    }
+    if spans.len() != layers {
+        return Err(f.error("attention_types", format!("describes {} layers but num_layers is {layers}", spans.len())));
+    }
+    Ok(spans)
 }

@@ -1,13 +1,14 @@
 //! Llama (Touvron et al. 2023): RMSNorm, rotary position embeddings, grouped-query attention and a
 //! SiLU-gated MLP; no biases unless the config asks for them.
 
-use super::config::{Activation, Details, ModelSpec};
+use super::config::{Activation, Architecture, AttentionSpan, Details, Fields, ModelSpec};
 use super::layers::{attend, Linear, Norm};
 use super::probes::{Probe, Site};
 use super::{base_prefix, ModuleNames, Transformer};
 use crate::backend::{AttentionParams, Backend, Layout, Lookup};
 use crate::error::Result;
 use crate::io::weights::Weights;
+use serde_json::Value;
 
 struct Block<B: Backend> {
     input_layernorm: Norm<B>,
@@ -148,4 +149,46 @@ impl<B: Backend> Transformer<B> for Llama<B> {
     fn names(&self) -> &'static ModuleNames {
         &LLAMA_NAMES
     }
+}
+
+/// The Llama fields of `config.json` (`LlamaConfig`'s names and defaults).
+pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
+    if let Some(scaling) = f.present("rope_scaling") {
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("?");
+        if kind != "default" {
+            return Err(f.error("rope_scaling", format!("rope scaling `{kind}` is not implemented")));
+        }
+    }
+    // `pretraining_tp` is ignored, as transformers 4.48 ignores it: the slicing it meant is exact math.
+    let hidden = f.usize("hidden_size")?;
+    let heads = f.usize("num_attention_heads")?;
+    let layers = f.usize("num_hidden_layers")?;
+    let sliding = f.bool_or("use_sliding_window", false)?;
+    if sliding {
+        return Err(f.error("use_sliding_window", "sliding-window attention is not implemented for llama"));
+    }
+    Ok(ModelSpec {
+        architecture: Architecture::Llama,
+        vocab_size: f.usize("vocab_size")?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: f.usize_opt("num_key_value_heads")?.unwrap_or(heads),
+        head_dim: f.usize_opt("head_dim")?.unwrap_or(hidden / heads.max(1)),
+        intermediate_size: f.usize("intermediate_size")?,
+        max_positions: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+        norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
+        activation: f.activation("hidden_act", "silu")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        attention_spans: vec![AttentionSpan::Global; layers],
+        exit_layers: Vec::new(),
+        pruned_heads: Default::default(),
+        bos_token_id: None,
+        eos_token_ids: Vec::new(),
+        details: Details::Llama {
+            rope_theta: f.f64_or("rope_theta", 10000.0)? as f32,
+            attention_bias: f.bool_or("attention_bias", false)?,
+            mlp_bias: f.bool_or("mlp_bias", false)?,
+        },
+    })
 }

@@ -98,8 +98,12 @@ fn cached_rows(
     head_dim: usize,
 ) -> Vec<usize> {
     let seq = &step.sequences[s];
+    let (table, block_size) = (step.table(s), step.block_size);
     (0..seq.first_position + seq.len)
-        .map(|pos| store.offset(layer, step.slot_of(s, pos)) + kv_head * head_dim)
+        .map(|pos| {
+            let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+            store.offset(layer, slot) + kv_head * head_dim
+        })
         .collect()
 }
 
