@@ -52,6 +52,23 @@ fn generate_json_under_acd_matches_upstream() {
 }
 
 #[test]
+fn every_command_runs_on_the_reference_backend() {
+    // The recorded ids of upstream's ACD, on the plain reference backend.
+    let model = fixture_str("gpt2-sharded");
+    let (prompt, ids) = recorded("contrast.4.1");
+    let args = ["generate", "--model", &model, "--prompt-ids", &prompt, "--max-new-tokens", "12", "--json"];
+    let line = json_line(&layerwise(&[&args[..], &["--contrast", "4,1", "--device", "reference"]].concat()));
+    let got: Vec<u64> = line["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id")).collect();
+    assert_eq!(got, ids);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("lens.json");
+    let lens = ["lens", "--model", &model, "--prompt-ids", "5,17,42", "--device", "reference", "--out"];
+    assert!(layerwise(&[&lens[..], &[out.to_str().expect("path")]].concat()).status.success());
+    assert!(layerwise(&["info", "--model", &model, "--device", "reference"]).status.success());
+    assert_fails_naming(&["info", "--model", &model, "--device", "gpu"], &["--device", "gpu"]);
+}
+
+#[test]
 fn generate_streams_the_same_text_it_reports() {
     let base = ["generate", "--prompt", "The benefits of bad advice", "--contrast", "4,2", "--max-new-tokens", "12"];
     let json = json_line(&layerwise(&[&base[..], &["--json"]].concat()));

@@ -96,6 +96,12 @@ impl<B: Backend> Decode<B> for BeamOptions {
     /// The best hypothesis is handed to the caller once the search ends (the best beam is known
     /// only then).
     fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+        if run.text_stops().is_some() {
+            return Err(Error::invalid(
+                "num_beams",
+                "stop strings and brace matching apply to one sequence, not to beams",
+            ));
+        }
         let hypotheses = beam_search(decoder, prompt, run.options, self)?;
         let sequences: Vec<Vec<u32>> = hypotheses.into_iter().map(|h| h.ids).collect();
         let best = sequences.first().cloned().unwrap_or_default();
