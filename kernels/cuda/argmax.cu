@@ -1,0 +1,46 @@
+// The first index of the largest value of each row (torch.argmax's rule among ties; the engine's
+// `math::argmax`), one block per row: each thread keeps its best (value, index) over a strided part
+// of the row, then warps and the block keep the larger value, the smaller index among equals.
+//
+// Launch: grid (rows), block (a multiple of 32 threads, e.g. 256). Must equal the reference
+// backend's argmax_rows exactly on finite rows (a row holding NaN is the finite check's business).
+#include "common.cuh"
+
+__device__ __forceinline__ void lw_keep_better(float& value, int& index, float other_value, int other_index) {
+  if (other_value > value || (other_value == value && other_index < index)) {
+    value = other_value;
+    index = other_index;
+  }
+}
+
+extern "C" __global__ void lw_argmax_rows(uint32_t* out, const float* x, int cols) {
+  __shared__ float best_values[32];
+  __shared__ int best_indices[32];
+  const float* row = x + size_t(blockIdx.x) * cols;
+  float value = -LW_INF;
+  int index = 0x7fffffff;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) lw_keep_better(value, index, row[c], c);
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    float v = __shfl_xor_sync(LW_FULL_MASK, value, offset);
+    int i = __shfl_xor_sync(LW_FULL_MASK, index, offset);
+    lw_keep_better(value, index, v, i);
+  }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    best_values[warp] = value;
+    best_indices[warp] = index;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int warps = blockDim.x >> 5;
+    value = lane < warps ? best_values[lane] : -LW_INF;
+    index = lane < warps ? best_indices[lane] : 0x7fffffff;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      float v = __shfl_xor_sync(LW_FULL_MASK, value, offset);
+      int i = __shfl_xor_sync(LW_FULL_MASK, index, offset);
+      lw_keep_better(value, index, v, i);
+    }
+    // A row of only -inf keeps index 0, as math::argmax does.
+    if (lane == 0) out[blockIdx.x] = uint32_t(index == 0x7fffffff ? 0 : index);
+  }
+}

@@ -1,0 +1,251 @@
+// The fiber scheduler behind cuda_emu.h: each launch runs its blocks one after another; a block's
+// threads are ucontext fibers that the scheduler resumes in forward or reverse order, stopping them
+// at barriers and warp operations until every thread (or lane) they wait for has arrived.
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+
+struct Fiber {
+  ucontext_t context;
+  dim3 index;
+  unsigned linear = 0;
+  State state = State::Runnable;
+  // At a warp operation: its kind, mask, deposited value and source lane; the result once resolved.
+  WarpOp op = WarpOp::Shuffle;
+  unsigned mask = 0;
+  uint64_t value = 0;
+  int source = 0;
+  uint64_t result = 0;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::unique_ptr<char[]> stacks;
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  dim3 index, shape, grid;
+  std::vector<unsigned char> dynamic_shared;
+  Body body = nullptr;
+  void* body_context = nullptr;
+};
+
+thread_local Block* active = nullptr;
+
+void fiber_main() {
+  Block* block = active;
+  block->body(block->body_context);
+  block->current->state = State::Done;
+  swapcontext(&block->current->context, &block->scheduler);
+}
+
+void yield_to_scheduler() { swapcontext(&active->current->context, &active->scheduler); }
+
+const char* state_name(State s) {
+  switch (s) {
+    case State::Runnable: return "runnable";
+    case State::AtBarrier: return "at __syncthreads";
+    case State::AtWarp: return "at a warp operation";
+    case State::Done: return "exited";
+  }
+  return "?";
+}
+
+// Resolves the warp operations whose lanes have all arrived; returns an error text, or "" if none.
+std::string resolve_warps(Block& b, bool& progressed) {
+  size_t n = b.fibers.size();
+  for (size_t w = 0; w * 32 < n; ++w) {
+    size_t first = w * 32, end = std::min(n, first + 32);
+    for (size_t i = first; i < end; ++i) {
+      Fiber& f = b.fibers[i];
+      if (f.state != State::AtWarp) continue;
+      unsigned lane = unsigned(i - first);
+      if (!(f.mask & (1u << lane))) {
+        return "thread " + std::to_string(i) + " calls a warp operation with a mask that leaves out its own lane";
+      }
+      // Every lane of the mask must be waiting at a warp operation with the same mask and kind.
+      bool ready = true;
+      for (unsigned l = 0; l < 32; ++l) {
+        if (!(f.mask & (1u << l))) continue;
+        if (first + l >= end) {
+          return "warp " + std::to_string(w) + ": the mask names lane " + std::to_string(l) + ", which the block does not have";
+        }
+        Fiber& g = b.fibers[first + l];
+        if (g.state == State::Done) {
+          return "warp " + std::to_string(w) + ": lane " + std::to_string(l) + " exited, but lane " + std::to_string(lane) +
+                 " waits for it in a warp operation";
+        }
+        if (g.state != State::AtWarp) {
+          ready = false;
+          break;
+        }
+        if (g.mask != f.mask || g.op != f.op) {
+          return "warp " + std::to_string(w) + ": lanes " + std::to_string(lane) + " and " + std::to_string(l) +
+                 " meet in warp operations with different masks or kinds";
+        }
+      }
+      if (!ready) continue;
+      unsigned ballot = 0;
+      for (unsigned l = 0; l < 32; ++l) {
+        if ((f.mask & (1u << l)) && b.fibers[first + l].value != 0) ballot |= 1u << l;
+      }
+      unsigned mask = f.mask;
+      for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask & (1u << l))) continue;
+        Fiber& g = b.fibers[first + l];
+        if (g.op == WarpOp::Ballot) {
+          g.result = ballot;
+        } else {
+          int src = g.source;
+          if (src < 0 || src >= 32 || !(mask & (1u << src))) {
+            return "warp " + std::to_string(w) + ": lane " + std::to_string(l) + " reads lane " + std::to_string(src) +
+                   ", outside the shuffle's mask";
+          }
+          g.result = b.fibers[first + src].value;
+        }
+        g.state = State::Runnable;
+      }
+      progressed = true;
+    }
+  }
+  return "";
+}
+
+std::string describe(const Block& b) {
+  std::string text = "block (" + std::to_string(b.index.x) + "," + std::to_string(b.index.y) + "," + std::to_string(b.index.z) + "): ";
+  size_t shown = 0;
+  for (const Fiber& f : b.fibers) {
+    if (f.state == State::Done) continue;
+    if (shown++ == 8) {
+      text += "...";
+      break;
+    }
+    text += "thread " + std::to_string(f.linear) + " " + state_name(f.state) + "; ";
+  }
+  return text;
+}
+
+std::string run_block(Block& b, bool reverse) {
+  size_t n = b.fibers.size();
+  for (size_t i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.state = State::Runnable;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = b.stacks.get() + i * kStackBytes;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  for (;;) {
+    bool progressed = false;
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = b.fibers[reverse ? n - 1 - k : k];
+      if (f.state != State::Runnable) continue;
+      b.current = &f;
+      swapcontext(&b.scheduler, &f.context);
+      progressed = true;
+    }
+    std::string error = resolve_warps(b, progressed);
+    if (!error.empty()) return error;
+    bool all_done = true, all_at_barrier = true, any_at_barrier = false;
+    for (const Fiber& f : b.fibers) {
+      if (f.state != State::Done) all_done = false;
+      if (f.state == State::AtBarrier) any_at_barrier = true;
+      if (f.state != State::Done && f.state != State::AtBarrier) all_at_barrier = false;
+    }
+    if (all_done) return "";
+    if (any_at_barrier && all_at_barrier) {
+      for (Fiber& f : b.fibers) {
+        if (f.state == State::AtBarrier) f.state = State::Runnable;
+      }
+      progressed = true;
+    }
+    if (!progressed) return "deadlock: no thread can run. " + describe(b);
+  }
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return active->current->index; }
+const dim3& block_idx() { return active->index; }
+const dim3& block_dim() { return active->shape; }
+const dim3& grid_dim() { return active->grid; }
+unsigned char* dynamic_shared() { return active->dynamic_shared.data(); }
+unsigned lane_id() { return active->current->linear % 32; }
+
+void barrier() {
+  active->current->state = State::AtBarrier;
+  yield_to_scheduler();
+}
+
+uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int source_lane) {
+  Fiber* f = active->current;
+  f->state = State::AtWarp;
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->source = source_lane;
+  yield_to_scheduler();
+  return f->result;
+}
+
+int launch(const EmuLaunch& config, Body body, void* context, char* error, size_t error_len) {
+  auto fail = [&](const std::string& text) {
+    if (error && error_len) std::snprintf(error, error_len, "%s", text.c_str());
+    return 1;
+  };
+  if (active) return fail("a kernel launched a kernel (nested launches are not emulated)");
+  size_t threads = size_t(config.block[0]) * config.block[1] * config.block[2];
+  size_t blocks = size_t(config.grid[0]) * config.grid[1] * config.grid[2];
+  if (threads == 0 || threads > 1024) return fail("a block needs 1 to 1024 threads, got " + std::to_string(threads));
+  if (blocks == 0) return fail("the grid is empty");
+  if (config.shared_bytes > 228 * 1024) return fail("more dynamic shared memory than a block can have: " + std::to_string(config.shared_bytes));
+  Block b;
+  b.fibers.resize(threads);
+  b.stacks.reset(new char[threads * kStackBytes]);
+  b.shape = dim3(config.block[0], config.block[1], config.block[2]);
+  b.grid = dim3(config.grid[0], config.grid[1], config.grid[2]);
+  b.body = body;
+  b.body_context = context;
+  for (size_t i = 0; i < threads; ++i) {
+    unsigned x = unsigned(i % config.block[0]);
+    unsigned y = unsigned((i / config.block[0]) % config.block[1]);
+    unsigned z = unsigned(i / (size_t(config.block[0]) * config.block[1]));
+    b.fibers[i].index = dim3(x, y, z);
+    b.fibers[i].linear = unsigned(i);
+  }
+  std::string result;
+  for (unsigned z = 0; z < config.grid[2] && result.empty(); ++z) {
+    for (unsigned y = 0; y < config.grid[1] && result.empty(); ++y) {
+      for (unsigned x = 0; x < config.grid[0] && result.empty(); ++x) {
+        b.index = dim3(x, y, z);
+        // Fresh, poisoned dynamic shared memory for every block: a kernel must write before reading.
+        b.dynamic_shared.assign(config.shared_bytes, 0xA5);
+        // Each block on an OS thread of its own (one after another): its `__shared__` variables
+        // (thread_local) start afresh instead of holding the last block's or launch's values.
+        std::thread worker([&] {
+          active = &b;
+          result = run_block(b, config.reverse != 0);
+          active = nullptr;
+        });
+        worker.join();
+      }
+    }
+  }
+  return result.empty() ? 0 : fail(result);
+}
+
+}  // namespace emu

@@ -1,0 +1,23 @@
+// The project's CUDA sources, compiled by the host C++ compiler against cuda_emu.h, each kernel
+// exported as `emu_<kernel>` (see EMU_EXPORT) for the Rust side (kernels/src/emulated.rs) and the
+// stand-in driver.
+#include "cuda_emu.h"
+
+#include "argmax.cu"
+#include "elementwise.cu"
+#include "norms.cu"
+#include "selftest.cuh"
+
+EMU_EXPORT(lw_layer_norm)
+EMU_EXPORT(lw_rms_norm)
+EMU_EXPORT(lw_add)
+EMU_EXPORT(lw_mul)
+EMU_EXPORT(lw_gelu_tanh)
+EMU_EXPORT(lw_gelu_erf)
+EMU_EXPORT(lw_silu)
+EMU_EXPORT(lw_relu)
+EMU_EXPORT(lw_scale_heads)
+EMU_EXPORT(lw_argmax_rows)
+EMU_EXPORT(lw_test_neighbour)
+EMU_EXPORT(lw_test_deadlock)
+EMU_EXPORT(lw_test_half_warp)

@@ -1,0 +1,111 @@
+//! Launching the kernels' CPU emulation: the same CUDA sources compiled by the host C++ compiler
+//! (see `kernels/emulation/cuda_emu.h` for the execution model). Arguments are passed as CUDA's
+//! `kernelParams` are: one pointer per kernel argument, pointing at the argument's value.
+//!
+//! ```
+//! use layerwise_kernels::emulated::{launch, Kernel, Launch};
+//!
+//! let mut x = vec![-1.0f32, 0.0, 2.0];
+//! let (mut ptr, mut n) = (x.as_mut_ptr(), x.len() as u64);
+//! let mut params = [&mut ptr as *mut _ as *mut std::ffi::c_void, &mut n as *mut _ as *mut std::ffi::c_void];
+//! // SAFETY: lw_relu(float* x, unsigned long long n) reads and writes n floats at x.
+//! unsafe { launch(Kernel::Relu, Launch::grid_1d(1, 32), &mut params) }.expect("launch");
+//! assert_eq!(x, [0.0, 0.0, 2.0]);
+//! ```
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+/// A launch's shape, as `cuLaunchKernel` takes it, plus the order the emulator runs a block's
+/// threads in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: usize,
+    /// Run each block's threads last to first (0: first to last).
+    pub reverse: c_int,
+}
+
+impl Launch {
+    /// `blocks` blocks of `threads` threads along x.
+    pub fn grid_1d(blocks: u32, threads: u32) -> Self {
+        Launch { grid: [blocks, 1, 1], block: [threads, 1, 1], shared_bytes: 0, reverse: 0 }
+    }
+
+    /// The same launch with the threads of each block run in reverse order.
+    pub fn reversed(self) -> Self {
+        Launch { reverse: 1, ..self }
+    }
+}
+
+type Entry = unsafe extern "C" fn(*const Launch, *mut *mut c_void, *mut c_char, usize) -> c_int;
+
+macro_rules! kernels {
+    ($($variant:ident => $symbol:ident),* $(,)?) => {
+        extern "C" {
+            $(fn $symbol(config: *const Launch, params: *mut *mut c_void, error: *mut c_char, len: usize) -> c_int;)*
+        }
+
+        /// Every kernel the emulation library exports.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Kernel {
+            $($variant),*
+        }
+
+        impl Kernel {
+            fn entry(self) -> Entry {
+                match self {
+                    $(Kernel::$variant => $symbol),*
+                }
+            }
+
+            /// The kernel's name in the CUDA sources.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kernel::$variant => &stringify!($symbol)[4..]),*
+                }
+            }
+        }
+    };
+}
+
+kernels! {
+    LayerNorm => emu_lw_layer_norm,
+    RmsNorm => emu_lw_rms_norm,
+    Add => emu_lw_add,
+    Mul => emu_lw_mul,
+    GeluTanh => emu_lw_gelu_tanh,
+    GeluErf => emu_lw_gelu_erf,
+    Silu => emu_lw_silu,
+    Relu => emu_lw_relu,
+    ScaleHeads => emu_lw_scale_heads,
+    ArgmaxRows => emu_lw_argmax_rows,
+    TestNeighbour => emu_lw_test_neighbour,
+    TestDeadlock => emu_lw_test_deadlock,
+    TestHalfWarp => emu_lw_test_half_warp,
+}
+
+/// Runs `kernel` on the CPU; an error carries the emulator's message (a deadlock, a shuffle outside
+/// its mask, a bad launch shape).
+///
+/// # Safety
+/// `params` must hold one pointer per kernel argument, each pointing at a value of that argument's
+/// type, and every device pointer among them must address the memory the kernel touches at this
+/// launch shape.
+pub unsafe fn launch(kernel: Kernel, config: Launch, params: &mut [*mut c_void]) -> Result<(), String> {
+    let mut error = [0 as c_char; 1024];
+    // SAFETY: the caller vouches for params; config and error outlive the call.
+    let status = unsafe { (kernel.entry())(&config, params.as_mut_ptr(), error.as_mut_ptr(), error.len()) };
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: the emulator writes a NUL-terminated message into error.
+    let message = unsafe { CStr::from_ptr(error.as_ptr()) };
+    Err(format!("{}: {}", kernel.name(), message.to_string_lossy()))
+}
+
+/// A kernel argument as CUDA's `kernelParams` holds it: a pointer to the value.
+pub fn arg<T>(value: &mut T) -> *mut c_void {
+    value as *mut T as *mut c_void
+}

@@ -1,0 +1,210 @@
+//! Every kernel, built for the CPU from the same CUDA sources, against the reference backend, on
+//! edge shapes, with each block's threads run first to last and last to first; and the emulator's
+//! own guarantees (a missing barrier shows, a deadlock is reported, part-warp shuffles and votes).
+
+use std::ffi::c_void;
+
+use layerwise::backend::{Backend, Layout, Matrix};
+use layerwise::model::config::Activation;
+use layerwise::{HostTensor, Reference};
+use layerwise_kernels::emulated::{arg, launch, Kernel, Launch};
+
+/// Deterministic values in [-scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let h = (i ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            (((h >> 40) % 2000) as f32 / 1000.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn matrix(data: &[f32], rows: usize, cols: usize) -> Matrix {
+    Matrix::new(data.to_vec(), rows, cols).expect("shape")
+}
+
+fn vector(data: &[f32]) -> layerwise::backend::reference::RefWeight {
+    Reference::default().weight(&HostTensor::from_f32(data.to_vec(), vec![data.len()]), Layout::OutIn).expect("weight")
+}
+
+/// `got` within `tolerance` of the largest |want|.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tolerance * scale, "{what}: value {i} is {g}, the reference has {w}");
+    }
+}
+
+/// Both thread orders of `config`.
+fn orders(config: Launch) -> [Launch; 2] {
+    [config, config.reversed()]
+}
+
+#[test]
+fn emulated_layer_norm_and_rms_norm_equal_the_reference() {
+    let r = Reference::default();
+    for (rows, cols) in [(1usize, 1usize), (3, 7), (2, 64), (4, 1000), (2, 4099)] {
+        let x = values(rows * cols, 1, 3.0);
+        let (w, b) = (values(cols, 2, 1.0), values(cols, 3, 1.0));
+        let want_ln = r.layer_norm(&matrix(&x, rows, cols), &vector(&w), &vector(&b), 1e-5).expect("reference").data;
+        let want_rms = r.rms_norm(&matrix(&x, rows, cols), &vector(&w), 1e-6).expect("reference").data;
+        for threads in [32u32, 256] {
+            for config in orders(Launch::grid_1d(rows as u32, threads)) {
+                let mut out = vec![f32::NAN; rows * cols];
+                let (mut o, mut xp, mut wp, mut bp) = (out.as_mut_ptr(), x.as_ptr(), w.as_ptr(), b.as_ptr());
+                let (mut c, mut eps) = (cols as i32, 1e-5f32);
+                let mut params: [*mut c_void; 6] =
+                    [arg(&mut o), arg(&mut xp), arg(&mut wp), arg(&mut bp), arg(&mut c), arg(&mut eps)];
+                // SAFETY: lw_layer_norm(out, x, w, b, cols, eps) touches rows * cols floats of out and x
+                // and cols of w and b, one block per row.
+                unsafe { launch(Kernel::LayerNorm, config, &mut params) }.expect("launch");
+                assert_close(&format!("layer_norm [{rows}, {cols}] {config:?}"), &out, &want_ln, 1e-5);
+
+                let mut out = vec![f32::NAN; rows * cols];
+                let (mut o, mut eps) = (out.as_mut_ptr(), 1e-6f32);
+                let mut params: [*mut c_void; 5] =
+                    [arg(&mut o), arg(&mut xp), arg(&mut wp), arg(&mut c), arg(&mut eps)];
+                // SAFETY: lw_rms_norm(out, x, w, cols, eps), as above.
+                unsafe { launch(Kernel::RmsNorm, config, &mut params) }.expect("launch");
+                assert_close(&format!("rms_norm [{rows}, {cols}] {config:?}"), &out, &want_rms, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_elementwise_ops_equal_the_reference() {
+    let r = Reference::default();
+    for n in [1usize, 31, 1000, 70_001] {
+        let (x, y) = (values(n, 4, 8.0), values(n, 5, 2.0));
+        // Grids smaller and larger than the data, so that the grid-stride loops are exercised.
+        for config in [Launch::grid_1d(2, 64), Launch::grid_1d(n.div_ceil(256) as u32, 256)] {
+            for config in orders(config) {
+                for kernel in [Kernel::Add, Kernel::Mul] {
+                    let mut got = x.clone();
+                    let (mut gp, mut yp, mut len) = (got.as_mut_ptr(), y.as_ptr(), n as u64);
+                    let mut params: [*mut c_void; 3] = [arg(&mut gp), arg(&mut yp), arg(&mut len)];
+                    // SAFETY: lw_add / lw_mul(x, y, n) touch n floats of each.
+                    unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                    let mut want = matrix(&x, 1, n);
+                    let yy = matrix(&y, 1, n);
+                    match kernel {
+                        Kernel::Add => r.add_assign(&mut want, &yy),
+                        _ => r.mul_assign(&mut want, &yy),
+                    }
+                    .expect("reference");
+                    assert_close(&format!("{kernel:?} n={n}"), &got, &want.data, 0.0);
+                }
+                for (kernel, act, tolerance) in [
+                    (Kernel::GeluTanh, Activation::GeluTanh, 1e-6),
+                    (Kernel::GeluErf, Activation::Gelu, 1e-6),
+                    (Kernel::Silu, Activation::Silu, 1e-6),
+                    (Kernel::Relu, Activation::Relu, 0.0),
+                ] {
+                    let mut got = x.clone();
+                    let (mut gp, mut len) = (got.as_mut_ptr(), n as u64);
+                    let mut params: [*mut c_void; 2] = [arg(&mut gp), arg(&mut len)];
+                    // SAFETY: the activations (x, n) touch n floats.
+                    unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                    let mut want = matrix(&x, 1, n);
+                    r.activate(&mut want, act).expect("reference");
+                    assert_close(&format!("{kernel:?} n={n}"), &got, &want.data, tolerance);
+                }
+            }
+        }
+    }
+    // scale_heads: rows of 3 heads of 5.
+    let (rows, cols, head_dim) = (4usize, 15usize, 5i32);
+    let scales = [0.0f32, 0.5, 1.0];
+    let x = values(rows * cols, 6, 1.0);
+    let mut want = matrix(&x, rows, cols);
+    r.scale_heads(&mut want, &vector(&scales), head_dim as usize).expect("reference");
+    for config in orders(Launch::grid_1d(1, 32)) {
+        let mut got = x.clone();
+        let (mut gp, mut sp, mut n, mut c, mut d) =
+            (got.as_mut_ptr(), scales.as_ptr(), (rows * cols) as u64, cols as i32, head_dim);
+        let mut params: [*mut c_void; 5] = [arg(&mut gp), arg(&mut sp), arg(&mut n), arg(&mut c), arg(&mut d)];
+        // SAFETY: lw_scale_heads(x, scales, n, cols, head_dim) touches n floats of x and 3 scales.
+        unsafe { launch(Kernel::ScaleHeads, config, &mut params) }.expect("launch");
+        assert_close("scale_heads", &got, &want.data, 0.0);
+    }
+}
+
+#[test]
+fn emulated_argmax_takes_the_first_of_equal_maxima() {
+    let r = Reference::default();
+    let mut cases: Vec<(usize, usize, Vec<f32>)> = vec![
+        (3, 4, vec![1.0, 3.0, 3.0, -1.0, -5.0, -2.0, -2.0, -9.0, 0.0, 0.0, 0.0, 0.0]),
+        (12, 1, values(12, 7, 1.0)),
+        (2, 3, vec![f32::NEG_INFINITY; 6]),
+    ];
+    // Vocabulary-sized rows with the maximum repeated far apart (different threads and warps).
+    let mut wide = values(2 * 3001, 8, 1.0);
+    for (row, at) in [(0usize, [17usize, 2900]), (1, [2999, 3000])] {
+        for a in at {
+            wide[row * 3001 + a] = 5.0;
+        }
+    }
+    cases.push((2, 3001, wide));
+    for (rows, cols, data) in cases {
+        let want = r.argmax_rows(&matrix(&data, rows, cols)).expect("reference");
+        for threads in [32u32, 256] {
+            for config in orders(Launch::grid_1d(rows as u32, threads)) {
+                let mut got = vec![u32::MAX; rows];
+                let (mut o, mut x, mut c) = (got.as_mut_ptr(), data.as_ptr(), cols as i32);
+                let mut params: [*mut c_void; 3] = [arg(&mut o), arg(&mut x), arg(&mut c)];
+                // SAFETY: lw_argmax_rows(out, x, cols) writes rows ids and reads rows * cols floats.
+                unsafe { launch(Kernel::ArgmaxRows, config, &mut params) }.expect("launch");
+                assert_eq!(got, want, "argmax [{rows}, {cols}] {config:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_threads_in_two_orders_reveal_a_missing_barrier() {
+    let run = |with_barrier: i32, config: Launch| {
+        let mut out = vec![0i32; 64];
+        let (mut o, mut b) = (out.as_mut_ptr(), with_barrier);
+        let mut params: [*mut c_void; 2] = [arg(&mut o), arg(&mut b)];
+        // SAFETY: lw_test_neighbour(out, with_barrier) writes one int per thread.
+        unsafe { launch(Kernel::TestNeighbour, config, &mut params) }.expect("launch");
+        out
+    };
+    let config = Launch::grid_1d(1, 64);
+    let expected: Vec<i32> = (0..64).map(|t| (t + 1) % 64).collect();
+    assert_eq!(run(1, config), expected);
+    assert_eq!(run(1, config.reversed()), expected);
+    // Without the barriers, forward order reads neighbours that have not written yet.
+    assert_ne!(run(0, config), run(0, config.reversed()));
+}
+
+#[test]
+fn emulated_deadlocks_are_reported_not_hung() {
+    let mut out = vec![0f32; 32];
+    let mut o = out.as_mut_ptr();
+    let mut params: [*mut c_void; 1] = [arg(&mut o)];
+    // SAFETY: lw_test_deadlock(out) writes one float per thread (if it ever got there).
+    let err = unsafe { launch(Kernel::TestDeadlock, Launch::grid_1d(1, 32), &mut params) }.expect_err("deadlock");
+    assert!(err.contains("lane") || err.contains("deadlock"), "{err}");
+    // A block of 2000 threads is refused by name.
+    let err = unsafe { launch(Kernel::Relu, Launch::grid_1d(1, 2000), &mut params) }.expect_err("too many threads");
+    assert!(err.contains("1 to 1024 threads"), "{err}");
+}
+
+#[test]
+fn emulated_shuffles_and_votes_meet_only_the_lanes_of_their_mask() {
+    for config in orders(Launch::grid_1d(1, 32)) {
+        let mut out = vec![-1f32; 32];
+        let mut ballot = 0u32;
+        let (mut o, mut b) = (out.as_mut_ptr(), &mut ballot as *mut u32);
+        let mut params: [*mut c_void; 2] = [arg(&mut o), arg(&mut b)];
+        // SAFETY: lw_test_half_warp(out, ballot) writes 16 floats and one unsigned.
+        unsafe { launch(Kernel::TestHalfWarp, config, &mut params) }.expect("launch");
+        // Lane 0 holds the sum 0 + 1 + ... + 15; lanes 16-31 exited before writing.
+        assert_eq!(out[0], 120.0);
+        assert!(out[16..].iter().all(|&v| v == -1.0));
+        assert_eq!(ballot, 0xaaaa, "the odd lanes among 0-15");
+    }
+}
