@@ -173,6 +173,7 @@ T atomicCAS(T* address, T compare, T value) {
   return old;
 }
 
+inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }

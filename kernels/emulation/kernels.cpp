@@ -3,6 +3,7 @@
 // stand-in driver.
 #include "cuda_emu.h"
 
+#include "acd.cu"
 #include "argmax.cu"
 #include "elementwise.cu"
 #include "norms.cu"
@@ -18,6 +19,10 @@ EMU_EXPORT(lw_silu)
 EMU_EXPORT(lw_relu)
 EMU_EXPORT(lw_scale_heads)
 EMU_EXPORT(lw_argmax_rows)
+EMU_EXPORT(lw_acd_f32)
+EMU_EXPORT(lw_acd_f16)
+EMU_EXPORT(lw_acd_bf16)
+EMU_EXPORT(lw_acd_from_logits)
 EMU_EXPORT(lw_test_neighbour)
 EMU_EXPORT(lw_test_deadlock)
 EMU_EXPORT(lw_test_half_warp)

@@ -6,6 +6,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("norms.cu", include_str!("../cuda/norms.cu")),
     ("elementwise.cu", include_str!("../cuda/elementwise.cu")),
     ("argmax.cu", include_str!("../cuda/argmax.cu")),
+    ("acd.cu", include_str!("../cuda/acd.cu")),
 ];
 
 /// The kernels each file defines (their `extern "C"` names).
@@ -13,6 +14,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
     ("norms.cu", &["lw_layer_norm", "lw_rms_norm"]),
     ("elementwise.cu", &["lw_add", "lw_mul", "lw_gelu_tanh", "lw_gelu_erf", "lw_silu", "lw_relu", "lw_scale_heads"]),
     ("argmax.cu", &["lw_argmax_rows"]),
+    ("acd.cu", &["lw_acd_f32", "lw_acd_f16", "lw_acd_bf16", "lw_acd_from_logits"]),
 ];
 
 /// The text of kernel file `file` with its `#include "common.cuh"` replaced by the header's text: one

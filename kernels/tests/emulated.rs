@@ -208,3 +208,81 @@ fn emulated_shuffles_and_votes_meet_only_the_lanes_of_their_mask() {
         assert_eq!(ballot, 0xaaaa, "the odd lanes among 0-15");
     }
 }
+
+#[test]
+fn emulated_acd_equals_the_reference_contrast() {
+    use layerwise::DType;
+    let r = Reference::default();
+    for (vocab, hidden) in [(301usize, 24usize), (3001, 64)] {
+        let rows = 3;
+        let features = values(rows * hidden, 50, 1.0);
+        let mut upper: Vec<f32> = values(rows * vocab, 52, 4.0);
+        upper[7] = 40.0; // row 0: one token dominates, a single plausible candidate
+        upper[vocab + 3] = 9.0; // row 1: a tie at the top
+        upper[vocab + 4] = 9.0;
+        for v in &mut upper[2 * vocab..] {
+            *v = (*v * 4.0).round() / 4.0; // row 2: many ties
+        }
+        let head_f32 = values(vocab * hidden, 51, 1.0);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensor = HostTensor::from_f32(head_f32.clone(), vec![vocab, hidden]).converted(dtype);
+            let head = r.weight(&tensor, Layout::OutIn).expect("weight");
+            let (upper_m, features_m) = (matrix(&upper, rows, vocab), matrix(&features, rows, hidden));
+            let kernel = match dtype {
+                DType::F32 => Kernel::AcdF32,
+                DType::F16 => Kernel::AcdF16,
+                DType::BF16 => Kernel::AcdBf16,
+            };
+            for (alpha, min_candidates) in [(0.1f32, 1usize), (0.5, 3), (1.0, 1), (0.0, 1), (0.1, vocab), (0.1, 40)] {
+                let want = r.contrast_acd(&upper_m, &features_m, &head, alpha, min_candidates).expect("reference").data;
+                for threads in [32u32, 256] {
+                    let config = Launch { shared_bytes: (hidden + 256) * 4, ..Launch::grid_1d(rows as u32, threads) };
+                    for config in orders(config) {
+                        let mut out = vec![f32::NAN; rows * vocab];
+                        let (mut o, mut u, mut f) = (out.as_mut_ptr(), upper.as_ptr(), features.as_ptr());
+                        let mut h = tensor.bytes().as_ptr();
+                        let (mut v, mut d, mut a, mut k) = (vocab as i32, hidden as i32, alpha, min_candidates as i32);
+                        let mut params: [*mut c_void; 8] = [
+                            arg(&mut o),
+                            arg(&mut u),
+                            arg(&mut f),
+                            arg(&mut h),
+                            arg(&mut v),
+                            arg(&mut d),
+                            arg(&mut a),
+                            arg(&mut k),
+                        ];
+                        // SAFETY: lw_acd_*(out, upper, features, head, vocab, hidden, alpha, k) reads rows
+                        // x vocab upper logits, rows x hidden features and vocab x hidden head values in
+                        // the dtype's storage, and writes rows x vocab outputs.
+                        unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                                "{kernel:?} vocab {vocab} alpha {alpha} k {min_candidates} {config:?}: token {} of row {} is {g}, the reference has {w}",
+                                i % vocab,
+                                i / vocab
+                            );
+                        }
+                    }
+                }
+                if dtype == DType::F32 {
+                    // The same from precomputed lower logits (a head stored [hidden, vocab]).
+                    let lower = r.linear(&features_m, &head, None).expect("reference").data;
+                    let config = Launch { shared_bytes: 256 * 4, ..Launch::grid_1d(rows as u32, 128) };
+                    for config in orders(config) {
+                        let mut out = vec![f32::NAN; rows * vocab];
+                        let (mut o, mut u, mut l) = (out.as_mut_ptr(), upper.as_ptr(), lower.as_ptr());
+                        let (mut v, mut a, mut k) = (vocab as i32, alpha, min_candidates as i32);
+                        let mut params: [*mut c_void; 6] =
+                            [arg(&mut o), arg(&mut u), arg(&mut l), arg(&mut v), arg(&mut a), arg(&mut k)];
+                        // SAFETY: lw_acd_from_logits(out, upper, lower, vocab, alpha, k) reads and writes
+                        // rows x vocab floats.
+                        unsafe { launch(Kernel::AcdFromLogits, config, &mut params) }.expect("launch");
+                        assert_close(&format!("acd from logits alpha {alpha} k {min_candidates}"), &out, &want, 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
