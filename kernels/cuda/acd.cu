@@ -17,18 +17,6 @@
 // lw_acd_from_logits come precomputed (a head stored [hidden, vocab]).
 #include "common.cuh"
 
-template <class T>
-__device__ __forceinline__ float lw_load(const T* p, size_t i);
-template <>
-__device__ __forceinline__ float lw_load<float>(const float* p, size_t i) { return p[i]; }
-// f16 and bf16 weights come as their raw 16-bit patterns.
-struct lw_f16 { uint16_t bits; };
-struct lw_bf16 { uint16_t bits; };
-template <>
-__device__ __forceinline__ float lw_load<lw_f16>(const lw_f16* p, size_t i) { return f16_to_f32(p[i].bits); }
-template <>
-__device__ __forceinline__ float lw_load<lw_bf16>(const lw_bf16* p, size_t i) { return bf16_to_f32(p[i].bits); }
-
 // Larger floats map to larger unsigned integers.
 __device__ __forceinline__ uint32_t lw_order_key(float v) {
   uint32_t b = __float_as_uint(v);

@@ -39,6 +39,22 @@ __device__ __forceinline__ float f16_to_f32(uint16_t h) {
   return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
+// Weights in f32, or f16 / bf16 as their raw 16-bit patterns, read widened to f32.
+struct lw_f16 {
+  uint16_t bits;
+};
+struct lw_bf16 {
+  uint16_t bits;
+};
+template <class T>
+__device__ __forceinline__ float lw_load(const T* p, size_t i);
+template <>
+__device__ __forceinline__ float lw_load<float>(const float* p, size_t i) { return p[i]; }
+template <>
+__device__ __forceinline__ float lw_load<lw_f16>(const lw_f16* p, size_t i) { return f16_to_f32(p[i].bits); }
+template <>
+__device__ __forceinline__ float lw_load<lw_bf16>(const lw_bf16* p, size_t i) { return bf16_to_f32(p[i].bits); }
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(LW_FULL_MASK, v, offset);
   return v;

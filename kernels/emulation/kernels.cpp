@@ -7,6 +7,7 @@
 #include "argmax.cu"
 #include "elementwise.cu"
 #include "norms.cu"
+#include "products.cu"
 #include "selftest.cuh"
 
 EMU_EXPORT(lw_layer_norm)
@@ -23,6 +24,15 @@ EMU_EXPORT(lw_acd_f32)
 EMU_EXPORT(lw_acd_f16)
 EMU_EXPORT(lw_acd_bf16)
 EMU_EXPORT(lw_acd_from_logits)
+EMU_EXPORT(lw_matvec_f32)
+EMU_EXPORT(lw_matvec_f16)
+EMU_EXPORT(lw_matvec_bf16)
+EMU_EXPORT(lw_gemm_f32)
+EMU_EXPORT(lw_gemm_f16)
+EMU_EXPORT(lw_gemm_bf16)
+EMU_EXPORT(lw_norm_head_f32)
+EMU_EXPORT(lw_norm_head_f16)
+EMU_EXPORT(lw_norm_head_bf16)
 EMU_EXPORT(lw_test_neighbour)
 EMU_EXPORT(lw_test_deadlock)
 EMU_EXPORT(lw_test_half_warp)

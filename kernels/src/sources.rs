@@ -7,6 +7,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("../cuda/elementwise.cu")),
     ("argmax.cu", include_str!("../cuda/argmax.cu")),
     ("acd.cu", include_str!("../cuda/acd.cu")),
+    ("products.cu", include_str!("../cuda/products.cu")),
 ];
 
 /// The kernels each file defines (their `extern "C"` names).
@@ -15,6 +16,20 @@ pub const KERNELS: &[(&str, &[&str])] = &[
     ("elementwise.cu", &["lw_add", "lw_mul", "lw_gelu_tanh", "lw_gelu_erf", "lw_silu", "lw_relu", "lw_scale_heads"]),
     ("argmax.cu", &["lw_argmax_rows"]),
     ("acd.cu", &["lw_acd_f32", "lw_acd_f16", "lw_acd_bf16", "lw_acd_from_logits"]),
+    (
+        "products.cu",
+        &[
+            "lw_matvec_f32",
+            "lw_matvec_f16",
+            "lw_matvec_bf16",
+            "lw_gemm_f32",
+            "lw_gemm_f16",
+            "lw_gemm_bf16",
+            "lw_norm_head_f32",
+            "lw_norm_head_f16",
+            "lw_norm_head_bf16",
+        ],
+    ),
 ];
 
 /// The text of kernel file `file` with its `#include "common.cuh"` replaced by the header's text: one

@@ -286,3 +286,130 @@ fn emulated_acd_equals_the_reference_contrast() {
         }
     }
 }
+
+/// The kernels of one weight dtype in products.cu: (matvec, gemm, norm_head).
+fn product_kernels(dtype: layerwise::DType) -> (Kernel, Kernel, Kernel) {
+    use layerwise::DType;
+    match dtype {
+        DType::F32 => (Kernel::MatvecF32, Kernel::GemmF32, Kernel::NormHeadF32),
+        DType::F16 => (Kernel::MatvecF16, Kernel::GemmF16, Kernel::NormHeadF16),
+        DType::BF16 => (Kernel::MatvecBf16, Kernel::GemmBf16, Kernel::NormHeadBf16),
+    }
+}
+
+#[test]
+fn emulated_products_equal_the_reference_linear() {
+    use layerwise::DType;
+    let r = Reference::default();
+    for (n_in, n_out) in [(1usize, 5usize), (37, 53), (64, 300), (1024, 40)] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensor = HostTensor::from_f32(values(n_in * n_out, 7, 1.0), vec![n_out, n_in]).converted(dtype);
+            let weight = r.weight(&tensor, Layout::OutIn).expect("weight");
+            let bias_values = values(n_out, 8, 1.0);
+            let bias = vector(&bias_values);
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
+            let (matvec, gemm, _) = product_kernels(dtype);
+            for t in [1usize, 3, 8, 9, 33] {
+                let x = values(t * n_in, t as u64, 1.0);
+                let xm = matrix(&x, t, n_in);
+                for with_bias in [false, true] {
+                    let want = r.linear(&xm, &weight, with_bias.then_some(&bias)).expect("reference").data;
+                    let mut configs = vec![(gemm, Launch::grid_1d(n_out.div_ceil(16) as u32, 256))];
+                    configs[0].1.grid[1] = t.div_ceil(16) as u32;
+                    if t <= 8 {
+                        configs.push((matvec, Launch::grid_1d(n_out.div_ceil(8) as u32, 256)));
+                    }
+                    for (kernel, config) in configs {
+                        for config in orders(config) {
+                            let mut out = vec![f32::NAN; t * n_out];
+                            let (mut o, mut xp, mut w) = (out.as_mut_ptr(), x.as_ptr(), tensor.bytes().as_ptr());
+                            let mut b = if with_bias { bias_values.as_ptr() } else { std::ptr::null() };
+                            let (mut tt, mut ni, mut no) = (t as i32, n_in as i32, n_out as i32);
+                            let mut params: [*mut c_void; 7] = [
+                                arg(&mut o),
+                                arg(&mut xp),
+                                arg(&mut w),
+                                arg(&mut b),
+                                arg(&mut tt),
+                                arg(&mut ni),
+                                arg(&mut no),
+                            ];
+                            // SAFETY: (out, x, w, bias, t, n_in, n_out): out t x n_out, x t x n_in, w n_out x
+                            // n_in in the dtype's storage, bias n_out or null.
+                            unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                            let what = format!("{kernel:?} {n_in}->{n_out}, {t} rows, bias {with_bias}, {config:?}");
+                            assert_close(&what, &out, &want, tolerance);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_norm_fused_with_heads_equals_norm_then_linear() {
+    use layerwise::DType;
+    let r = Reference::default();
+    let (hidden, vocab) = (96usize, 301usize);
+    for dtype in [DType::F32, DType::BF16] {
+        let (_, _, kernel) = product_kernels(dtype);
+        for (heads, t) in [(1usize, 1usize), (3, 2), (2, 4)] {
+            let tensors: Vec<HostTensor> = (0..heads)
+                .map(|h| {
+                    HostTensor::from_f32(values(vocab * hidden, 60 + h as u64, 1.0), vec![vocab, hidden])
+                        .converted(dtype)
+                })
+                .collect();
+            let states = values(heads * t * hidden, 70, 2.0);
+            let (w, b) = (values(hidden, 71, 1.0), values(hidden, 72, 1.0));
+            for rms in [false, true] {
+                let mut want = Vec::new();
+                for (h, tensor) in tensors.iter().enumerate() {
+                    let x = matrix(&states[h * t * hidden..(h + 1) * t * hidden], t, hidden);
+                    let normed = if rms {
+                        r.rms_norm(&x, &vector(&w), 1e-6).expect("reference")
+                    } else {
+                        r.layer_norm(&x, &vector(&w), &vector(&b), 1e-5).expect("reference")
+                    };
+                    let head = r.weight(tensor, Layout::OutIn).expect("weight");
+                    want.extend(r.linear(&normed, &head, None).expect("reference").data);
+                }
+                let mut config =
+                    Launch { shared_bytes: t * hidden * 4 + 256, ..Launch::grid_1d(vocab.div_ceil(8) as u32, 256) };
+                config.grid[1] = heads as u32;
+                for config in orders(config) {
+                    let mut out = vec![f32::NAN; heads * t * vocab];
+                    let head_ptrs: Vec<*const u8> = tensors.iter().map(|t| t.bytes().as_ptr()).collect();
+                    let (mut o, mut s, mut wp) = (out.as_mut_ptr(), states.as_ptr(), w.as_ptr());
+                    let mut bp = if rms { std::ptr::null() } else { b.as_ptr() };
+                    let mut hp = head_ptrs.as_ptr();
+                    let (mut tt, mut d, mut v, mut eps) =
+                        (t as i32, hidden as i32, vocab as i32, if rms { 1e-6f32 } else { 1e-5 });
+                    let mut params: [*mut c_void; 9] = [
+                        arg(&mut o),
+                        arg(&mut s),
+                        arg(&mut wp),
+                        arg(&mut bp),
+                        arg(&mut hp),
+                        arg(&mut tt),
+                        arg(&mut d),
+                        arg(&mut v),
+                        arg(&mut eps),
+                    ];
+                    // SAFETY: (out, states, norm_w, norm_b, heads, t, hidden, vocab, eps): out heads x t x
+                    // vocab, states heads x t x hidden, norm vectors of hidden, `heads` head pointers of
+                    // vocab x hidden values in the dtype's storage.
+                    unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
+                    assert_close(
+                        &format!("{kernel:?} heads {heads} t {t} rms {rms} {config:?}"),
+                        &out,
+                        &want,
+                        tolerance,
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+// Matrix products with a weight stored [out, in] (the CUDA backend stores every matrix so, GPT-2's
+// Conv1D [in, out] weights transposed once at upload), in f32, f16 or bf16, summed in f32.
+//
+// lw_matvec_*: decoding, t <= 8 rows of x: one warp per output feature; the lanes stream the weight
+//   row once (coalesced) and keep one sum per token, then a shuffle reduction. Bound by reading the
+//   weight: n_out * n_in elements per launch.
+// lw_gemm_*: prefill and batches, any t: 16 x 16 output tiles per block of 256 threads, 16-wide steps
+//   along `in` through shared memory.
+// lw_norm_head_*: the final norm (LayerNorm, or RMSNorm when norm_b is null) fused with one or several
+//   vocabulary heads: every block normalises the t rows of each head's state into shared memory (a few
+//   KiB, cheap next to the head it reads), then its warps compute their output features as lw_matvec
+//   does. out[h][r][o] = Σ_i norm(state[h][r])[i] * head_h[o][i]; heads[h] points at head h.
+//
+// Launch: lw_matvec: grid ceil(n_out / warps per block), block 256; lw_gemm: grid (ceil(n_out / 16),
+// ceil(t / 16)), block 256; lw_norm_head: grid (ceil(vocab / warps per block), heads), block 256,
+// dynamic shared memory t * hidden * 4 bytes + 256. Must equal the reference backend's linear (and
+// layer_norm / rms_norm then linear) within 1e-5 of the largest output for f32 weights, 1e-4 for
+// f16/bf16 (the conformance tolerances).
+#include "common.cuh"
+
+#define LW_MAX_TOKENS 8
+
+// out[r][o] = Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may be in shared memory.
+template <class T>
+__device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T* w, const float* bias, int t, int n_in,
+                                            int n_out, int o) {
+  int lane = threadIdx.x & 31;
+  const T* row = w + size_t(o) * n_in;
+  float acc[LW_MAX_TOKENS];
+#pragma unroll
+  for (int r = 0; r < LW_MAX_TOKENS; ++r) acc[r] = 0.0f;
+  for (int i = lane; i < n_in; i += 32) {
+    float wv = lw_load(row, i);
+#pragma unroll
+    for (int r = 0; r < LW_MAX_TOKENS; ++r) {
+      if (r < t) acc[r] += wv * x[size_t(r) * n_in + i];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < LW_MAX_TOKENS; ++r) {
+    if (r < t) {
+      float s = warp_sum(acc[r]);
+      if (lane == 0) out[size_t(r) * n_out + o] = bias ? s + bias[o] : s;
+    }
+  }
+}
+
+template <class T>
+__device__ void lw_matvec(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out) {
+  int warps = blockDim.x >> 5;
+  int o = blockIdx.x * warps + (threadIdx.x >> 5);
+  if (o < n_out) lw_warp_row(out, x, w, bias, t, n_in, n_out, o);
+}
+
+template <class T>
+__device__ void lw_gemm(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out) {
+  __shared__ float xs[16][17];
+  __shared__ float ws[16][17];
+  int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;  // ty: the tile's row (token), tx: its column (feature)
+  int r = blockIdx.y * 16 + ty, o = blockIdx.x * 16 + tx;
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < n_in; k0 += 16) {
+    // x tile: rows r, columns k0 + tx; weight tile: features blockIdx.x * 16 + ty, inputs k0 + tx.
+    int wo = blockIdx.x * 16 + ty;
+    xs[ty][tx] = (r < t && k0 + tx < n_in) ? x[size_t(r) * n_in + k0 + tx] : 0.0f;
+    ws[ty][tx] = (wo < n_out && k0 + tx < n_in) ? lw_load(w, size_t(wo) * n_in + k0 + tx) : 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 16; ++k) acc += xs[ty][k] * ws[tx][k];
+    __syncthreads();
+  }
+  if (r < t && o < n_out) out[size_t(r) * n_out + o] = bias ? acc + bias[o] : acc;
+}
+
+template <class T>
+__device__ void lw_norm_head(float* out, const float* states, const float* norm_w, const float* norm_b,
+                             const T* const* heads, int t, int hidden, int vocab, float eps) {
+  DYNAMIC_SHARED(float, shared);
+  float* normed = shared;              // [t, hidden]
+  float* scratch = shared + t * hidden;  // 32 floats
+  int h = blockIdx.y;
+  const float* state = states + size_t(h) * t * hidden;
+  for (int r = 0; r < t; ++r) {
+    const float* row = state + size_t(r) * hidden;
+    float* dst = normed + size_t(r) * hidden;
+    if (norm_b) {
+      float sum = 0.0f;
+      for (int c = threadIdx.x; c < hidden; c += blockDim.x) sum += row[c];
+      float mean = block_sum(sum, scratch) / float(hidden);
+      float squares = 0.0f;
+      for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float d = row[c] - mean;
+        squares += d * d;
+      }
+      float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(hidden) + eps);
+      for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = (row[c] - mean) * inv * norm_w[c] + norm_b[c];
+    } else {
+      float squares = 0.0f;
+      for (int c = threadIdx.x; c < hidden; c += blockDim.x) squares += row[c] * row[c];
+      float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(hidden) + eps);
+      for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = norm_w[c] * (row[c] * inv);
+    }
+  }
+  __syncthreads();
+  int warps = blockDim.x >> 5;
+  int o = blockIdx.x * warps + (threadIdx.x >> 5);
+  if (o < vocab) lw_warp_row(out + size_t(h) * t * vocab, normed, heads[h], (const float*)nullptr, t, hidden, vocab, o);
+}
+
+#define LW_PRODUCTS(suffix, T)                                                                                   \
+  extern "C" __global__ void lw_matvec_##suffix(float* out, const float* x, const T* w, const float* bias, int t, \
+                                                int n_in, int n_out) {                                           \
+    lw_matvec(out, x, w, bias, t, n_in, n_out);                                                                  \
+  }                                                                                                              \
+  extern "C" __global__ void lw_gemm_##suffix(float* out, const float* x, const T* w, const float* bias, int t,   \
+                                              int n_in, int n_out) {                                             \
+    lw_gemm(out, x, w, bias, t, n_in, n_out);                                                                    \
+  }                                                                                                              \
+  extern "C" __global__ void lw_norm_head_##suffix(float* out, const float* states, const float* norm_w,          \
+                                                   const float* norm_b, const T* const* heads, int t, int hidden, \
+                                                   int vocab, float eps) {                                       \
+    lw_norm_head(out, states, norm_w, norm_b, heads, t, hidden, vocab, eps);                                     \
+  }
+
+LW_PRODUCTS(f32, float)
+LW_PRODUCTS(f16, lw_f16)
+LW_PRODUCTS(bf16, lw_bf16)
