@@ -5,7 +5,9 @@
 
 #include "acd.cu"
 #include "argmax.cu"
+#include "attention.cu"
 #include "elementwise.cu"
+#include "memory.cu"
 #include "norms.cu"
 #include "products.cu"
 #include "selftest.cuh"
@@ -33,6 +35,17 @@ EMU_EXPORT(lw_gemm_bf16)
 EMU_EXPORT(lw_norm_head_f32)
 EMU_EXPORT(lw_norm_head_f16)
 EMU_EXPORT(lw_norm_head_bf16)
+EMU_EXPORT(lw_embed_f32)
+EMU_EXPORT(lw_embed_f16)
+EMU_EXPORT(lw_embed_bf16)
+EMU_EXPORT(lw_gather_rows)
+EMU_EXPORT(lw_copy_columns)
+EMU_EXPORT(lw_rope)
+EMU_EXPORT(lw_kv_write)
+EMU_EXPORT(lw_copy_blocks)
+EMU_EXPORT(lw_attention_partial)
+EMU_EXPORT(lw_attention_merge)
+EMU_EXPORT(lw_attention_probs)
 EMU_EXPORT(lw_test_neighbour)
 EMU_EXPORT(lw_test_deadlock)
 EMU_EXPORT(lw_test_half_warp)

@@ -94,6 +94,17 @@ kernels! {
     NormHeadF32 => emu_lw_norm_head_f32,
     NormHeadF16 => emu_lw_norm_head_f16,
     NormHeadBf16 => emu_lw_norm_head_bf16,
+    EmbedF32 => emu_lw_embed_f32,
+    EmbedF16 => emu_lw_embed_f16,
+    EmbedBf16 => emu_lw_embed_bf16,
+    GatherRows => emu_lw_gather_rows,
+    CopyColumns => emu_lw_copy_columns,
+    Rope => emu_lw_rope,
+    KvWrite => emu_lw_kv_write,
+    CopyBlocks => emu_lw_copy_blocks,
+    AttentionPartial => emu_lw_attention_partial,
+    AttentionMerge => emu_lw_attention_merge,
+    AttentionProbs => emu_lw_attention_probs,
     TestNeighbour => emu_lw_test_neighbour,
     TestDeadlock => emu_lw_test_deadlock,
     TestHalfWarp => emu_lw_test_half_warp,
@@ -116,6 +127,30 @@ pub unsafe fn launch(kernel: Kernel, config: Launch, params: &mut [*mut c_void])
     // SAFETY: the emulator writes a NUL-terminated message into error.
     let message = unsafe { CStr::from_ptr(error.as_ptr()) };
     Err(format!("{}: {}", kernel.name(), message.to_string_lossy()))
+}
+
+/// The attention kernels' argument block (`lw_attention_args` in kernels/cuda/attention.cu), passed
+/// by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionArgs {
+    pub q: *const f32,
+    pub keys: *const f32,
+    pub values: *const f32,
+    pub positions: *const u32,
+    pub row_seq: *const u32,
+    pub table_start: *const u32,
+    pub block_tables: *const u32,
+    pub block_size: i32,
+    pub layer: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub head_dim: i32,
+    /// 0: no window.
+    pub window: i32,
+    pub slots_per_layer: u64,
+    pub width: i32,
+    pub scale: f32,
 }
 
 /// A kernel argument as CUDA's `kernelParams` holds it: a pointer to the value.

@@ -8,6 +8,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("argmax.cu", include_str!("../cuda/argmax.cu")),
     ("acd.cu", include_str!("../cuda/acd.cu")),
     ("products.cu", include_str!("../cuda/products.cu")),
+    ("memory.cu", include_str!("../cuda/memory.cu")),
+    ("attention.cu", include_str!("../cuda/attention.cu")),
 ];
 
 /// The kernels each file defines (their `extern "C"` names).
@@ -30,6 +32,20 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "lw_norm_head_bf16",
         ],
     ),
+    (
+        "memory.cu",
+        &[
+            "lw_embed_f32",
+            "lw_embed_f16",
+            "lw_embed_bf16",
+            "lw_gather_rows",
+            "lw_copy_columns",
+            "lw_rope",
+            "lw_kv_write",
+            "lw_copy_blocks",
+        ],
+    ),
+    ("attention.cu", &["lw_attention_partial", "lw_attention_merge", "lw_attention_probs"]),
 ];
 
 /// The text of kernel file `file` with its `#include "common.cuh"` replaced by the header's text: one

@@ -413,3 +413,262 @@ fn emulated_norm_fused_with_heads_equals_norm_then_linear() {
         }
     }
 }
+
+#[test]
+fn emulated_data_movement_equals_the_reference() {
+    use layerwise::backend::{Lookup, StepLayout};
+    use layerwise::DType;
+    let r = Reference::default();
+    // Embedding lookups in every dtype.
+    let (n, d) = (11usize, 13usize);
+    for (dtype, kernel) in
+        [(DType::F32, Kernel::EmbedF32), (DType::F16, Kernel::EmbedF16), (DType::BF16, Kernel::EmbedBf16)]
+    {
+        let table = HostTensor::from_f32(values(n * d, 1, 1.0), vec![n, d]).converted(dtype);
+        let ids = vec![10u32, 0, 3, 3];
+        let step = StepLayout { ids: ids.clone(), positions: vec![0, 1, 2, 3], ..Default::default() };
+        let want =
+            r.embed(&r.weight(&table, Layout::OutIn).expect("weight"), &step, Lookup::Tokens).expect("reference").data;
+        let mut out = vec![f32::NAN; ids.len() * d];
+        let (mut o, mut t, mut i, mut dd) = (out.as_mut_ptr(), table.bytes().as_ptr(), ids.as_ptr(), d as i32);
+        let mut params: [*mut c_void; 4] = [arg(&mut o), arg(&mut t), arg(&mut i), arg(&mut dd)];
+        // SAFETY: lw_embed_*(out, table, index, d): 4 rows of d out, 11 x d table, 4 indices.
+        unsafe { launch(kernel, Launch::grid_1d(ids.len() as u32, 32), &mut params) }.expect("launch");
+        assert_close(&format!("{kernel:?}"), &out, &want, 0.0);
+    }
+    // Row gathers and column blocks.
+    let x = values(5 * 12, 2, 1.0);
+    let rows = [4u32, 0, 2];
+    let step = StepLayout { output_rows: rows.to_vec(), ..Default::default() };
+    let want = r.gather_output_rows(&matrix(&x, 5, 12), &step).expect("reference").data;
+    let mut out = vec![f32::NAN; 3 * 12];
+    let (mut o, mut xp, mut rp, mut c) = (out.as_mut_ptr(), x.as_ptr(), rows.as_ptr(), 12i32);
+    let mut params: [*mut c_void; 4] = [arg(&mut o), arg(&mut xp), arg(&mut rp), arg(&mut c)];
+    // SAFETY: lw_gather_rows(out, x, rows, cols): 3 rows out of 5, 12 wide.
+    unsafe { launch(Kernel::GatherRows, Launch::grid_1d(3, 32), &mut params) }.expect("launch");
+    assert_close("gather_rows", &out, &want, 0.0);
+    let parts = r.split_columns(&matrix(&x, 5, 12), &[3, 1, 8]).expect("reference");
+    let mut start = 0i32;
+    for part in parts {
+        let mut out = vec![f32::NAN; 5 * part.cols];
+        let (mut o, mut xp, mut c, mut s, mut w) = (out.as_mut_ptr(), x.as_ptr(), 12i32, start, part.cols as i32);
+        let mut params: [*mut c_void; 5] = [arg(&mut o), arg(&mut xp), arg(&mut c), arg(&mut s), arg(&mut w)];
+        // SAFETY: lw_copy_columns(out, x, cols, start, width): 5 rows.
+        unsafe { launch(Kernel::CopyColumns, Launch::grid_1d(5, 32), &mut params) }.expect("launch");
+        assert_close("copy_columns", &out, &part.data, 0.0);
+        start += part.cols as i32;
+    }
+    // Rotary embeddings at far positions.
+    for (head_dim, heads, theta) in [(8usize, 3usize, 10000.0f32), (64, 2, 500000.0)] {
+        let positions = vec![0u32, 1, 17, 1023, 5];
+        let t = positions.len();
+        let x = values(t * heads * head_dim, 10, 1.0);
+        let step = StepLayout { ids: vec![0; t], positions: positions.clone(), ..Default::default() };
+        let mut want = matrix(&x, t, heads * head_dim);
+        r.rope(&mut want, head_dim, &step, theta).expect("reference");
+        for config in orders(Launch::grid_1d(2, 64)) {
+            let mut got = x.clone();
+            let (mut g, mut p, mut tt, mut c, mut d, mut th) =
+                (got.as_mut_ptr(), positions.as_ptr(), t as i32, (heads * head_dim) as i32, head_dim as i32, theta);
+            let mut params: [*mut c_void; 6] =
+                [arg(&mut g), arg(&mut p), arg(&mut tt), arg(&mut c), arg(&mut d), arg(&mut th)];
+            // SAFETY: lw_rope(x, positions, t, cols, head_dim, theta): t x cols floats, t positions.
+            unsafe { launch(Kernel::Rope, config, &mut params) }.expect("launch");
+            assert_close(&format!("rope d{head_dim}"), &got, &want.data, 1e-6);
+        }
+    }
+    // The cache: writes into slots, then copy-on-write of blocks, read back through attention below;
+    // here the raw layout: keys[layer][slot][width].
+    let (layers, blocks, block_size, width) = (2usize, 6usize, 4usize, 10usize);
+    let slots_per_layer = blocks * block_size;
+    let mut keys = vec![0f32; layers * slots_per_layer * width];
+    let mut vals = vec![0f32; layers * slots_per_layer * width];
+    let (k, v) = (values(3 * 7, 20, 1.0), values(3 * 7, 21, 1.0));
+    let slots = [5u32, 0, 23];
+    let (mut kp, mut vp, mut kk, mut vv, mut sp) =
+        (keys.as_mut_ptr(), vals.as_mut_ptr(), k.as_ptr(), v.as_ptr(), slots.as_ptr());
+    let (mut cols, mut w, mut layer, mut spl) = (7i32, width as i32, 1i32, slots_per_layer as u64);
+    let mut params: [*mut c_void; 9] = [
+        arg(&mut kp),
+        arg(&mut vp),
+        arg(&mut kk),
+        arg(&mut vv),
+        arg(&mut sp),
+        arg(&mut cols),
+        arg(&mut w),
+        arg(&mut layer),
+        arg(&mut spl),
+    ];
+    // SAFETY: lw_kv_write(keys, values, k, v, slots, cols, width, layer, slots_per_layer): 3 rows of 7
+    // into slots of a [2][24][10] store.
+    unsafe { launch(Kernel::KvWrite, Launch::grid_1d(3, 32), &mut params) }.expect("launch");
+    for (row, &slot) in slots.iter().enumerate() {
+        let at = (slots_per_layer + slot as usize) * width;
+        assert_eq!(&keys[at..at + 7], &k[row * 7..(row + 1) * 7]);
+        assert_eq!(&vals[at..at + 7], &v[row * 7..(row + 1) * 7]);
+    }
+    let pairs = [1u32, 4, 5, 2]; // block 1 -> 4, block 5 -> 2
+    let before = keys.clone();
+    let (mut kp, mut vp, mut pp, mut bs, mut w, mut spl) =
+        (keys.as_mut_ptr(), vals.as_mut_ptr(), pairs.as_ptr(), block_size as i32, width as i32, slots_per_layer as u64);
+    let mut params: [*mut c_void; 6] =
+        [arg(&mut kp), arg(&mut vp), arg(&mut pp), arg(&mut bs), arg(&mut w), arg(&mut spl)];
+    let mut config = Launch::grid_1d(2, 64);
+    config.grid[1] = layers as u32;
+    // SAFETY: lw_copy_blocks(keys, values, pairs, block_size, width, slots_per_layer): 2 pairs, 2 layers.
+    unsafe { launch(Kernel::CopyBlocks, config, &mut params) }.expect("launch");
+    let span = block_size * width;
+    for layer in 0..layers {
+        for (from, to) in [(1usize, 4usize), (5, 2)] {
+            let base = layer * slots_per_layer * width;
+            assert_eq!(
+                &keys[base + to * span..base + (to + 1) * span],
+                &before[base + from * span..base + (from + 1) * span]
+            );
+        }
+    }
+}
+
+#[test]
+fn emulated_paged_attention_equals_the_reference() {
+    use layerwise::backend::{AttentionParams, SeqLayout, StepLayout};
+    use layerwise_kernels::emulated::AttentionArgs;
+    let r = Reference::default();
+    // (heads, kv heads, head_dim, window, block size)
+    for (heads, kv_heads, head_dim, window, block_size) in
+        [(4usize, 4usize, 8usize, 0usize, 4usize), (4, 2, 16, 0, 16), (2, 1, 5, 4, 3), (3, 3, 64, 1, 1)]
+    {
+        // Sequences: (first position, new rows, blocks): decode rows past page boundaries, a prefill.
+        let sequences: Vec<(usize, usize, Vec<u32>)> = vec![
+            (0, 1, vec![7]),
+            (block_size * 2, 1, vec![0, 1, 2]),
+            (
+                block_size - 1,
+                3,
+                [3].into_iter().chain(40..40 + (block_size + 2).div_ceil(block_size) as u32 - 1).collect(),
+            ),
+            (0, 19, (8..8 + 19usize.div_ceil(block_size) as u32).collect()),
+        ];
+        let mut layout = StepLayout { block_size, ..Default::default() };
+        for (first_position, len, table) in &sequences {
+            let s = layout.sequences.len();
+            layout.sequences.push(SeqLayout {
+                first_row: layout.ids.len(),
+                len: *len,
+                first_position: *first_position,
+                table_start: layout.block_tables.len(),
+                table_len: table.len(),
+            });
+            layout.block_tables.extend_from_slice(table);
+            for i in 0..*len {
+                let pos = first_position + i;
+                layout.ids.push(0);
+                layout.positions.push(pos as u32);
+                layout.slots.push(layout.slot_of(s, pos) as u32);
+            }
+        }
+        let rows = layout.rows();
+        let width = kv_heads * head_dim;
+        let (layers, num_blocks) = (2usize, 64usize);
+        let slots_per_layer = num_blocks * block_size;
+        // Every slot any sequence reads, with its key and value rows, written to both caches.
+        let mut fill = StepLayout { block_size, ..layout.clone() };
+        fill.slots = (0..layout.sequences.len())
+            .flat_map(|s| {
+                let seq = layout.sequences[s];
+                (0..seq.first_position + seq.len).map(move |p| (s, p))
+            })
+            .map(|(s, p)| layout.slot_of(s, p) as u32)
+            .collect();
+        fill.slots.sort_unstable();
+        fill.slots.dedup();
+        let n = fill.slots.len();
+        let (k, v) = (values(n * width, 30, 1.0), values(n * width, 31, 1.0));
+        let mut store = r.kv_store(layers, num_blocks, block_size, width).expect("store");
+        r.kv_write(&mut store, 1, &fill, &matrix(&k, n, width), &matrix(&v, n, width)).expect("reference");
+        let mut keys = vec![0f32; layers * slots_per_layer * width];
+        let mut vals = vec![0f32; layers * slots_per_layer * width];
+        for (i, &slot) in fill.slots.iter().enumerate() {
+            let at = (slots_per_layer + slot as usize) * width;
+            keys[at..at + width].copy_from_slice(&k[i * width..(i + 1) * width]);
+            vals[at..at + width].copy_from_slice(&v[i * width..(i + 1) * width]);
+        }
+        let q = values(rows * heads * head_dim, 40, 1.0);
+        let params = AttentionParams {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: (window > 0).then_some(window),
+        };
+        let want = r
+            .paged_attention(&matrix(&q, rows, heads * head_dim), &store, 1, &layout, &params)
+            .expect("reference")
+            .data;
+        let row_seq: Vec<u32> = layout
+            .sequences
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| std::iter::repeat(s as u32).take(seq.len))
+            .collect();
+        let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
+        let args = AttentionArgs {
+            q: q.as_ptr(),
+            keys: keys.as_ptr(),
+            values: vals.as_ptr(),
+            positions: layout.positions.as_ptr(),
+            row_seq: row_seq.as_ptr(),
+            table_start: table_start.as_ptr(),
+            block_tables: layout.block_tables.as_ptr(),
+            block_size: block_size as i32,
+            layer: 1,
+            heads: heads as i32,
+            kv_heads: kv_heads as i32,
+            head_dim: head_dim as i32,
+            window: window as i32,
+            slots_per_layer: slots_per_layer as u64,
+            width: width as i32,
+            scale: params.scale,
+        };
+        let longest = 19 + block_size * 2;
+        for chunk in [longest, 7, 2] {
+            let splits = longest.div_ceil(chunk);
+            let mut partial = vec![f32::NAN; rows * heads * splits * (head_dim + 2)];
+            let mut config = Launch { shared_bytes: (head_dim + chunk) * 4, ..Launch::grid_1d(heads as u32, 32) };
+            config.grid[1] = rows as u32;
+            config.grid[2] = splits as u32;
+            for config in orders(config) {
+                let (mut pp, mut a, mut c) = (partial.as_mut_ptr(), args, chunk as i32);
+                let mut p: [*mut c_void; 3] = [arg(&mut pp), arg(&mut a), arg(&mut c)];
+                // SAFETY: lw_attention_partial(partial, args, chunk): the args point at the arrays above;
+                // partial holds rows x heads x splits x (head_dim + 2).
+                unsafe { launch(Kernel::AttentionPartial, config, &mut p) }.expect("launch");
+                let mut out = vec![f32::NAN; rows * heads * head_dim];
+                let (mut o, mut pp, mut h, mut d, mut s) =
+                    (out.as_mut_ptr(), partial.as_ptr(), heads as i32, head_dim as i32, splits as i32);
+                let mut p: [*mut c_void; 5] = [arg(&mut o), arg(&mut pp), arg(&mut h), arg(&mut d), arg(&mut s)];
+                let mut merge = Launch::grid_1d(heads as u32, 64);
+                merge.grid[1] = rows as u32;
+                // SAFETY: lw_attention_merge(out, partial, heads, head_dim, splits).
+                unsafe { launch(Kernel::AttentionMerge, merge, &mut p) }.expect("launch");
+                assert_close(&format!("paged attention {params:?} chunk {chunk} {config:?}"), &out, &want, 1e-5);
+            }
+        }
+        // The probabilities of every sequence.
+        for (s, seq) in layout.sequences.iter().enumerate() {
+            let ctx = seq.first_position + seq.len;
+            let want = r
+                .attention_probs(&matrix(&q, rows, heads * head_dim), &store, 1, &layout, s, &params)
+                .expect("reference")
+                .data;
+            let mut out = vec![f32::NAN; heads * seq.len * ctx];
+            let mut config = Launch { shared_bytes: (head_dim + ctx) * 4, ..Launch::grid_1d(heads as u32, 64) };
+            config.grid[1] = seq.len as u32;
+            let (mut o, mut a, mut fr, mut c) = (out.as_mut_ptr(), args, seq.first_row as i32, ctx as i32);
+            let mut p: [*mut c_void; 4] = [arg(&mut o), arg(&mut a), arg(&mut fr), arg(&mut c)];
+            // SAFETY: lw_attention_probs(out, args, first_row, context): heads x len x ctx out.
+            unsafe { launch(Kernel::AttentionProbs, config, &mut p) }.expect("launch");
+            assert_close(&format!("attention probs {params:?} sequence {s}"), &out, &want, 1e-5);
+        }
+    }
+}

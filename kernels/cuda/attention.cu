@@ -1,0 +1,144 @@
+// Causal self-attention over the paged cache, for decoding and prefill alike, split over long
+// contexts with a merge of partial softmax states (as FlashDecoding and vLLM's paged attention v2).
+//
+// Each query row r (of sequence row_seq[r], at position positions[r]) sees the keys at positions
+// first .. positions[r] (first = positions[r] + 1 - window with a local window, else 0), found
+// through its sequence's block table: slot = table[pos / block_size] * block_size + pos % block_size,
+// key row = keys[layer][slot][kv_head * head_dim ..], kv_head = head / (heads / kv_heads).
+//
+// lw_attention_partial: grid (heads, rows, splits), block a multiple of 32 threads, dynamic shared
+//   memory (head_dim + chunk) * 4 bytes. Split z takes the visible positions of chunk z (chunk =
+//   positions per split): scores s_j = scale * q · k_j, m = max s_j, l = Σ exp(s_j - m),
+//   o = Σ exp(s_j - m) v_j (unnormalised), written to partial[(row * heads + head) * splits + z] as
+//   (m, l, o[head_dim]) (m = -inf, l = 0 for an empty chunk).
+// lw_attention_merge: grid (heads, rows), block >= head_dim threads: M = max m_z,
+//   L = Σ l_z exp(m_z - M), out = Σ o_z exp(m_z - M) / L.
+// lw_attention_probs: grid (heads, len of one sequence): the probabilities of query row first_row + y
+//   over the sequence's context, zero outside the visible positions (for inspection).
+//
+// Must equal the reference backend's paged_attention / attention_probs within 1e-5 of the largest
+// output (the conformance tolerance).
+#include "common.cuh"
+
+struct lw_attention_args {
+  const float* q;
+  const float* keys;
+  const float* values;
+  const uint32_t* positions;
+  const uint32_t* row_seq;
+  const uint32_t* table_start;
+  const uint32_t* block_tables;
+  int block_size, layer, heads, kv_heads, head_dim, window;
+  unsigned long long slots_per_layer;
+  int width;
+  float scale;
+};
+
+__device__ __forceinline__ size_t lw_key_at(const lw_attention_args& a, int seq, int pos, int kv_head) {
+  uint32_t block = a.block_tables[a.table_start[seq] + pos / a.block_size];
+  size_t slot = size_t(block) * a.block_size + pos % a.block_size;
+  return (size_t(a.layer) * a.slots_per_layer + slot) * a.width + size_t(kv_head) * a.head_dim;
+}
+
+// Scores of row `row`, head `head` for positions [begin, end) into scores[0 .. end - begin); returns their max.
+__device__ float lw_scores(const lw_attention_args& a, int row, int head, int begin, int end, const float* q,
+                           float* scores, float* scratch) {
+  int seq = int(a.row_seq[row]);
+  int kv_head = head / (a.heads / a.kv_heads);
+  float m = -LW_INF;
+  for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    const float* k = a.keys + lw_key_at(a, seq, j, kv_head);
+    float dot = 0.0f;
+    for (int c = 0; c < a.head_dim; ++c) dot += q[c] * k[c];
+    float s = dot * a.scale;
+    scores[j - begin] = s;
+    m = fmaxf(m, s);
+  }
+  return block_max(m, scratch);
+}
+
+__device__ __forceinline__ void lw_visible(const lw_attention_args& a, int row, int& first, int& last) {
+  int pos = int(a.positions[row]);
+  first = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+  last = pos + 1;  // exclusive
+}
+
+extern "C" __global__ void lw_attention_partial(float* partial, lw_attention_args a, int chunk) {
+  DYNAMIC_SHARED(float, shared);
+  __shared__ float scratch[32];
+  float* q = shared;
+  float* scores = shared + a.head_dim;
+  int head = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const float* qr = a.q + size_t(row) * a.heads * a.head_dim + size_t(head) * a.head_dim;
+  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) q[c] = qr[c];
+  __syncthreads();
+  int first, last;
+  lw_visible(a, row, first, last);
+  int begin = first + split * chunk;
+  int end = min(last, begin + chunk);
+  float* out = partial + (size_t(row) * a.heads + head) * splits * (a.head_dim + 2) + size_t(split) * (a.head_dim + 2);
+  if (begin >= end) {  // uniform across the block
+    for (int c = threadIdx.x; c < a.head_dim + 2; c += blockDim.x) out[c] = c == 0 ? -LW_INF : 0.0f;
+    return;
+  }
+  float m = lw_scores(a, row, head, begin, end, q, scores, scratch);
+  float l = 0.0f;
+  for (int j = threadIdx.x; j < end - begin; j += blockDim.x) {
+    float e = expf(scores[j] - m);
+    scores[j] = e;
+    l += e;
+  }
+  l = block_sum(l, scratch);  // its barriers also publish the weights in scores
+  int seq = int(a.row_seq[row]);
+  int kv_head = head / (a.heads / a.kv_heads);
+  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) {
+    float o = 0.0f;
+    for (int j = begin; j < end; ++j) o += scores[j - begin] * a.values[lw_key_at(a, seq, j, kv_head) + c];
+    out[2 + c] = o;
+  }
+  if (threadIdx.x == 0) {
+    out[0] = m;
+    out[1] = l;
+  }
+}
+
+extern "C" __global__ void lw_attention_merge(float* out, const float* partial, int heads, int head_dim, int splits) {
+  int head = blockIdx.x, row = blockIdx.y;
+  const float* p = partial + (size_t(row) * heads + head) * splits * (head_dim + 2);
+  float M = -LW_INF;
+  for (int z = 0; z < splits; ++z) M = fmaxf(M, p[z * (head_dim + 2)]);
+  float L = 0.0f;
+  for (int z = 0; z < splits; ++z) {
+    float mz = p[z * (head_dim + 2)];
+    if (mz != -LW_INF) L += p[z * (head_dim + 2) + 1] * expf(mz - M);
+  }
+  for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+    float o = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+      float mz = p[z * (head_dim + 2)];
+      if (mz != -LW_INF) o += p[z * (head_dim + 2) + 2 + c] * expf(mz - M);
+    }
+    out[size_t(row) * heads * head_dim + size_t(head) * head_dim + c] = o / L;
+  }
+}
+
+extern "C" __global__ void lw_attention_probs(float* out, lw_attention_args a, int first_row, int context) {
+  DYNAMIC_SHARED(float, shared);
+  __shared__ float scratch[32];
+  float* q = shared;
+  float* scores = shared + a.head_dim;
+  int head = blockIdx.x, row = first_row + blockIdx.y;
+  const float* qr = a.q + size_t(row) * a.heads * a.head_dim + size_t(head) * a.head_dim;
+  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) q[c] = qr[c];
+  __syncthreads();
+  int first, last;
+  lw_visible(a, row, first, last);
+  float m = lw_scores(a, row, head, first, last, q, scores, scratch);
+  float l = 0.0f;
+  for (int j = threadIdx.x; j < last - first; j += blockDim.x) l += expf(scores[j] - m);
+  l = block_sum(l, scratch);
+  float* dst = out + (size_t(head) * gridDim.y + blockIdx.y) * context;
+  for (int j = threadIdx.x; j < context; j += blockDim.x) {
+    dst[j] = (j >= first && j < last) ? expf(scores[j - first] - m) / l : 0.0f;
+  }
+}
