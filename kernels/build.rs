@@ -25,4 +25,31 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=asan");
     }
     build.compile("layerwise_emulation");
+    stand_in_driver();
+}
+
+/// The stand-in driver, `$OUT_DIR/stand-in/libcuda.so` (and `.so.1`): standin/standin.cpp with the
+/// emulation linked in, a shared library the tests put on LD_LIBRARY_PATH. Linux only.
+fn stand_in_driver() {
+    println!("cargo:rerun-if-changed=standin");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("stand-in");
+    println!("cargo:rustc-env=LAYERWISE_STANDIN_DIR={}", out.display());
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    std::fs::create_dir_all(&out).expect("stand-in directory");
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let library = out.join("libcuda.so.1");
+    let status = compiler
+        .to_command()
+        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas", "-Icuda", "-Iemulation"])
+        .args(["-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(&library)
+        .args(["standin/standin.cpp", "emulation/emulator.cpp", "emulation/kernels.cpp", "-ldl", "-lpthread"])
+        .status()
+        .expect("run the C++ compiler for the stand-in driver");
+    assert!(status.success(), "building the stand-in driver failed");
+    let link = out.join("libcuda.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("libcuda.so.1", &link).expect("libcuda.so link");
 }

@@ -41,6 +41,9 @@ pub enum Error {
     /// Resolving a Hugging Face Hub id failed.
     #[error("model `{repo}`: {reason}")]
     Hub { repo: String, reason: String },
+    /// A backend's device or driver failed (an allocation, a copy, a kernel launch).
+    #[error("{backend}: {reason}")]
+    Backend { backend: String, reason: String },
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },

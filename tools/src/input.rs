@@ -20,17 +20,44 @@ pub struct ModelArgs {
     /// when the checkpoint stores another. Default: as stored.
     #[arg(long, value_name = "D", value_parser = parse_dtype)]
     pub dtype: Option<DType>,
-    /// Where the ops run: cpu (the optimised backend) or reference (plain Rust, one function per
-    /// op: slow, the definition every backend is checked against).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    /// Where the ops run: cpu (the optimised backend), reference (plain Rust, one function per op:
+    /// slow, the definition every backend is checked against), cuda or cuda:N (a GPU, an error when
+    /// none is there), or auto (the first GPU when a CUDA driver and a device exist, else the CPU).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
 }
 
 /// The `--device` choices.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
     Reference,
+    Cuda(usize),
+    Auto,
+}
+
+fn parse_device(text: &str) -> std::result::Result<Device, String> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "reference" => Ok(Device::Reference),
+        "cuda" => Ok(Device::Cuda(0)),
+        "auto" => Ok(Device::Auto),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("`{other}` is not a device (cpu, reference, cuda, cuda:N, auto)")),
+    }
+}
+
+/// The device `--device auto` picks: CUDA device 0 if a driver reports one, else the CPU (said on stderr).
+pub fn auto_device() -> Device {
+    if layerwise_kernels::cuda::device_count() > 0 {
+        Device::Cuda(0)
+    } else {
+        eprintln!("device: cpu (--device auto: no CUDA driver or device found)");
+        Device::Cpu
+    }
 }
 
 impl ModelArgs {
@@ -47,13 +74,26 @@ impl ModelArgs {
 macro_rules! with_backend {
     ($args:expr, $loaded:ident => $body:expr) => {{
         let args: &$crate::input::ModelArgs = &$args;
-        match args.device {
-            $crate::input::Device::Cpu => {
+        let device = match args.device {
+            $crate::input::Device::Auto => $crate::input::auto_device(),
+            chosen => chosen,
+        };
+        match device {
+            $crate::input::Device::Cpu | $crate::input::Device::Auto => {
                 let $loaded = args.load_on(layerwise::Cpu { weight_dtype: args.dtype })?;
                 $body
             }
             $crate::input::Device::Reference => {
                 let $loaded = args.load_on(layerwise::Reference { weight_dtype: args.dtype })?;
+                $body
+            }
+            $crate::input::Device::Cuda(ordinal) => {
+                let backend = layerwise_kernels::cuda::Cuda::open(ordinal, args.dtype)
+                    .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+                if args.device == $crate::input::Device::Auto {
+                    eprintln!("device: {} (--device auto)", backend.description());
+                }
+                let $loaded = args.load_on(backend)?;
                 $body
             }
         }

@@ -1,0 +1,784 @@
+//! The CUDA backend: the engine's ops as the kernels of `kernels/cuda/`, on one device and one
+//! stream, through cudarc with dynamic loading (the project builds and runs where no CUDA exists).
+//!
+//! Device memory holds every tensor, weight, cache and step layout; ops queue kernels on the stream
+//! and return at once; the host waits only in `to_host` and `argmax_rows`. A step's layout is packed
+//! into one array of integers and copied once. Matrices are stored `[out, in]` whatever the
+//! checkpoint's layout (GPT-2's `[in, out]` weights are transposed once, at upload), in f32, f16 or
+//! bf16; vectors (norm weights, biases, head scales) in f32.
+//!
+//! ```no_run
+//! let backend = layerwise_kernels::cuda::Cuda::open(0, None)?; // an error when no device is there
+//! let loaded = layerwise::load_on("tests/fixtures/gpt2-sharded", backend)?;
+//! # Ok::<(), layerwise::Error>(())
+//! ```
+
+pub mod program;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use layerwise::backend::{AttentionParams, Backend, Layout, Lookup, StepLayout};
+use layerwise::model::config::Activation;
+use layerwise::{DType, Error, HostTensor, Result};
+
+use crate::sources::KERNELS;
+
+fn fail(reason: impl std::fmt::Display) -> Error {
+    Error::Backend { backend: "cuda".into(), reason: reason.to_string() }
+}
+
+/// How many CUDA devices the driver reports; 0 when no driver (libcuda) is installed.
+pub fn device_count() -> usize {
+    // SAFETY: only opens the library to see whether it is there.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return 0;
+    }
+    if cudarc::driver::result::init().is_err() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    weight_dtype: Option<DType>,
+    description: String,
+    launches: AtomicU64,
+}
+
+/// An activation matrix `[rows, cols]` in device memory.
+pub struct CudaTensor {
+    data: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+enum Storage {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// A weight in device memory: a matrix `[out, in]` in its compute dtype, or an f32 vector.
+pub struct CudaWeight {
+    storage: Storage,
+    out_features: usize,
+    in_features: usize,
+    bytes: usize,
+}
+
+/// The paged cache: keys and values `[layer][slot][width]`.
+pub struct CudaKv {
+    keys: CudaSlice<f32>,
+    values: CudaSlice<f32>,
+    layers: usize,
+    slots_per_layer: usize,
+    block_size: usize,
+    width: usize,
+}
+
+/// A step's layout on the device (one array, copied once), and its host copy for shapes.
+pub struct CudaStep {
+    layout: StepLayout,
+    meta: CudaSlice<u32>,
+    /// Offsets in `meta` of: ids, positions, slots, row_seq, table_start, block_tables, output_rows,
+    /// block copy pairs, and the end.
+    offsets: [usize; 9],
+}
+
+/// `lw_attention_args` of kernels/cuda/attention.cu, with device pointers.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttentionArgs {
+    q: u64,
+    keys: u64,
+    values: u64,
+    positions: u64,
+    row_seq: u64,
+    table_start: u64,
+    block_tables: u64,
+    block_size: i32,
+    layer: i32,
+    heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    window: i32,
+    slots_per_layer: u64,
+    width: i32,
+    scale: f32,
+}
+
+// SAFETY: a plain C struct of integers, floats and device addresses, laid out as the kernel's.
+unsafe impl DeviceRepr for AttentionArgs {}
+
+const THREADS: u32 = 256;
+/// Positions per split of the decode attention (one block per head, row and split).
+const ATTENTION_CHUNK: usize = 256;
+
+fn config(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 }
+}
+
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32
+}
+
+macro_rules! launch {
+    ($self:ident, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
+        let function = $self.function($name)?;
+        $self.launches.fetch_add(1, Ordering::Relaxed);
+        let mut builder = $self.stream.launch_builder(function);
+        $(builder.arg($arg);)*
+        // SAFETY: each kernel's arguments are pushed in the order and types of its CUDA signature
+        // (kernels/cuda/*.cu), and the sizes passed describe the buffers given.
+        unsafe { builder.launch($cfg) }.map_err(|e| fail(format!("{}: {e:?}", $name)))?;
+    }};
+}
+
+impl Cuda {
+    /// The backend on device `ordinal`, its kernels compiled for the device (or taken from the cache).
+    /// An error, never a panic, when no driver or no such device exists.
+    pub fn open(ordinal: usize, weight_dtype: Option<DType>) -> Result<Self> {
+        let count = device_count();
+        if count == 0 {
+            return Err(fail("no CUDA driver (libcuda) or no CUDA device found"));
+        }
+        if ordinal >= count {
+            return Err(fail(format!("device {ordinal} does not exist ({count} device(s))")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| fail(format!("cannot open device {ordinal}: {e:?}")))?;
+        // One stream: ordering is the stream's; no per-buffer events are needed.
+        // SAFETY: no other stream of this context touches the backend's buffers.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(|e| fail(format!("{e:?}")))?;
+        let cubin = program::cubin(major, minor).map_err(fail)?;
+        let module =
+            ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| fail(format!("cannot load the kernels: {e:?}")))?;
+        let mut functions = HashMap::new();
+        for (_, names) in KERNELS {
+            for &name in *names {
+                let function = module.load_function(name).map_err(|e| fail(format!("kernel {name}: {e:?}")))?;
+                functions.insert(name, function);
+            }
+        }
+        let name = ctx.name().unwrap_or_else(|_| "?".into());
+        Ok(Cuda {
+            ctx,
+            stream,
+            functions,
+            weight_dtype,
+            description: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
+            launches: AtomicU64::new(0),
+        })
+    }
+
+    /// The device, for messages (`cuda:0 (NVIDIA H200, sm_90)`).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Kernel launches so far (for launches per token).
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| fail(format!("kernel {name} is not loaded")))
+    }
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor { data: self.zeros(rows * cols)?, rows, cols })
+    }
+
+    fn ptr<T>(&self, slice: &CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = slice.device_ptr(&self.stream);
+        ptr
+    }
+
+    fn vector<'a>(&self, w: &'a CudaWeight, what: &str) -> Result<&'a CudaSlice<f32>> {
+        match &w.storage {
+            Storage::F32(data) if w.in_features == 1 => Ok(data),
+            _ => Err(fail(format!("{what}: expected a vector weight"))),
+        }
+    }
+
+    /// The `[out, in]` product kernel of a weight's dtype.
+    fn product_names(w: &CudaWeight) -> (&'static str, &'static str, &'static str) {
+        match w.storage {
+            Storage::F32(_) => ("lw_matvec_f32", "lw_gemm_f32", "lw_acd_f32"),
+            Storage::F16(_) => ("lw_matvec_f16", "lw_gemm_f16", "lw_acd_f16"),
+            Storage::Bf16(_) => ("lw_matvec_bf16", "lw_gemm_bf16", "lw_acd_bf16"),
+        }
+    }
+
+    fn attention_args(
+        &self,
+        q: &CudaTensor,
+        store: &CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        p: &AttentionParams,
+    ) -> AttentionArgs {
+        let meta = self.ptr(&step.meta);
+        let at = |i: usize| meta + 4 * step.offsets[i] as u64;
+        AttentionArgs {
+            q: self.ptr(&q.data),
+            keys: self.ptr(&store.keys),
+            values: self.ptr(&store.values),
+            positions: at(1),
+            row_seq: at(3),
+            table_start: at(4),
+            block_tables: at(5),
+            block_size: store.block_size as i32,
+            layer: layer as i32,
+            heads: p.num_heads as i32,
+            kv_heads: p.num_kv_heads as i32,
+            head_dim: p.head_dim as i32,
+            window: p.window.unwrap_or(0) as i32,
+            slots_per_layer: store.slots_per_layer as u64,
+            width: store.width as i32,
+            scale: p.scale,
+        }
+    }
+}
+
+/// A weight's values in `[out, in]` order in `dtype`, as raw little-endian bytes.
+fn out_in_bytes(tensor: &HostTensor, layout: Layout, dtype: DType, out: usize, inp: usize) -> Vec<u8> {
+    let converted;
+    let source = if tensor.dtype() == dtype {
+        tensor
+    } else {
+        converted = tensor.converted(dtype);
+        &converted
+    };
+    let bytes = source.bytes();
+    if layout == Layout::OutIn {
+        return bytes.to_vec();
+    }
+    let size = dtype.size();
+    let mut transposed = vec![0u8; bytes.len()];
+    for i in 0..inp {
+        for o in 0..out {
+            let from = (i * out + o) * size;
+            let to = (o * inp + i) * size;
+            transposed[to..to + size].copy_from_slice(&bytes[from..from + size]);
+        }
+    }
+    transposed
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type KvStore = CudaKv;
+    type Step = CudaStep;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CudaWeight> {
+        let (out_features, in_features) = match (tensor.shape(), layout) {
+            ([n], _) => (*n, 1),
+            ([out, inp], Layout::OutIn) => (*out, *inp),
+            ([inp, out], Layout::InOut) => (*out, *inp),
+            (shape, _) => return Err(fail(format!("a weight must be a vector or a matrix, got shape {shape:?}"))),
+        };
+        let upload = |e: cudarc::driver::DriverError| fail(format!("cannot upload a weight: {e:?}"));
+        if in_features == 1 {
+            let data = self.stream.clone_htod(&tensor.data().to_f32_vec()).map_err(upload)?;
+            return Ok(CudaWeight { storage: Storage::F32(data), out_features, in_features, bytes: out_features * 4 });
+        }
+        let dtype = self.weight_dtype.unwrap_or(tensor.dtype());
+        let bytes = out_in_bytes(tensor, layout, dtype, out_features, in_features);
+        let storage = match dtype {
+            DType::F32 => Storage::F32(self.stream.clone_htod(bytemuck_f32(&bytes).as_slice()).map_err(upload)?),
+            DType::F16 => Storage::F16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
+            DType::BF16 => Storage::Bf16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
+        };
+        Ok(CudaWeight { storage, out_features, in_features, bytes: bytes.len() })
+    }
+
+    fn weight_bytes(&self, w: &CudaWeight) -> usize {
+        w.bytes
+    }
+
+    fn upload(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(fail(format!("{} values do not make a [{rows}, {cols}] matrix", data.len())));
+        }
+        let data = self.stream.clone_htod(&data).map_err(|e| fail(format!("upload: {e:?}")))?;
+        Ok(CudaTensor { data, rows, cols })
+    }
+
+    fn upload_step(&self, layout: StepLayout) -> Result<CudaStep> {
+        let row_seq: Vec<u32> = layout
+            .sequences
+            .iter()
+            .enumerate()
+            .flat_map(|(s, seq)| std::iter::repeat(s as u32).take(seq.len))
+            .collect();
+        let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
+        let pairs: Vec<u32> = layout.block_copies.iter().flat_map(|&(from, to)| [from, to]).collect();
+        let parts: [&[u32]; 8] = [
+            &layout.ids,
+            &layout.positions,
+            &layout.slots,
+            &row_seq,
+            &table_start,
+            &layout.block_tables,
+            &layout.output_rows,
+            &pairs,
+        ];
+        let mut offsets = [0usize; 9];
+        let mut packed = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
+        for (i, part) in parts.iter().enumerate() {
+            offsets[i] = packed.len();
+            packed.extend_from_slice(part);
+        }
+        offsets[8] = packed.len();
+        packed.push(0); // never empty
+        let meta = self.stream.clone_htod(&packed).map_err(|e| fail(format!("step layout: {e:?}")))?;
+        Ok(CudaStep { layout, meta, offsets })
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let mut all = self.stream.clone_dtoh(&x.data).map_err(|e| fail(format!("to_host: {e:?}")))?;
+        all.truncate(x.rows * x.cols);
+        Ok(all)
+    }
+
+    fn shape(&self, x: &CudaTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let data = self.stream.clone_dtod(&x.data).map_err(|e| fail(format!("copy: {e:?}")))?;
+        Ok(CudaTensor { data, rows: x.rows, cols: x.cols })
+    }
+
+    fn split_columns(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
+        if widths.iter().sum::<usize>() != x.cols {
+            return Err(fail(format!("split_columns: widths {widths:?} do not cover {} columns", x.cols)));
+        }
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(widths.len());
+        for &width in widths {
+            let mut part = self.tensor(x.rows, width)?;
+            let (cols, begin, w) = (x.cols as i32, start as i32, width as i32);
+            launch!(
+                self,
+                "lw_copy_columns",
+                config((x.rows.max(1) as u32, 1, 1), THREADS, 0),
+                &mut part.data,
+                &x.data,
+                &cols,
+                &begin,
+                &w
+            );
+            start += width;
+            parts.push(part);
+        }
+        Ok(parts)
+    }
+
+    fn gather_output_rows(&self, x: &CudaTensor, step: &CudaStep) -> Result<CudaTensor> {
+        let n = step.layout.output_rows.len();
+        if step.layout.output_rows.iter().any(|&r| r as usize >= x.rows) {
+            return Err(fail("gather_output_rows: a row outside the tensor"));
+        }
+        let mut out = self.tensor(n, x.cols)?;
+        if n > 0 {
+            let rows = step.meta.slice(step.offsets[6]..step.offsets[7]);
+            let cols = x.cols as i32;
+            launch!(self, "lw_gather_rows", config((n as u32, 1, 1), THREADS, 0), &mut out.data, &x.data, &rows, &cols);
+        }
+        Ok(out)
+    }
+
+    fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if parts.iter().any(|p| p.cols != cols) {
+            return Err(fail("concat_rows: parts of different widths"));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.tensor(rows, cols)?;
+        let mut at = 0;
+        for part in parts {
+            let n = part.rows * cols;
+            let mut dst = out.data.slice_mut(at..at + n);
+            self.stream
+                .memcpy_dtod(&part.data.slice(0..n), &mut dst)
+                .map_err(|e| fail(format!("concat_rows: {e:?}")))?;
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn embed(&self, table: &CudaWeight, step: &CudaStep, lookup: Lookup) -> Result<CudaTensor> {
+        let (index, range) = match lookup {
+            Lookup::Tokens => (&step.layout.ids, step.offsets[0]..step.offsets[1]),
+            Lookup::Positions => (&step.layout.positions, step.offsets[1]..step.offsets[2]),
+        };
+        if let Some(&i) = index.iter().find(|&&i| i as usize >= table.out_features) {
+            return Err(fail(format!("embed: row {i} of a table of {}", table.out_features)));
+        }
+        let (t, d) = (index.len(), table.in_features);
+        let mut out = self.tensor(t, d)?;
+        if t == 0 {
+            return Ok(out);
+        }
+        let rows = step.meta.slice(range);
+        let dd = d as i32;
+        let cfg = config((t as u32, 1, 1), THREADS, 0);
+        match &table.storage {
+            Storage::F32(w) => launch!(self, "lw_embed_f32", cfg, &mut out.data, w, &rows, &dd),
+            Storage::F16(w) => launch!(self, "lw_embed_f16", cfg, &mut out.data, w, &rows, &dd),
+            Storage::Bf16(w) => launch!(self, "lw_embed_bf16", cfg, &mut out.data, w, &rows, &dd),
+        }
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(fail("add_assign: shapes differ"));
+        }
+        let n = (x.rows * x.cols) as u64;
+        launch!(self, "lw_add", config((blocks_for(n as usize), 1, 1), THREADS, 0), &mut x.data, &y.data, &n);
+        Ok(())
+    }
+
+    fn mul_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(fail("mul_assign: shapes differ"));
+        }
+        let n = (x.rows * x.cols) as u64;
+        launch!(self, "lw_mul", config((blocks_for(n as usize), 1, 1), THREADS, 0), &mut x.data, &y.data, &n);
+        Ok(())
+    }
+
+    fn layer_norm(&self, x: &CudaTensor, weight: &CudaWeight, bias: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let (w, b) = (self.vector(weight, "layer_norm")?, self.vector(bias, "layer_norm")?);
+        if weight.out_features != x.cols || bias.out_features != x.cols {
+            return Err(fail("layer_norm: weights of another width"));
+        }
+        let mut out = self.tensor(x.rows, x.cols)?;
+        let cols = x.cols as i32;
+        if x.rows > 0 {
+            launch!(
+                self,
+                "lw_layer_norm",
+                config((x.rows as u32, 1, 1), THREADS, 0),
+                &mut out.data,
+                &x.data,
+                w,
+                b,
+                &cols,
+                &eps
+            );
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let w = self.vector(weight, "rms_norm")?;
+        if weight.out_features != x.cols {
+            return Err(fail("rms_norm: a weight of another width"));
+        }
+        let mut out = self.tensor(x.rows, x.cols)?;
+        let cols = x.cols as i32;
+        if x.rows > 0 {
+            launch!(
+                self,
+                "lw_rms_norm",
+                config((x.rows as u32, 1, 1), THREADS, 0),
+                &mut out.data,
+                &x.data,
+                w,
+                &cols,
+                &eps
+            );
+        }
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaTensor> {
+        if x.cols != w.in_features || w.in_features == 1 && w.out_features != 1 && x.cols != 1 {
+            return Err(fail(format!("linear: input width {} for a weight of {}", x.cols, w.in_features)));
+        }
+        // The bias as a device address, 0 (a null pointer in the kernel) for none.
+        let bias: u64 = match bias {
+            Some(b) => self.ptr(self.vector(b, "linear bias")?),
+            None => 0,
+        };
+        let (t, n_in, n_out) = (x.rows as i32, w.in_features as i32, w.out_features as i32);
+        let mut out = self.tensor(x.rows, w.out_features)?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        let (matvec, gemm, _) = Cuda::product_names(w);
+        let (name, cfg) = if x.rows <= 8 {
+            (matvec, config((w.out_features.div_ceil((THREADS / 32) as usize) as u32, 1, 1), THREADS, 0))
+        } else {
+            (gemm, config((w.out_features.div_ceil(16) as u32, x.rows.div_ceil(16) as u32, 1), 256, 0))
+        };
+        match &w.storage {
+            Storage::F32(m) => launch!(self, name, cfg, &mut out.data, &x.data, m, &bias, &t, &n_in, &n_out),
+            Storage::F16(m) | Storage::Bf16(m) => {
+                launch!(self, name, cfg, &mut out.data, &x.data, m, &bias, &t, &n_in, &n_out)
+            }
+        }
+        Ok(out)
+    }
+
+    fn activate(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
+        let name = match act {
+            Activation::GeluTanh => "lw_gelu_tanh",
+            Activation::Gelu => "lw_gelu_erf",
+            Activation::Relu => "lw_relu",
+            Activation::Silu => "lw_silu",
+        };
+        let n = (x.rows * x.cols) as u64;
+        launch!(self, name, config((blocks_for(n as usize), 1, 1), THREADS, 0), &mut x.data, &n);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, step: &CudaStep, theta: f32) -> Result<()> {
+        if step.layout.positions.len() != x.rows {
+            return Err(fail("rope: one position per row"));
+        }
+        let positions = step.meta.slice(step.offsets[1]..step.offsets[2]);
+        let (t, cols, d) = (x.rows as i32, x.cols as i32, head_dim as i32);
+        let pairs = x.rows * x.cols / 2;
+        launch!(
+            self,
+            "lw_rope",
+            config((blocks_for(pairs), 1, 1), THREADS, 0),
+            &mut x.data,
+            &positions,
+            &t,
+            &cols,
+            &d,
+            &theta
+        );
+        Ok(())
+    }
+
+    fn scale_heads(&self, x: &mut CudaTensor, scales: &CudaWeight, head_dim: usize) -> Result<()> {
+        let s = self.vector(scales, "scale_heads")?;
+        let (n, cols, d) = ((x.rows * x.cols) as u64, x.cols as i32, head_dim as i32);
+        launch!(
+            self,
+            "lw_scale_heads",
+            config((blocks_for(n as usize), 1, 1), THREADS, 0),
+            &mut x.data,
+            s,
+            &n,
+            &cols,
+            &d
+        );
+        Ok(())
+    }
+
+    fn kv_store(&self, layers: usize, num_blocks: usize, block_size: usize, kv_width: usize) -> Result<CudaKv> {
+        let slots_per_layer = num_blocks * block_size;
+        let elements = layers
+            .checked_mul(slots_per_layer)
+            .and_then(|n| n.checked_mul(kv_width))
+            .ok_or_else(|| fail("KV cache: requested size overflows"))?;
+        let (free, _) = self.ctx.mem_get_info().map_err(|e| fail(format!("{e:?}")))?;
+        if elements.saturating_mul(8) > free {
+            return Err(fail(format!(
+                "KV cache: {} MiB asked for keys and values, {} MiB free on the device",
+                (elements * 8) >> 20,
+                free >> 20
+            )));
+        }
+        Ok(CudaKv {
+            keys: self.zeros(elements)?,
+            values: self.zeros(elements)?,
+            layers,
+            slots_per_layer,
+            block_size,
+            width: kv_width,
+        })
+    }
+
+    fn kv_copy_blocks(&self, store: &mut CudaKv, step: &CudaStep) -> Result<()> {
+        let n = step.layout.block_copies.len();
+        if n == 0 || store.layers == 0 {
+            return Ok(());
+        }
+        let pairs = step.meta.slice(step.offsets[7]..step.offsets[8]);
+        let (bs, width, spl) = (store.block_size as i32, store.width as i32, store.slots_per_layer as u64);
+        let cfg = config((n as u32, store.layers as u32, 1), THREADS, 0);
+        launch!(self, "lw_copy_blocks", cfg, &mut store.keys, &mut store.values, &pairs, &bs, &width, &spl);
+        Ok(())
+    }
+
+    fn kv_write(
+        &self,
+        store: &mut CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        k: &CudaTensor,
+        v: &CudaTensor,
+    ) -> Result<()> {
+        if k.cols > store.width || layer >= store.layers || step.layout.slots.len() != k.rows {
+            return Err(fail(format!("kv_write: [{}, {}] rows into layer {layer}", k.rows, k.cols)));
+        }
+        if k.rows == 0 {
+            return Ok(());
+        }
+        let slots = step.meta.slice(step.offsets[2]..step.offsets[3]);
+        let (cols, width, l, spl) = (k.cols as i32, store.width as i32, layer as i32, store.slots_per_layer as u64);
+        let cfg = config((k.rows as u32, 1, 1), THREADS, 0);
+        launch!(
+            self,
+            "lw_kv_write",
+            cfg,
+            &mut store.keys,
+            &mut store.values,
+            &k.data,
+            &v.data,
+            &slots,
+            &cols,
+            &width,
+            &l,
+            &spl
+        );
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CudaTensor,
+        store: &CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        let rows = q.rows;
+        let mut out = self.tensor(rows, params.num_heads * params.head_dim)?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let longest = step.layout.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+        let splits = longest.div_ceil(ATTENTION_CHUNK);
+        let mut partial = self.zeros(rows * params.num_heads * splits * (params.head_dim + 2))?;
+        let args = self.attention_args(q, store, layer, step, params);
+        let chunk = ATTENTION_CHUNK as i32;
+        let shared = (params.head_dim + ATTENTION_CHUNK) * 4;
+        let cfg = config((params.num_heads as u32, rows as u32, splits as u32), THREADS, shared);
+        launch!(self, "lw_attention_partial", cfg, &mut partial, &args, &chunk);
+        let (heads, d, z) = (params.num_heads as i32, params.head_dim as i32, splits as i32);
+        let cfg = config((params.num_heads as u32, rows as u32, 1), (params.head_dim as u32).div_ceil(32) * 32, 0);
+        launch!(self, "lw_attention_merge", cfg, &mut out.data, &partial, &heads, &d, &z);
+        Ok(out)
+    }
+
+    fn attention_probs(
+        &self,
+        q: &CudaTensor,
+        store: &CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        seq: usize,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        let s = *step.layout.sequences.get(seq).ok_or_else(|| fail("attention_probs: no such sequence"))?;
+        let context = s.first_position + s.len;
+        let mut out = self.tensor(params.num_heads * s.len, context)?;
+        if s.len == 0 {
+            return Ok(out);
+        }
+        let args = self.attention_args(q, store, layer, step, params);
+        let (first_row, ctx) = (s.first_row as i32, context as i32);
+        let cfg = config((params.num_heads as u32, s.len as u32, 1), THREADS, (params.head_dim + context) * 4);
+        launch!(self, "lw_attention_probs", cfg, &mut out.data, &args, &first_row, &ctx);
+        Ok(out)
+    }
+
+    fn contrast_acd(
+        &self,
+        upper: &CudaTensor,
+        lower_features: &CudaTensor,
+        lower_head: &CudaWeight,
+        alpha: f32,
+        min_candidates: usize,
+    ) -> Result<CudaTensor> {
+        if lower_head.out_features != upper.cols || lower_head.in_features != lower_features.cols {
+            return Err(fail("contrast_acd: the lower head does not fit the rows"));
+        }
+        let mut out = self.tensor(upper.rows, upper.cols)?;
+        if upper.rows == 0 {
+            return Ok(out);
+        }
+        let (_, _, name) = Cuda::product_names(lower_head);
+        let (vocab, hidden, k) = (upper.cols as i32, lower_features.cols as i32, min_candidates as i32);
+        let cfg = config((upper.rows as u32, 1, 1), 1024, (lower_features.cols + 256) * 4);
+        match &lower_head.storage {
+            Storage::F32(h) => launch!(
+                self,
+                name,
+                cfg,
+                &mut out.data,
+                &upper.data,
+                &lower_features.data,
+                h,
+                &vocab,
+                &hidden,
+                &alpha,
+                &k
+            ),
+            Storage::F16(h) | Storage::Bf16(h) => {
+                launch!(
+                    self,
+                    name,
+                    cfg,
+                    &mut out.data,
+                    &upper.data,
+                    &lower_features.data,
+                    h,
+                    &vocab,
+                    &hidden,
+                    &alpha,
+                    &k
+                )
+            }
+        }
+        Ok(out)
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ids = self.stream.alloc_zeros::<u32>(x.rows).map_err(|e| fail(format!("{e:?}")))?;
+        let cols = x.cols as i32;
+        launch!(self, "lw_argmax_rows", config((x.rows as u32, 1, 1), THREADS, 0), &mut ids, &x.data, &cols);
+        self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))
+    }
+}
+
+fn bytemuck_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn bytemuck_u16(bytes: &[u8]) -> Vec<u16> {
+    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}

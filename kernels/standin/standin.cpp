@@ -1,0 +1,266 @@
+// A stand-in for the CUDA driver (libcuda.so) for tests on machines without a GPU: it exports the
+// driver API calls cudarc makes, with "device memory" in host memory, and runs each kernel launch
+// with the CPU-compiled build of the same kernel (kernels/emulation). It reports one device of
+// compute capability 9.0 (or LAYERWISE_STANDIN_DEVICES devices, 0 for none), no memory pools (so
+// cudarc uses plain cuMemAlloc), and everything runs synchronously at the call: it cannot show
+// races between streams.
+//
+// NVRTC dlopens libcuda.so.1 itself and asks for cuGetExportTable: answered "not supported".
+
+#include <dlfcn.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "cuda_emu.h"
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUmodule;
+typedef void* CUfunction;
+typedef void* CUstream;
+typedef void* CUevent;
+
+enum : CUresult {
+  CUDA_SUCCESS = 0,
+  CUDA_ERROR_INVALID_VALUE = 1,
+  CUDA_ERROR_OUT_OF_MEMORY = 2,
+  CUDA_ERROR_NO_DEVICE = 100,
+  CUDA_ERROR_INVALID_DEVICE = 101,
+  CUDA_ERROR_INVALID_IMAGE = 200,
+  CUDA_ERROR_NOT_FOUND = 500,
+  CUDA_ERROR_LAUNCH_FAILED = 719,
+  CUDA_ERROR_NOT_SUPPORTED = 801,
+  CUDA_ERROR_UNKNOWN = 999,
+};
+
+namespace {
+
+using Entry = int (*)(const EmuLaunch*, void**, char*, size_t);
+
+struct Function {
+  std::string name;
+  Entry entry;
+};
+
+int g_context_token = 1;
+std::mutex g_mutex;
+std::string g_last_launch_error;
+std::map<std::string, Function*> g_functions;
+
+int device_count() {
+  const char* n = std::getenv("LAYERWISE_STANDIN_DEVICES");
+  return n ? std::atoi(n) : 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+CUresult cuDriverGetVersion(int* version) {
+  *version = 12060;
+  return CUDA_SUCCESS;
+}
+CUresult cuGetExportTable(const void**, const void*) { return CUDA_ERROR_NOT_SUPPORTED; }
+
+CUresult cuDeviceGetCount(int* count) {
+  *count = device_count();
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+  if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+  *device = ordinal;
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+  std::snprintf(name, size_t(len), "layerwise stand-in (CPU emulation)");
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
+  switch (attribute) {
+    case 75: *value = 9; break;   // compute capability major
+    case 76: *value = 0; break;   // minor
+    case 1: *value = 1024; break; // max threads per block
+    case 8: *value = 48 * 1024; break;  // shared memory per block
+    case 97: *value = 227 * 1024; break;  // shared memory per block, opt-in
+    case 16: *value = 1; break;  // multiprocessors
+    case 10: *value = 32; break;  // warp size
+    case 115: *value = 0; break;  // memory pools supported: no (cudarc then uses cuMemAlloc)
+    default: *value = 0; break;
+  }
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+  *bytes = size_t(8) << 30;
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetUuid(void* uuid, CUdevice) {
+  std::memset(uuid, 0, 16);
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetUuid_v2(void* uuid, CUdevice d) { return cuDeviceGetUuid(uuid, d); }
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice) {
+  *ctx = &g_context_token;
+  return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+CUresult cuCtxSetCurrent(CUcontext) { return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(CUcontext* ctx) {
+  *ctx = &g_context_token;
+  return CUDA_SUCCESS;
+}
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxPushCurrent_v2(CUcontext) { return CUDA_SUCCESS; }
+CUresult cuCtxPopCurrent_v2(CUcontext* ctx) {
+  if (ctx) *ctx = &g_context_token;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamCreate(CUstream* stream, unsigned) {
+  *stream = new int(0);
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned flags, int) { return cuStreamCreate(stream, flags); }
+CUresult cuStreamDestroy_v2(CUstream stream) {
+  delete static_cast<int*>(stream);
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuEventCreate(CUevent* event, unsigned) {
+  *event = new int(0);
+  return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(CUevent, CUstream) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+CUresult cuEventDestroy_v2(CUevent event) {
+  delete static_cast<int*>(event);
+  return CUDA_SUCCESS;
+}
+CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
+  *ms = 0.0f;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+  *free_bytes = size_t(8) << 30;
+  *total = size_t(8) << 30;
+  return CUDA_SUCCESS;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+  if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;  // as the driver answers
+  void* p = std::malloc(bytes);
+  if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+  // Poisoned, as device memory holds whatever it held: the code must write before it reads.
+  std::memset(p, 0xA5, bytes);
+  *ptr = CUdeviceptr(p);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream) { return cuMemAlloc_v2(ptr, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  std::free(reinterpret_cast<void*>(ptr));
+  return CUDA_SUCCESS;
+}
+CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream) { return cuMemFree_v2(ptr); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+  std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) { return cuMemcpyHtoD_v2(dst, src, bytes); }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+  std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) { return cuMemcpyDtoH_v2(dst, src, bytes); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+  std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream) { return cuMemcpyDtoD_v2(dst, src, bytes); }
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
+  std::memset(reinterpret_cast<void*>(dst), value, n);
+  return CUDA_SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream) { return cuMemsetD8_v2(dst, value, n); }
+
+// A module is any image (the CUBIN NVRTC made for this "device"); its functions are the emulation's.
+CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+  if (!image) return CUDA_ERROR_INVALID_IMAGE;
+  *module = new int(0);
+  return CUDA_SUCCESS;
+}
+CUresult cuModuleUnload(CUmodule module) {
+  delete static_cast<int*>(module);
+  return CUDA_SUCCESS;
+}
+CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto found = g_functions.find(name);
+  if (found == g_functions.end()) {
+    std::string symbol = std::string("emu_") + name;
+    void* entry = dlsym(RTLD_DEFAULT, symbol.c_str());
+    if (!entry) return CUDA_ERROR_NOT_FOUND;
+    found = g_functions.emplace(name, new Function{name, reinterpret_cast<Entry>(entry)}).first;
+  }
+  *function = found->second;
+  return CUDA_SUCCESS;
+}
+CUresult cuFuncGetAttribute(int* value, int, CUfunction) {
+  *value = 0;
+  return CUDA_SUCCESS;
+}
+CUresult cuFuncSetAttribute(CUfunction, int, int) { return CUDA_SUCCESS; }
+
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, CUstream, void** params, void** extra) {
+  if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+  auto* function = static_cast<Function*>(f);
+  EmuLaunch config{{gx, gy, gz}, {bx, by, bz}, shared, std::getenv("LAYERWISE_STANDIN_REVERSE") ? 1 : 0};
+  char error[1024] = {0};
+  if (function->entry(&config, params, error, sizeof error) != 0) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    g_last_launch_error = function->name + ": " + error;
+    std::fprintf(stderr, "layerwise stand-in driver: launch failed: %s\n", g_last_launch_error.c_str());
+    return CUDA_ERROR_LAUNCH_FAILED;
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult error, const char** text) {
+  switch (error) {
+    case CUDA_SUCCESS: *text = "no error"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *text = "out of memory"; break;
+    case CUDA_ERROR_NO_DEVICE: *text = "no CUDA-capable device is detected"; break;
+    case CUDA_ERROR_INVALID_DEVICE: *text = "invalid device ordinal"; break;
+    case CUDA_ERROR_NOT_FOUND: *text = "named symbol not found"; break;
+    case CUDA_ERROR_LAUNCH_FAILED: *text = "the emulated launch failed (see stderr)"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: *text = "operation not supported by the stand-in driver"; break;
+    default: *text = "stand-in driver error"; break;
+  }
+  return CUDA_SUCCESS;
+}
+CUresult cuGetErrorName(CUresult error, const char** text) {
+  switch (error) {
+    case CUDA_SUCCESS: *text = "CUDA_SUCCESS"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: *text = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case CUDA_ERROR_NO_DEVICE: *text = "CUDA_ERROR_NO_DEVICE"; break;
+    case CUDA_ERROR_INVALID_DEVICE: *text = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case CUDA_ERROR_NOT_FOUND: *text = "CUDA_ERROR_NOT_FOUND"; break;
+    case CUDA_ERROR_LAUNCH_FAILED: *text = "CUDA_ERROR_LAUNCH_FAILED"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: *text = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    default: *text = "CUDA_ERROR_UNKNOWN"; break;
+  }
+  return CUDA_SUCCESS;
+}
+
+}  // extern "C"

@@ -1,0 +1,248 @@
+//! The whole CUDA backend, end to end, on the stand-in driver (kernels/standin: the CUDA driver API
+//! over host memory, each launch run by the CPU build of the same kernel): the op conformance suite,
+//! and generation equal to the CPU's on the fixtures for every plan and strategy. Each test re-runs
+//! itself in a child process with the stand-in on LD_LIBRARY_PATH (the loader reads that variable
+//! only at start). The stand-in runs launches synchronously, so races between streams cannot show.
+//! Also the fallbacks: no driver (this machine, outside the child), and a driver with no device.
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::Arc;
+
+use layerwise::backend::{conformance, Backend};
+use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
+use layerwise::generation::{
+    generate, BeamOptions, ContrastiveOptions, DolaLayers, DolaOptions, GenerationOptions, SampleOptions,
+    SamplingOptions, Strategy,
+};
+use layerwise::runtime::{Decoder, DecoderOptions};
+use layerwise::{load_on, Cpu};
+use layerwise_kernels::cuda::{device_count, Cuda};
+use layerwise_tests::fixture_str;
+
+fn say(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
+/// Runs `test` again in a child with the stand-in driver on the library path (and `env`); returns
+/// true in the child, where the test's body runs.
+fn in_child(test: &str, env: &[(&str, &str)]) -> bool {
+    if std::env::var_os("LAYERWISE_STANDIN_CHILD").is_some() {
+        return true;
+    }
+    let dir = env!("LAYERWISE_STANDIN_DIR");
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{dir}:{old}"),
+        _ => dir.to_string(),
+    };
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command.args(["--exact", test, "--nocapture", "--test-threads=1"]);
+    command.env("LD_LIBRARY_PATH", path).env("LAYERWISE_STANDIN_CHILD", "1");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().expect("run the child");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    say(&stderr);
+    assert!(out.status.success() && stdout.contains("1 passed"), "{test} in the child:\n{stdout}\n{stderr}");
+    false
+}
+
+/// The backend on the stand-in, or None (with the reason said) when NVRTC is missing to build the
+/// kernels' module.
+fn stand_in_backend() -> Option<Cuda> {
+    if !layerwise_kernels::cuda::program::nvrtc_available() {
+        say("stand_in_driver_*: SKIPPED: libnvrtc not found (it compiles the module the stand-in loads; .ci/run installs it)");
+        return None;
+    }
+    Some(Cuda::open(0, None).expect("the CUDA backend on the stand-in driver"))
+}
+
+#[test]
+fn stand_in_driver_runs_the_conformance_suite() {
+    if !in_child("stand_in_driver_runs_the_conformance_suite", &[]) {
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    assert!(cuda.description().contains("stand-in"), "{}", cuda.description());
+    type Check = fn(&Cuda) -> layerwise::Result<()>;
+    let checks: [(&str, Check); 12] = [
+        ("embed", conformance::embed),
+        ("elementwise", conformance::elementwise),
+        ("norms", conformance::norms),
+        ("linear", conformance::linear),
+        ("activations", conformance::activations),
+        ("rope", conformance::rope),
+        ("scale_heads", conformance::scale_heads),
+        ("rows_and_columns", conformance::rows_and_columns),
+        ("paged_attention", conformance::paged_attention),
+        ("attention_probs", conformance::attention_probs),
+        ("contrast_acd", conformance::contrast_acd),
+        ("argmax_rows", conformance::argmax_rows),
+    ];
+    for (name, check) in checks {
+        if let Err(e) = check(&cuda) {
+            panic!("conformance {name} on the CUDA backend: {e}");
+        }
+    }
+}
+
+/// Plans over exits `low` and `top` of the fixture.
+fn plans(low: usize, top: usize) -> Vec<(&'static str, PlanOptions)> {
+    let contrast = |upper, lower, projection| PlanOptions {
+        plan: ExitPlan::Contrast { upper, lower },
+        projection,
+        ..Default::default()
+    };
+    vec![
+        ("original", PlanOptions::default()),
+        ("exit low", PlanOptions { plan: ExitPlan::Exit(low), ..Default::default() }),
+        ("acd top vs low", contrast(Upper::Layer(top), low, Projection::ExitHeads)),
+        ("acd original vs low, lens", contrast(Upper::Original, low, Projection::Lens)),
+        (
+            "custom contrast",
+            PlanOptions {
+                contrast: Contrast::Custom(Arc::new(|u: &[f32], l: &[f32], out: &mut [f32]| {
+                    for ((o, u), l) in out.iter_mut().zip(u).zip(l) {
+                        *o = u - 0.5 * l;
+                    }
+                })),
+                ..contrast(Upper::Layer(top), low, Projection::ExitHeads)
+            },
+        ),
+    ]
+}
+
+/// Every strategy; DoLa's premature layers lie below `low`, so that every plan runs them.
+fn strategies(low: usize) -> Vec<(&'static str, Strategy)> {
+    vec![
+        ("greedy", Strategy::Greedy),
+        (
+            "sample",
+            Strategy::Sample(SampleOptions {
+                sampling: SamplingOptions { seed: 7, ..Default::default() },
+                num_return_sequences: 2,
+            }),
+        ),
+        ("beam 3", Strategy::Beam(BeamOptions { num_beams: 3, num_return_sequences: 2, ..Default::default() })),
+        ("contrastive", Strategy::Contrastive(ContrastiveOptions { penalty_alpha: 0.6, top_k: 4 })),
+        (
+            "dola",
+            Strategy::Dola(DolaOptions {
+                layers: DolaLayers::List((0..low).collect()),
+                sampling: None,
+                num_return_sequences: 1,
+            }),
+        ),
+    ]
+}
+
+fn generated<B: Backend>(
+    model: &layerwise::Model<B>,
+    plan: &PlanOptions,
+    strategy: &Strategy,
+    prompt: &[u32],
+) -> Vec<Vec<u32>> {
+    let options = GenerationOptions { max_new_tokens: 4, strategy: strategy.clone(), ..Default::default() };
+    let decoder_options = DecoderOptions {
+        plan: plan.clone(),
+        block_size: 4,
+        cache_tokens: Some(options.cache_tokens(prompt.len())),
+        head_mask: None,
+    };
+    let mut decoder = Decoder::new(model, decoder_options).expect("decoder");
+    generate(&mut decoder, prompt, &options, None, |_| true).expect("generate").sequences
+}
+
+/// Every plan and strategy on `fixture`, on the CPU and on the CUDA backend over the stand-in.
+fn generates_what_the_cpu_generates(test: &str, fixture: &str) {
+    if !in_child(test, &[]) {
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    let prompt = [5u32, 17, 42, 3, 8];
+    let cpu = load_on(&fixture_str(fixture), Cpu::default()).expect("load on the CPU");
+    let gpu = load_on(&fixture_str(fixture), cuda).expect("load on CUDA");
+    let spec = cpu.model.spec();
+    let (low, top) = (spec.exit_layers[0], spec.num_layers);
+    let mut runs = 0;
+    for (plan_name, plan) in plans(low, top) {
+        for (strategy_name, strategy) in strategies(low) {
+            let want = generated(&cpu.model, &plan, &strategy, &prompt);
+            let got = generated(&gpu.model, &plan, &strategy, &prompt);
+            assert_eq!(got, want, "{fixture} / {plan_name} / {strategy_name}");
+            runs += 1;
+        }
+    }
+    assert_eq!(runs, 25);
+}
+
+#[test]
+fn stand_in_driver_generates_what_the_cpu_generates_gpt2() {
+    generates_what_the_cpu_generates("stand_in_driver_generates_what_the_cpu_generates_gpt2", "gpt2-sharded");
+}
+
+#[test]
+fn stand_in_driver_generates_what_the_cpu_generates_gpt_neo_local_attention() {
+    generates_what_the_cpu_generates(
+        "stand_in_driver_generates_what_the_cpu_generates_gpt_neo_local_attention",
+        "gpt-neo-bin",
+    );
+}
+
+#[test]
+fn stand_in_driver_generates_what_the_cpu_generates_llama_bf16_gqa_rope() {
+    generates_what_the_cpu_generates(
+        "stand_in_driver_generates_what_the_cpu_generates_llama_bf16_gqa_rope",
+        "llama-bf16",
+    );
+}
+
+#[test]
+fn stand_in_driver_counts_launches_per_decode_step() {
+    if !in_child("stand_in_driver_counts_launches_per_decode_step", &[]) {
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    let loaded = load_on(&fixture_str("gpt2-sharded"), cuda).expect("load on CUDA");
+    let layers = loaded.model.spec().num_layers as u64;
+    for (name, plan) in plans(1, loaded.model.spec().num_layers) {
+        let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, ..Default::default() }).expect("decoder");
+        let seq = decoder.add_sequence(&[5, 17, 42]).expect("prompt");
+        let first = decoder.run_step().expect("prefill").argmax().expect("argmax")[0];
+        decoder.append(seq, first).expect("append");
+        let before = loaded.model.backend().launches();
+        let next = decoder.run_step().expect("decode").argmax().expect("argmax")[0];
+        let per_step = loaded.model.backend().launches() - before;
+        say(&format!(
+            "stand_in_driver: {name}: {per_step} kernel launches per decode step ({layers} layers), next token {next}"
+        ));
+        // Per block: 2 norms, 4 products, 3 column copies, a cache write, 2 attention kernels, an
+        // activation, 2 residual adds = 15; plus embeddings, the heads and the contrast.
+        assert!(per_step <= 15 * layers + 12, "{name}: {per_step} launches");
+    }
+}
+
+#[test]
+fn stand_in_driver_with_no_device_is_a_clear_error() {
+    if !in_child("stand_in_driver_with_no_device_is_a_clear_error", &[("LAYERWISE_STANDIN_DEVICES", "0")]) {
+        return;
+    }
+    assert_eq!(device_count(), 0);
+    let err = Cuda::open(0, None).err().expect("no device").to_string();
+    assert!(err.contains("no CUDA") && err.contains("device"), "{err}");
+}
+
+#[test]
+fn no_driver_is_a_clear_error() {
+    // This process has no stand-in on its path; on a machine with a real driver this test checks
+    // the other side: the backend opens or says why not.
+    match std::env::var_os("LAYERWISE_STANDIN_CHILD") {
+        Some(_) => {}
+        None if device_count() == 0 => {
+            let err = Cuda::open(0, None).err().expect("no driver").to_string();
+            assert!(err.contains("no CUDA driver"), "{err}");
+        }
+        None => say("a CUDA driver is present here: the no-driver case is not checked"),
+    }
+}
