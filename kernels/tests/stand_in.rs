@@ -4,6 +4,10 @@
 //! itself in a child process with the stand-in on LD_LIBRARY_PATH (the loader reads that variable
 //! only at start). The stand-in runs launches synchronously, so races between streams cannot show.
 //! Also the fallbacks: no driver (this machine, outside the child), and a driver with no device.
+//!
+//! On a machine with a GPU, `tools/gpu-selftest` runs the conformance, generation and launch tests
+//! with LAYERWISE_STANDIN_CHILD=1 and without the stand-in on the path: the same checks on the real
+//! driver and device.
 
 use std::io::Write;
 use std::process::Command;
@@ -64,7 +68,7 @@ fn stand_in_driver_runs_the_conformance_suite() {
         return;
     }
     let Some(cuda) = stand_in_backend() else { return };
-    assert!(cuda.description().contains("stand-in"), "{}", cuda.description());
+    say(&format!("stand_in_driver: conformance on {}", cuda.description()));
     type Check = fn(&Cuda) -> layerwise::Result<()>;
     let checks: [(&str, Check); 12] = [
         ("embed", conformance::embed),
