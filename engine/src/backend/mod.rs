@@ -317,8 +317,9 @@ impl Matrix {
     }
 }
 
-/// `(out, in)` of a checkpoint tensor used as a weight: a vector `[n]` is `(n, 1)`.
-pub(crate) fn logical_shape(tensor: &HostTensor, layout: Layout) -> Result<(usize, usize)> {
+/// `(out, in)` of a checkpoint tensor used as a weight in `layout`: a vector `[n]` is `(n, 1)`; an
+/// error for any other rank.
+pub fn logical_shape(tensor: &HostTensor, layout: Layout) -> Result<(usize, usize)> {
     match (tensor.shape(), layout) {
         ([n], _) => Ok((*n, 1)),
         ([out, inp], Layout::OutIn) => Ok((*out, *inp)),

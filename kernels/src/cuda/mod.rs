@@ -292,12 +292,7 @@ impl Backend for Cuda {
     }
 
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CudaWeight> {
-        let (out_features, in_features) = match (tensor.shape(), layout) {
-            ([n], _) => (*n, 1),
-            ([out, inp], Layout::OutIn) => (*out, *inp),
-            ([inp, out], Layout::InOut) => (*out, *inp),
-            (shape, _) => return Err(fail(format!("a weight must be a vector or a matrix, got shape {shape:?}"))),
-        };
+        let (out_features, in_features) = layerwise::backend::logical_shape(tensor, layout)?;
         let upload = |e: cudarc::driver::DriverError| fail(format!("cannot upload a weight: {e:?}"));
         if in_features == 1 {
             let data = self.stream.clone_htod(&tensor.data().to_f32_vec()).map_err(upload)?;
@@ -517,7 +512,7 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaTensor> {
-        if x.cols != w.in_features || w.in_features == 1 && w.out_features != 1 && x.cols != 1 {
+        if x.cols != w.in_features {
             return Err(fail(format!("linear: input width {} for a weight of {}", x.cols, w.in_features)));
         }
         // The bias as a device address, 0 (a null pointer in the kernel) for none.
