@@ -84,3 +84,27 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   __syncthreads();
   return warp_max(lane < warps ? scratch[lane] : -LW_INF);
 }
+
+// One row's LayerNorm (biased variance, two passes) or RMSNorm into `dst`, by the whole block; every
+// thread must call it. `bias` null means RMSNorm. Shared by norms.cu and the fused norm + head of
+// products.cu.
+__device__ __forceinline__ void lw_norm_row(float* dst, const float* row, const float* w, const float* bias, int cols,
+                                            float eps, float* scratch) {
+  if (bias) {
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += row[c];
+    float mean = block_sum(sum, scratch) / float(cols);
+    float squares = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+      float d = row[c] - mean;
+      squares += d * d;
+    }
+    float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(cols) + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = (row[c] - mean) * inv * w[c] + bias[c];
+  } else {
+    float squares = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) squares += row[c] * row[c];
+    float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(cols) + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = w[c] * (row[c] * inv);
+  }
+}

@@ -12,26 +12,10 @@
 extern "C" __global__ void lw_layer_norm(float* out, const float* x, const float* w, const float* b, int cols,
                                          float eps) {
   __shared__ float scratch[32];
-  const float* row = x + size_t(blockIdx.x) * cols;
-  float* dst = out + size_t(blockIdx.x) * cols;
-  float sum = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += row[c];
-  float mean = block_sum(sum, scratch) / float(cols);
-  float squares = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-    float d = row[c] - mean;
-    squares += d * d;
-  }
-  float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(cols) + eps);
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = (row[c] - mean) * inv * w[c] + b[c];
+  lw_norm_row(out + size_t(blockIdx.x) * cols, x + size_t(blockIdx.x) * cols, w, b, cols, eps, scratch);
 }
 
 extern "C" __global__ void lw_rms_norm(float* out, const float* x, const float* w, int cols, float eps) {
   __shared__ float scratch[32];
-  const float* row = x + size_t(blockIdx.x) * cols;
-  float* dst = out + size_t(blockIdx.x) * cols;
-  float squares = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) squares += row[c] * row[c];
-  float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(cols) + eps);
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = w[c] * (row[c] * inv);
+  lw_norm_row(out + size_t(blockIdx.x) * cols, x + size_t(blockIdx.x) * cols, w, nullptr, cols, eps, scratch);
 }

@@ -81,25 +81,7 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
   int h = blockIdx.y;
   const float* state = states + size_t(h) * t * hidden;
   for (int r = 0; r < t; ++r) {
-    const float* row = state + size_t(r) * hidden;
-    float* dst = normed + size_t(r) * hidden;
-    if (norm_b) {
-      float sum = 0.0f;
-      for (int c = threadIdx.x; c < hidden; c += blockDim.x) sum += row[c];
-      float mean = block_sum(sum, scratch) / float(hidden);
-      float squares = 0.0f;
-      for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-        float d = row[c] - mean;
-        squares += d * d;
-      }
-      float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(hidden) + eps);
-      for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = (row[c] - mean) * inv * norm_w[c] + norm_b[c];
-    } else {
-      float squares = 0.0f;
-      for (int c = threadIdx.x; c < hidden; c += blockDim.x) squares += row[c] * row[c];
-      float inv = 1.0f / sqrtf(block_sum(squares, scratch) / float(hidden) + eps);
-      for (int c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = norm_w[c] * (row[c] * inv);
-    }
+    lw_norm_row(normed + size_t(r) * hidden, state + size_t(r) * hidden, norm_w, norm_b, hidden, eps, scratch);
   }
   __syncthreads();
   int warps = blockDim.x >> 5;
