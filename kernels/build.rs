@@ -16,6 +16,8 @@ fn main() {
         .warnings(true)
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas")
+        // As the device is told (__fmul_rn, ...) where it matters: no fused multiply-adds.
+        .flag_if_supported("-ffp-contract=off")
         .opt_level(2);
     // LAYERWISE_EMULATION_ASAN=1: the emulation and the kernels under AddressSanitizer (run the tests
     // with ASAN_OPTIONS=verify_asan_link_order=0, since the Rust test binary does not load it first).

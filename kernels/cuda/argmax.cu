@@ -2,7 +2,7 @@
 // `math::argmax`), one block per row: each thread keeps its best (value, index) over a strided part
 // of the row, then warps and the block keep the larger value, the smaller index among equals.
 //
-// Launch: grid (rows), block (a multiple of 32 threads, e.g. 256). Must equal the reference
+// Launch: grid (rows), block (a multiple of 32 threads, e.g. 1024). Must equal the reference
 // backend's argmax_rows exactly on finite rows (a row holding NaN is the finite check's business).
 #include "common.cuh"
 
@@ -19,7 +19,17 @@ extern "C" __global__ void lw_argmax_rows(uint32_t* out, const float* x, int col
   const float* row = x + size_t(blockIdx.x) * cols;
   float value = -LW_INF;
   int index = 0x7fffffff;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) lw_keep_better(value, index, row[c], c);
+  // Four loads in flight per thread before they are compared (a row of a 50k vocabulary is ~12
+  // rounds of a 1024-thread block, each bound by memory latency, not bandwidth).
+  int stride = blockDim.x, c = threadIdx.x;
+  for (; c + 3 * stride < cols; c += 4 * stride) {
+    float v0 = row[c], v1 = row[c + stride], v2 = row[c + 2 * stride], v3 = row[c + 3 * stride];
+    lw_keep_better(value, index, v0, c);
+    lw_keep_better(value, index, v1, c + stride);
+    lw_keep_better(value, index, v2, c + 2 * stride);
+    lw_keep_better(value, index, v3, c + 3 * stride);
+  }
+  for (; c < cols; c += stride) lw_keep_better(value, index, row[c], c);
   for (int offset = 16; offset > 0; offset >>= 1) {
     float v = __shfl_xor_sync(LW_FULL_MASK, value, offset);
     int i = __shfl_xor_sync(LW_FULL_MASK, index, offset);

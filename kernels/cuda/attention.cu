@@ -7,7 +7,8 @@
 // key row = keys[layer][slot][kv_head * head_dim ..], kv_head = head / (heads / kv_heads).
 //
 // lw_attention_partial: grid (heads, rows, splits), block a multiple of 32 threads, dynamic shared
-//   memory (head_dim + chunk) * 4 bytes. Split z takes the visible positions of chunk z (chunk =
+//   memory (head_dim + chunk + warps * head_dim) * 4 bytes. Warps take keys in turn, lanes across
+//   head_dim, for the scores and for the weighted values (one row of sums per warp, added in order). Split z takes the visible positions of chunk z (chunk =
 //   positions per split): scores s_j = scale * q · k_j, m = max s_j, l = Σ exp(s_j - m),
 //   o = Σ exp(s_j - m) v_j (unnormalised), written to partial[(row * heads + head) * splits + z] as
 //   (m, l, o[head_dim]) (m = -inf, l = 0 for an empty chunk).
@@ -40,21 +41,23 @@ __device__ __forceinline__ size_t lw_key_at(const lw_attention_args& a, int seq,
   return (size_t(a.layer) * a.slots_per_layer + slot) * a.width + size_t(kv_head) * a.head_dim;
 }
 
-// Scores of row `row`, head `head` for positions [begin, end) into scores[0 .. end - begin); returns their max.
+// Scores of row `row`, head `head` for positions [begin, end) into scores[0 .. end - begin); returns
+// their max. A warp per key, its lanes across head_dim (coalesced reads of the key row).
 __device__ float lw_scores(const lw_attention_args& a, int row, int head, int begin, int end, const float* q,
                            float* scores, float* scratch) {
   int seq = int(a.row_seq[row]);
   int kv_head = head / (a.heads / a.kv_heads);
+  int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float m = -LW_INF;
-  for (int j = begin + threadIdx.x; j < end; j += blockDim.x) {
+  for (int j = begin + int(threadIdx.x >> 5); j < end; j += warps) {
     const float* k = a.keys + lw_key_at(a, seq, j, kv_head);
     float dot = 0.0f;
-    for (int c = 0; c < a.head_dim; ++c) dot += q[c] * k[c];
-    float s = dot * a.scale;
-    scores[j - begin] = s;
+    for (int c = lane; c < a.head_dim; c += 32) dot += q[c] * k[c];
+    float s = warp_sum(dot) * a.scale;
+    if (lane == 0) scores[j - begin] = s;
     m = fmaxf(m, s);
   }
-  return block_max(m, scratch);
+  return block_max(m, scratch);  // its barriers also publish the scores
 }
 
 __device__ __forceinline__ void lw_visible(const lw_attention_args& a, int row, int& first, int& last) {
@@ -89,11 +92,21 @@ extern "C" __global__ void lw_attention_partial(float* partial, lw_attention_arg
     l += e;
   }
   l = block_sum(l, scratch);  // its barriers also publish the weights in scores
+  // o = Σ_j e_j v_j: warp w takes positions begin + w, begin + w + warps, ... (lanes across head_dim,
+  // coalesced), into its own row of `sums`; then each column adds the warps' rows in order.
   int seq = int(a.row_seq[row]);
   int kv_head = head / (a.heads / a.kv_heads);
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float* sums = scores + chunk;  // [warps][head_dim]
+  for (int c = lane; c < a.head_dim; c += 32) {
+    float o = 0.0f;
+    for (int j = begin + warp; j < end; j += warps) o += scores[j - begin] * a.values[lw_key_at(a, seq, j, kv_head) + c];
+    sums[warp * a.head_dim + c] = o;
+  }
+  __syncthreads();
   for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) {
     float o = 0.0f;
-    for (int j = begin; j < end; ++j) o += scores[j - begin] * a.values[lw_key_at(a, seq, j, kv_head) + c];
+    for (int w = 0; w < warps; ++w) o += sums[w * a.head_dim + c];
     out[2 + c] = o;
   }
   if (threadIdx.x == 0) {

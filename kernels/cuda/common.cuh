@@ -24,7 +24,15 @@ typedef unsigned long long uint64_t;
 // bf16 is the upper half of an f32.
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
 
-// IEEE half to f32, subnormals, infinities and NaN included.
+// IEEE half to f32, subnormals, infinities and NaN included: the device's exact conversion
+// instruction, and the same by hand in the emulation (where no PTX runs).
+#ifndef LAYERWISE_EMULATION
+__device__ __forceinline__ float f16_to_f32(uint16_t h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+#else
 __device__ __forceinline__ float f16_to_f32(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1fu;
@@ -38,6 +46,7 @@ __device__ __forceinline__ float f16_to_f32(uint16_t h) {
   }
   return __uint_as_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
+#endif
 
 // Weights in f32, or f16 / bf16 as their raw 16-bit patterns, read widened to f32.
 struct lw_f16 {
@@ -54,6 +63,43 @@ template <>
 __device__ __forceinline__ float lw_load<lw_f16>(const lw_f16* p, size_t i) { return f16_to_f32(p[i].bits); }
 template <>
 __device__ __forceinline__ float lw_load<lw_bf16>(const lw_bf16* p, size_t i) { return bf16_to_f32(p[i].bits); }
+
+// 16 bytes read in one instruction (LDG.128 on the device): 4 f32 or 8 f16 / bf16 weights. The
+// address must be 16-byte aligned.
+struct __align__(16) lw_vec16 {
+  uint32_t w[4];
+};
+template <class T>
+struct lw_per16 {
+  static constexpr int n = 16 / sizeof(T);  // elements per 16 bytes
+};
+__device__ __forceinline__ lw_vec16 lw_load16(const void* p) { return *reinterpret_cast<const lw_vec16*>(p); }
+__device__ __forceinline__ bool lw_aligned16(const void* p) { return (reinterpret_cast<size_t>(p) & 15) == 0; }
+
+// The elements of 16 loaded bytes, widened to f32, in memory order.
+template <class T>
+__device__ __forceinline__ void lw_unpack(const lw_vec16& v, float* out);
+template <>
+__device__ __forceinline__ void lw_unpack<float>(const lw_vec16& v, float* out) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) out[k] = __uint_as_float(v.w[k]);
+}
+template <>
+__device__ __forceinline__ void lw_unpack<lw_bf16>(const lw_vec16& v, float* out) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = __uint_as_float(v.w[k] << 16);
+    out[2 * k + 1] = __uint_as_float(v.w[k] & 0xffff0000u);
+  }
+}
+template <>
+__device__ __forceinline__ void lw_unpack<lw_f16>(const lw_vec16& v, float* out) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[2 * k] = f16_to_f32(uint16_t(v.w[k] & 0xffffu));
+    out[2 * k + 1] = f16_to_f32(uint16_t(v.w[k] >> 16));
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(LW_FULL_MASK, v, offset);
@@ -83,6 +129,63 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   return warp_max(lane < warps ? scratch[lane] : -LW_INF);
+}
+
+// Rows of x a warp's dot products handle at once (lw_lane_dots: the decode matvec's limit).
+#define LW_MAX_TOKENS 8
+
+// acc[r] += Σ_k w[k] * x[r * x_stride + i + k] over the elements of one 16-byte load of weights at i.
+template <class T, int MAXT>
+__device__ __forceinline__ void lw_accumulate16(float* acc, const lw_vec16& raw, const float* x, int i, int t,
+                                                int x_stride) {
+  constexpr int V = lw_per16<T>::n;
+  float wv[V];
+  lw_unpack<T>(raw, wv);
+#pragma unroll
+  for (int r = 0; r < MAXT; ++r) {
+    if (r < t) {
+      const float* xr = x + size_t(r) * x_stride + i;
+      float xv[V];
+#pragma unroll
+      for (int h = 0; h < V / 4; ++h) lw_unpack<float>(lw_load16(xr + 4 * h), xv + 4 * h);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[r] += wv[k] * xv[k];
+    }
+  }
+}
+
+// This lane's share of Σ_{i < n} x[r * x_stride + i] * row[i] for r < t <= MAXT (summed over the
+// warp by the caller). When the row and x allow it, 16-byte loads, LW_LOADS_IN_FLIGHT of them issued
+// before any is used (a warp reads 512 * LW_LOADS_IN_FLIGHT contiguous bytes per round); else, or for
+// the tail, one element per lane per step.
+#define LW_LOADS_IN_FLIGHT 4
+template <class T, int MAXT = LW_MAX_TOKENS>
+__device__ __forceinline__ void lw_lane_dots(float* acc, const float* x, int x_stride, const T* row, int t, int n) {
+  constexpr int V = lw_per16<T>::n;
+  constexpr int U = LW_LOADS_IN_FLIGHT;
+  int lane = threadIdx.x & 31;
+  int done = 0;
+  if (n % V == 0 && x_stride % 4 == 0 && lw_aligned16(row) && lw_aligned16(x)) {
+    int round = 32 * V * U;
+    int rounds_end = n / round * round;
+    for (int base = lane * V; base < rounds_end; base += round) {
+      lw_vec16 raw[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) raw[u] = lw_load16(row + base + u * 32 * V);
+#pragma unroll
+      for (int u = 0; u < U; ++u) lw_accumulate16<T, MAXT>(acc, raw[u], x, base + u * 32 * V, t, x_stride);
+    }
+    for (int base = rounds_end + lane * V; base < n; base += 32 * V)
+      lw_accumulate16<T, MAXT>(acc, lw_load16(row + base), x, base, t, x_stride);
+    done = n;
+  }
+  for (int i = done + lane; i < n; i += 32) {
+    float wv = lw_load(row, i);
+#pragma unroll
+    for (int r = 0; r < MAXT; ++r) {
+      if (r < t) acc[r] += wv * x[size_t(r) * x_stride + i];
+    }
+  }
 }
 
 // One row's LayerNorm (biased variance, two passes) or RMSNorm into `dst`, by the whole block; every

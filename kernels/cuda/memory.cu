@@ -11,7 +11,8 @@
 //   pairs[2i] (grid (pairs, layers)).
 //
 // Launch: block 256 (lw_rope: any 1-D grid covering t * heads * head_dim / 2 threads). Must equal the
-// reference backend: exactly, except lw_rope within 1e-6 (device sin/cos/pow against the host's).
+// reference backend: exactly, lw_rope included (see its comment), but for the rare argument where
+// f64 pow or sin rounded to f32 differs from the host's f32 libm (the conformance allows 1e-6).
 #include "common.cuh"
 
 template <class T>
@@ -48,12 +49,15 @@ extern "C" __global__ void lw_rope(float* x, const uint32_t* positions, int t, i
     int heads = cols / head_dim;
     int r = int(head / heads);
     float* h = x + size_t(r) * cols + (head % heads) * head_dim;
-    float inv_freq = 1.0f / powf(theta, float(2 * j) / float(head_dim));
+    // pow, sin and cos in f64, rounded once to f32: the correctly rounded f32 values the host's libm
+    // gives the reference (the device's powf and sinf may be 1-2 ulp off, and at angles of thousands
+    // of radians one ulp of inv_freq moves sin by 1e-4). No fused multiply-adds: as the reference.
+    float inv_freq = 1.0f / float(pow(double(theta), double(float(2 * j) / float(head_dim))));
     float angle = float(positions[r]) * inv_freq;
-    float s = sinf(angle), c = cosf(angle);
+    float s = float(sin(double(angle))), c = float(cos(double(angle)));
     float a = h[j], b = h[half + j];
-    h[j] = a * c - b * s;
-    h[half + j] = b * c + a * s;
+    h[j] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    h[half + j] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
   }
 }
 

@@ -1,9 +1,11 @@
 // Matrix products with a weight stored [out, in] (the CUDA backend stores every matrix so, GPT-2's
 // Conv1D [in, out] weights transposed once at upload), in f32, f16 or bf16, summed in f32.
 //
-// lw_matvec_*: decoding, t <= 8 rows of x: one warp per output feature; the lanes stream the weight
-//   row once (coalesced) and keep one sum per token, then a shuffle reduction. Bound by reading the
-//   weight: n_out * n_in elements per launch.
+// lw_matvec_*: decoding, t <= 8 rows of x: `split` warps per output feature (1, 2, 4 or 8), each
+//   over a slice of the row (more warps in flight when there are few features); the lanes stream
+//   the slice once (coalesced 16-byte loads, several in flight per lane) and keep one sum per token,
+//   then a shuffle reduction, and the feature's slices are added in order through shared memory.
+//   Bound by reading the weight: n_out * n_in elements per launch.
 // lw_gemm_*: prefill and batches, any t: 16 x 16 output tiles per block of 256 threads, 16-wide steps
 //   along `in` through shared memory.
 // lw_norm_head_*: the final norm (LayerNorm, or RMSNorm when norm_b is null) fused with one or several
@@ -11,31 +13,22 @@
 //   KiB, cheap next to the head it reads), then its warps compute their output features as lw_matvec
 //   does. out[h][r][o] = Σ_i norm(state[h][r])[i] * head_h[o][i]; heads[h] points at head h.
 //
-// Launch: lw_matvec: grid ceil(n_out / warps per block), block 256; lw_gemm: grid (ceil(n_out / 16),
+// Launch: lw_matvec: grid ceil(n_out / (warps per block / split)), block 256; lw_gemm: grid (ceil(n_out / 16),
 // ceil(t / 16)), block 256; lw_norm_head: grid (ceil(vocab / warps per block), heads), block 256,
 // dynamic shared memory t * hidden * 4 bytes + 256. Must equal the reference backend's linear (and
 // layer_norm / rms_norm then linear) within 1e-5 of the largest output for f32 weights, 1e-4 for
 // f16/bf16 (the conformance tolerances).
 #include "common.cuh"
 
-#define LW_MAX_TOKENS 8
-
 // out[r][o] = Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may be in shared memory.
 template <class T>
 __device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T* w, const float* bias, int t, int n_in,
                                             int n_out, int o) {
   int lane = threadIdx.x & 31;
-  const T* row = w + size_t(o) * n_in;
   float acc[LW_MAX_TOKENS];
 #pragma unroll
   for (int r = 0; r < LW_MAX_TOKENS; ++r) acc[r] = 0.0f;
-  for (int i = lane; i < n_in; i += 32) {
-    float wv = lw_load(row, i);
-#pragma unroll
-    for (int r = 0; r < LW_MAX_TOKENS; ++r) {
-      if (r < t) acc[r] += wv * x[size_t(r) * n_in + i];
-    }
-  }
+  lw_lane_dots(acc, x, n_in, w + size_t(o) * n_in, t, n_in);
 #pragma unroll
   for (int r = 0; r < LW_MAX_TOKENS; ++r) {
     if (r < t) {
@@ -46,10 +39,33 @@ __device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T*
 }
 
 template <class T>
-__device__ void lw_matvec(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out) {
-  int warps = blockDim.x >> 5;
-  int o = blockIdx.x * warps + (threadIdx.x >> 5);
-  if (o < n_out) lw_warp_row(out, x, w, bias, t, n_in, n_out, o);
+__device__ void lw_matvec(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out,
+                          int split) {
+  __shared__ float sums[32][LW_MAX_TOKENS];  // each warp's sums, per token
+  int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int o = blockIdx.x * (warps / split) + warp / split;
+  int part = warp % split;
+  // Slices of whole 16-byte loads, so that each starts aligned as the row does.
+  constexpr int V = lw_per16<T>::n;
+  int slice = (n_in + split - 1) / split;
+  slice = (slice + V - 1) / V * V;
+  int start = min(n_in, part * slice), end = min(n_in, start + slice);
+  float acc[LW_MAX_TOKENS];
+#pragma unroll
+  for (int r = 0; r < LW_MAX_TOKENS; ++r) acc[r] = 0.0f;
+  if (o < n_out) lw_lane_dots(acc, x + start, n_in, w + size_t(o) * n_in + start, t, end - start);
+#pragma unroll
+  for (int r = 0; r < LW_MAX_TOKENS; ++r) {
+    float s = warp_sum(acc[r]);
+    if (lane == 0) sums[warp][r] = s;
+  }
+  __syncthreads();
+  // Lane r of the feature's first warp adds the slices' sums for token r, in slice order.
+  if (part == 0 && lane < t && o < n_out) {
+    float s = 0.0f;
+    for (int p = 0; p < split; ++p) s += sums[warp + p][lane];
+    out[size_t(lane) * n_out + o] = bias ? s + bias[o] : s;
+  }
 }
 
 template <class T>
@@ -91,8 +107,8 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
 
 #define LW_PRODUCTS(suffix, T)                                                                                   \
   extern "C" __global__ void lw_matvec_##suffix(float* out, const float* x, const T* w, const float* bias, int t, \
-                                                int n_in, int n_out) {                                           \
-    lw_matvec(out, x, w, bias, t, n_in, n_out);                                                                  \
+                                                int n_in, int n_out, int split) {                                \
+    lw_matvec(out, x, w, bias, t, n_in, n_out, split);                                                           \
   }                                                                                                              \
   extern "C" __global__ void lw_gemm_##suffix(float* out, const float* x, const T* w, const float* bias, int t,   \
                                               int n_in, int n_out) {                                             \

@@ -17,7 +17,17 @@ pub const KERNELS: &[(&str, &[&str])] = &[
     ("norms.cu", &["lw_layer_norm", "lw_rms_norm"]),
     ("elementwise.cu", &["lw_add", "lw_mul", "lw_gelu_tanh", "lw_gelu_erf", "lw_silu", "lw_relu", "lw_scale_heads"]),
     ("argmax.cu", &["lw_argmax_rows"]),
-    ("acd.cu", &["lw_acd_f32", "lw_acd_f16", "lw_acd_bf16", "lw_acd_from_logits"]),
+    (
+        "acd.cu",
+        &[
+            "lw_acd_select",
+            "lw_acd_lower_f32",
+            "lw_acd_lower_f16",
+            "lw_acd_lower_bf16",
+            "lw_acd_lower_from_logits",
+            "lw_acd_finish",
+        ],
+    ),
     (
         "products.cu",
         &[

@@ -161,8 +161,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
   if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;  // as the driver answers
   void* p = std::malloc(bytes);
   if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
-  // Poisoned, as device memory holds whatever it held: the code must write before it reads.
-  std::memset(p, 0xA5, bytes);
+  // Poisoned, as device memory holds whatever it held: the code must write before it reads. All
+  // ones: a float never written reads as NaN, which no comparison and no argmax lets pass.
+  std::memset(p, 0xFF, bytes);
   *ptr = CUdeviceptr(p);
   return CUDA_SUCCESS;
 }

@@ -209,6 +209,78 @@ fn emulated_shuffles_and_votes_meet_only_the_lanes_of_their_mask() {
     }
 }
 
+/// Where the lower logits of ACD come from: a head's rows (the weight kernel of its dtype) or
+/// precomputed logits.
+enum Lower<'a> {
+    Head { kernel: Kernel, head: &'a [u8], features: &'a [f32], hidden: usize },
+    Logits(&'a [f32]),
+}
+
+/// lw_acd_select, the lower kernel, lw_acd_finish on `rows` rows of `upper`; the threads of each
+/// block run in the order of `reverse`.
+fn emulated_acd(
+    upper: &[f32],
+    rows: usize,
+    lower: &Lower,
+    alpha: f32,
+    k: usize,
+    threads: u32,
+    reverse: bool,
+) -> Vec<f32> {
+    let vocab = upper.len() / rows;
+    let order = |l: Launch| if reverse { l.reversed() } else { l };
+    let mut out = vec![f32::NAN; rows * vocab];
+    let mut stats = vec![f32::NAN; 2 * rows];
+    let mut plausible = vec![u32::MAX; rows * vocab];
+    let mut counts = vec![u32::MAX; rows];
+    let (mut o, mut u, mut st, mut pl, mut c) =
+        (out.as_mut_ptr(), upper.as_ptr(), stats.as_mut_ptr(), plausible.as_mut_ptr(), counts.as_mut_ptr());
+    let (mut v, mut a, mut kk) = (vocab as i32, alpha, k as i32);
+    let config = order(Launch { shared_bytes: 256 * 4, ..Launch::grid_1d(rows as u32, threads) });
+    let mut params: [*mut c_void; 7] =
+        [arg(&mut st), arg(&mut pl), arg(&mut c), arg(&mut u), arg(&mut v), arg(&mut a), arg(&mut kk)];
+    // SAFETY: lw_acd_select(stats, plausible, counts, upper, vocab, alpha, k) reads rows x vocab
+    // floats and writes 2 x rows floats, rows x vocab and rows indices.
+    unsafe { launch(Kernel::AcdSelect, config, &mut params) }.expect("select");
+    let grid = |blocks: u32, threads: u32, shared: usize| {
+        order(Launch { grid: [blocks, rows as u32, 1], block: [threads, 1, 1], shared_bytes: shared, reverse: 0 })
+    };
+    match *lower {
+        Lower::Head { kernel, head, features, hidden } => {
+            let (mut f, mut h, mut d) = (features.as_ptr(), head.as_ptr(), hidden as i32);
+            let mut params: [*mut c_void; 9] = [
+                arg(&mut o),
+                arg(&mut u),
+                arg(&mut st),
+                arg(&mut pl),
+                arg(&mut c),
+                arg(&mut f),
+                arg(&mut h),
+                arg(&mut v),
+                arg(&mut d),
+            ];
+            // SAFETY: lw_acd_lower_*(out, upper, stats, plausible, counts, features, head, vocab,
+            // hidden) reads what select wrote, rows x hidden features and vocab x hidden head values
+            // in the dtype's storage, and writes rows x vocab outputs.
+            unsafe { launch(kernel, grid(3, threads, hidden * 4), &mut params) }.expect("lower");
+        }
+        Lower::Logits(logits) => {
+            let mut l = logits.as_ptr();
+            let mut params: [*mut c_void; 7] =
+                [arg(&mut o), arg(&mut u), arg(&mut st), arg(&mut pl), arg(&mut c), arg(&mut l), arg(&mut v)];
+            // SAFETY: lw_acd_lower_from_logits(out, upper, stats, plausible, counts, lower, vocab) reads
+            // what select wrote and rows x vocab floats, and writes rows x vocab outputs.
+            unsafe { launch(Kernel::AcdLowerFromLogits, grid(2, 32, 0), &mut params) }.expect("lower");
+        }
+    }
+    let config = order(Launch::grid_1d(rows as u32, threads));
+    let mut params: [*mut c_void; 4] = [arg(&mut o), arg(&mut u), arg(&mut st), arg(&mut v)];
+    // SAFETY: lw_acd_finish(out, upper, stats, vocab) reads rows x vocab floats of upper, the stats,
+    // and reads and writes rows x vocab outputs.
+    unsafe { launch(Kernel::AcdFinish, config, &mut params) }.expect("finish");
+    out
+}
+
 #[test]
 fn emulated_acd_equals_the_reference_contrast() {
     use layerwise::DType;
@@ -229,37 +301,20 @@ fn emulated_acd_equals_the_reference_contrast() {
             let head = r.weight(&tensor, Layout::OutIn).expect("weight");
             let (upper_m, features_m) = (matrix(&upper, rows, vocab), matrix(&features, rows, hidden));
             let kernel = match dtype {
-                DType::F32 => Kernel::AcdF32,
-                DType::F16 => Kernel::AcdF16,
-                DType::BF16 => Kernel::AcdBf16,
+                DType::F32 => Kernel::AcdLowerF32,
+                DType::F16 => Kernel::AcdLowerF16,
+                DType::BF16 => Kernel::AcdLowerBf16,
             };
+            let lower = Lower::Head { kernel, head: tensor.bytes(), features: &features, hidden };
             for (alpha, min_candidates) in [(0.1f32, 1usize), (0.5, 3), (1.0, 1), (0.0, 1), (0.1, vocab), (0.1, 40)] {
                 let want = r.contrast_acd(&upper_m, &features_m, &head, alpha, min_candidates).expect("reference").data;
                 for threads in [32u32, 256] {
-                    let config = Launch { shared_bytes: (hidden + 256) * 4, ..Launch::grid_1d(rows as u32, threads) };
-                    for config in orders(config) {
-                        let mut out = vec![f32::NAN; rows * vocab];
-                        let (mut o, mut u, mut f) = (out.as_mut_ptr(), upper.as_ptr(), features.as_ptr());
-                        let mut h = tensor.bytes().as_ptr();
-                        let (mut v, mut d, mut a, mut k) = (vocab as i32, hidden as i32, alpha, min_candidates as i32);
-                        let mut params: [*mut c_void; 8] = [
-                            arg(&mut o),
-                            arg(&mut u),
-                            arg(&mut f),
-                            arg(&mut h),
-                            arg(&mut v),
-                            arg(&mut d),
-                            arg(&mut a),
-                            arg(&mut k),
-                        ];
-                        // SAFETY: lw_acd_*(out, upper, features, head, vocab, hidden, alpha, k) reads rows
-                        // x vocab upper logits, rows x hidden features and vocab x hidden head values in
-                        // the dtype's storage, and writes rows x vocab outputs.
-                        unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                    for reverse in [false, true] {
+                        let out = emulated_acd(&upper, rows, &lower, alpha, min_candidates, threads, reverse);
                         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
                             assert!(
                                 (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-                                "{kernel:?} vocab {vocab} alpha {alpha} k {min_candidates} {config:?}: token {} of row {} is {g}, the reference has {w}",
+                                "{kernel:?} vocab {vocab} alpha {alpha} k {min_candidates} threads {threads} reverse {reverse}: token {} of row {} is {g}, the reference has {w}",
                                 i % vocab,
                                 i / vocab
                             );
@@ -268,17 +323,10 @@ fn emulated_acd_equals_the_reference_contrast() {
                 }
                 if dtype == DType::F32 {
                     // The same from precomputed lower logits (a head stored [hidden, vocab]).
-                    let lower = r.linear(&features_m, &head, None).expect("reference").data;
-                    let config = Launch { shared_bytes: 256 * 4, ..Launch::grid_1d(rows as u32, 128) };
-                    for config in orders(config) {
-                        let mut out = vec![f32::NAN; rows * vocab];
-                        let (mut o, mut u, mut l) = (out.as_mut_ptr(), upper.as_ptr(), lower.as_ptr());
-                        let (mut v, mut a, mut k) = (vocab as i32, alpha, min_candidates as i32);
-                        let mut params: [*mut c_void; 6] =
-                            [arg(&mut o), arg(&mut u), arg(&mut l), arg(&mut v), arg(&mut a), arg(&mut k)];
-                        // SAFETY: lw_acd_from_logits(out, upper, lower, vocab, alpha, k) reads and writes
-                        // rows x vocab floats.
-                        unsafe { launch(Kernel::AcdFromLogits, config, &mut params) }.expect("launch");
+                    let logits = r.linear(&features_m, &head, None).expect("reference").data;
+                    for reverse in [false, true] {
+                        let out =
+                            emulated_acd(&upper, rows, &Lower::Logits(&logits), alpha, min_candidates, 128, reverse);
                         assert_close(&format!("acd from logits alpha {alpha} k {min_candidates}"), &out, &want, 1e-5);
                     }
                 }
@@ -314,18 +362,27 @@ fn emulated_products_equal_the_reference_linear() {
                 let xm = matrix(&x, t, n_in);
                 for with_bias in [false, true] {
                     let want = r.linear(&xm, &weight, with_bias.then_some(&bias)).expect("reference").data;
-                    let mut configs = vec![(gemm, Launch::grid_1d(n_out.div_ceil(16) as u32, 256))];
+                    // (kernel, launch, warps per output feature: the matvec's `split`, unused by gemm)
+                    let mut configs = vec![(gemm, Launch::grid_1d(n_out.div_ceil(16) as u32, 256), 1)];
                     configs[0].1.grid[1] = t.div_ceil(16) as u32;
                     if t <= 8 {
-                        configs.push((matvec, Launch::grid_1d(n_out.div_ceil(8) as u32, 256)));
+                        // Every split for one row, one more for eight (the emulation is slow: not all).
+                        let splits: &[usize] = match t {
+                            1 => &[1, 2, 4, 8],
+                            8 => &[1, 4],
+                            _ => &[1],
+                        };
+                        for &split in splits {
+                            configs.push((matvec, Launch::grid_1d(n_out.div_ceil(8 / split) as u32, 256), split));
+                        }
                     }
-                    for (kernel, config) in configs {
+                    for (kernel, config, split) in configs {
                         for config in orders(config) {
                             let mut out = vec![f32::NAN; t * n_out];
                             let (mut o, mut xp, mut w) = (out.as_mut_ptr(), x.as_ptr(), tensor.bytes().as_ptr());
                             let mut b = if with_bias { bias_values.as_ptr() } else { std::ptr::null() };
-                            let (mut tt, mut ni, mut no) = (t as i32, n_in as i32, n_out as i32);
-                            let mut params: [*mut c_void; 7] = [
+                            let (mut tt, mut ni, mut no, mut sp) = (t as i32, n_in as i32, n_out as i32, split as i32);
+                            let mut params: [*mut c_void; 8] = [
                                 arg(&mut o),
                                 arg(&mut xp),
                                 arg(&mut w),
@@ -333,11 +390,15 @@ fn emulated_products_equal_the_reference_linear() {
                                 arg(&mut tt),
                                 arg(&mut ni),
                                 arg(&mut no),
+                                arg(&mut sp),
                             ];
-                            // SAFETY: (out, x, w, bias, t, n_in, n_out): out t x n_out, x t x n_in, w n_out x
-                            // n_in in the dtype's storage, bias n_out or null.
+                            // SAFETY: (out, x, w, bias, t, n_in, n_out[, split]): out t x n_out, x t x n_in,
+                            // w n_out x n_in in the dtype's storage, bias n_out or null; gemm takes the
+                            // first seven.
                             unsafe { launch(kernel, config, &mut params) }.expect("launch");
-                            let what = format!("{kernel:?} {n_in}->{n_out}, {t} rows, bias {with_bias}, {config:?}");
+                            let what = format!(
+                                "{kernel:?} split {split} {n_in}->{n_out}, {t} rows, bias {with_bias}, {config:?}"
+                            );
                             assert_close(&what, &out, &want, tolerance);
                         }
                     }
@@ -631,10 +692,11 @@ fn emulated_paged_attention_equals_the_reference() {
             scale: params.scale,
         };
         let longest = 19 + block_size * 2;
-        for chunk in [longest, 7, 2] {
+        for (chunk, threads) in [(longest, 32usize), (7, 32), (2, 32), (longest, 96), (7, 96)] {
             let splits = longest.div_ceil(chunk);
             let mut partial = vec![f32::NAN; rows * heads * splits * (head_dim + 2)];
-            let mut config = Launch { shared_bytes: (head_dim + chunk) * 4, ..Launch::grid_1d(heads as u32, 32) };
+            let shared_bytes = (head_dim + chunk + threads / 32 * head_dim) * 4;
+            let mut config = Launch { shared_bytes, ..Launch::grid_1d(heads as u32, threads as u32) };
             config.grid[1] = rows as u32;
             config.grid[2] = splits as u32;
             for config in orders(config) {

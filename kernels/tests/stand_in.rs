@@ -70,11 +70,12 @@ fn stand_in_driver_runs_the_conformance_suite() {
     let Some(cuda) = stand_in_backend() else { return };
     say(&format!("stand_in_driver: conformance on {}", cuda.description()));
     type Check = fn(&Cuda) -> layerwise::Result<()>;
-    let checks: [(&str, Check); 12] = [
+    let checks: [(&str, Check); 13] = [
         ("embed", conformance::embed),
         ("elementwise", conformance::elementwise),
         ("norms", conformance::norms),
         ("linear", conformance::linear),
+        ("norm_linear", conformance::norm_linear),
         ("activations", conformance::activations),
         ("rope", conformance::rope),
         ("scale_heads", conformance::scale_heads),
@@ -222,7 +223,8 @@ fn stand_in_driver_counts_launches_per_decode_step() {
             "stand_in_driver: {name}: {per_step} kernel launches per decode step ({layers} layers), next token {next}"
         ));
         // Per block: 2 norms, 4 products, 3 column copies, a cache write, 2 attention kernels, an
-        // activation, 2 residual adds = 15; plus embeddings, the heads and the contrast.
+        // activation, 2 residual adds = 15; plus embeddings, the heads (each fused with the final
+        // norm) and the contrast.
         assert!(per_step <= 15 * layers + 12, "{name}: {per_step} launches");
     }
 }

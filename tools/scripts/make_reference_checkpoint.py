@@ -3,17 +3,20 @@
 16 heads, vocab 50257, exit heads at layers 2, 4, ..., 24 in upstream autocontrastive-gen's format).
 
 Used for loading, memory and throughput measurements (README, tools/compare_transformers.py). The
-weights are random: only shapes and byte counts matter. Needs numpy, safetensors and transformers.
+weights are random: only shapes and byte counts matter. Needs numpy, torch and safetensors. The config is
+written by hand (the fields transformers' GPT2Config writes that matter), so any transformers version, or
+none, will do.
 
     python tools/scripts/make_reference_checkpoint.py --out /tmp/gpt2-medium-multiexit-random [--dtype f32|f16|bf16]
 """
 import argparse
+import json
 import os
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config
+
 
 LAYERS, HIDDEN, HEADS, VOCAB, POSITIONS = 24, 1024, 16, 50257, 1024
 EXITS = list(range(2, LAYERS + 1, 2))
@@ -59,11 +62,14 @@ def main():
     args = parser.parse_args()
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     os.makedirs(args.out, exist_ok=True)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                        torch_dtype=str(dtype).replace("torch.", ""))
-    config.lm_head_layer_indices = EXITS
-    config.architectures = ["GPT2LMHeadModel"]
-    config.to_json_file(os.path.join(args.out, "config.json"))
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": VOCAB, "n_positions": POSITIONS,
+        "n_ctx": POSITIONS, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True, "torch_dtype": str(dtype).replace("torch.", ""), "lm_head_layer_indices": EXITS,
+    }
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     rng = np.random.default_rng(0)
     save_file(dict(tensors(rng, dtype)), os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
     print(f"wrote {args.out}")

@@ -105,14 +105,17 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
 
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
     // framework's load step would; the timed run then measures generation alone.
+    let launches_before: Option<u64>;
     let timing = match &strategy {
         None => {
             generate_batch(&mut decoder, &prompts, 2.min(args.new_tokens))?;
+            launches_before = loaded.model.backend().launches();
             generate_batch(&mut decoder, &prompts, args.new_tokens)?
         }
         Some(options) => {
             let warm_up = GenerationOptions { max_new_tokens: 2.min(args.new_tokens), ..options.clone() };
             generate(&mut decoder, &prompts[0], &warm_up, None, |_| true)?;
+            launches_before = loaded.model.backend().launches();
             // Beam and contrastive search interleave prefill and search: their time counts as decode.
             let start = Instant::now();
             let out = generate(&mut decoder, &prompts[0], options, None, |_| true)?;
@@ -123,6 +126,12 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         }
     };
 
+    // Kernel launches of the timed run per new token (with greedy decoding, per step: a prefill step
+    // launches what a decode step does, a product being one launch for any number of rows).
+    let launches_per_token = match (launches_before, loaded.model.backend().launches()) {
+        (Some(before), Some(after)) => Some((after - before) as f64 / args.new_tokens as f64),
+        _ => None,
+    };
     let bytes_per_step = loaded.model.step_weight_bytes(&plan)? as f64;
     let decode_steps = (args.new_tokens - 1) as f64;
     let (batch, prompt_len, new_tokens) = (args.batch as f64, args.prompt_len as f64, args.new_tokens as f64);
@@ -146,6 +155,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "device": loaded.model.backend().name(),
         "achieved_gb_s": achieved / 1e9,
         "weight_bytes_per_step": bytes_per_step,
+        "launches_per_token": launches_per_token,
         "blocks_per_step": decoder.depth(),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
@@ -164,7 +174,8 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         let bound = if host_backend {
             format!("{:.0}% of the {:.1} GB/s read bandwidth", 100.0 * achieved / bandwidth, bandwidth / 1e9)
         } else {
-            format!("{:.1} GB/s of weights read ({} device)", achieved / 1e9, loaded.model.backend().name())
+            let launches = launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token"));
+            format!("{:.1} GB/s of weights read ({} device{launches})", achieved / 1e9, loaded.model.backend().name())
         };
         println!(
             "{:?} batch {}: prefill {prefill_tok_per_s:.1} tok/s, decode {decode_tok_per_s:.1} tok/s, end-to-end {end_to_end_tok_per_s:.1} tok/s; \

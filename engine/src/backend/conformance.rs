@@ -26,7 +26,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@each $backend;
-                embed, elementwise, norms, linear, activations, rope, scale_heads, rows_and_columns,
+                embed, elementwise, norms, linear, norm_linear, activations, rope, scale_heads, rows_and_columns,
                 paged_attention, attention_probs, contrast_acd, argmax_rows);
         }
     };
@@ -151,7 +151,8 @@ pub fn norms<B: Backend>(b: &B) -> Result<()> {
 /// (one token, a few, register tiles, GEMM), widths that are no multiple of any vector or panel.
 pub fn linear<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
-    for (n_in, n_out) in [(1usize, 5usize), (37, 53), (64, 300)] {
+    // (1024, 40): a decode product that a GPU splits over several warps per output.
+    for (n_in, n_out) in [(1usize, 5usize), (37, 53), (64, 300), (1024, 40)] {
         for layout in [Layout::OutIn, Layout::InOut] {
             for dtype in DTYPES {
                 let shape = match layout {
@@ -181,6 +182,40 @@ pub fn linear<B: Backend>(b: &B) -> Result<()> {
 }
 
 /// `activate`: every activation, on lengths that are no multiple of a vector and on large values.
+/// The final norm fused with a head, against the reference's norm then linear.
+pub fn norm_linear<B: Backend>(b: &B) -> Result<()> {
+    let r = Reference::default();
+    for (d, vocab) in [(7usize, 5usize), (64, 300), (1024, 50)] {
+        for dtype in DTYPES {
+            let head = HostTensor::from_f32(values(vocab * d, 17), vec![vocab, d]).converted(dtype);
+            let (bh, rh) = weight_pair(b, &head, Layout::OutIn)?;
+            let (bw, rw) = weight_pair(b, &vector(d, 18), Layout::OutIn)?;
+            let (bb, rb) = weight_pair(b, &vector(d, 19), Layout::OutIn)?;
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
+            for rows in [1usize, 3, 8, 9] {
+                let x: Vec<f32> = values(rows * d, rows as u64 + 20).iter().map(|v| v * 3.0 + 0.5).collect();
+                let (bx, rx) = pair(b, &x, rows, d)?;
+                let what = format!("norm_linear {dtype} [{rows}, {d}] -> {vocab}");
+                let want = r.linear(&r.layer_norm(&rx, &rw, &rb, 1e-5)?, &rh, None)?.data;
+                compare(
+                    &format!("{what} layer norm"),
+                    &b.to_host(&b.norm_linear(&bx, &bw, Some(&bb), 1e-5, &bh)?)?,
+                    &want,
+                    tolerance,
+                )?;
+                let want = r.linear(&r.rms_norm(&rx, &rw, 1e-6)?, &rh, None)?.data;
+                compare(
+                    &format!("{what} rms norm"),
+                    &b.to_host(&b.norm_linear(&bx, &bw, None, 1e-6, &bh)?)?,
+                    &want,
+                    tolerance,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn activations<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
     for act in [Activation::GeluTanh, Activation::Gelu, Activation::Relu, Activation::Silu] {

@@ -144,6 +144,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name for messages ("cpu", "reference", "cuda").
     fn name(&self) -> &'static str;
 
+    /// Kernel launches so far, for a backend that launches kernels (reported per step by `bench`).
+    fn launches(&self) -> Option<u64> {
+        None
+    }
+
     /// Runs `work` (a whole decoding step) where this backend's ops run best.
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
         work()
@@ -208,6 +213,24 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
+
+    /// `linear(norm(x), head)` without a bias: the final norm (LayerNorm with `bias`, else RMSNorm)
+    /// and a vocabulary head, as every exit's logits are made. The default runs the two ops; a backend
+    /// may fuse them (CUDA: one launch for up to 8 rows, the normed rows never written out).
+    fn norm_linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        eps: f32,
+        head: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        let normed = match bias {
+            Some(bias) => self.layer_norm(x, weight, bias, eps)?,
+            None => self.rms_norm(x, weight, eps)?,
+        };
+        self.linear(&normed, head, None)
+    }
 
     /// Applies `act` elementwise in place.
     fn activate(&self, x: &mut Self::Tensor, act: Activation) -> Result<()>;

@@ -87,8 +87,25 @@ impl<B: Backend> Model<B> {
 
     /// Logits of `source` from the raw (un-normed) output `state: [t, hidden]` of its layer.
     pub(crate) fn project(&self, source: Source, projection: Projection, state: &B::Tensor) -> Result<B::Tensor> {
-        let (features, head) = self.head_input(source, projection, state)?;
-        self.backend.linear(&features, head, None)
+        match self.plain_head(source, projection) {
+            Some(head) => self.body.final_norm().then_linear(&self.backend, state, head),
+            None => {
+                let (features, head) = self.head_input(source, projection, state)?;
+                self.backend.linear(&features, head, None)
+            }
+        }
+    }
+
+    /// The head that multiplies the final norm of `source`'s state directly (no conversion matrix
+    /// between them), if so: the product can be fused with the norm.
+    fn plain_head(&self, source: Source, projection: Projection) -> Option<&B::Weight> {
+        match (source, projection) {
+            (Source::Original, _) | (Source::Layer(_), Projection::Lens) => Some(&self.lm_head),
+            (Source::Layer(layer), Projection::ExitHeads) => self.exit_heads.get(&layer),
+            (Source::Layer(layer), Projection::Converted) => {
+                (!self.conversions.contains_key(&layer)).then_some(&self.lm_head)
+            }
+        }
     }
 
     /// What `source`'s vocabulary head multiplies, and the head: the final norm of the layer's state

@@ -79,6 +79,14 @@ impl<B: Backend> Norm<B> {
             Norm::Rms { weight, eps } => b.rms_norm(x, weight, *eps),
         }
     }
+
+    /// `head` applied to the normed `x`, in one op (fused where the backend can).
+    pub(crate) fn then_linear(&self, b: &B, x: &B::Tensor, head: &B::Weight) -> Result<B::Tensor> {
+        match self {
+            Norm::Layer { weight, bias, eps } => b.norm_linear(x, weight, Some(bias), *eps, head),
+            Norm::Rms { weight, eps } => b.norm_linear(x, weight, None, *eps, head),
+        }
+    }
 }
 
 /// The one attention of every architecture: store the step's new keys and values, then attend over

@@ -17,7 +17,7 @@ pub mod program;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -74,6 +74,9 @@ pub struct CudaWeight {
     out_features: usize,
     in_features: usize,
     bytes: usize,
+    /// The matrix's device address in device memory, for kernels that take an array of heads
+    /// (made on first use).
+    address: OnceLock<CudaSlice<u64>>,
 }
 
 /// The paged cache: keys and values `[layer][slot][width]`.
@@ -121,11 +124,22 @@ struct AttentionArgs {
 unsafe impl DeviceRepr for AttentionArgs {}
 
 const THREADS: u32 = 256;
-/// Positions per split of the decode attention (one block per head, row and split).
-const ATTENTION_CHUNK: usize = 256;
+/// Positions per split of the decode attention (one block per head, row and split): small enough
+/// that a short context still spreads over many blocks.
+const ATTENTION_CHUNK: usize = 64;
 
 fn config(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 }
+}
+
+/// Warps per output feature of the decode matvec (1, 2, 4 or 8): the fewest that put about 8192
+/// warps in flight (a few per scheduler of an H100-class device), without slices under 256 inputs.
+fn matvec_split(n_out: usize, n_in: usize) -> usize {
+    let mut split = 1;
+    while split < 8 && n_out * split < 8192 && n_in / (2 * split) >= 256 {
+        split *= 2;
+    }
+    split
 }
 
 fn blocks_for(n: usize) -> u32 {
@@ -200,8 +214,19 @@ impl Cuda {
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
     }
 
+    fn indices(&self, n: usize) -> Result<CudaSlice<u32>> {
+        self.stream.alloc_zeros::<u32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} indices: {e:?}")))
+    }
+
+    /// A new tensor, its memory not cleared: every op that makes one writes all of it before
+    /// anything reads it (the stand-in driver fills new memory with NaN, so the tests would see a
+    /// hole). Clearing would cost a memset per op.
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor { data: self.zeros(rows * cols)?, rows, cols })
+        let n = rows * cols;
+        // SAFETY: see above; the memory is only read by kernels after an op has written it.
+        let data = unsafe { self.stream.alloc::<f32>(n.max(1)) }
+            .map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))?;
+        Ok(CudaTensor { data, rows, cols })
     }
 
     fn ptr<T>(&self, slice: &CudaSlice<T>) -> u64 {
@@ -219,9 +244,9 @@ impl Cuda {
     /// The `[out, in]` product kernel of a weight's dtype.
     fn product_names(w: &CudaWeight) -> (&'static str, &'static str, &'static str) {
         match w.storage {
-            Storage::F32(_) => ("lw_matvec_f32", "lw_gemm_f32", "lw_acd_f32"),
-            Storage::F16(_) => ("lw_matvec_f16", "lw_gemm_f16", "lw_acd_f16"),
-            Storage::Bf16(_) => ("lw_matvec_bf16", "lw_gemm_bf16", "lw_acd_bf16"),
+            Storage::F32(_) => ("lw_matvec_f32", "lw_gemm_f32", "lw_acd_lower_f32"),
+            Storage::F16(_) => ("lw_matvec_f16", "lw_gemm_f16", "lw_acd_lower_f16"),
+            Storage::Bf16(_) => ("lw_matvec_bf16", "lw_gemm_bf16", "lw_acd_lower_bf16"),
         }
     }
 
@@ -291,12 +316,23 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn launches(&self) -> Option<u64> {
+        Some(Cuda::launches(self))
+    }
+
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CudaWeight> {
         let (out_features, in_features) = layerwise::backend::logical_shape(tensor, layout)?;
         let upload = |e: cudarc::driver::DriverError| fail(format!("cannot upload a weight: {e:?}"));
         if in_features == 1 {
             let data = self.stream.clone_htod(&tensor.data().to_f32_vec()).map_err(upload)?;
-            return Ok(CudaWeight { storage: Storage::F32(data), out_features, in_features, bytes: out_features * 4 });
+            let storage = Storage::F32(data);
+            return Ok(CudaWeight {
+                storage,
+                out_features,
+                in_features,
+                bytes: out_features * 4,
+                address: OnceLock::new(),
+            });
         }
         let dtype = self.weight_dtype.unwrap_or(tensor.dtype());
         let bytes = out_in_bytes(tensor, layout, dtype, out_features, in_features);
@@ -305,7 +341,7 @@ impl Backend for Cuda {
             DType::F16 => Storage::F16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
             DType::BF16 => Storage::Bf16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
         };
-        Ok(CudaWeight { storage, out_features, in_features, bytes: bytes.len() })
+        Ok(CudaWeight { storage, out_features, in_features, bytes: bytes.len(), address: OnceLock::new() })
     }
 
     fn weight_bytes(&self, w: &CudaWeight) -> usize {
@@ -489,6 +525,57 @@ impl Backend for Cuda {
         Ok(out)
     }
 
+    fn norm_linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        eps: f32,
+        head: &CudaWeight,
+    ) -> Result<CudaTensor> {
+        // One launch (lw_norm_head) while the normed rows fit the 48 KiB of shared memory a block gets
+        // without opting in; else the two ops.
+        let shared = x.rows * x.cols * 4 + 256;
+        if x.rows == 0 || x.rows > 8 || shared > 48 * 1024 || head.in_features != x.cols || head.in_features == 1 {
+            let normed = match bias {
+                Some(bias) => self.layer_norm(x, weight, bias, eps)?,
+                None => self.rms_norm(x, weight, eps)?,
+            };
+            return self.linear(&normed, head, None);
+        }
+        let w = self.vector(weight, "norm_linear")?;
+        if weight.out_features != x.cols || bias.is_some_and(|b| b.out_features != x.cols) {
+            return Err(fail("norm_linear: norm weights of another width"));
+        }
+        // The norm's bias as a device address, 0 (a null pointer: RMSNorm) for none.
+        let b = match bias {
+            Some(b) => self.ptr(self.vector(b, "norm_linear bias")?),
+            None => 0,
+        };
+        let matrix = match &head.storage {
+            Storage::F32(m) => self.ptr(m),
+            Storage::F16(m) | Storage::Bf16(m) => self.ptr(m),
+        };
+        let heads = match head.address.get() {
+            Some(heads) => heads,
+            None => {
+                let made = self.stream.clone_htod(&[matrix]).map_err(|e| fail(format!("norm_linear: {e:?}")))?;
+                head.address.get_or_init(|| made)
+            }
+        };
+        let name = match head.storage {
+            Storage::F32(_) => "lw_norm_head_f32",
+            Storage::F16(_) => "lw_norm_head_f16",
+            Storage::Bf16(_) => "lw_norm_head_bf16",
+        };
+        let mut out = self.tensor(x.rows, head.out_features)?;
+        let (t, hidden, vocab) = (x.rows as i32, x.cols as i32, head.out_features as i32);
+        let warps = (THREADS / 32) as usize;
+        let cfg = config((head.out_features.div_ceil(warps) as u32, 1, 1), THREADS, shared);
+        launch!(self, name, cfg, &mut out.data, &x.data, w, &b, heads, &t, &hidden, &vocab, &eps);
+        Ok(out)
+    }
+
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
         let w = self.vector(weight, "rms_norm")?;
         if weight.out_features != x.cols {
@@ -526,16 +613,19 @@ impl Backend for Cuda {
             return Ok(out);
         }
         let (matvec, gemm, _) = Cuda::product_names(w);
-        let (name, cfg) = if x.rows <= 8 {
-            (matvec, config((w.out_features.div_ceil((THREADS / 32) as usize) as u32, 1, 1), THREADS, 0))
-        } else {
-            (gemm, config((w.out_features.div_ceil(16) as u32, x.rows.div_ceil(16) as u32, 1), 256, 0))
+        let weights = match &w.storage {
+            Storage::F32(m) => self.ptr(m),
+            Storage::F16(m) | Storage::Bf16(m) => self.ptr(m),
         };
-        match &w.storage {
-            Storage::F32(m) => launch!(self, name, cfg, &mut out.data, &x.data, m, &bias, &t, &n_in, &n_out),
-            Storage::F16(m) | Storage::Bf16(m) => {
-                launch!(self, name, cfg, &mut out.data, &x.data, m, &bias, &t, &n_in, &n_out)
-            }
+        if x.rows <= 8 {
+            let split = matvec_split(w.out_features, w.in_features);
+            let features_per_block = (THREADS / 32) as usize / split;
+            let cfg = config((w.out_features.div_ceil(features_per_block) as u32, 1, 1), THREADS, 0);
+            let split = split as i32;
+            launch!(self, matvec, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out, &split);
+        } else {
+            let cfg = config((w.out_features.div_ceil(16) as u32, x.rows.div_ceil(16) as u32, 1), 256, 0);
+            launch!(self, gemm, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out);
         }
         Ok(out)
     }
@@ -677,7 +767,8 @@ impl Backend for Cuda {
         let mut partial = self.zeros(rows * params.num_heads * splits * (params.head_dim + 2))?;
         let args = self.attention_args(q, store, layer, step, params);
         let chunk = ATTENTION_CHUNK as i32;
-        let shared = (params.head_dim + ATTENTION_CHUNK) * 4;
+        // The query, the chunk's scores, a row of weighted-value sums per warp.
+        let shared = (params.head_dim + ATTENTION_CHUNK + THREADS as usize / 32 * params.head_dim) * 4;
         let cfg = config((params.num_heads as u32, rows as u32, splits as u32), THREADS, shared);
         launch!(self, "lw_attention_partial", cfg, &mut partial, &args, &chunk);
         let (heads, d, z) = (params.num_heads as i32, params.head_dim as i32, splits as i32);
@@ -723,39 +814,57 @@ impl Backend for Cuda {
         if upper.rows == 0 {
             return Ok(out);
         }
-        let (_, _, name) = Cuda::product_names(lower_head);
+        let (_, _, lower_kernel) = Cuda::product_names(lower_head);
+        let rows = upper.rows;
         let (vocab, hidden, k) = (upper.cols as i32, lower_features.cols as i32, min_candidates as i32);
-        let cfg = config((upper.rows as u32, 1, 1), 1024, (lower_features.cols + 256) * 4);
-        match &lower_head.storage {
-            Storage::F32(h) => launch!(
-                self,
-                name,
-                cfg,
-                &mut out.data,
-                &upper.data,
-                &lower_features.data,
-                h,
-                &vocab,
-                &hidden,
-                &alpha,
-                &k
-            ),
-            Storage::F16(h) | Storage::Bf16(h) => {
-                launch!(
-                    self,
-                    name,
-                    cfg,
-                    &mut out.data,
-                    &upper.data,
-                    &lower_features.data,
-                    h,
-                    &vocab,
-                    &hidden,
-                    &alpha,
-                    &k
-                )
-            }
-        }
+        let mut stats = self.zeros(2 * rows)?;
+        let mut plausible = self.indices(rows * upper.cols)?;
+        let mut counts = self.indices(rows)?;
+        let per_row = config((rows as u32, 1, 1), 1024, 256 * 4);
+        launch!(
+            self,
+            "lw_acd_select",
+            per_row,
+            &mut stats,
+            &mut plausible,
+            &mut counts,
+            &upper.data,
+            &vocab,
+            &alpha,
+            &k
+        );
+        // Enough warps for the whole vocabulary to be read at the device's bandwidth; blocks beyond a
+        // row's plausible tokens return at once.
+        let warps_per_block = THREADS as usize / 32;
+        let blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 1024) as u32;
+        let lower = config((blocks, rows as u32, 1), THREADS, lower_features.cols * 4);
+        let h = match &lower_head.storage {
+            Storage::F32(h) => self.ptr(h),
+            Storage::F16(h) | Storage::Bf16(h) => self.ptr(h),
+        };
+        launch!(
+            self,
+            lower_kernel,
+            lower,
+            &mut out.data,
+            &upper.data,
+            &stats,
+            &plausible,
+            &counts,
+            &lower_features.data,
+            &h,
+            &vocab,
+            &hidden
+        );
+        launch!(
+            self,
+            "lw_acd_finish",
+            config((rows as u32, 1, 1), 1024, 0),
+            &mut out.data,
+            &upper.data,
+            &stats,
+            &vocab
+        );
         Ok(out)
     }
 
@@ -765,7 +874,7 @@ impl Backend for Cuda {
         }
         let mut ids = self.stream.alloc_zeros::<u32>(x.rows).map_err(|e| fail(format!("{e:?}")))?;
         let cols = x.cols as i32;
-        launch!(self, "lw_argmax_rows", config((x.rows as u32, 1, 1), THREADS, 0), &mut ids, &x.data, &cols);
+        launch!(self, "lw_argmax_rows", config((x.rows as u32, 1, 1), 1024, 0), &mut ids, &x.data, &cols);
         self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))
     }
 }
