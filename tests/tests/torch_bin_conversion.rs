@@ -16,8 +16,8 @@ fn conversion_is_cached_and_faithful() {
 
     let archive = read_state_dict(&bin).expect("read archive");
     let weights = Weights::open(&[first]).expect("open converted");
-    assert!(archive.len() > 50);
-    for (name, tensor) in &archive {
+    assert!(archive.tensors.len() > 50);
+    for (name, tensor) in &archive.tensors {
         let converted = weights.get(name).expect("tensor present");
         assert_eq!(converted.shape(), tensor.shape.as_slice(), "{name}");
         assert_eq!(converted.bytes(), tensor.data.as_slice(), "{name}");

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use layerwise::generation::{generate, ContrastiveOptions, GenerationConfig, GenerationOptions};
 use layerwise::runtime::{Decoder, DecoderOptions, SeqId};
 use layerwise::{Backend, LoadedModel};
@@ -89,19 +89,21 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         spec.max_positions
     );
     let plan = args.plan.plan()?.unwrap_or_default();
-    let vocab = spec.vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
-        .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
-        .collect();
     let block_size = 16;
     let per_sequence = (args.prompt_len + args.new_tokens).div_ceil(block_size) * block_size;
     let strategy = args.strategy()?;
     let cache_tokens = match &strategy {
         Some(options) => options.cache_tokens(args.prompt_len),
-        None => args.batch * per_sequence,
+        None => args.batch.saturating_mul(per_sequence),
     };
     let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(cache_tokens), head_mask: None };
-    let mut decoder = Decoder::new(&loaded.model, options).context(args.plan.flag())?;
+    let mut decoder = Decoder::new(&loaded.model, options)
+        .map_err(|e| crate::flags::decoder_error(e, "--batch with --prompt-len and --new-tokens", args.plan.flag()))?;
+    // Made once the cache is known to fit (they are as many as the sequences it holds).
+    let vocab = spec.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
+        .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
+        .collect();
 
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
     // framework's load step would; the timed run then measures generation alone.
@@ -169,7 +171,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "strategy": strategy_name(args),
     });
     if args.json {
-        println!("{line}");
+        crate::output::line(&line)?;
     } else {
         let bound = if host_backend {
             format!("{:.0}% of the {:.1} GB/s read bandwidth", 100.0 * achieved / bandwidth, bandwidth / 1e9)
@@ -177,13 +179,13 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
             let launches = launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token"));
             format!("{:.1} GB/s of weights read ({} device{launches})", achieved / 1e9, loaded.model.backend().name())
         };
-        println!(
+        crate::output::line(format_args!(
             "{:?} batch {}: prefill {prefill_tok_per_s:.1} tok/s, decode {decode_tok_per_s:.1} tok/s, end-to-end {end_to_end_tok_per_s:.1} tok/s; \
              {bound} ({:.0} MB of weights per step); peak {peak_rss_mb:.0} MiB",
             plan.plan,
             args.batch,
             bytes_per_step / 1e6
-        );
+        ))?;
     }
     Ok(())
 }

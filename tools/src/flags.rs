@@ -61,6 +61,16 @@ pub fn translate(message: &str) -> String {
     out
 }
 
+/// A decoder's construction error, blamed on the flags that caused it: the cache size on the flags
+/// that size it (`sizing`), anything else on the plan's flag.
+pub fn decoder_error(e: layerwise::Error, sizing: &str, plan_flag: &str) -> anyhow::Error {
+    let text = e.to_string();
+    match text.strip_prefix("cache_tokens: ") {
+        Some(reason) => anyhow::anyhow!("{sizing}: {reason}"),
+        None => anyhow::Error::new(e).context(plan_flag.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,8 +1,6 @@
 //! `layerwise generate`: text from the original head, an early exit, or an ACD contrast, streamed
 //! to stdout as tokens arrive.
 
-use std::io::Write;
-
 use anyhow::{Context, Result};
 use layerwise::generation::generate;
 use layerwise::runtime::{Decoder, DecoderOptions};
@@ -34,23 +32,36 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let prompt = args.input.prompt.ids(&loaded)?;
     let plan = args.plan.plan()?.unwrap_or_default();
     let options = args.generation.options(&loaded)?;
+    // Before the cache is sized by them.
+    options
+        .check(prompt.len(), loaded.model.spec())
+        .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))?;
     // Room for the prompt and every new token of every beam.
     let cache_tokens = Some(options.cache_tokens(prompt.len()));
     let head_mask = args.mask.mask(loaded.model.spec())?;
     let mut decoder =
-        Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, head_mask, ..Default::default() })
-            .context(args.plan.flag())?;
+        Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, head_mask, ..Default::default() }).map_err(
+            |e| crate::flags::decoder_error(e, "--max-new-tokens with --num-beams or --top-k", args.plan.flag()),
+        )?;
 
     let mut streamer = Streamer::default();
     let stream = !args.json && loaded.tokenizer.is_some();
+    // A failed write (the reader of a pipe gone, a full disk) stops generating: nobody reads on.
+    let mut write_error = None;
     let generation = generate(&mut decoder, &prompt, &options, loaded.tokenizer.as_ref(), |token| {
         if stream {
-            streamer.push(&loaded, token);
+            if let Err(e) = streamer.push(&loaded, token) {
+                write_error = Some(e);
+                return false;
+            }
         }
         true
     })
     .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))
     .context("generate")?;
+    if let Some(e) = write_error {
+        return Err(anyhow::Error::new(e).context("writing to stdout"));
+    }
     let text = match &loaded.tokenizer {
         Some(tokenizer) => tokenizer.decode(&generation.ids)?,
         None => String::new(),
@@ -71,14 +82,15 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         if generation.sequences.len() > 1 {
             line["sequences"] = json!(generation.sequences);
         }
-        println!("{line}");
+        crate::output::line(&line)?;
     } else {
-        if !stream {
+        if stream {
+            crate::output::line("")?;
+        } else {
             // No tokenizer: print the ids.
             let ids: Vec<String> = generation.ids.iter().map(u32::to_string).collect();
-            print!("{}", ids.join(","));
+            crate::output::line(ids.join(","))?;
         }
-        println!();
         eprintln!(
             "generate: {} prompt tokens, {new_tokens} new ({:?}); prefill {:.3}s, decode {decode_tok_per_s:.1} tokens/s; {}",
             generation.prompt_tokens,
@@ -98,16 +110,14 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn push<B: Backend>(&mut self, loaded: &LoadedModel<B>, token: u32) {
+    fn push<B: Backend>(&mut self, loaded: &LoadedModel<B>, token: u32) -> std::io::Result<()> {
         self.ids.push(token);
-        let Ok(text) = loaded.decode(&self.ids) else { return };
+        let Ok(text) = loaded.decode(&self.ids) else { return Ok(()) };
         if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
-            return;
+            return Ok(());
         }
-        let mut stdout = std::io::stdout().lock();
-        // A closed pipe (e.g. `| head`) is not worth a panic; the final result still follows.
-        let _ = stdout.write_all(&text.as_bytes()[self.printed..]);
-        let _ = stdout.flush();
+        crate::output::stream(&text.as_bytes()[self.printed..])?;
         self.printed = text.len();
+        Ok(())
     }
 }

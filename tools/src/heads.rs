@@ -128,7 +128,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
 }
 
 fn read_texts<B: Backend>(path: &Path, loaded: &LoadedModel<B>) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--texts {}: cannot read", path.display()))?;
+    let text = layerwise::io::read_text(path).with_context(|| format!("--texts {}: cannot read", path.display()))?;
     let what = || format!("--texts {}", path.display());
     let texts: Vec<Vec<u32>> = if path.extension().is_some_and(|e| e == "json") {
         let items: Vec<serde_json::Value> =

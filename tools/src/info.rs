@@ -56,10 +56,10 @@ fn describe<B: Backend>(args: &Args, loaded: LoadedModel<B>, open_s: f64) -> Res
             "open_s": open_s,
             "rss_mib": rss,
         });
-        println!("{line}");
+        crate::output::line(&line)?;
     } else {
-        println!("model        {}", loaded.files.dir.display());
-        println!(
+        crate::output::line(format_args!("model        {}", loaded.files.dir.display()))?;
+        crate::output::line(format_args!(
             "architecture {:?}: {} layers, hidden {}, {} heads ({} kv), vocab {}, context {}",
             spec.architecture,
             spec.num_layers,
@@ -68,18 +68,18 @@ fn describe<B: Backend>(args: &Args, loaded: LoadedModel<B>, open_s: f64) -> Res
             spec.num_kv_heads,
             spec.vocab_size,
             spec.max_positions
-        );
-        println!("exits        {}", spec.describe_exits());
-        println!(
+        ))?;
+        crate::output::line(format_args!("exits        {}", spec.describe_exits()))?;
+        crate::output::line(format_args!(
             "weights      {format}, {} file(s), {} tensors, {:.1}M parameters, {:.1} MiB, {:?}",
             weight_files.len(),
             w.tensors,
             w.parameters as f64 / 1e6,
             w.bytes as f64 / (1 << 20) as f64,
             w.by_dtype
-        );
-        println!("tokenizer    {tokenizer}");
-        println!("opened in    {open_s:.3}s, {}", memory::describe());
+        ))?;
+        crate::output::line(format_args!("tokenizer    {tokenizer}"))?;
+        crate::output::line(format_args!("opened in    {open_s:.3}s, {}", memory::describe()))?;
     }
     Ok(())
 }

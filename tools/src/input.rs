@@ -406,7 +406,7 @@ impl MaskArgs {
     pub fn mask(&self, spec: &layerwise::ModelSpec) -> Result<Option<layerwise::HeadMask>> {
         let Some(path) = &self.head_mask else { return Ok(None) };
         let what = || format!("--head-mask {}", path.display());
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", what()))?;
+        let text = layerwise::io::read_text(path).with_context(|| format!("{}: cannot read", what()))?;
         let rows: Vec<Vec<f32>> = serde_json::from_str(&text)
             .with_context(|| format!("{}: expected [[factor per head] per layer]", what()))?;
         let mask = layerwise::HeadMask::from_rows(&rows).with_context(what)?;

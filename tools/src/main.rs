@@ -12,6 +12,7 @@ mod info;
 mod input;
 mod lens;
 mod memory;
+mod output;
 mod plot;
 
 use std::process::ExitCode;
@@ -62,8 +63,9 @@ fn main() -> ExitCode {
         Command::Attention(args) => attention::run(args),
         Command::Activations(args) => activations::run(args),
     };
-    match result {
+    match result.and_then(|()| output::flush()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if output::is_closed_pipe(&err) => ExitCode::from(output::CLOSED_PIPE_STATUS),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

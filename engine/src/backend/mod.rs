@@ -144,6 +144,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name for messages ("cpu", "reference", "cuda").
     fn name(&self) -> &'static str;
 
+    /// Memory the backend's tensors and cache live in, in bytes, where known (sizes are checked
+    /// against it before allocating). Default: the host's physical memory.
+    fn memory_bytes(&self) -> Option<u64> {
+        host_memory_bytes()
+    }
+
     /// Kernel launches so far, for a backend that launches kernels (reported per step by `bench`).
     fn launches(&self) -> Option<u64> {
         None
@@ -305,6 +311,14 @@ pub trait Backend: Send + Sync + 'static {
     /// The first index of the largest value of each row of `x: [t, n]`, on the host (torch.argmax's
     /// choice among ties).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+}
+
+/// The host's physical memory (`MemTotal` of /proc/meminfo), where the system says.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// A row-major `[rows, cols]` f32 matrix in host memory: the tensor of the CPU and reference backends.

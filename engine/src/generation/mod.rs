@@ -38,7 +38,7 @@ pub mod strategy;
 use std::time::Instant;
 
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::tokenizer::Tokenizer;
 use crate::runtime::Decoder;
 
@@ -100,18 +100,7 @@ pub fn generate_with<B: Backend>(
     tokenizer: Option<&Tokenizer>,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
-    let spec = decoder.model().spec();
-    if prompt.len() + options.max_new_tokens > spec.max_positions {
-        return Err(Error::invalid(
-            "max_new_tokens",
-            format!(
-                "{} prompt tokens + {} new tokens exceed the model's context of {} positions",
-                prompt.len(),
-                options.max_new_tokens,
-                spec.max_positions
-            ),
-        ));
-    }
+    options.check(prompt.len(), decoder.model().spec())?;
     let start = Instant::now();
     let mut run = Run::new(options, tokenizer, &mut on_token)?;
     let outcome = strategy.decode(decoder, prompt, &mut run)?;

@@ -42,8 +42,35 @@ impl GenerationOptions {
     /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs.
     pub fn cache_tokens(&self, prompt_len: usize) -> usize {
         // Beams and contrastive-search candidates share their prefix, but in the worst case each
-        // holds its own blocks, plus one partly-filled block copied on write.
-        self.strategy.parallel_sequences() * (prompt_len + self.max_new_tokens + 16)
+        // holds its own blocks, plus one partly-filled block copied on write. Saturating: absurd
+        // options are refused by `check` and by the decoder's memory estimate, not by an overflow.
+        self.strategy
+            .parallel_sequences()
+            .saturating_mul(prompt_len.saturating_add(self.max_new_tokens).saturating_add(16))
+    }
+
+    /// Checks the options against the model before anything is sized by them: the prompt and the
+    /// new tokens fit the context; contrastive search's candidates fit the vocabulary (as
+    /// transformers' `topk` requires). Errors name the field.
+    pub fn check(&self, prompt_len: usize, spec: &ModelSpec) -> Result<()> {
+        if prompt_len.saturating_add(self.max_new_tokens) > spec.max_positions {
+            return Err(Error::invalid(
+                "max_new_tokens",
+                format!(
+                    "{prompt_len} prompt tokens + {} new tokens exceed the model's context of {} positions",
+                    self.max_new_tokens, spec.max_positions
+                ),
+            ));
+        }
+        if let Strategy::Contrastive(c) = &self.strategy {
+            if c.top_k > spec.vocab_size {
+                return Err(Error::invalid(
+                    "top_k",
+                    format!("{} candidates exceed the vocabulary of {} tokens", c.top_k, spec.vocab_size),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -253,9 +253,15 @@ struct Entry {
 pub struct Weights {
     files: Vec<PathBuf>,
     tensors: HashMap<String, Entry>,
-    /// Tensors present with a dtype the engine does not compute with (integer buffers and the like).
+    /// Tensors present with a dtype the engine does not compute with (integer buffers and the like),
+    /// or left out of a converted torch archive: the file and the reason.
     skipped: HashMap<String, (usize, String)>,
 }
+
+/// The safetensors metadata entry naming the torch archive a converted file came from.
+pub const SOURCE_PATH: &str = "layerwise.source";
+/// Metadata entries `layerwise.skipped.<tensor>`: why a converted archive's entry is not in the file.
+pub const SKIPPED_PREFIX: &str = "layerwise.skipped.";
 
 impl Weights {
     /// Maps the given safetensors files. Reads only their headers.
@@ -277,10 +283,23 @@ impl Weights {
         let parsed = SafeTensors::deserialize(backing.bytes())
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         let file_index = self.files.len();
+        // A converted torch archive names its source (messages blame it, not the cache file) and the
+        // entries the conversion left out, with the reason.
+        let metadata = SafeTensors::read_metadata(backing.bytes())
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default();
+        let shown = metadata.get(SOURCE_PATH).map_or_else(|| path.to_path_buf(), PathBuf::from);
+        for (key, reason) in &metadata {
+            if let Some(name) = key.strip_prefix(SKIPPED_PREFIX) {
+                self.skipped.insert(name.to_string(), (file_index, reason.clone()));
+            }
+        }
         let mut unaligned = Vec::new();
         for (name, view) in parsed.tensors() {
             let Some(dtype) = DType::from_safetensors(view.dtype()) else {
-                self.skipped.insert(name, (file_index, format!("{:?}", view.dtype())));
+                let reason = format!("dtype {:?} is not supported (expected F32, F16 or BF16)", view.dtype());
+                self.skipped.insert(name, (file_index, reason));
                 continue;
             };
             let start = view.data().as_ptr() as usize - base;
@@ -308,7 +327,7 @@ impl Weights {
             }
         }
         drop(parsed);
-        self.files.push(path.to_path_buf());
+        self.files.push(shown);
         Ok(())
     }
 
@@ -336,11 +355,11 @@ impl Weights {
         if let Some(entry) = self.tensors.get(name) {
             return Ok(&entry.tensor);
         }
-        if let Some((file, dtype)) = self.skipped.get(name) {
+        if let Some((file, reason)) = self.skipped.get(name) {
             return Err(Error::BadTensor {
                 name: name.to_string(),
                 path: self.files[*file].clone(),
-                reason: format!("dtype {dtype} is not supported (expected F32, F16 or BF16)"),
+                reason: reason.clone(),
             });
         }
         Err(Error::MissingTensor { name: name.to_string(), files: self.describe_files() })

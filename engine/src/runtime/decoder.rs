@@ -181,6 +181,24 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let b = model.backend();
         let head_scales = options.head_mask.as_ref().map(|mask| HeadScales::new(b, mask, spec)).transpose()?;
         let num_blocks = tokens.div_ceil(options.block_size);
+        // Keys and values in f32 for every block of `depth` layers: refused before allocating when
+        // they would not fit the backend's memory.
+        let kv_bytes = [depth, num_blocks, options.block_size, spec.num_kv_heads * spec.head_dim, 2 * 4]
+            .iter()
+            .fold(1u128, |n, &k| n.saturating_mul(k as u128));
+        if let Some(memory) = b.memory_bytes() {
+            if kv_bytes > memory as u128 {
+                return Err(Error::invalid(
+                    "cache_tokens",
+                    format!(
+                        "a cache of {tokens} tokens needs {:.1} GB of keys and values, more than the {:.1} GB of memory of the {} backend",
+                        kv_bytes as f64 / 1e9,
+                        memory as f64 / 1e9,
+                        b.name()
+                    ),
+                ));
+            }
+        }
         let store = b.kv_store(depth, num_blocks, options.block_size, spec.num_kv_heads * spec.head_dim)?;
         Ok(Decoder {
             model,

@@ -1,0 +1,169 @@
+//! Hostile inputs (issue #13): one case per class of bad input that once ended badly, each checked
+//! for a clear error that names the culprit, a bounded footprint, or the right output. Torch archives
+//! are written here by hand (a zip of `archive/data.pkl` and `archive/data/<key>`), as torch.save
+//! lays them out.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use layerwise::io::torch_pickle::{converted_safetensors, read_state_dict};
+use layerwise::Weights;
+
+/// A private conversion cache for this test binary (every test sets the same value).
+fn private_cache() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path();
+    std::env::set_var("LAYERWISE_CACHE", dir);
+    dir
+}
+
+/// Peak resident memory of this process so far, in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A torch archive at `dir/name` holding `pickle` and the given storages.
+fn archive(dir: &Path, name: &str, pickle: &[u8], storages: &[(&str, &[u8])]) -> PathBuf {
+    let path = dir.join(name);
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).expect("create"));
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", stored).expect("entry");
+    zip.write_all(pickle).expect("write");
+    zip.start_file("archive/byteorder", stored).expect("entry");
+    zip.write_all(b"little").expect("write");
+    for (key, bytes) in storages {
+        zip.start_file(format!("archive/data/{key}"), stored).expect("entry");
+        zip.write_all(bytes).expect("write");
+    }
+    zip.finish().expect("finish");
+    path
+}
+
+fn short_string(text: &str) -> Vec<u8> {
+    let mut out = vec![0x8c, text.len() as u8];
+    out.extend(text.as_bytes());
+    out
+}
+
+/// One state-dict entry: `name` -> a `rows x cols` tensor over storage `key` of torch class `class`.
+fn tensor_entry(name: &str, class: &str, key: &str, rows: u8, cols: u8) -> Vec<u8> {
+    let mut p = short_string(name);
+    p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+    // the persistent id ("storage", class, key, "cpu", numel), then BINPERSID
+    p.push(b'(');
+    p.extend(short_string("storage"));
+    p.extend(format!("ctorch\n{class}\n").bytes());
+    p.extend(short_string(key));
+    p.extend(short_string("cpu"));
+    p.extend([b'K', rows * cols, b't', b'Q']);
+    p.extend([b'K', 0, b'K', rows, b'K', cols, 0x86, b'K', cols, b'K', 1, 0x86, 0x89]);
+    p.extend(b"ccollections\nOrderedDict\n)Rt");
+    p.push(b'R');
+    p
+}
+
+/// A state dict pickle: `{entries...}` (each entry's bytes push a key and a value).
+fn state_dict(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut p = b"\x80\x02}(".to_vec();
+    for e in entries {
+        p.extend(e);
+    }
+    p.extend(b"u.");
+    p
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn hostile_pickle_billion_laughs_is_refused_in_bounded_memory() {
+    private_cache();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 40 levels of lists of 10 references to the level below: 10^40 objects if copied.
+    let mut p = b"\x80\x02]q\x00".to_vec();
+    for level in 1u8..=40 {
+        p.push(b'(');
+        for _ in 0..10 {
+            p.extend([b'h', level - 1]);
+        }
+        p.extend([b'l', b'q', level]);
+    }
+    p.push(b'.');
+    let bin = archive(dir.path(), "laughs.bin", &p, &[]);
+    let before = peak_rss_mib();
+    let err = read_state_dict(&bin).err().expect("refused").to_string();
+    let grew = peak_rss_mib() - before;
+    eprintln!("hostile billion laughs ({} bytes of pickle): peak RSS grew {grew:.1} MiB", p.len());
+    assert!(err.contains("laughs.bin") && err.contains("does not hold a state dict"), "{err}");
+    assert!(grew < 64.0, "peak RSS grew {grew} MiB");
+}
+
+#[test]
+fn hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash() {
+    private_cache();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut p = b"\x80\x02".to_vec();
+    p.resize(p.len() + 1_000_000, b'(');
+    p.resize(p.len() + 1_000_000, b'l');
+    p.push(b'.');
+    let bin = archive(dir.path(), "deep.bin", &p, &[]);
+    let err = read_state_dict(&bin).err().expect("refused").to_string();
+    assert!(err.contains("deep.bin") && err.contains("does not hold a state dict"), "{err}");
+}
+
+#[test]
+fn hostile_pickle_with_millions_of_objects_is_refused_by_count() {
+    private_cache();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut p = b"\x80\x02".to_vec();
+    p.resize(p.len() + 5_000_000, b'N');
+    p.push(b'.');
+    let bin = archive(dir.path(), "objects.bin", &p, &[]);
+    let err = read_state_dict(&bin).err().expect("refused").to_string();
+    assert!(err.contains("objects.bin") && err.contains("more than 4000000 objects"), "{err}");
+}
+
+#[test]
+fn hostile_bin_replaced_by_one_of_the_same_size_and_time_is_converted_again() {
+    private_cache();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pickle = state_dict(&[tensor_entry("w", "FloatStorage", "0", 2, 2)]);
+    let first = archive(dir.path(), "model.bin", &pickle, &[("0", &f32_bytes(&[1.0, 2.0, 3.0, 4.0]))]);
+    let time = std::fs::metadata(&first).expect("meta").modified().expect("mtime");
+    let converted = converted_safetensors(&first).expect("convert");
+    let weights = Weights::open(&[converted]).expect("open");
+    assert_eq!(weights.get("w").expect("w").data().to_f32_vec(), [1.0, 2.0, 3.0, 4.0]);
+
+    let again = archive(dir.path(), "model.bin", &pickle, &[("0", &f32_bytes(&[5.0, 6.0, 7.0, 8.0]))]);
+    std::fs::File::options().write(true).open(&again).expect("open").set_modified(time).expect("set mtime");
+    assert_eq!(std::fs::metadata(&again).expect("meta").len(), std::fs::metadata(&first).expect("meta").len());
+    let converted = converted_safetensors(&again).expect("convert");
+    let weights = Weights::open(&[converted]).expect("open");
+    assert_eq!(weights.get("w").expect("w").data().to_f32_vec(), [5.0, 6.0, 7.0, 8.0], "the old conversion was served");
+}
+
+#[test]
+fn hostile_bin_with_integer_or_non_tensor_entries_names_them() {
+    private_cache();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut count = short_string("step");
+    count.extend([b'K', 7]);
+    let pickle = state_dict(&[
+        tensor_entry("w", "FloatStorage", "0", 1, 2),
+        tensor_entry("ids", "LongStorage", "1", 1, 2),
+        count,
+    ]);
+    let bin = archive(dir.path(), "mixed.bin", &pickle, &[("0", &f32_bytes(&[1.0, 2.0])), ("1", &[0u8; 16])]);
+    let weights = Weights::open(&[converted_safetensors(&bin).expect("convert")]).expect("open");
+    assert_eq!(weights.get("w").expect("w").data().to_f32_vec(), [1.0, 2.0]);
+    let err = weights.get("ids").expect_err("not converted").to_string();
+    assert!(err.contains("ids") && err.contains("mixed.bin") && err.contains("LongStorage"), "{err}");
+    let err = weights.get("step").expect_err("not a tensor").to_string();
+    assert!(err.contains("step") && err.contains("is not a tensor"), "{err}");
+}

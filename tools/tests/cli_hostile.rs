@@ -1,0 +1,65 @@
+//! Hostile sizes and files on the command line (issue #13): each is refused before anything is
+//! sized by it, with an error naming the flag and the limit, inside a 4 GB address-space limit
+//! (`ulimit -v`), so an attempt to allocate what was asked for would fail the test by a signal.
+
+use std::process::Command;
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+
+/// Runs `layerwise args` under a 4 GB address-space limit; asserts a clean failure whose message
+/// holds every part.
+fn refused_naming(args: &[&str], parts: &[&str]) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 4000000 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_layerwise"))
+        .args(args)
+        .output()
+        .expect("run layerwise");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: status {:?}, stderr {err}", out.status);
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    for part in parts {
+        assert!(err.contains(part), "{args:?}: error {err:?} should mention {part:?}");
+    }
+}
+
+#[test]
+fn hostile_max_new_tokens_beyond_the_context_is_refused_before_the_cache_is_sized() {
+    refused_naming(
+        &["generate", "--model", DEMO, "--prompt", "Hello", "--max-new-tokens", "1000000000000"],
+        &["--max-new-tokens", "context of 64 positions"],
+    );
+}
+
+#[test]
+fn hostile_beams_that_need_more_cache_than_memory_are_refused() {
+    refused_naming(
+        &["generate", "--model", DEMO, "--prompt", "Hello", "--max-new-tokens", "5", "--num-beams", "100000000"],
+        &["--num-beams", "GB of keys and values", "memory"],
+    );
+}
+
+#[test]
+fn hostile_contrastive_top_k_beyond_the_vocabulary_is_refused() {
+    refused_naming(
+        &["generate", "--model", DEMO, "--prompt", "Hello", "--penalty-alpha", "0.6", "--top-k", "100000"],
+        &["--top-k", "vocabulary of 50257 tokens"],
+    );
+}
+
+#[test]
+fn hostile_bench_batch_that_needs_more_cache_than_memory_is_refused() {
+    refused_naming(
+        &["bench", "--model", DEMO, "--batch", "100000000", "--prompt-len", "8", "--new-tokens", "8"],
+        &["--batch", "GB of keys and values"],
+    );
+}
+
+#[test]
+fn hostile_endless_generation_config_is_refused_by_size() {
+    refused_naming(
+        &["generate", "--model", DEMO, "--prompt", "Hello", "--generation-config", "/dev/zero"],
+        &["--generation-config", "/dev/zero", "larger than 256 MiB"],
+    );
+}
