@@ -154,7 +154,15 @@ fn header_offsets_outside_the_file() {
     file.extend_from_slice(header);
     file.extend_from_slice(&[0u8; 64]);
     std::fs::write(dir.join("model.safetensors"), file).expect("write");
-    assert_mentions(&load_err(&dir), &["model.safetensors", "not a valid safetensors file"]);
+    assert_mentions(&load_err(&dir), &["model.safetensors", "model.norm.weight", "outside", "64 bytes"]);
+    // The culprit is named, not the tensor after it in offset order (issue #13).
+    let header = br#"{"b":{"dtype":"F32","shape":[4],"data_offsets":[16,32]},"a":{"dtype":"F32","shape":[4],"data_offsets":[0,20]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0u8; 32]);
+    std::fs::write(dir.join("model.safetensors"), file).expect("write");
+    let msg = load_err(&dir);
+    assert_mentions(&msg, &["model.safetensors", "tensor `a`", "need 16 bytes", "hold 20"]);
 }
 
 #[test]
@@ -183,4 +191,40 @@ fn bad_prompts_and_exits_at_run_time() {
     assert_mentions(&run(&[1, 2], &exit3), &["exit 3", "[1, 2, 4]"]);
     // No tokenizer: text prompts are refused with a pointer to token ids.
     assert_mentions(&loaded.encode("hello").expect_err("no tokenizer").to_string(), &["tokenizer", "token ids"]);
+}
+
+#[test]
+fn config_values_out_of_range_are_refused_by_name() {
+    // Each loaded before and produced NaN or garbage with exit 0 (issue #13).
+    let (_tmp, dir) = copy_of("llama-bf16");
+    for theta in [0.0, -10000.0] {
+        edit_config(&dir, |c| c["rope_theta"] = theta.into());
+        assert_mentions(&load_err(&dir), &["config.json", "rope_theta", "> 0"]);
+    }
+    edit_config(&dir, |c| {
+        c["rope_theta"] = 10000.0.into();
+        c["rms_norm_eps"] = (-1e-6).into();
+    });
+    assert_mentions(&load_err(&dir), &["config.json", "rms_norm_eps", ">= 0"]);
+
+    let (_tmp, dir) = copy_of("gpt2-sharded");
+    edit_config(&dir, |c| c["layer_norm_epsilon"] = (-1e-5).into());
+    assert_mentions(&load_err(&dir), &["config.json", "layer_norm_epsilon", ">= 0"]);
+
+    let (_tmp, dir) = copy_of("gpt-neo-bin");
+    edit_config(&dir, |c| c["window_size"] = 0.into());
+    assert_mentions(&load_err(&dir), &["config.json", "window_size", "at least 1"]);
+}
+
+#[test]
+fn a_header_naming_a_tensor_twice_is_refused() {
+    let (_tmp, dir) = copy_of("llama-bf16");
+    // The same name as F32 [8] and then BF16 [16]: 32 bytes each; a parser keeping the later entry
+    // would read the first 32 bytes as bf16.
+    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[8],"data_offsets":[0,32]},"model.norm.weight":{"dtype":"BF16","shape":[16],"data_offsets":[32,64]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0u8; 64]);
+    std::fs::write(dir.join("model.safetensors"), file).expect("write");
+    assert_mentions(&load_err(&dir), &["model.safetensors", "model.norm.weight", "twice"]);
 }

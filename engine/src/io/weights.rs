@@ -280,6 +280,9 @@ impl Weights {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let backing = Arc::new(Backing::Mapped(map));
         let base = backing.bytes().as_ptr() as usize;
+        if let Some(fault) = header_fault(backing.bytes()) {
+            return Err(Error::bad_file(path, fault));
+        }
         let parsed = SafeTensors::deserialize(backing.bytes())
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         let file_index = self.files.len();
@@ -408,4 +411,65 @@ impl Weights {
             ),
         }
     }
+}
+
+/// What is wrong with a safetensors header, naming the tensor at fault, or None when nothing is
+/// (or when it is not JSON: the parser says what is wrong then). Checked before the parser, whose
+/// own messages can blame another tensor (the next in offset order) or miss a repeated name (it
+/// keeps the later entry).
+fn header_fault(file: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(String, serde_json::Value)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    let n = usize::try_from(u64::from_le_bytes(file.get(..8)?.try_into().ok()?)).ok()?;
+    let header = file.get(8..8usize.checked_add(n)?)?;
+    let data_len = (file.len() - 8 - n) as u64;
+    let entries = serde_json::Deserializer::from_slice(header).deserialize_map(Entries).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    for (name, info) in &entries {
+        if !seen.insert(name.as_str()) {
+            return Some(format!("the header names tensor `{name}` twice"));
+        }
+        if name == "__metadata__" {
+            continue;
+        }
+        let offsets: Option<Vec<u64>> =
+            info.get("data_offsets").and_then(|o| o.as_array()).map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let Some([begin, end]) = offsets.as_deref().and_then(|o| <[u64; 2]>::try_from(o).ok()) else { continue };
+        if begin > end || end > data_len {
+            return Some(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] lie outside the file's {data_len} bytes of data"
+            ));
+        }
+        let shape: Option<Vec<u64>> =
+            info.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|v| v.as_u64()).collect());
+        let size = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F64" | "I64" | "U64") => 8,
+            Some("F32" | "I32" | "U32") => 4,
+            Some("F16" | "BF16" | "I16" | "U16") => 2,
+            Some("I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2") => 1,
+            _ => continue,
+        };
+        let bytes = shape.and_then(|s| s.iter().try_fold(size as u64, |n, &d| n.checked_mul(d)));
+        if bytes != Some(end - begin) {
+            return Some(format!(
+                "tensor `{name}`: its shape and dtype need {} bytes, its data_offsets [{begin}, {end}] hold {}",
+                bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
+                end - begin
+            ));
+        }
+    }
+    None
 }

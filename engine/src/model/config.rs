@@ -135,6 +135,24 @@ impl Fields<'_> {
         }
     }
 
+    /// A norm's epsilon: finite and not negative (a negative one turns variance-free rows into NaN).
+    pub(crate) fn epsilon_or(&self, key: &str, default: f64) -> Result<f64> {
+        let eps = self.f64_or(key, default)?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(self.error(key, format!("must be a finite number >= 0, found {eps}")));
+        }
+        Ok(eps)
+    }
+
+    /// A strictly positive, finite number that fits an f32 (a rotary base, a scale).
+    pub(crate) fn positive_or(&self, key: &str, default: f64) -> Result<f64> {
+        let x = self.f64_or(key, default)?;
+        if !(x.is_finite() && x > 0.0 && x <= f32::MAX as f64) {
+            return Err(self.error(key, format!("must be a finite number > 0, found {x}")));
+        }
+        Ok(x)
+    }
+
     pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.present(key) {
             None => Ok(default),

@@ -166,7 +166,7 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
         head_dim: hidden / heads.max(1),
         intermediate_size: f.usize_opt("n_inner")?.unwrap_or(4 * hidden),
         max_positions: f.usize("n_positions")?,
-        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        norm_eps: f.epsilon_or("layer_norm_epsilon", 1e-5)? as f32,
         activation: f.activation("activation_function", "gelu_new")?,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
         attention_spans: vec![AttentionSpan::Global; layers],

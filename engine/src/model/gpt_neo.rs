@@ -139,6 +139,9 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
     let heads = f.usize("num_heads")?;
     let layers = f.usize("num_layers")?;
     let window = f.usize("window_size")?;
+    if window == 0 {
+        return Err(f.error("window_size", "must be at least 1 (a local layer sees its own position)"));
+    }
     let spans = attention_spans(f, layers, window)?;
     Ok(ModelSpec {
         architecture: Architecture::GptNeo,
@@ -150,7 +153,7 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
         head_dim: hidden / heads.max(1),
         intermediate_size: f.usize_opt("intermediate_size")?.unwrap_or(4 * hidden),
         max_positions: f.usize("max_position_embeddings")?,
-        norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)? as f32,
+        norm_eps: f.epsilon_or("layer_norm_epsilon", 1e-5)? as f32,
         activation: f.activation("activation_function", "gelu_new")?,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
         attention_spans: spans,

@@ -177,7 +177,7 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
         head_dim: f.usize_opt("head_dim")?.unwrap_or(hidden / heads.max(1)),
         intermediate_size: f.usize("intermediate_size")?,
         max_positions: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
-        norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
+        norm_eps: f.epsilon_or("rms_norm_eps", 1e-6)? as f32,
         activation: f.activation("hidden_act", "silu")?,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         attention_spans: vec![AttentionSpan::Global; layers],
@@ -186,7 +186,7 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         details: Details::Llama {
-            rope_theta: f.f64_or("rope_theta", 10000.0)? as f32,
+            rope_theta: f.positive_or("rope_theta", 10000.0)? as f32,
             attention_bias: f.bool_or("attention_bias", false)?,
             mlp_bias: f.bool_or("mlp_bias", false)?,
         },
