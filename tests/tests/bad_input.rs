@@ -228,3 +228,17 @@ fn a_header_naming_a_tensor_twice_is_refused() {
     std::fs::write(dir.join("model.safetensors"), file).expect("write");
     assert_mentions(&load_err(&dir), &["model.safetensors", "model.norm.weight", "twice"]);
 }
+
+#[test]
+fn a_vocabulary_giving_two_tokens_one_id_is_refused() {
+    let (_tmp, dir) = copy_of("demo-gpt2-multiexit");
+    let path = dir.join("vocab.json");
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let (token, _) =
+        vocab.iter().find(|(_, id)| id.as_u64() == Some(7)).map(|(t, id)| (t.clone(), id.clone())).expect("id 7");
+    let other = vocab.keys().find(|t| **t != token).cloned().expect("another token");
+    vocab.insert(other, 7.into());
+    std::fs::write(&path, serde_json::to_string(&vocab).expect("json")).expect("write");
+    assert_mentions(&load_err(&dir), &["vocab.json", "both have id 7"]);
+}

@@ -39,6 +39,7 @@ impl Tokenizer {
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
+        check_ids_unique(&inner, path)?;
         Ok(Tokenizer { inner, bos_to_prepend: None, path: path.to_path_buf() })
     }
 
@@ -56,6 +57,7 @@ impl Tokenizer {
             .build()
             .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
+        check_ids_unique(&inner, vocab)?;
         inner
             .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
             .with_decoder(Some(ByteLevel::default()))
@@ -117,6 +119,22 @@ impl Tokenizer {
     fn error(&self, e: impl std::fmt::Display) -> Error {
         Error::Tokenizer { path: self.path.clone(), reason: e.to_string() }
     }
+}
+
+/// A vocabulary that gives two tokens one id decodes that id to one of them at random (whichever
+/// the map kept): refused, naming both.
+fn check_ids_unique(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
+    let mut vocab: Vec<(String, u32)> = tokenizer.get_vocab(false).into_iter().collect();
+    vocab.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    for pair in vocab.windows(2) {
+        if pair[0].1 == pair[1].1 {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                reason: format!("tokens {:?} and {:?} both have id {}", pair[0].0, pair[1].0, pair[0].1),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn read_json(path: Option<&Path>) -> Result<Option<Value>> {
