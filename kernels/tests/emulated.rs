@@ -357,7 +357,10 @@ fn emulated_products_equal_the_reference_linear() {
             let bias = vector(&bias_values);
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
             let (matvec, gemm, _) = product_kernels(dtype);
-            for t in [1usize, 2, 3, 8, 9, 33] {
+            // The wide rows (full rounds of 16-byte loads, split warps) at fewer row counts: the
+            // emulation, above all under AddressSanitizer, is slow.
+            let ts: &[usize] = if n_in >= 1024 { &[1, 8, 9] } else { &[1, 2, 3, 8, 9, 33] };
+            for &t in ts {
                 let x = values(t * n_in, t as u64, 1.0);
                 let xm = matrix(&x, t, n_in);
                 for with_bias in [false, true] {
@@ -366,10 +369,11 @@ fn emulated_products_equal_the_reference_linear() {
                     let mut configs = vec![(gemm, Launch::grid_1d(n_out.div_ceil(16) as u32, 256), 1)];
                     configs[0].1.grid[1] = t.div_ceil(16) as u32;
                     if t <= 8 {
-                        // Every split for one row, one more for eight (the emulation is slow: not all).
-                        let splits: &[usize] = match t {
-                            1 => &[1, 2, 4, 8],
-                            8 => &[1, 4],
+                        // Every split for one wide row, one more for eight (the emulation is slow: not all).
+                        let splits: &[usize] = match (t, n_in) {
+                            (1, 1024) => &[1, 2, 4, 8],
+                            (8, 1024) => &[1, 4],
+                            (1, 37) => &[1, 2], // slices that end inside a 16-byte load
                             _ => &[1],
                         };
                         for &split in splits {

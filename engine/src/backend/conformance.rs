@@ -163,7 +163,9 @@ pub fn linear<B: Backend>(b: &B) -> Result<()> {
                 let (bw, rw) = weight_pair(b, &tensor, layout)?;
                 let (bb, rb) = weight_pair(b, &vector(n_out, 8), Layout::OutIn)?;
                 let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
-                for rows in [1usize, 2, 3, 4, 5, 7, 16, 33, 70] {
+                // The wide case only where a GPU decodes (<= 8 rows): emulated backends are slow.
+                let rows_list: &[usize] = if n_in >= 1024 { &[1, 3, 8] } else { &[1, 2, 3, 4, 5, 7, 16, 33, 70] };
+                for &rows in rows_list {
                     let (bx, rx) = pair(b, &values(rows * n_in, rows as u64), rows, n_in)?;
                     let what = format!("linear {dtype} {layout:?} {n_in}->{n_out}, {rows} rows");
                     compare(
@@ -192,7 +194,8 @@ pub fn norm_linear<B: Backend>(b: &B) -> Result<()> {
             let (bw, rw) = weight_pair(b, &vector(d, 18), Layout::OutIn)?;
             let (bb, rb) = weight_pair(b, &vector(d, 19), Layout::OutIn)?;
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
-            for rows in [1usize, 3, 8, 9] {
+            let rows_list: &[usize] = if d >= 1024 { &[1, 8] } else { &[1, 3, 8, 9] };
+            for &rows in rows_list {
                 let x: Vec<f32> = values(rows * d, rows as u64 + 20).iter().map(|v| v * 3.0 + 0.5).collect();
                 let (bx, rx) = pair(b, &x, rows, d)?;
                 let what = format!("norm_linear {dtype} [{rows}, {d}] -> {vocab}");

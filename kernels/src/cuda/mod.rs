@@ -53,6 +53,9 @@ pub struct Cuda {
     weight_dtype: Option<DType>,
     description: String,
     launches: AtomicU64,
+    /// Streaming multiprocessors: sizes the grids that sweep a list of work with a fixed number of
+    /// blocks.
+    multiprocessors: usize,
 }
 
 /// An activation matrix `[rows, cols]` in device memory.
@@ -142,6 +145,14 @@ fn matvec_split(n_out: usize, n_in: usize) -> usize {
     split
 }
 
+/// Threads for a kernel whose block sweeps a row of `n` values (norms, row copies, argmax, ACD's
+/// passes): a warp per 128 values, 32 to 1024, so that a vocabulary-sized row has many loads in
+/// flight and a short one starts no idle threads (which the CPU emulation pays for, a fiber each).
+/// A 1024-wide row gets the 256 threads it always had.
+fn row_threads(n: usize) -> u32 {
+    (n.div_ceil(128) * 32).clamp(32, 1024) as u32
+}
+
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32
 }
@@ -186,6 +197,9 @@ impl Cuda {
             }
         }
         let name = ctx.name().unwrap_or_else(|_| "?".into());
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize);
         Ok(Cuda {
             ctx,
             stream,
@@ -193,6 +207,7 @@ impl Cuda {
             weight_dtype,
             description: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             launches: AtomicU64::new(0),
+            multiprocessors,
         })
     }
 
@@ -414,7 +429,7 @@ impl Backend for Cuda {
             launch!(
                 self,
                 "lw_copy_columns",
-                config((x.rows.max(1) as u32, 1, 1), THREADS, 0),
+                config((x.rows.max(1) as u32, 1, 1), row_threads(width), 0),
                 &mut part.data,
                 &x.data,
                 &cols,
@@ -436,7 +451,15 @@ impl Backend for Cuda {
         if n > 0 {
             let rows = step.meta.slice(step.offsets[6]..step.offsets[7]);
             let cols = x.cols as i32;
-            launch!(self, "lw_gather_rows", config((n as u32, 1, 1), THREADS, 0), &mut out.data, &x.data, &rows, &cols);
+            launch!(
+                self,
+                "lw_gather_rows",
+                config((n as u32, 1, 1), row_threads(x.cols), 0),
+                &mut out.data,
+                &x.data,
+                &rows,
+                &cols
+            );
         }
         Ok(out)
     }
@@ -475,7 +498,7 @@ impl Backend for Cuda {
         }
         let rows = step.meta.slice(range);
         let dd = d as i32;
-        let cfg = config((t as u32, 1, 1), THREADS, 0);
+        let cfg = config((t as u32, 1, 1), row_threads(d), 0);
         match &table.storage {
             Storage::F32(w) => launch!(self, "lw_embed_f32", cfg, &mut out.data, w, &rows, &dd),
             Storage::F16(w) => launch!(self, "lw_embed_f16", cfg, &mut out.data, w, &rows, &dd),
@@ -513,7 +536,7 @@ impl Backend for Cuda {
             launch!(
                 self,
                 "lw_layer_norm",
-                config((x.rows as u32, 1, 1), THREADS, 0),
+                config((x.rows as u32, 1, 1), row_threads(x.cols), 0),
                 &mut out.data,
                 &x.data,
                 w,
@@ -587,7 +610,7 @@ impl Backend for Cuda {
             launch!(
                 self,
                 "lw_rms_norm",
-                config((x.rows as u32, 1, 1), THREADS, 0),
+                config((x.rows as u32, 1, 1), row_threads(x.cols), 0),
                 &mut out.data,
                 &x.data,
                 w,
@@ -731,7 +754,7 @@ impl Backend for Cuda {
         }
         let slots = step.meta.slice(step.offsets[2]..step.offsets[3]);
         let (cols, width, l, spl) = (k.cols as i32, store.width as i32, layer as i32, store.slots_per_layer as u64);
-        let cfg = config((k.rows as u32, 1, 1), THREADS, 0);
+        let cfg = config((k.rows as u32, 1, 1), row_threads(k.cols), 0);
         launch!(
             self,
             "lw_kv_write",
@@ -820,7 +843,7 @@ impl Backend for Cuda {
         let mut stats = self.zeros(2 * rows)?;
         let mut plausible = self.indices(rows * upper.cols)?;
         let mut counts = self.indices(rows)?;
-        let per_row = config((rows as u32, 1, 1), 1024, 256 * 4);
+        let per_row = config((rows as u32, 1, 1), row_threads(upper.cols), 256 * 4);
         launch!(
             self,
             "lw_acd_select",
@@ -833,10 +856,11 @@ impl Backend for Cuda {
             &alpha,
             &k
         );
-        // Enough warps for the whole vocabulary to be read at the device's bandwidth; blocks beyond a
-        // row's plausible tokens return at once.
+        // Eight blocks per multiprocessor (a full device: the whole head read at its bandwidth when
+        // every token is plausible), fewer for a small vocabulary; blocks beyond a row's plausible
+        // tokens return at once.
         let warps_per_block = THREADS as usize / 32;
-        let blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 1024) as u32;
+        let blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 8 * self.multiprocessors) as u32;
         let lower = config((blocks, rows as u32, 1), THREADS, lower_features.cols * 4);
         let h = match &lower_head.storage {
             Storage::F32(h) => self.ptr(h),
@@ -859,7 +883,7 @@ impl Backend for Cuda {
         launch!(
             self,
             "lw_acd_finish",
-            config((rows as u32, 1, 1), 1024, 0),
+            config((rows as u32, 1, 1), row_threads(upper.cols), 0),
             &mut out.data,
             &upper.data,
             &stats,
@@ -874,7 +898,14 @@ impl Backend for Cuda {
         }
         let mut ids = self.stream.alloc_zeros::<u32>(x.rows).map_err(|e| fail(format!("{e:?}")))?;
         let cols = x.cols as i32;
-        launch!(self, "lw_argmax_rows", config((x.rows as u32, 1, 1), 1024, 0), &mut ids, &x.data, &cols);
+        launch!(
+            self,
+            "lw_argmax_rows",
+            config((x.rows as u32, 1, 1), row_threads(x.cols), 0),
+            &mut ids,
+            &x.data,
+            &cols
+        );
         self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))
     }
 }
