@@ -52,6 +52,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    report_sigbus();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Forward(args) => forward::run(args),
@@ -70,5 +71,24 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Weights are mapped, not read: if a checkpoint file shrinks while in use (rewritten or truncated
+/// by another program), the next read of a page past its new end raises SIGBUS. Say what happened
+/// and exit with the status a shell gives that signal (135), rather than die without a word.
+fn report_sigbus() {
+    extern "C" fn on_sigbus(_: libc::c_int) {
+        const MESSAGE: &[u8] = b"error: a weights file shrank while in use (SIGBUS on a mapped page): \
+rerun once the checkpoint is complete, and do not rewrite a checkpoint while it is in use\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MESSAGE is a static buffer.
+        unsafe {
+            libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            libc::_exit(135);
+        }
+    }
+    // SAFETY: the handler calls only async-signal-safe functions and touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGBUS, on_sigbus as *const () as libc::sighandler_t);
     }
 }

@@ -63,3 +63,29 @@ fn hostile_endless_generation_config_is_refused_by_size() {
         &["--generation-config", "/dev/zero", "larger than 256 MiB"],
     );
 }
+
+#[test]
+fn hostile_weights_truncated_during_generation_end_with_a_message_not_a_silent_signal() {
+    // The weights are mapped: a file that shrinks under a running generation raises SIGBUS at the
+    // next read of a vanished page. The CLI reports it and exits with 135 (128 + SIGBUS).
+    let tmp = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(DEMO).expect("demo") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    let model = tmp.path().to_string_lossy().into_owned();
+    // The reference backend at batch 2048: minutes of work, cut short by the truncation.
+    let child = Command::new(env!("CARGO_BIN_EXE_layerwise"))
+        .args(["bench", "--model", &model, "--device", "reference", "--batch", "2048", "--prompt-len", "4"])
+        .args(["--new-tokens", "60"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run layerwise");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::File::create(tmp.path().join("model.safetensors")).expect("truncate");
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(135), "status {:?}, stderr {err}", out.status);
+    assert!(err.contains("a weights file shrank while in use"), "{err}");
+}
