@@ -231,11 +231,7 @@ pub trait Backend: Send + Sync + 'static {
         eps: f32,
         head: &Self::Weight,
     ) -> Result<Self::Tensor> {
-        let normed = match bias {
-            Some(bias) => self.layer_norm(x, weight, bias, eps)?,
-            None => self.rms_norm(x, weight, eps)?,
-        };
-        self.linear(&normed, head, None)
+        norm_then_linear(self, x, weight, bias, eps, head)
     }
 
     /// Applies `act` elementwise in place.
@@ -311,6 +307,23 @@ pub trait Backend: Send + Sync + 'static {
     /// The first index of the largest value of each row of `x: [t, n]`, on the host (torch.argmax's
     /// choice among ties).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+}
+
+/// [`Backend::norm_linear`] as two ops: the norm, then the product (the default, and a fusing
+/// backend's fallback for shapes its fused kernel does not take).
+pub fn norm_then_linear<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    weight: &B::Weight,
+    bias: Option<&B::Weight>,
+    eps: f32,
+    head: &B::Weight,
+) -> Result<B::Tensor> {
+    let normed = match bias {
+        Some(bias) => b.layer_norm(x, weight, bias, eps)?,
+        None => b.rms_norm(x, weight, eps)?,
+    };
+    b.linear(&normed, head, None)
 }
 
 /// The host's physical memory (`MemTotal` of /proc/meminfo), where the system says.

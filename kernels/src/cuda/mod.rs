@@ -256,6 +256,14 @@ impl Cuda {
         }
     }
 
+    /// A weight's device address, whatever its dtype (kernels take it as a pointer of their type).
+    fn matrix_ptr(&self, w: &CudaWeight) -> u64 {
+        match &w.storage {
+            Storage::F32(m) => self.ptr(m),
+            Storage::F16(m) | Storage::Bf16(m) => self.ptr(m),
+        }
+    }
+
     /// The `[out, in]` product kernel of a weight's dtype.
     fn product_names(w: &CudaWeight) -> (&'static str, &'static str, &'static str) {
         match w.storage {
@@ -560,11 +568,7 @@ impl Backend for Cuda {
         // without opting in; else the two ops.
         let shared = x.rows * x.cols * 4 + 256;
         if x.rows == 0 || x.rows > 8 || shared > 48 * 1024 || head.in_features != x.cols || head.in_features == 1 {
-            let normed = match bias {
-                Some(bias) => self.layer_norm(x, weight, bias, eps)?,
-                None => self.rms_norm(x, weight, eps)?,
-            };
-            return self.linear(&normed, head, None);
+            return layerwise::backend::norm_then_linear(self, x, weight, bias, eps, head);
         }
         let w = self.vector(weight, "norm_linear")?;
         if weight.out_features != x.cols || bias.is_some_and(|b| b.out_features != x.cols) {
@@ -575,10 +579,7 @@ impl Backend for Cuda {
             Some(b) => self.ptr(self.vector(b, "norm_linear bias")?),
             None => 0,
         };
-        let matrix = match &head.storage {
-            Storage::F32(m) => self.ptr(m),
-            Storage::F16(m) | Storage::Bf16(m) => self.ptr(m),
-        };
+        let matrix = self.matrix_ptr(head);
         let heads = match head.address.get() {
             Some(heads) => heads,
             None => {
@@ -636,10 +637,7 @@ impl Backend for Cuda {
             return Ok(out);
         }
         let (matvec, gemm, _) = Cuda::product_names(w);
-        let weights = match &w.storage {
-            Storage::F32(m) => self.ptr(m),
-            Storage::F16(m) | Storage::Bf16(m) => self.ptr(m),
-        };
+        let weights = self.matrix_ptr(w);
         if x.rows <= 8 {
             let split = matvec_split(w.out_features, w.in_features);
             let features_per_block = (THREADS / 32) as usize / split;
@@ -862,10 +860,7 @@ impl Backend for Cuda {
         let warps_per_block = THREADS as usize / 32;
         let blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 8 * self.multiprocessors) as u32;
         let lower = config((blocks, rows as u32, 1), THREADS, lower_features.cols * 4);
-        let h = match &lower_head.storage {
-            Storage::F32(h) => self.ptr(h),
-            Storage::F16(h) | Storage::Bf16(h) => self.ptr(h),
-        };
+        let h = self.matrix_ptr(lower_head);
         launch!(
             self,
             lower_kernel,
