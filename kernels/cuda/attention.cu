@@ -7,9 +7,12 @@
 // key row = keys[layer][slot][kv_head * head_dim ..], kv_head = head / (heads / kv_heads).
 //
 // lw_attention_partial: grid (heads, rows, splits), block a multiple of 32 threads, dynamic shared
-//   memory (head_dim + chunk + warps * head_dim) * 4 bytes. Warps take keys in turn, lanes across
-//   head_dim, for the scores and for the weighted values (one row of sums per warp, added in order). Split z takes the visible positions of chunk z (chunk =
-//   positions per split): scores s_j = scale * q · k_j, m = max s_j, l = Σ exp(s_j - m),
+//   memory (head_dim + chunk + warps * head_dim) * 4 + chunk * 8 bytes. The block first finds the
+//   cache row of each of its positions (one table lookup per position, all at once, into shared
+//   memory), so that no later load waits on a table load. Warps take keys in turn, four at a time
+//   (their loads issued together), lanes across head_dim, for the scores and for the weighted values
+//   (one row of sums per warp, added in order). Split z takes the visible positions of chunk z
+//   (chunk = positions per split): scores s_j = scale * q · k_j, m = max s_j, l = Σ exp(s_j - m),
 //   o = Σ exp(s_j - m) v_j (unnormalised), written to partial[(row * heads + head) * splits + z] as
 //   (m, l, o[head_dim]) (m = -inf, l = 0 for an empty chunk).
 // lw_attention_merge: grid (heads, rows), block >= head_dim threads: M = max m_z,
@@ -42,15 +45,16 @@ __device__ __forceinline__ size_t lw_key_at(const lw_attention_args& a, int seq,
 }
 
 // Scores of row `row`, head `head` for positions [begin, end) into scores[0 .. end - begin); returns
-// their max. A warp per key, its lanes across head_dim (coalesced reads of the key row).
+// their max. A warp per key, its lanes across head_dim (coalesced reads of the key row). `at`: the
+// positions' cache rows (lw_key_at) when the caller has them in shared memory, else null.
 __device__ float lw_scores(const lw_attention_args& a, int row, int head, int begin, int end, const float* q,
-                           float* scores, float* scratch) {
+                           const size_t* at, float* scores, float* scratch) {
   int seq = int(a.row_seq[row]);
   int kv_head = head / (a.heads / a.kv_heads);
   int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float m = -LW_INF;
   for (int j = begin + int(threadIdx.x >> 5); j < end; j += warps) {
-    const float* k = a.keys + lw_key_at(a, seq, j, kv_head);
+    const float* k = a.keys + (at ? at[j - begin] : lw_key_at(a, seq, j, kv_head));
     float dot = 0.0f;
     for (int c = lane; c < a.head_dim; c += 32) dot += q[c] * k[c];
     float s = warp_sum(dot) * a.scale;
@@ -69,12 +73,16 @@ __device__ __forceinline__ void lw_visible(const lw_attention_args& a, int row, 
 extern "C" __global__ void lw_attention_partial(float* partial, lw_attention_args a, int chunk) {
   DYNAMIC_SHARED(float, shared);
   __shared__ float scratch[32];
-  float* q = shared;
-  float* scores = shared + a.head_dim;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  // Shared memory: the chunk's cache rows (8-byte aligned, first), the query, the scores, and a row
+  // of weighted-value sums per warp.
+  size_t* at = reinterpret_cast<size_t*>(shared);
+  float* q = shared + 2 * chunk;
+  float* scores = q + a.head_dim;
+  float* sums = scores + chunk;  // [warps][head_dim]
   int head = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-  const float* qr = a.q + size_t(row) * a.heads * a.head_dim + size_t(head) * a.head_dim;
-  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) q[c] = qr[c];
-  __syncthreads();
+  int seq = int(a.row_seq[row]);
+  int kv_head = head / (a.heads / a.kv_heads);
   int first, last;
   lw_visible(a, row, first, last);
   int begin = first + split * chunk;
@@ -84,7 +92,11 @@ extern "C" __global__ void lw_attention_partial(float* partial, lw_attention_arg
     for (int c = threadIdx.x; c < a.head_dim + 2; c += blockDim.x) out[c] = c == 0 ? -LW_INF : 0.0f;
     return;
   }
-  float m = lw_scores(a, row, head, begin, end, q, scores, scratch);
+  const float* qr = a.q + size_t(row) * a.heads * a.head_dim + size_t(head) * a.head_dim;
+  for (int c = threadIdx.x; c < a.head_dim; c += blockDim.x) q[c] = qr[c];
+  for (int j = begin + threadIdx.x; j < end; j += blockDim.x) at[j - begin] = lw_key_at(a, seq, j, kv_head);
+  __syncthreads();
+  float m = lw_scores(a, row, head, begin, end, q, at, scores, scratch);
   float l = 0.0f;
   for (int j = threadIdx.x; j < end - begin; j += blockDim.x) {
     float e = expf(scores[j] - m);
@@ -93,14 +105,19 @@ extern "C" __global__ void lw_attention_partial(float* partial, lw_attention_arg
   }
   l = block_sum(l, scratch);  // its barriers also publish the weights in scores
   // o = Σ_j e_j v_j: warp w takes positions begin + w, begin + w + warps, ... (lanes across head_dim,
-  // coalesced), into its own row of `sums`; then each column adds the warps' rows in order.
-  int seq = int(a.row_seq[row]);
-  int kv_head = head / (a.heads / a.kv_heads);
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  float* sums = scores + chunk;  // [warps][head_dim]
+  // coalesced), into its own row of `sums`, loading four value rows before adding them (in order);
+  // then each column adds the warps' rows in order.
   for (int c = lane; c < a.head_dim; c += 32) {
     float o = 0.0f;
-    for (int j = begin + warp; j < end; j += warps) o += scores[j - begin] * a.values[lw_key_at(a, seq, j, kv_head) + c];
+    int j = begin + warp;
+    for (; j + 3 * warps < end; j += 4 * warps) {
+      float v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = a.values[at[j + u * warps - begin] + c];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) o += scores[j + u * warps - begin] * v[u];
+    }
+    for (; j < end; j += warps) o += scores[j - begin] * a.values[at[j - begin] + c];
     sums[warp * a.head_dim + c] = o;
   }
   __syncthreads();
@@ -146,7 +163,7 @@ extern "C" __global__ void lw_attention_probs(float* out, lw_attention_args a, i
   __syncthreads();
   int first, last;
   lw_visible(a, row, first, last);
-  float m = lw_scores(a, row, head, first, last, q, scores, scratch);
+  float m = lw_scores(a, row, head, first, last, q, nullptr, scores, scratch);
   float l = 0.0f;
   for (int j = threadIdx.x; j < last - first; j += blockDim.x) l += expf(scores[j] - m);
   l = block_sum(l, scratch);

@@ -154,28 +154,39 @@ __device__ __forceinline__ void lw_accumulate16(float* acc, const lw_vec16& raw,
   }
 }
 
+// Rounds of U 16-byte loads per lane over elements [begin, n) of the row (a warp reads 512 * U
+// contiguous bytes per round, every load issued before any is used); returns where they stopped.
+template <class T, int MAXT, int U>
+__device__ __forceinline__ int lw_lane_rounds(float* acc, const float* x, int x_stride, const T* row, int t, int begin,
+                                              int n) {
+  constexpr int V = lw_per16<T>::n;
+  int lane = threadIdx.x & 31;
+  int round = 32 * V * U;
+  int end = begin + (n - begin) / round * round;
+  for (int base = begin + lane * V; base < end; base += round) {
+    lw_vec16 raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) raw[u] = lw_load16(row + base + u * 32 * V);
+#pragma unroll
+    for (int u = 0; u < U; ++u) lw_accumulate16<T, MAXT>(acc, raw[u], x, base + u * 32 * V, t, x_stride);
+  }
+  return end;
+}
+
 // This lane's share of Σ_{i < n} x[r * x_stride + i] * row[i] for r < t <= MAXT (summed over the
-// warp by the caller). When the row and x allow it, 16-byte loads, LW_LOADS_IN_FLIGHT of them issued
-// before any is used (a warp reads 512 * LW_LOADS_IN_FLIGHT contiguous bytes per round); else, or for
-// the tail, one element per lane per step.
-#define LW_LOADS_IN_FLIGHT 4
+// warp by the caller). When the row and x allow it, 16-byte loads in rounds of 8 in flight per lane,
+// then of 4, then one (a 4 KiB f32 row: one round of 8; a 2 KiB bf16 row: one of 4): the fewer
+// rounds, the fewer times a warp waits a whole memory latency. Else, or for the tail, one element
+// per lane per step.
 template <class T, int MAXT = LW_MAX_TOKENS>
 __device__ __forceinline__ void lw_lane_dots(float* acc, const float* x, int x_stride, const T* row, int t, int n) {
   constexpr int V = lw_per16<T>::n;
-  constexpr int U = LW_LOADS_IN_FLIGHT;
   int lane = threadIdx.x & 31;
   int done = 0;
   if (n % V == 0 && x_stride % 4 == 0 && lw_aligned16(row) && lw_aligned16(x)) {
-    int round = 32 * V * U;
-    int rounds_end = n / round * round;
-    for (int base = lane * V; base < rounds_end; base += round) {
-      lw_vec16 raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) raw[u] = lw_load16(row + base + u * 32 * V);
-#pragma unroll
-      for (int u = 0; u < U; ++u) lw_accumulate16<T, MAXT>(acc, raw[u], x, base + u * 32 * V, t, x_stride);
-    }
-    for (int base = rounds_end + lane * V; base < n; base += 32 * V)
+    done = lw_lane_rounds<T, MAXT, 8>(acc, x, x_stride, row, t, 0, n);
+    done = lw_lane_rounds<T, MAXT, 4>(acc, x, x_stride, row, t, done, n);
+    for (int base = done + lane * V; base < n; base += 32 * V)
       lw_accumulate16<T, MAXT>(acc, lw_load16(row + base), x, base, t, x_stride);
     done = n;
   }
@@ -185,6 +196,35 @@ __device__ __forceinline__ void lw_lane_dots(float* acc, const float* x, int x_s
     for (int r = 0; r < MAXT; ++r) {
       if (r < t) acc[r] += wv * x[size_t(r) * x_stride + i];
     }
+  }
+}
+
+// The activations, with the formulas of the engine's `math` module (elementwise.cu applies them in
+// place; the products apply them to each output as it is stored).
+__device__ __forceinline__ float lw_gelu_tanh(float v) {
+  return 0.5f * v * (1.0f + tanhf(0.7978846f * (v + 0.044715f * v * v * v)));
+}
+__device__ __forceinline__ float lw_gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678f)); }
+__device__ __forceinline__ float lw_silu(float v) { return v / (1.0f + expf(-v)); }
+__device__ __forceinline__ float lw_relu(float v) { return fmaxf(v, 0.0f); }
+
+// What a product does with each finished output value (bias included): store it, add it to the
+// value already there (a residual branch's last product: x += W·h + b), or store an activation of
+// it. The codes are the host's (kernels/src/cuda/mod.rs, `Epilogue`).
+#define LW_EPILOGUE_STORE 0
+#define LW_EPILOGUE_ADD 1
+#define LW_EPILOGUE_GELU_TANH 2
+#define LW_EPILOGUE_GELU_ERF 3
+#define LW_EPILOGUE_RELU 4
+#define LW_EPILOGUE_SILU 5
+__device__ __forceinline__ void lw_epilogue(float* out, float v, int epilogue) {
+  switch (epilogue) {
+    case LW_EPILOGUE_ADD: *out += v; break;
+    case LW_EPILOGUE_GELU_TANH: *out = lw_gelu_tanh(v); break;
+    case LW_EPILOGUE_GELU_ERF: *out = lw_gelu_erf(v); break;
+    case LW_EPILOGUE_RELU: *out = lw_relu(v); break;
+    case LW_EPILOGUE_SILU: *out = lw_silu(v); break;
+    default: *out = v;
   }
 }
 

@@ -3,7 +3,9 @@
 //
 // lw_embed_*: out[r] = table[index[r]] widened to f32 (a block per row).
 // lw_gather_rows: out[i] = x[rows[i]] (a block per output row).
-// lw_copy_columns: out[r][c] = x[r][start + c], c < width (split_columns, one launch per part).
+// lw_split_columns: parts.out[p][r][c] = x[r][parts.start[p] + c], c < parts.width[p], for up to
+//   LW_MAX_PARTS column blocks in one launch (grid (rows, parts)): a fused q|k|v projection's three
+//   parts at once.
 // lw_rope: rotate-half rotary embedding in place, x: [t, heads * head_dim], row r at positions[r],
 //   inv_freq_j = 1 / theta^(2j / head_dim) in f32, as transformers (and the reference) compute it.
 // lw_kv_write: keys[layer][slots[r]][0..cols) = k[r], the same for values (a block per row).
@@ -35,9 +37,19 @@ extern "C" __global__ void lw_gather_rows(float* out, const float* x, const uint
   for (int c = threadIdx.x; c < cols; c += blockDim.x) out[size_t(blockIdx.x) * cols + c] = src[c];
 }
 
-extern "C" __global__ void lw_copy_columns(float* out, const float* x, int cols, int start, int width) {
-  const float* src = x + size_t(blockIdx.x) * cols + start;
-  for (int c = threadIdx.x; c < width; c += blockDim.x) out[size_t(blockIdx.x) * width + c] = src[c];
+#define LW_MAX_PARTS 4
+// The column blocks of one split (passed by value; the host's `SplitArgs`).
+struct lw_column_parts {
+  float* out[LW_MAX_PARTS];
+  int start[LW_MAX_PARTS];
+  int width[LW_MAX_PARTS];
+};
+
+extern "C" __global__ void lw_split_columns(lw_column_parts parts, const float* x, int cols) {
+  int p = blockIdx.y, width = parts.width[p];
+  const float* src = x + size_t(blockIdx.x) * cols + parts.start[p];
+  float* dst = parts.out[p] + size_t(blockIdx.x) * width;
+  for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = src[c];
 }
 
 extern "C" __global__ void lw_rope(float* x, const uint32_t* positions, int t, int cols, int head_dim, float theta) {

@@ -1,11 +1,16 @@
 // Matrix products with a weight stored [out, in] (the CUDA backend stores every matrix so, GPT-2's
 // Conv1D [in, out] weights transposed once at upload), in f32, f16 or bf16, summed in f32.
 //
-// lw_matvec_*: decoding, t <= 8 rows of x: `split` warps per output feature (1, 2, 4 or 8), each
+// lw_matvec_*: decoding, t <= 8 rows of x (lw_matvec1_*: the same for one row, t = 1, compiled
+//   apart: a kernel's registers are those of its widest path, and eight rows' sums and operands took
+//   the bf16 kernel to 164 registers a thread, one block per multiprocessor, on the H200): `split` warps per output feature (1, 2, 4 or 8), each
 //   over a slice of the row (more warps in flight when there are few features); the lanes stream
 //   the slice once (coalesced 16-byte loads, several in flight per lane) and keep one sum per token,
 //   then a shuffle reduction, and the feature's slices are added in order through shared memory.
 //   Bound by reading the weight: n_out * n_in elements per launch.
+// Both products end with an epilogue (common.cuh, lw_epilogue) applied to each output value with its
+//   bias: store it, add it to the output (a residual branch: x += W·h + b in one launch), or store an
+//   activation of it (GELU, ReLU, SiLU: the MLP's up-projection and its activation in one launch).
 // lw_gemm_*: prefill and batches, any t: 16 x 16 output tiles per block of 256 threads, 16-wide steps
 //   along `in` through shared memory.
 // lw_norm_head_*: the final norm (LayerNorm, or RMSNorm when norm_b is null) fused with one or several
@@ -15,9 +20,9 @@
 //
 // Launch: lw_matvec: grid ceil(n_out / (warps per block / split)), block 256; lw_gemm: grid (ceil(n_out / 16),
 // ceil(t / 16)), block 256; lw_norm_head: grid (ceil(vocab / warps per block), heads), block 256,
-// dynamic shared memory t * hidden * 4 bytes + 256. Must equal the reference backend's linear (and
-// layer_norm / rms_norm then linear) within 1e-5 of the largest output for f32 weights, 1e-4 for
-// f16/bf16 (the conformance tolerances).
+// dynamic shared memory t * hidden * 4 bytes + 256. Must equal the reference backend's linear (then
+// add_assign or activate, for the epilogues; layer_norm / rms_norm then linear, for the fused head)
+// within 1e-5 of the largest output for f32 weights, 1e-4 for f16/bf16 (the conformance tolerances).
 #include "common.cuh"
 
 // out[r][o] = Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may be in shared memory.
@@ -38,9 +43,9 @@ __device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T*
   }
 }
 
-template <class T>
+template <class T, int MAXT>
 __device__ void lw_matvec(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out,
-                          int split) {
+                          int split, int epilogue) {
   __shared__ float sums[32][LW_MAX_TOKENS];  // each warp's sums, per token
   int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int o = blockIdx.x * (warps / split) + warp / split;
@@ -50,12 +55,12 @@ __device__ void lw_matvec(float* out, const float* x, const T* w, const float* b
   int slice = (n_in + split - 1) / split;
   slice = (slice + V - 1) / V * V;
   int start = min(n_in, part * slice), end = min(n_in, start + slice);
-  float acc[LW_MAX_TOKENS];
+  float acc[MAXT];
 #pragma unroll
-  for (int r = 0; r < LW_MAX_TOKENS; ++r) acc[r] = 0.0f;
-  if (o < n_out) lw_lane_dots(acc, x + start, n_in, w + size_t(o) * n_in + start, t, end - start);
+  for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
+  if (o < n_out) lw_lane_dots<T, MAXT>(acc, x + start, n_in, w + size_t(o) * n_in + start, t, end - start);
 #pragma unroll
-  for (int r = 0; r < LW_MAX_TOKENS; ++r) {
+  for (int r = 0; r < MAXT; ++r) {
     float s = warp_sum(acc[r]);
     if (lane == 0) sums[warp][r] = s;
   }
@@ -64,12 +69,13 @@ __device__ void lw_matvec(float* out, const float* x, const T* w, const float* b
   if (part == 0 && lane < t && o < n_out) {
     float s = 0.0f;
     for (int p = 0; p < split; ++p) s += sums[warp + p][lane];
-    out[size_t(lane) * n_out + o] = bias ? s + bias[o] : s;
+    lw_epilogue(out + size_t(lane) * n_out + o, bias ? s + bias[o] : s, epilogue);
   }
 }
 
 template <class T>
-__device__ void lw_gemm(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out) {
+__device__ void lw_gemm(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out,
+                        int epilogue) {
   __shared__ float xs[16][17];
   __shared__ float ws[16][17];
   int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;  // ty: the tile's row (token), tx: its column (feature)
@@ -85,7 +91,7 @@ __device__ void lw_gemm(float* out, const float* x, const T* w, const float* bia
     for (int k = 0; k < 16; ++k) acc += xs[ty][k] * ws[tx][k];
     __syncthreads();
   }
-  if (r < t && o < n_out) out[size_t(r) * n_out + o] = bias ? acc + bias[o] : acc;
+  if (r < t && o < n_out) lw_epilogue(out + size_t(r) * n_out + o, bias ? acc + bias[o] : acc, epilogue);
 }
 
 template <class T>
@@ -107,12 +113,16 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
 
 #define LW_PRODUCTS(suffix, T)                                                                                   \
   extern "C" __global__ void lw_matvec_##suffix(float* out, const float* x, const T* w, const float* bias, int t, \
-                                                int n_in, int n_out, int split) {                                \
-    lw_matvec(out, x, w, bias, t, n_in, n_out, split);                                                           \
+                                                int n_in, int n_out, int split, int epilogue) {                  \
+    lw_matvec<T, LW_MAX_TOKENS>(out, x, w, bias, t, n_in, n_out, split, epilogue);                               \
+  }                                                                                                              \
+  extern "C" __global__ void lw_matvec1_##suffix(float* out, const float* x, const T* w, const float* bias, int t, \
+                                                 int n_in, int n_out, int split, int epilogue) {                 \
+    lw_matvec<T, 1>(out, x, w, bias, t, n_in, n_out, split, epilogue);                                           \
   }                                                                                                              \
   extern "C" __global__ void lw_gemm_##suffix(float* out, const float* x, const T* w, const float* bias, int t,   \
-                                              int n_in, int n_out) {                                             \
-    lw_gemm(out, x, w, bias, t, n_in, n_out);                                                                    \
+                                              int n_in, int n_out, int epilogue) {                               \
+    lw_gemm(out, x, w, bias, t, n_in, n_out, epilogue);                                                          \
   }                                                                                                              \
   extern "C" __global__ void lw_norm_head_##suffix(float* out, const float* states, const float* norm_w,          \
                                                    const float* norm_b, const T* const* heads, int t, int hidden, \

@@ -15,7 +15,18 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// The kernels each file defines (their `extern "C"` names).
 pub const KERNELS: &[(&str, &[&str])] = &[
     ("norms.cu", &["lw_layer_norm", "lw_rms_norm"]),
-    ("elementwise.cu", &["lw_add", "lw_mul", "lw_gelu_tanh", "lw_gelu_erf", "lw_silu", "lw_relu", "lw_scale_heads"]),
+    (
+        "elementwise.cu",
+        &[
+            "lw_add",
+            "lw_mul",
+            "lw_gelu_tanh_inplace",
+            "lw_gelu_erf_inplace",
+            "lw_silu_inplace",
+            "lw_relu_inplace",
+            "lw_scale_heads",
+        ],
+    ),
     ("argmax.cu", &["lw_argmax_rows"]),
     (
         "acd.cu",
@@ -34,6 +45,9 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "lw_matvec_f32",
             "lw_matvec_f16",
             "lw_matvec_bf16",
+            "lw_matvec1_f32",
+            "lw_matvec1_f16",
+            "lw_matvec1_bf16",
             "lw_gemm_f32",
             "lw_gemm_f16",
             "lw_gemm_bf16",
@@ -49,7 +63,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "lw_embed_f16",
             "lw_embed_bf16",
             "lw_gather_rows",
-            "lw_copy_columns",
+            "lw_split_columns",
             "lw_rope",
             "lw_kv_write",
             "lw_copy_blocks",

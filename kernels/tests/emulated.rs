@@ -37,6 +37,14 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
 }
 
 /// Both thread orders of `config`.
+/// `lw_column_parts` of kernels/cuda/memory.cu, passed by value.
+#[repr(C)]
+struct ColumnParts {
+    out: [*mut f32; 4],
+    start: [i32; 4],
+    width: [i32; 4],
+}
+
 fn orders(config: Launch) -> [Launch; 2] {
     [config, config.reversed()]
 }
@@ -345,11 +353,22 @@ fn product_kernels(dtype: layerwise::DType) -> (Kernel, Kernel, Kernel) {
     }
 }
 
+/// The one-row matvec of a dtype (`lw_matvec1_*`, the same source for t = 1).
+fn one_row_matvec(dtype: layerwise::DType) -> Kernel {
+    use layerwise::DType;
+    match dtype {
+        DType::F32 => Kernel::Matvec1F32,
+        DType::F16 => Kernel::Matvec1F16,
+        DType::BF16 => Kernel::Matvec1Bf16,
+    }
+}
+
 #[test]
 fn emulated_products_equal_the_reference_linear() {
     use layerwise::DType;
     let r = Reference::default();
-    for (n_in, n_out) in [(1usize, 5usize), (37, 53), (64, 300), (1024, 40)] {
+    // (8192, 24): rows of 32 KiB (f32) that the host splits over 8 warps per output.
+    for (n_in, n_out) in [(1usize, 5usize), (37, 53), (64, 300), (1024, 40), (8192, 24)] {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let tensor = HostTensor::from_f32(values(n_in * n_out, 7, 1.0), vec![n_out, n_in]).converted(dtype);
             let weight = r.weight(&tensor, Layout::OutIn).expect("weight");
@@ -359,7 +378,11 @@ fn emulated_products_equal_the_reference_linear() {
             let (matvec, gemm, _) = product_kernels(dtype);
             // The wide rows (full rounds of 16-byte loads, split warps) at fewer row counts: the
             // emulation, above all under AddressSanitizer, is slow.
-            let ts: &[usize] = if n_in >= 1024 { &[1, 8, 9] } else { &[1, 2, 3, 8, 9, 33] };
+            let ts: &[usize] = match n_in {
+                8192 => &[1, 3],
+                1024 => &[1, 8, 9],
+                _ => &[1, 2, 3, 8, 9, 33],
+            };
             for &t in ts {
                 let x = values(t * n_in, t as u64, 1.0);
                 let xm = matrix(&x, t, n_in);
@@ -373,11 +396,17 @@ fn emulated_products_equal_the_reference_linear() {
                         let splits: &[usize] = match (t, n_in) {
                             (1, 1024) => &[1, 2, 4, 8],
                             (8, 1024) => &[1, 4],
+                            (_, 8192) => &[8],
                             (1, 37) => &[1, 2], // slices that end inside a 16-byte load
                             _ => &[1],
                         };
                         for &split in splits {
-                            configs.push((matvec, Launch::grid_1d(n_out.div_ceil(8 / split) as u32, 256), split));
+                            let kernel = if t == 1 { one_row_matvec(dtype) } else { matvec };
+                            configs.push((kernel, Launch::grid_1d(n_out.div_ceil(8 / split) as u32, 256), split));
+                        }
+                        if t == 1 {
+                            // The eight-row kernel on one row too (the batch path's).
+                            configs.push((matvec, Launch::grid_1d(n_out.div_ceil(8) as u32, 256), 1));
                         }
                     }
                     for (kernel, config, split) in configs {
@@ -386,19 +415,16 @@ fn emulated_products_equal_the_reference_linear() {
                             let (mut o, mut xp, mut w) = (out.as_mut_ptr(), x.as_ptr(), tensor.bytes().as_ptr());
                             let mut b = if with_bias { bias_values.as_ptr() } else { std::ptr::null() };
                             let (mut tt, mut ni, mut no, mut sp) = (t as i32, n_in as i32, n_out as i32, split as i32);
-                            let mut params: [*mut c_void; 8] = [
-                                arg(&mut o),
-                                arg(&mut xp),
-                                arg(&mut w),
-                                arg(&mut b),
-                                arg(&mut tt),
-                                arg(&mut ni),
-                                arg(&mut no),
-                                arg(&mut sp),
-                            ];
-                            // SAFETY: (out, x, w, bias, t, n_in, n_out[, split]): out t x n_out, x t x n_in,
-                            // w n_out x n_in in the dtype's storage, bias n_out or null; gemm takes the
-                            // first seven.
+                            let mut store = 0i32; // LW_EPILOGUE_STORE
+                            let mut params: Vec<*mut c_void> =
+                                vec![arg(&mut o), arg(&mut xp), arg(&mut w), arg(&mut b), arg(&mut tt), arg(&mut ni)];
+                            params.push(arg(&mut no));
+                            if kernel != gemm {
+                                params.push(arg(&mut sp));
+                            }
+                            params.push(arg(&mut store));
+                            // SAFETY: (out, x, w, bias, t, n_in, n_out, [split,] epilogue): out t x n_out,
+                            // x t x n_in, w n_out x n_in in the dtype's storage, bias n_out or null.
                             unsafe { launch(kernel, config, &mut params) }.expect("launch");
                             let what = format!(
                                 "{kernel:?} split {split} {n_in}->{n_out}, {t} rows, bias {with_bias}, {config:?}"
@@ -406,6 +432,76 @@ fn emulated_products_equal_the_reference_linear() {
                             assert_close(&what, &out, &want, tolerance);
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The products' epilogues (common.cuh, `lw_epilogue`): the output added to what is there (a
+/// residual branch) or activated as it is stored, against the reference's linear then add_assign or
+/// activate, through the matvec (one and several warps per output) and the GEMM.
+#[test]
+fn emulated_product_epilogues_equal_linear_then_add_or_activate() {
+    use layerwise::DType;
+    let r = Reference::default();
+    let (n_in, n_out) = (96usize, 130usize);
+    // (code, activation): 1 adds; 2.. activate (kernels/src/cuda/mod.rs, `Epilogue::code`).
+    let epilogues = [
+        (1i32, None),
+        (2, Some(Activation::GeluTanh)),
+        (3, Some(Activation::Gelu)),
+        (4, Some(Activation::Relu)),
+        (5, Some(Activation::Silu)),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        let tensor = HostTensor::from_f32(values(n_in * n_out, 31, 1.0), vec![n_out, n_in]).converted(dtype);
+        let weight = r.weight(&tensor, Layout::OutIn).expect("weight");
+        let bias_values = values(n_out, 32, 1.0);
+        let bias = vector(&bias_values);
+        let (matvec, gemm, _) = product_kernels(dtype);
+        for t in [1usize, 3, 9] {
+            let x = values(t * n_in, 33 + t as u64, 2.0);
+            let linear = r.linear(&matrix(&x, t, n_in), &weight, Some(&bias)).expect("reference");
+            let before = values(t * n_out, 40, 3.0);
+            for (code, act) in epilogues {
+                let want = match act {
+                    None => {
+                        let mut sum = matrix(&before, t, n_out);
+                        r.add_assign(&mut sum, &linear).expect("add");
+                        sum.data
+                    }
+                    Some(act) => {
+                        let mut y = linear.clone();
+                        r.activate(&mut y, act).expect("activate");
+                        y.data
+                    }
+                };
+                let mut gemm_launch = Launch::grid_1d(n_out.div_ceil(16) as u32, 256);
+                gemm_launch.grid[1] = t.div_ceil(16) as u32;
+                let mut configs = vec![(gemm, gemm_launch, 1usize)];
+                if t <= 8 {
+                    let kernel = if t == 1 { one_row_matvec(dtype) } else { matvec };
+                    configs.push((kernel, Launch::grid_1d(n_out.div_ceil(8) as u32, 256), 1));
+                    configs.push((kernel, Launch::grid_1d(n_out.div_ceil(4) as u32, 256), 2));
+                }
+                for (kernel, config, split) in configs {
+                    let mut out = before.clone();
+                    let (mut o, mut xp, mut w) = (out.as_mut_ptr(), x.as_ptr(), tensor.bytes().as_ptr());
+                    let mut b = bias_values.as_ptr();
+                    let (mut tt, mut ni, mut no, mut sp, mut e) =
+                        (t as i32, n_in as i32, n_out as i32, split as i32, code);
+                    let mut params: Vec<*mut c_void> =
+                        vec![arg(&mut o), arg(&mut xp), arg(&mut w), arg(&mut b), arg(&mut tt), arg(&mut ni)];
+                    params.push(arg(&mut no));
+                    if kernel != gemm {
+                        params.push(arg(&mut sp));
+                    }
+                    params.push(arg(&mut e));
+                    // SAFETY: (out, x, w, bias, t, n_in, n_out, [split,] epilogue): out t x n_out,
+                    // x t x n_in, w n_out x n_in in the dtype's storage, bias n_out.
+                    unsafe { launch(kernel, config, &mut params) }.expect("launch");
+                    assert_close(&format!("{kernel:?} split {split} epilogue {code}, {t} rows"), &out, &want, 1e-5);
                 }
             }
         }
@@ -512,16 +608,23 @@ fn emulated_data_movement_equals_the_reference() {
     // SAFETY: lw_gather_rows(out, x, rows, cols): 3 rows out of 5, 12 wide.
     unsafe { launch(Kernel::GatherRows, Launch::grid_1d(3, 32), &mut params) }.expect("launch");
     assert_close("gather_rows", &out, &want, 0.0);
+    // Three column blocks in one launch (grid (rows, parts)), the fourth slot unused.
     let parts = r.split_columns(&matrix(&x, 5, 12), &[3, 1, 8]).expect("reference");
-    let mut start = 0i32;
-    for part in parts {
-        let mut out = vec![f32::NAN; 5 * part.cols];
-        let (mut o, mut xp, mut c, mut s, mut w) = (out.as_mut_ptr(), x.as_ptr(), 12i32, start, part.cols as i32);
-        let mut params: [*mut c_void; 5] = [arg(&mut o), arg(&mut xp), arg(&mut c), arg(&mut s), arg(&mut w)];
-        // SAFETY: lw_copy_columns(out, x, cols, start, width): 5 rows.
-        unsafe { launch(Kernel::CopyColumns, Launch::grid_1d(5, 32), &mut params) }.expect("launch");
-        assert_close("copy_columns", &out, &part.data, 0.0);
+    let mut outs: Vec<Vec<f32>> = parts.iter().map(|p| vec![f32::NAN; 5 * p.cols]).collect();
+    let mut args = ColumnParts { out: [std::ptr::null_mut(); 4], start: [0; 4], width: [0; 4] };
+    let mut start = 0;
+    for (p, (part, out)) in parts.iter().zip(&mut outs).enumerate() {
+        (args.out[p], args.start[p], args.width[p]) = (out.as_mut_ptr(), start, part.cols as i32);
         start += part.cols as i32;
+    }
+    let (mut xp, mut c) = (x.as_ptr(), 12i32);
+    let mut params: [*mut c_void; 3] = [arg(&mut args), arg(&mut xp), arg(&mut c)];
+    let mut config = Launch::grid_1d(5, 32);
+    config.grid[1] = parts.len() as u32;
+    // SAFETY: lw_split_columns(parts, x, cols): 5 rows of 12 columns, three parts of 5 rows each.
+    unsafe { launch(Kernel::SplitColumns, config, &mut params) }.expect("launch");
+    for (part, out) in parts.iter().zip(&outs) {
+        assert_close("split_columns", out, &part.data, 0.0);
     }
     // Rotary embeddings at far positions.
     for (head_dim, heads, theta) in [(8usize, 3usize, 10000.0f32), (64, 2, 500000.0)] {
@@ -699,7 +802,7 @@ fn emulated_paged_attention_equals_the_reference() {
         for (chunk, threads) in [(longest, 32usize), (7, 32), (2, 32), (longest, 96), (7, 96)] {
             let splits = longest.div_ceil(chunk);
             let mut partial = vec![f32::NAN; rows * heads * splits * (head_dim + 2)];
-            let shared_bytes = (head_dim + chunk + threads / 32 * head_dim) * 4;
+            let shared_bytes = chunk * 8 + (head_dim + chunk + threads / 32 * head_dim) * 4;
             let mut config = Launch { shared_bytes, ..Launch::grid_1d(heads as u32, threads as u32) };
             config.grid[1] = rows as u32;
             config.grid[2] = splits as u32;

@@ -26,7 +26,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@each $backend;
-                embed, elementwise, norms, linear, norm_linear, activations, rope, scale_heads, rows_and_columns,
+                embed, elementwise, norms, linear, linear_epilogues, norm_linear, activations, rope, scale_heads, rows_and_columns,
                 paged_attention, attention_probs, contrast_acd, argmax_rows);
         }
     };
@@ -178,6 +178,35 @@ pub fn linear<B: Backend>(b: &B) -> Result<()> {
                     compare(&format!("{what}, bias"), &got, &r.linear(&rx, &rw, Some(&rb))?.data, tolerance)?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `linear_act` and `linear_add_assign` against the reference's linear then activate / add_assign:
+/// one decode row, a few, and a GEMM's worth, f32 and bf16 weights, with a bias.
+pub fn linear_epilogues<B: Backend>(b: &B) -> Result<()> {
+    let r = Reference::default();
+    let (n_in, n_out) = (96usize, 130usize);
+    for dtype in [DType::F32, DType::BF16] {
+        let tensor = HostTensor::from_f32(values(n_in * n_out, 41), vec![n_out, n_in]).converted(dtype);
+        let (bw, rw) = weight_pair(b, &tensor, Layout::OutIn)?;
+        let (bb, rb) = weight_pair(b, &vector(n_out, 42), Layout::OutIn)?;
+        let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
+        for rows in [1usize, 3, 17] {
+            let (bx, rx) = pair(b, &values(rows * n_in, 43 + rows as u64), rows, n_in)?;
+            let linear = r.linear(&rx, &rw, Some(&rb))?;
+            for act in [Activation::GeluTanh, Activation::Gelu, Activation::Relu, Activation::Silu] {
+                let mut want = linear.clone();
+                r.activate(&mut want, act)?;
+                let got = b.to_host(&b.linear_act(&bx, &bw, Some(&bb), act)?)?;
+                compare(&format!("linear_act {act:?} {dtype}, {rows} rows"), &got, &want.data, tolerance)?;
+            }
+            let stream = values(rows * n_out, 44);
+            let (mut bs, mut rs) = pair(b, &stream, rows, n_out)?;
+            r.add_assign(&mut rs, &linear)?;
+            b.linear_add_assign(&mut bs, &bx, &bw, Some(&bb))?;
+            compare(&format!("linear_add_assign {dtype}, {rows} rows"), &b.to_host(&bs)?, &rs.data, tolerance)?;
         }
     }
     Ok(())

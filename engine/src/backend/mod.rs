@@ -220,6 +220,34 @@ pub trait Backend: Send + Sync + 'static {
     /// `x: [t, in]`, `w: [out, in]`, `bias: [out]` -> `[t, out]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
 
+    /// `act(linear(x, w, bias))`: an MLP's up-projection and its activation. The default runs the two
+    /// ops; a backend may apply the activation as the product stores each output (CUDA: one launch).
+    fn linear_act(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let mut y = self.linear(x, w, bias)?;
+        self.activate(&mut y, act)?;
+        Ok(y)
+    }
+
+    /// `x += linear(input, w, bias)`: a residual branch's last product added to the stream. The
+    /// default runs the two ops; a backend may add each output as the product stores it (CUDA: one
+    /// launch, the branch's output never written out).
+    fn linear_add_assign(
+        &self,
+        x: &mut Self::Tensor,
+        input: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<()> {
+        let y = self.linear(input, w, bias)?;
+        self.add_assign(x, &y)
+    }
+
     /// `linear(norm(x), head)` without a bias: the final norm (LayerNorm with `bias`, else RMSNorm)
     /// and a vocabulary head, as every exit's logits are made. The default runs the two ops; a backend
     /// may fuse them (CUDA: one launch for up to 8 rows, the normed rows never written out).

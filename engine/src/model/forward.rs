@@ -129,6 +129,10 @@ impl<B: Backend> Probe<B> for Recorder<'_, B> {
         Ok(())
     }
 
+    fn watches(&self, block: usize, site: Site) -> bool {
+        self.points.contains(&Point::Block { block, site })
+    }
+
     fn see(&mut self, block: usize, site: Site, x: &B::Tensor) -> Result<()> {
         let point = Point::Block { block, site };
         if self.points.contains(&point) {

@@ -112,9 +112,8 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
             .split_columns(&qkv, &[width, width, width])?
             .try_into()
             .unwrap_or_else(|_| unreachable!("split into three"));
-        let a = blk.attn_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?)?;
-        probe.see(layer, Site::Attention, &a)?;
-        b.add_assign(&mut x, &a)?;
+        let heads = attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?;
+        blk.attn_proj.add_to(b, &mut x, &heads, probe, layer, Site::Attention)?;
         Ok(x)
     }
 
@@ -124,11 +123,8 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         // x = x + c_proj(act(c_fc(ln_2(x))))
         let h = blk.ln_2.forward(b, &x)?;
         probe.see(layer, Site::Norm2, &h)?;
-        let mut m = blk.c_fc.forward(b, &h)?;
-        b.activate(&mut m, self.activation)?;
-        let m = blk.mlp_proj.forward(b, &m)?;
-        probe.see(layer, Site::Mlp, &m)?;
-        b.add_assign(&mut x, &m)?;
+        let m = blk.c_fc.forward_act(b, &h, self.activation)?;
+        blk.mlp_proj.add_to(b, &mut x, &m, probe, layer, Site::Mlp)?;
         Ok(x)
     }
 

@@ -92,9 +92,8 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         let h = blk.ln_1.forward(b, &x)?;
         probe.see(layer, Site::Norm1, &h)?;
         let (q, k, v) = (blk.q_proj.forward(b, &h)?, blk.k_proj.forward(b, &h)?, blk.v_proj.forward(b, &h)?);
-        let a = blk.out_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?)?;
-        probe.see(layer, Site::Attention, &a)?;
-        b.add_assign(&mut x, &a)?;
+        let heads = attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?;
+        blk.out_proj.add_to(b, &mut x, &heads, probe, layer, Site::Attention)?;
         Ok(x)
     }
 
@@ -104,11 +103,8 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         // x = x + c_proj(act(c_fc(ln_2(x))))
         let h = blk.ln_2.forward(b, &x)?;
         probe.see(layer, Site::Norm2, &h)?;
-        let mut m = blk.c_fc.forward(b, &h)?;
-        b.activate(&mut m, self.activation)?;
-        let m = blk.c_proj.forward(b, &m)?;
-        probe.see(layer, Site::Mlp, &m)?;
-        b.add_assign(&mut x, &m)?;
+        let m = blk.c_fc.forward_act(b, &h, self.activation)?;
+        blk.c_proj.add_to(b, &mut x, &m, probe, layer, Site::Mlp)?;
         Ok(x)
     }
 

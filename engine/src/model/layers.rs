@@ -2,7 +2,8 @@
 //! (write the new keys and values, attend over the paged cache, apply a head mask, show the
 //! probabilities to a probe). An architecture file only wires these.
 
-use super::probes::Probe;
+use super::config::Activation;
+use super::probes::{Probe, Site};
 use crate::backend::{AttentionParams, Backend, Layout};
 use crate::error::Result;
 use crate::io::weights::Weights;
@@ -40,6 +41,31 @@ impl<B: Backend> Linear<B> {
     /// `x: [t, in]` -> `[t, out]`.
     pub(crate) fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         b.linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// `act(linear(x))` (fused where the backend can).
+    pub(crate) fn forward_act(&self, b: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
+        b.linear_act(x, &self.weight, self.bias.as_ref(), act)
+    }
+
+    /// `x += linear(input)`: a residual branch's last product, whose output is `site` of `block`. A
+    /// probe watching that site sees it before the add; otherwise one op, fused where the backend can.
+    pub(crate) fn add_to(
+        &self,
+        b: &B,
+        x: &mut B::Tensor,
+        input: &B::Tensor,
+        probe: &mut dyn Probe<B>,
+        block: usize,
+        site: Site,
+    ) -> Result<()> {
+        if probe.watches(block, site) {
+            let y = self.forward(b, input)?;
+            probe.see(block, site, &y)?;
+            b.add_assign(x, &y)
+        } else {
+            b.linear_add_assign(x, input, &self.weight, self.bias.as_ref())
+        }
     }
 
     pub(crate) fn bytes(&self, b: &B) -> usize {

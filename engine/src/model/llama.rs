@@ -108,9 +108,8 @@ impl<B: Backend> Transformer<B> for Llama<B> {
         let (mut q, mut k, v) = (blk.q_proj.forward(b, &h)?, blk.k_proj.forward(b, &h)?, blk.v_proj.forward(b, &h)?);
         b.rope(&mut q, head_dim, step, self.rope_theta)?;
         b.rope(&mut k, head_dim, step, self.rope_theta)?;
-        let a = blk.o_proj.forward(b, &attend(b, kv, layer, step, (&q, &k, &v), &self.attention, probe)?)?;
-        probe.see(layer, Site::Attention, &a)?;
-        b.add_assign(&mut x, &a)?;
+        let heads = attend(b, kv, layer, step, (&q, &k, &v), &self.attention, probe)?;
+        blk.o_proj.add_to(b, &mut x, &heads, probe, layer, Site::Attention)?;
         Ok(x)
     }
 
@@ -120,12 +119,9 @@ impl<B: Backend> Transformer<B> for Llama<B> {
         // x = x + down_proj(act(gate_proj(h)) * up_proj(h)) on h = post_attention_layernorm(x)
         let h = blk.post_attention_layernorm.forward(b, &x)?;
         probe.see(layer, Site::Norm2, &h)?;
-        let mut gate = blk.gate_proj.forward(b, &h)?;
-        b.activate(&mut gate, self.activation)?;
+        let mut gate = blk.gate_proj.forward_act(b, &h, self.activation)?;
         b.mul_assign(&mut gate, &blk.up_proj.forward(b, &h)?)?;
-        let m = blk.down_proj.forward(b, &gate)?;
-        probe.see(layer, Site::Mlp, &m)?;
-        b.add_assign(&mut x, &m)?;
+        blk.down_proj.add_to(b, &mut x, &gate, probe, layer, Site::Mlp)?;
         Ok(x)
     }
 

@@ -169,6 +169,12 @@ pub(crate) trait Probe<B: Backend> {
     fn embeddings(&mut self, _x: &B::Tensor) -> Result<()> {
         Ok(())
     }
+    /// Whether [`Probe::see`] wants the value at `site` of `block`: a site nobody watches may be
+    /// fused away (a residual branch's output added to the stream as its product stores it). Only
+    /// the branch outputs (`Site::Attention`, `Site::Mlp`) ask; the other sites are always shown.
+    fn watches(&self, _block: usize, _site: Site) -> bool {
+        false
+    }
     /// The value at `site` of block `block`.
     fn see(&mut self, _block: usize, _site: Site, _x: &B::Tensor) -> Result<()> {
         Ok(())
@@ -199,6 +205,10 @@ impl<B: Backend, F: FnMut(usize, &B::Tensor) -> Result<()>> Probe<B> for Tap<F> 
         (self.0)(0, x)
     }
 
+    fn watches(&self, _block: usize, site: Site) -> bool {
+        site == Site::Output
+    }
+
     fn see(&mut self, block: usize, site: Site, x: &B::Tensor) -> Result<()> {
         if site == Site::Output {
             (self.0)(block + 1, x)?;
@@ -216,6 +226,10 @@ pub(crate) struct Masked<'a, B: Backend, P> {
 impl<B: Backend, P: Probe<B>> Probe<B> for Masked<'_, B, P> {
     fn embeddings(&mut self, x: &B::Tensor) -> Result<()> {
         self.probe.embeddings(x)
+    }
+
+    fn watches(&self, block: usize, site: Site) -> bool {
+        self.probe.watches(block, site)
     }
 
     fn see(&mut self, block: usize, site: Site, x: &B::Tensor) -> Result<()> {
@@ -238,6 +252,10 @@ impl<B: Backend, P: Probe<B>> Probe<B> for Masked<'_, B, P> {
 impl<B: Backend, P: Probe<B> + ?Sized> Probe<B> for &mut P {
     fn embeddings(&mut self, x: &B::Tensor) -> Result<()> {
         (**self).embeddings(x)
+    }
+
+    fn watches(&self, block: usize, site: Site) -> bool {
+        (**self).watches(block, site)
     }
 
     fn see(&mut self, block: usize, site: Site, x: &B::Tensor) -> Result<()> {

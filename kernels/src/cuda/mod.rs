@@ -53,6 +53,9 @@ pub struct Cuda {
     weight_dtype: Option<DType>,
     description: String,
     launches: AtomicU64,
+    /// Warps per output of every decode matvec, when set (the kernel benchmark's sweep); else
+    /// [`matvec_split`] chooses per weight.
+    matvec_split: Option<usize>,
     /// Streaming multiprocessors: sizes the grids that sweep a list of work with a fixed number of
     /// blocks.
     multiprocessors: usize,
@@ -126,6 +129,21 @@ struct AttentionArgs {
 // SAFETY: a plain C struct of integers, floats and device addresses, laid out as the kernel's.
 unsafe impl DeviceRepr for AttentionArgs {}
 
+/// `lw_column_parts` of kernels/cuda/memory.cu: up to [`SPLIT_PARTS`] column blocks of one split.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SplitArgs {
+    out: [u64; SPLIT_PARTS],
+    start: [i32; SPLIT_PARTS],
+    width: [i32; SPLIT_PARTS],
+}
+
+// SAFETY: a plain C struct of device addresses and integers, laid out as the kernel's.
+unsafe impl DeviceRepr for SplitArgs {}
+
+/// Column blocks per `lw_split_columns` launch (`LW_MAX_PARTS`).
+const SPLIT_PARTS: usize = 4;
+
 const THREADS: u32 = 256;
 /// Positions per split of the decode attention (one block per head, row and split): small enough
 /// that a short context still spreads over many blocks.
@@ -135,14 +153,45 @@ fn config(grid: (u32, u32, u32), block: u32, shared: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared as u32 }
 }
 
-/// Warps per output feature of the decode matvec (1, 2, 4 or 8): the fewest that put about 8192
-/// warps in flight (a few per scheduler of an H100-class device), without slices under 256 inputs.
-fn matvec_split(n_out: usize, n_in: usize) -> usize {
+/// Bytes of a weight row one warp of the decode matvec reads: 4 KiB is one round of 8 16-byte loads
+/// per lane (kernels/cuda/common.cuh, `lw_lane_dots`), so the warp waits one memory latency.
+const MATVEC_SLICE_BYTES: usize = 4096;
+
+/// Warps per output feature of the decode matvec (1, 2, 4 or 8): enough that no warp reads more
+/// than [`MATVEC_SLICE_BYTES`] of its row, and more for a narrow product (under 2048 outputs) while
+/// slices stay at 1 KiB or more. Measured on the H200 (`device_matvec_split_sweep`, every
+/// gpt2-medium shape in f32 and bf16): this picks the fastest split, or one within 3% of it,
+/// for each; 1 KiB slices on a wide product (1024 -> 3072) were 30% slower than whole 4 KiB rows.
+fn matvec_split(n_out: usize, row_bytes: usize) -> usize {
     let mut split = 1;
-    while split < 8 && n_out * split < 8192 && n_in / (2 * split) >= 256 {
+    while split < 8
+        && (row_bytes / split > MATVEC_SLICE_BYTES
+            || (n_out * split < 2048 && row_bytes / (2 * split) >= MATVEC_SLICE_BYTES / 4))
+    {
         split *= 2;
     }
     split
+}
+
+/// What a product does with each output value (`lw_epilogue` in kernels/cuda/common.cuh).
+#[derive(Clone, Copy)]
+enum Epilogue {
+    Store,
+    Add,
+    Activate(Activation),
+}
+
+impl Epilogue {
+    fn code(self) -> i32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::Add => 1,
+            Epilogue::Activate(Activation::GeluTanh) => 2,
+            Epilogue::Activate(Activation::Gelu) => 3,
+            Epilogue::Activate(Activation::Relu) => 4,
+            Epilogue::Activate(Activation::Silu) => 5,
+        }
+    }
 }
 
 /// Threads for a kernel whose block sweeps a row of `n` values (norms, row copies, argmax, ACD's
@@ -207,8 +256,19 @@ impl Cuda {
             weight_dtype,
             description: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             launches: AtomicU64::new(0),
+            matvec_split: None,
             multiprocessors,
         })
+    }
+
+    /// Fixes the decode matvec's warps per output (1, 2, 4 or 8) for every product, or leaves the
+    /// choice to the backend (`None`): for the kernel benchmark's sweep, not for decoding.
+    pub fn with_matvec_split(mut self, split: Option<usize>) -> Result<Self> {
+        if split.is_some_and(|s| ![1, 2, 4, 8].contains(&s)) {
+            return Err(fail(format!("matvec split {split:?}: must be 1, 2, 4 or 8")));
+        }
+        self.matvec_split = split;
+        Ok(self)
     }
 
     /// The device, for messages (`cuda:0 (NVIDIA H200, sm_90)`).
@@ -265,12 +325,52 @@ impl Cuda {
     }
 
     /// The `[out, in]` product kernel of a weight's dtype.
-    fn product_names(w: &CudaWeight) -> (&'static str, &'static str, &'static str) {
+    /// The kernels reading `w` in its dtype: (one-row matvec, up-to-8-row matvec, GEMM, ACD's lower
+    /// logits).
+    fn product_names(w: &CudaWeight) -> (&'static str, &'static str, &'static str, &'static str) {
         match w.storage {
-            Storage::F32(_) => ("lw_matvec_f32", "lw_gemm_f32", "lw_acd_lower_f32"),
-            Storage::F16(_) => ("lw_matvec_f16", "lw_gemm_f16", "lw_acd_lower_f16"),
-            Storage::Bf16(_) => ("lw_matvec_bf16", "lw_gemm_bf16", "lw_acd_lower_bf16"),
+            Storage::F32(_) => ("lw_matvec1_f32", "lw_matvec_f32", "lw_gemm_f32", "lw_acd_lower_f32"),
+            Storage::F16(_) => ("lw_matvec1_f16", "lw_matvec_f16", "lw_gemm_f16", "lw_acd_lower_f16"),
+            Storage::Bf16(_) => ("lw_matvec1_bf16", "lw_matvec_bf16", "lw_gemm_bf16", "lw_acd_lower_bf16"),
         }
+    }
+
+    /// `out (epilogue) x · wᵀ + bias`: the decode matvec for up to 8 rows, the tiled GEMM above.
+    fn product(
+        &self,
+        out: &mut CudaTensor,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        if x.cols != w.in_features {
+            return Err(fail(format!("linear: input width {} for a weight of {}", x.cols, w.in_features)));
+        }
+        // The bias as a device address, 0 (a null pointer in the kernel) for none.
+        let bias: u64 = match bias {
+            Some(b) => self.ptr(self.vector(b, "linear bias")?),
+            None => 0,
+        };
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let (t, n_in, n_out) = (x.rows as i32, w.in_features as i32, w.out_features as i32);
+        let (one_row, matvec, gemm, _) = Cuda::product_names(w);
+        let weights = self.matrix_ptr(w);
+        let epilogue = epilogue.code();
+        if x.rows <= 8 {
+            let split = self.matvec_split.unwrap_or_else(|| matvec_split(w.out_features, w.bytes / w.out_features));
+            let features_per_block = (THREADS / 32) as usize / split;
+            let cfg = config((w.out_features.div_ceil(features_per_block) as u32, 1, 1), THREADS, 0);
+            let split = split as i32;
+            let kernel = if x.rows == 1 { one_row } else { matvec };
+            launch!(self, kernel, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out, &split, &epilogue);
+        } else {
+            let cfg = config((w.out_features.div_ceil(16) as u32, x.rows.div_ceil(16) as u32, 1), 256, 0);
+            launch!(self, gemm, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out, &epilogue);
+        }
+        Ok(())
     }
 
     fn attention_args(
@@ -429,23 +529,24 @@ impl Backend for Cuda {
         if widths.iter().sum::<usize>() != x.cols {
             return Err(fail(format!("split_columns: widths {widths:?} do not cover {} columns", x.cols)));
         }
-        let mut start = 0;
-        let mut parts = Vec::with_capacity(widths.len());
-        for &width in widths {
-            let mut part = self.tensor(x.rows, width)?;
-            let (cols, begin, w) = (x.cols as i32, start as i32, width as i32);
-            launch!(
-                self,
-                "lw_copy_columns",
-                config((x.rows.max(1) as u32, 1, 1), row_threads(width), 0),
-                &mut part.data,
-                &x.data,
-                &cols,
-                &begin,
-                &w
-            );
-            start += width;
-            parts.push(part);
+        let parts = widths.iter().map(|&w| self.tensor(x.rows, w)).collect::<Result<Vec<_>>>()?;
+        if x.rows == 0 {
+            return Ok(parts);
+        }
+        // Up to SPLIT_PARTS column blocks per launch (a fused q|k|v projection: one).
+        let (mut start, cols) = (0, x.cols as i32);
+        for group in parts.chunks(SPLIT_PARTS) {
+            let mut args = SplitArgs { out: [0; SPLIT_PARTS], start: [0; SPLIT_PARTS], width: [0; SPLIT_PARTS] };
+            let mut widest = 0;
+            for (p, part) in group.iter().enumerate() {
+                args.out[p] = self.ptr(&part.data);
+                args.start[p] = start as i32;
+                args.width[p] = part.cols as i32;
+                start += part.cols;
+                widest = widest.max(part.cols);
+            }
+            let cfg = config((x.rows as u32, group.len() as u32, 1), row_threads(widest), 0);
+            launch!(self, "lw_split_columns", cfg, &args, &x.data, &cols);
         }
         Ok(parts)
     }
@@ -623,40 +724,45 @@ impl Backend for Cuda {
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>) -> Result<CudaTensor> {
-        if x.cols != w.in_features {
-            return Err(fail(format!("linear: input width {} for a weight of {}", x.cols, w.in_features)));
-        }
-        // The bias as a device address, 0 (a null pointer in the kernel) for none.
-        let bias: u64 = match bias {
-            Some(b) => self.ptr(self.vector(b, "linear bias")?),
-            None => 0,
-        };
-        let (t, n_in, n_out) = (x.rows as i32, w.in_features as i32, w.out_features as i32);
         let mut out = self.tensor(x.rows, w.out_features)?;
-        if x.rows == 0 {
-            return Ok(out);
-        }
-        let (matvec, gemm, _) = Cuda::product_names(w);
-        let weights = self.matrix_ptr(w);
-        if x.rows <= 8 {
-            let split = matvec_split(w.out_features, w.in_features);
-            let features_per_block = (THREADS / 32) as usize / split;
-            let cfg = config((w.out_features.div_ceil(features_per_block) as u32, 1, 1), THREADS, 0);
-            let split = split as i32;
-            launch!(self, matvec, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out, &split);
-        } else {
-            let cfg = config((w.out_features.div_ceil(16) as u32, x.rows.div_ceil(16) as u32, 1), 256, 0);
-            launch!(self, gemm, cfg, &mut out.data, &x.data, &weights, &bias, &t, &n_in, &n_out);
-        }
+        self.product(&mut out, x, w, bias, Epilogue::Store)?;
         Ok(out)
+    }
+
+    fn linear_act(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        act: Activation,
+    ) -> Result<CudaTensor> {
+        let mut out = self.tensor(x.rows, w.out_features)?;
+        self.product(&mut out, x, w, bias, Epilogue::Activate(act))?;
+        Ok(out)
+    }
+
+    fn linear_add_assign(
+        &self,
+        x: &mut CudaTensor,
+        input: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<()> {
+        if (x.rows, x.cols) != (input.rows, w.out_features) {
+            return Err(fail(format!(
+                "linear_add_assign: a [{}, {}] product added to [{}, {}]",
+                input.rows, w.out_features, x.rows, x.cols
+            )));
+        }
+        self.product(x, input, w, bias, Epilogue::Add)
     }
 
     fn activate(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
         let name = match act {
-            Activation::GeluTanh => "lw_gelu_tanh",
-            Activation::Gelu => "lw_gelu_erf",
-            Activation::Relu => "lw_relu",
-            Activation::Silu => "lw_silu",
+            Activation::GeluTanh => "lw_gelu_tanh_inplace",
+            Activation::Gelu => "lw_gelu_erf_inplace",
+            Activation::Relu => "lw_relu_inplace",
+            Activation::Silu => "lw_silu_inplace",
         };
         let n = (x.rows * x.cols) as u64;
         launch!(self, name, config((blocks_for(n as usize), 1, 1), THREADS, 0), &mut x.data, &n);
@@ -788,8 +894,10 @@ impl Backend for Cuda {
         let mut partial = self.zeros(rows * params.num_heads * splits * (params.head_dim + 2))?;
         let args = self.attention_args(q, store, layer, step, params);
         let chunk = ATTENTION_CHUNK as i32;
-        // The query, the chunk's scores, a row of weighted-value sums per warp.
-        let shared = (params.head_dim + ATTENTION_CHUNK + THREADS as usize / 32 * params.head_dim) * 4;
+        // The chunk's cache rows (8 bytes each), the query, the chunk's scores, a row of
+        // weighted-value sums per warp.
+        let shared =
+            ATTENTION_CHUNK * 8 + (params.head_dim + ATTENTION_CHUNK + THREADS as usize / 32 * params.head_dim) * 4;
         let cfg = config((params.num_heads as u32, rows as u32, splits as u32), THREADS, shared);
         launch!(self, "lw_attention_partial", cfg, &mut partial, &args, &chunk);
         let (heads, d, z) = (params.num_heads as i32, params.head_dim as i32, splits as i32);
@@ -835,7 +943,7 @@ impl Backend for Cuda {
         if upper.rows == 0 {
             return Ok(out);
         }
-        let (_, _, lower_kernel) = Cuda::product_names(lower_head);
+        let (_, _, _, lower_kernel) = Cuda::product_names(lower_head);
         let rows = upper.rows;
         let (vocab, hidden, k) = (upper.cols as i32, lower_features.cols as i32, min_candidates as i32);
         let mut stats = self.zeros(2 * rows)?;
