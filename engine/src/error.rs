@@ -45,6 +45,10 @@ pub enum Error {
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    /// The model computed NaN or an infinity: `row` of a step's scores failed the finite check;
+    /// `what` says so and, from the decoder, where the first non-finite value appeared.
+    #[error("{what}")]
+    NonFinite { row: usize, what: String },
 }
 
 impl Error {

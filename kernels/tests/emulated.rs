@@ -146,17 +146,25 @@ fn emulated_argmax_takes_the_first_of_equal_maxima() {
         (3, 4, vec![1.0, 3.0, 3.0, -1.0, -5.0, -2.0, -2.0, -9.0, 0.0, 0.0, 0.0, 0.0]),
         (12, 1, values(12, 7, 1.0)),
         (2, 3, vec![f32::NEG_INFINITY; 6]),
+        (2, 3, vec![1.0, f32::NEG_INFINITY, 0.5, 2.0, f32::NAN, 1.0]),
+        (3, 2, vec![f32::INFINITY, 1.0, 0.0, 1.0, f32::NEG_INFINITY, 3.0]),
     ];
-    // Vocabulary-sized rows with the maximum repeated far apart (different threads and warps).
-    let mut wide = values(2 * 3001, 8, 1.0);
+    // Vocabulary-sized rows with the maximum repeated far apart (different threads and warps), and
+    // one NaN far from the maximum (another warp's).
+    let mut wide = values(3 * 3001, 8, 1.0);
     for (row, at) in [(0usize, [17usize, 2900]), (1, [2999, 3000])] {
         for a in at {
             wide[row * 3001 + a] = 5.0;
         }
     }
-    cases.push((2, 3001, wide));
+    wide[2 * 3001 + 2500] = f32::NAN;
+    cases.push((3, 3001, wide));
     for (rows, cols, data) in cases {
-        let want = r.argmax_rows(&matrix(&data, rows, cols)).expect("reference");
+        // The reference's ids, and u32::MAX (LW_NON_FINITE_ROW) for each row it refuses.
+        let want: Vec<u32> = data
+            .chunks_exact(cols)
+            .map(|row| r.argmax_rows(&matrix(row, 1, cols)).map_or(u32::MAX, |ids| ids[0]))
+            .collect();
         for threads in [32u32, 256] {
             for config in orders(Launch::grid_1d(rows as u32, threads)) {
                 let mut got = vec![u32::MAX; rows];

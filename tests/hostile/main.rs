@@ -187,3 +187,88 @@ fn hostile_bin_with_integer_or_non_tensor_entries_names_them() {
     let err = weights.get("step").expect_err("not a tensor").to_string();
     assert!(err.contains("step") && err.contains("is not a tensor"), "{err}");
 }
+
+/// A copy of the sharded GPT-2 fixture in `dir` with element 0 of `tensor` set to `value`.
+fn fixture_with(dir: &Path, tensor: &str, value: f32) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpt2-sharded");
+    let copy = dir.join("gpt2-poisoned");
+    std::fs::create_dir_all(&copy).expect("dir");
+    for entry in std::fs::read_dir(&source).expect("fixture") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).expect("copy");
+    }
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(copy.join("model.safetensors.index.json")).expect("index"))
+            .expect("json");
+    let shard = copy.join(index["weight_map"][tensor].as_str().expect("tensor in the index"));
+    let mut bytes = std::fs::read(&shard).expect("shard");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    assert_eq!(header[tensor]["dtype"], "F32", "{tensor}");
+    let start = 8 + header_len + header[tensor]["data_offsets"][0].as_u64().expect("offset") as usize;
+    bytes[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&shard, bytes).expect("write");
+    copy
+}
+
+/// Greedy generation on a model with one poisoned weight: the error it must end with.
+fn generation_error(dir: &Path, plan: layerwise::exits::PlanOptions) -> String {
+    use layerwise::generation::{generate, GenerationOptions};
+    use layerwise::runtime::{Decoder, DecoderOptions};
+    let loaded = layerwise::load(dir.to_str().expect("utf-8 path")).expect("load");
+    let options = GenerationOptions { max_new_tokens: 3, ..Default::default() };
+    let mut decoder = Decoder::new(&loaded.model, DecoderOptions { plan, ..Default::default() }).expect("decoder");
+    match generate(&mut decoder, &[5, 17, 42], &options, None, |_| true) {
+        Ok(out) => panic!("generated {:?} from a model with a non-finite weight", out.sequences),
+        Err(e) => {
+            assert!(matches!(e, layerwise::Error::NonFinite { .. }), "{e:?}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn hostile_nan_or_inf_in_a_weight_stops_generation_naming_where_it_appeared() {
+    use layerwise::exits::{ExitPlan, PlanOptions};
+    let dir = tempfile::tempdir().expect("temp dir");
+    // NaN in block 2's MLP: finite through block 2's second norm, NaN from its MLP output on.
+    let poisoned = fixture_with(dir.path(), "transformer.h.2.mlp.c_fc.weight", f32::NAN);
+    let message = generation_error(&poisoned, PlanOptions::default());
+    assert!(message.contains("NaN first appears at `h.2.mlp` (block 2's MLP output)"), "{message}");
+    assert!(message.contains("sequence 0"), "{message}");
+    // An exit below the poisoned block is not affected: it generates.
+    let loaded = layerwise::load(poisoned.to_str().expect("utf-8 path")).expect("load");
+    let plan = PlanOptions { plan: ExitPlan::Exit(2), ..Default::default() };
+    let mut decoder = layerwise::runtime::Decoder::new(
+        &loaded.model,
+        layerwise::runtime::DecoderOptions { plan, ..Default::default() },
+    )
+    .expect("decoder");
+    let options = layerwise::generation::GenerationOptions { max_new_tokens: 3, ..Default::default() };
+    layerwise::generation::generate(&mut decoder, &[5, 17, 42], &options, None, |_| true).expect("exit 2 is finite");
+
+    // +inf in an exit head: every block is finite, the head's logits are not.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let poisoned = fixture_with(dir.path(), "name_to_lm_exit_head.lm_head_2.weight", f32::INFINITY);
+    let message = generation_error(&poisoned, PlanOptions { plan: ExitPlan::Exit(2), ..Default::default() });
+    assert!(
+        message.contains("every block's values are finite")
+            && message.contains("the exit head `name_to_lm_exit_head.lm_head_2.weight`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn hostile_tokenizer_json_that_panics_the_tokenizers_crate_is_an_error() {
+    // Found by the tokenizer_files fuzzer: a decoder object with a non-string key makes tokenizers
+    // 0.22 panic inside its deserializer (decoders/mod.rs). The first byte is the target's mode.
+    let reproducer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/artifacts/tokenizer_files/crash-decoder-key-not-a-string");
+    let bytes = std::fs::read(reproducer).expect("the committed reproducer");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, &bytes[1..]).expect("write");
+    let err = layerwise::Tokenizer::from_json_file(&path).err().expect("a malformed tokenizer.json");
+    let message = err.to_string();
+    assert!(message.contains("tokenizer.json") && message.contains("tokenizers library failed"), "{message}");
+}

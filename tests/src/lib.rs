@@ -2,6 +2,7 @@
 //! transformers recorded (tools/scripts/make_fixtures.py).
 
 pub mod counting;
+pub mod fuzz_targets;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -215,7 +215,16 @@ fn parse_contrast(pair: &str) -> Result<ExitPlan> {
     if lower.trim() == "original" {
         bail!("--contrast `{pair}`: the lower side must be a layer; the original head can only be the upper side");
     }
-    Ok(ExitPlan::Contrast { upper, lower: layer(lower)? })
+    let lower = layer(lower)?;
+    if let Upper::Layer(upper) = upper {
+        if lower > upper {
+            // Legal upstream (the contrast is computed all the same): say so, in case it was a typo.
+            eprintln!(
+                "note: --contrast `{pair}`: the lower layer {lower} sits above the upper layer {upper}; contrasting as given"
+            );
+        }
+    }
+    Ok(ExitPlan::Contrast { upper, lower })
 }
 
 /// Generation settings with transformers' names; each flag overrides the checkpoint's
@@ -406,20 +415,7 @@ impl MaskArgs {
     pub fn mask(&self, spec: &layerwise::ModelSpec) -> Result<Option<layerwise::HeadMask>> {
         let Some(path) = &self.head_mask else { return Ok(None) };
         let what = || format!("--head-mask {}", path.display());
-        let text = layerwise::io::read_text(path).with_context(|| format!("{}: cannot read", what()))?;
-        let rows: Vec<Vec<f32>> = serde_json::from_str(&text)
-            .with_context(|| format!("{}: expected [[factor per head] per layer]", what()))?;
-        let mask = layerwise::HeadMask::from_rows(&rows).with_context(what)?;
-        if mask.layers() != spec.num_layers || mask.heads() != spec.num_heads {
-            bail!(
-                "{}: is {} layers x {} heads; the model has {} x {}",
-                what(),
-                mask.layers(),
-                mask.heads(),
-                spec.num_layers,
-                spec.num_heads
-            );
-        }
-        Ok(Some(mask))
+        let text = layerwise::io::read_config(path).with_context(|| format!("{}: cannot read", what()))?;
+        Ok(Some(layerwise::HeadMask::from_json(&text, spec).with_context(what)?))
     }
 }

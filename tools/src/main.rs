@@ -64,13 +64,28 @@ fn main() -> ExitCode {
         Command::Attention(args) => attention::run(args),
         Command::Activations(args) => activations::run(args),
     };
-    match result.and_then(|()| output::flush()) {
+    let result = result.and_then(|()| output::flush());
+    report_peak_memory();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if output::is_closed_pipe(&err) => ExitCode::from(output::CLOSED_PIPE_STATUS),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// With `LAYERWISE_PEAK_RSS` set, the process's peak resident memory on stderr as it ends (the
+/// hostile-input tests bound and report each case's footprint with it).
+fn report_peak_memory() {
+    if std::env::var_os("LAYERWISE_PEAK_RSS").is_none() {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(kib) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")) {
+        let kib: f64 = kib.trim().trim_end_matches("kB").trim().parse().unwrap_or(0.0);
+        eprintln!("layerwise: peak RSS {:.1} MiB", kib / 1024.0);
     }
 }
 

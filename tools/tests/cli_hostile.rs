@@ -6,14 +6,19 @@ use std::process::Command;
 
 const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
 
+/// Peak resident memory a refusal may take: the demo checkpoint (10 MB) mapped and its tokenizer
+/// built, nothing sized by the hostile value.
+const REFUSAL_PEAK_MIB: f64 = 256.0;
+
 /// Runs `layerwise args` under a 4 GB address-space limit; asserts a clean failure whose message
-/// holds every part.
+/// holds every part, within [`REFUSAL_PEAK_MIB`] of peak memory (printed, for the README's table).
 fn refused_naming(args: &[&str], parts: &[&str]) {
     let out = Command::new("sh")
         .arg("-c")
         .arg("ulimit -v 4000000 && exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_layerwise"))
         .args(args)
+        .env("LAYERWISE_PEAK_RSS", "1")
         .output()
         .expect("run layerwise");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -22,6 +27,13 @@ fn refused_naming(args: &[&str], parts: &[&str]) {
     for part in parts {
         assert!(err.contains(part), "{args:?}: error {err:?} should mention {part:?}");
     }
+    let peak: f64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("layerwise: peak RSS "))
+        .and_then(|v| v.trim_end_matches(" MiB").parse().ok())
+        .unwrap_or_else(|| panic!("{args:?}: no peak RSS report in {err}"));
+    eprintln!("hostile {args:?}: refused, peak RSS {peak:.1} MiB");
+    assert!(peak < REFUSAL_PEAK_MIB, "{args:?}: peak RSS {peak:.1} MiB");
 }
 
 #[test]
@@ -60,7 +72,7 @@ fn hostile_bench_batch_that_needs_more_cache_than_memory_is_refused() {
 fn hostile_endless_generation_config_is_refused_by_size() {
     refused_naming(
         &["generate", "--model", DEMO, "--prompt", "Hello", "--generation-config", "/dev/zero"],
-        &["--generation-config", "/dev/zero", "larger than 256 MiB"],
+        &["--generation-config", "/dev/zero", "larger than 16 MiB"],
     );
 }
 

@@ -284,7 +284,7 @@ pub fn prune_checkpoint<B: Backend>(
     safetensors::serialize_to_file(views, None, &model_file)
         .map_err(|e| Error::bad_file(&model_file, format!("cannot write: {e}")))?;
 
-    let text = crate::io::read_text_file(&files.config)?;
+    let text = crate::io::read_config_file(&files.config)?;
     let mut config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(&files.config, format!("not valid JSON: {e}")))?;
     let listed: serde_json::Map<String, serde_json::Value> =

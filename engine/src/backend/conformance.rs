@@ -474,16 +474,44 @@ pub fn contrast_acd<B: Backend>(b: &B) -> Result<()> {
     Ok(())
 }
 
-/// `argmax_rows`: the first index among ties, negative rows, one column.
+/// `argmax_rows`: the first index among ties, negative rows, one column, -inf scores beside finite
+/// ones; and the finite check: a NaN, a +inf or a row of only -inf (in any row) is an error.
 pub fn argmax_rows<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
-    let data = vec![1.0, 3.0, 3.0, -1.0, -5.0, -2.0, -2.0, -9.0, 0.0, 0.0, 0.0, 0.0];
+    let data = vec![1.0, 3.0, 3.0, -1.0, -5.0, -2.0, -2.0, -9.0, 0.0, f32::NEG_INFINITY, 0.0, 0.0];
     for (rows, cols) in [(3usize, 4usize), (12, 1)] {
+        if cols == 1 && rows == 12 {
+            // One column: the -inf row is a row of only -inf; drop it.
+            let finite: Vec<f32> = data.iter().copied().filter(|v| v.is_finite()).collect();
+            let (bx, rx) = pair(b, &finite, 11, 1)?;
+            let (got, want) = (b.argmax_rows(&bx)?, r.argmax_rows(&rx)?);
+            if got != want {
+                return Err(fail(format!("argmax_rows [11, 1]: {got:?}, the reference has {want:?}")));
+            }
+            continue;
+        }
         let (bx, rx) = pair(b, &data, rows, cols)?;
         let (got, want) = (b.argmax_rows(&bx)?, r.argmax_rows(&rx)?);
         if got != want {
             return Err(fail(format!("argmax_rows [{rows}, {cols}]: {got:?}, the reference has {want:?}")));
         }
     }
-    Ok(())
+    for (bad, what) in [(f32::NAN, "NaN"), (f32::INFINITY, "+inf")] {
+        for row in [0usize, 2] {
+            let mut data: Vec<f32> = values(3 * 300, 60);
+            data[row * 300 + 211] = bad;
+            let (bx, _) = pair(b, &data, 3, 300)?;
+            match b.argmax_rows(&bx) {
+                Err(Error::NonFinite { row: r, .. }) if r == row => {}
+                other => return Err(fail(format!("argmax_rows with {what} in row {row}: {other:?}"))),
+            }
+        }
+    }
+    let mut data: Vec<f32> = values(2 * 300, 61);
+    data[300..].fill(f32::NEG_INFINITY);
+    let (bx, _) = pair(b, &data, 2, 300)?;
+    match b.argmax_rows(&bx) {
+        Err(Error::NonFinite { row: 1, .. }) => Ok(()),
+        other => Err(fail(format!("argmax_rows with a row of only -inf: {other:?}"))),
+    }
 }

@@ -333,7 +333,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
 
     /// The first index of the largest value of each row of `x: [t, n]`, on the host (torch.argmax's
-    /// choice among ties).
+    /// choice among ties). The step's finite check rides on this reduction: a row holding NaN or
+    /// +inf, or nothing above -inf ([`crate::math::scores_fault`]), is an
+    /// [`Error::NonFinite`](crate::Error::NonFinite) naming the first such row.
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
 }
 

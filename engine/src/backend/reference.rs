@@ -376,7 +376,7 @@ impl Backend for Reference {
     }
 
     fn argmax_rows(&self, x: &Matrix) -> Result<Vec<u32>> {
-        Ok((0..x.rows).map(|r| math::argmax(x.row(r))).collect())
+        math::checked_argmax_rows(&x.data, x.cols)
     }
 }
 

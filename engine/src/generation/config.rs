@@ -75,7 +75,7 @@ impl GenerationConfig {
     /// `num_return_sequences`, `length_penalty`, `early_stopping`, `penalty_alpha` (with `top_k`) and
     /// `dola_layers`. A field of the wrong type is an error naming it and the file.
     pub fn apply_generation_config(&mut self, path: &Path) -> Result<()> {
-        let text = crate::io::read_text_file(path)?;
+        let text = crate::io::read_config_file(path)?;
         let json: Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
         let bad = |field: &str, why: &str| Error::bad_file(path, format!("`{field}` {why}"));

@@ -120,7 +120,7 @@ impl ModelFiles {
 
 /// The distinct shard file names listed by a `*.index.json` (`{"weight_map": {tensor: file}}`).
 fn shard_names(index: &Path) -> Result<BTreeSet<String>> {
-    let text = super::read_text_file(index)?;
+    let text = super::read_config_file(index)?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("not valid JSON: {e}")))?;
     let map = value

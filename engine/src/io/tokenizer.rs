@@ -3,6 +3,10 @@
 //! `tokenizer.json` is loaded by the `tokenizers` crate. GPT-2-era repositories that only ship
 //! `vocab.json` + `merges.txt` get the byte-level BPE that transformers' `GPT2Converter` builds from
 //! them, with special tokens from `tokenizer_config.json` / `special_tokens_map.json`.
+//!
+//! The `tokenizers` crate panics on some malformed files (fuzzing found one: a decoder whose JSON
+//! has a non-string key). Every call into it runs inside [`contained`], which turns such a panic into
+//! an error naming the file, and keeps the panic's report off stderr.
 
 use std::path::{Path, PathBuf};
 
@@ -37,7 +41,9 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = super::read_bytes_at_most(path, super::MAX_TEXT_FILE_BYTES, "not a tokenizer.json")
+            .map_err(|e| Error::io(path, e))?;
+        let inner = contained(path, || tokenizers::Tokenizer::from_bytes(bytes))?
             .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
         check_ids_unique(&inner, path)?;
         Ok(Tokenizer { inner, bos_to_prepend: None, path: path.to_path_buf() })
@@ -53,8 +59,18 @@ impl Tokenizer {
         let fail = |path: &Path, reason: String| Error::Tokenizer { path: path.to_path_buf(), reason };
         let vocab_str = vocab.to_str().ok_or_else(|| fail(vocab, "path is not UTF-8".into()))?;
         let merges_str = merges.to_str().ok_or_else(|| fail(merges, "path is not UTF-8".into()))?;
-        let bpe = BPE::from_file(vocab_str, merges_str)
-            .build()
+        // The BPE reads both files whole itself: refuse what is no file, or too large, first.
+        for path in [vocab, merges] {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() && m.len() <= super::MAX_TEXT_FILE_BYTES => {}
+                Ok(m) if m.is_file() => {
+                    return Err(fail(path, format!("larger than {} MiB", super::MAX_TEXT_FILE_BYTES >> 20)))
+                }
+                Ok(_) => return Err(fail(path, "not a regular file".into())),
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        let bpe = contained(vocab, || BPE::from_file(vocab_str, merges_str).build())?
             .map_err(|e| fail(vocab, format!("with {}: {e}", merges.display())))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         check_ids_unique(&inner, vocab)?;
@@ -94,7 +110,7 @@ impl Tokenizer {
     /// Token ids of `text`, with the special tokens the tokenizer adds by default (as transformers'
     /// `tokenizer(text)` does).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        let encoding = contained(&self.path, || self.inner.encode(text, true))?.map_err(|e| self.error(e))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         ids.extend(self.bos_to_prepend);
         ids.extend_from_slice(encoding.get_ids());
@@ -103,7 +119,7 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens included (transformers' `decode` defaults).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| self.error(e))
+        contained(&self.path, || self.inner.decode(ids, false))?.map_err(|e| self.error(e))
     }
 
     /// Id of a token string, if the vocabulary has it.
@@ -137,9 +153,43 @@ fn check_ids_unique(tokenizer: &tokenizers::Tokenizer, path: &Path) -> Result<()
     Ok(())
 }
 
+thread_local! {
+    /// Set while [`contained`] runs: its panics are reported as errors, not on stderr.
+    static CONTAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a call into the `tokenizers` crate on `path`'s contents); a panic inside it is an
+/// error naming `path`. The first call installs a panic hook that stays silent for panics caught
+/// here and hands every other panic to the hook that was there before.
+fn contained<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINING.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINING.with(|c| c.set(was));
+    result.map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: format!("the tokenizers library failed on this file ({message})"),
+        }
+    })
+}
+
 fn read_json(path: Option<&Path>) -> Result<Option<Value>> {
     let Some(path) = path else { return Ok(None) };
-    let text = super::read_text_file(path)?;
+    let text = super::read_config_file(path)?;
     serde_json::from_str(&text).map(Some).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))
 }
 

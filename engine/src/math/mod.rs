@@ -37,6 +37,41 @@ pub fn log_normaliser(logits: &[f32]) -> f64 {
     max + logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
 }
 
+/// What makes a row of scores (logits or log-probabilities) unusable, if anything: a NaN, a +inf,
+/// or no value above -inf (-inf itself is a legal score: a token a contrast or a processor rules
+/// out). The finite check of every decoding step.
+pub fn scores_fault(scores: &[f32]) -> Option<&'static str> {
+    let mut any_above_neg_inf = false;
+    for &s in scores {
+        if s.is_nan() {
+            return Some("NaN");
+        }
+        if s == f32::INFINITY {
+            return Some("+inf");
+        }
+        any_above_neg_inf |= s > f32::NEG_INFINITY;
+    }
+    (!any_above_neg_inf).then_some("no value above -inf")
+}
+
+/// [`argmax`] of each row of `[rows, cols]` scores, an [`Error::NonFinite`](crate::Error) for the
+/// first row [`scores_fault`] refuses.
+pub fn checked_argmax_rows(scores: &[f32], cols: usize) -> crate::Result<Vec<u32>> {
+    scores
+        .chunks_exact(cols.max(1))
+        .enumerate()
+        .map(|(row, r)| match scores_fault(r) {
+            Some(fault) => Err(non_finite_row(row, fault)),
+            None => Ok(argmax(r)),
+        })
+        .collect()
+}
+
+/// The error for row `row` of a step's scores holding `fault` (see [`scores_fault`]).
+pub fn non_finite_row(row: usize, fault: &str) -> crate::Error {
+    crate::Error::NonFinite { row, what: format!("row {row} of the scores holds {fault}") }
+}
+
 /// The first index of the largest score (torch.argmax's choice among ties).
 pub fn argmax(scores: &[f32]) -> u32 {
     let mut best = 0;

@@ -187,7 +187,7 @@ impl Fields<'_> {
 impl ModelSpec {
     /// Reads `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::io::read_text(path).map_err(|e| match e.kind() {
+        let text = crate::io::read_config(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 Error::MissingFile { path: path.to_path_buf(), what: "config.json not found".into() }
             }

@@ -192,7 +192,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// A whole prompt as one step of one sequence over a scratch cache of `depth` layers.
-    fn run_prompt(
+    pub(crate) fn run_prompt(
         &self,
         ids: &[u32],
         depth: usize,
@@ -272,7 +272,7 @@ impl<B: Backend> Model<B> {
         if let Some((plan, (main, lower))) = plan {
             let state = |source: Source| &states[&source.depth(n)];
             let scores = self.plan_output(plan, (main, state(main)), lower.map(|l| (l, state(l))))?;
-            out.plan = Some(scores.to_host(b)?);
+            out.plan = Some(scores.to_host(b, self.spec.vocab_size)?);
         }
         Ok(out)
     }

@@ -17,19 +17,27 @@ pub enum Scores<B: Backend> {
 }
 
 impl<B: Backend> Scores<B> {
-    /// The scores on the host, row-major.
-    pub fn to_host(&self, b: &B) -> Result<Vec<f32>> {
-        match self {
-            Scores::Backend(x) => b.to_host(x),
-            Scores::Host(v) => Ok(v.clone()),
+    /// The scores on the host, row-major; an [`Error::NonFinite`](crate::Error::NonFinite) for a
+    /// row that [`crate::math::scores_fault`] refuses (the step's finite check).
+    pub fn to_host(&self, b: &B, vocab: usize) -> Result<Vec<f32>> {
+        let scores = match self {
+            Scores::Backend(x) => b.to_host(x)?,
+            Scores::Host(v) => v.clone(),
+        };
+        for (row, r) in scores.chunks_exact(vocab.max(1)).enumerate() {
+            if let Some(fault) = crate::math::scores_fault(r) {
+                return Err(crate::math::non_finite_row(row, fault));
+            }
         }
+        Ok(scores)
     }
 
-    /// The best-scoring index of each row (first among ties): only the ids cross to the host.
+    /// The best-scoring index of each row (first among ties): only the ids cross to the host. The
+    /// finite check as in [`Scores::to_host`].
     pub fn argmax(&self, b: &B, vocab: usize) -> Result<Vec<u32>> {
         match self {
             Scores::Backend(x) => b.argmax_rows(x),
-            Scores::Host(v) => Ok(v.chunks_exact(vocab).map(crate::math::argmax).collect()),
+            Scores::Host(v) => crate::math::checked_argmax_rows(v, vocab),
         }
     }
 }

@@ -8,6 +8,7 @@
 //! `io`, `exits` (plans), `math`.
 
 pub mod config;
+mod finite;
 pub mod forward;
 mod gpt2;
 mod gpt_neo;

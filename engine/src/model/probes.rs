@@ -87,6 +87,28 @@ impl HeadMask {
         Ok(HeadMask { heads, factors: rows.concat() })
     }
 
+    /// From JSON text `[[factor per head] per layer]` (the `mask` of `layerwise heads`'
+    /// pruning.json), checked against `spec`'s layers and heads.
+    pub fn from_json(text: &str, spec: &ModelSpec) -> Result<Self> {
+        let rows: Vec<Vec<f32>> = serde_json::from_str(text).map_err(|e| {
+            Error::invalid("head mask", format!("expected [[factor per head] per layer] of numbers: {e}"))
+        })?;
+        let mask = HeadMask::from_rows(&rows)?;
+        if mask.layers() != spec.num_layers || mask.heads() != spec.num_heads {
+            return Err(Error::invalid(
+                "head mask",
+                format!(
+                    "is {} layers x {} heads; the model has {} x {}",
+                    mask.layers(),
+                    mask.heads(),
+                    spec.num_layers,
+                    spec.num_heads
+                ),
+            ));
+        }
+        Ok(mask)
+    }
+
     pub fn layers(&self) -> usize {
         self.factors.len().checked_div(self.heads).unwrap_or(0)
     }

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use super::kv::{BlockCopy, BlockPool, BlockTable};
 use crate::backend::{Backend, SeqLayout, StepLayout};
 use crate::error::{Error, Result};
-use crate::exits::{PlanOptions, Source};
+use crate::exits::{PlanOptions, Projection, Source};
 use crate::model::heads::Scores;
 use crate::model::probes::{HeadMask, HeadScales, Masked, Tap};
 use crate::model::Model;
@@ -94,10 +94,13 @@ pub struct StepOutput {
 
 /// A step's outputs, the plan's scores still where the backend computed them.
 pub struct StepResult<'m, B: Backend> {
-    backend: &'m B,
+    model: &'m Model<B>,
     vocab: usize,
     /// The sequences that ran, in order; row `i` of the scores is sequence `i`'s.
     sequences: Vec<SeqId>,
+    /// What finding the source of a non-finite score needs: each sequence's tokens, the plan's
+    /// sources and projection, the head mask.
+    replay: Replay,
     scores: Option<Scores<B>>,
     /// Per sequence: its requested states and premature logits, on the host.
     hidden: Vec<Vec<f32>>,
@@ -111,18 +114,21 @@ impl<B: Backend> StepResult<'_, B> {
     }
 
     /// Each sequence's best-scoring token (first among ties), in [`StepResult::sequences`] order:
-    /// only the ids cross to the host.
+    /// only the ids cross to the host. Scores holding NaN or +inf (or nothing above -inf) are an
+    /// [`Error::NonFinite`] naming the sequence and the first layer or head where a non-finite
+    /// value appeared.
     pub fn argmax(&self) -> Result<Vec<u32>> {
         match &self.scores {
-            Some(scores) => scores.argmax(self.backend, self.vocab),
+            Some(scores) => scores.argmax(self.model.backend(), self.vocab).map_err(|e| self.explain(e)),
             None => Ok(Vec::new()),
         }
     }
 
-    /// Everything on the host, one [`StepOutput`] per sequence.
+    /// Everything on the host, one [`StepOutput`] per sequence; the finite check as in
+    /// [`StepResult::argmax`].
     pub fn into_outputs(self) -> Result<Vec<StepOutput>> {
         let scores = match &self.scores {
-            Some(scores) => scores.to_host(self.backend)?,
+            Some(scores) => scores.to_host(self.model.backend(), self.vocab).map_err(|e| self.explain(e))?,
             None => Vec::new(),
         };
         let vocab = self.vocab;
@@ -140,6 +146,33 @@ impl<B: Backend> StepResult<'_, B> {
             })
             .collect())
     }
+}
+
+impl<B: Backend> StepResult<'_, B> {
+    /// A failed finite check, with the sequence it hit and where its first non-finite value appears
+    /// (the sequence run again as one prompt); other errors as they are.
+    fn explain(&self, e: Error) -> Error {
+        let Error::NonFinite { row, what } = e else { return e };
+        let (Some(seq), Some(tokens)) = (self.sequences.get(row), self.replay.tokens.get(row)) else {
+            return Error::NonFinite { row, what };
+        };
+        let location = self
+            .model
+            .locate_non_finite(tokens, self.replay.sources, self.replay.projection, self.replay.head_mask.as_ref())
+            .unwrap_or_else(|e| format!("looking for its source failed: {e}"));
+        Error::NonFinite {
+            row,
+            what: format!("the model's scores for sequence {} hold non-finite values ({what}); {location}", seq.0),
+        }
+    }
+}
+
+/// What [`StepResult`] keeps to explain a failed finite check.
+struct Replay {
+    tokens: Vec<Vec<u32>>,
+    sources: (Source, Option<Source>),
+    projection: Projection,
+    head_mask: Option<HeadMask>,
 }
 
 struct Sequence {
@@ -163,6 +196,7 @@ pub struct Decoder<'m, B: Backend> {
     next_id: u64,
     blocks_run: u64,
     head_scales: Option<HeadScales<B>>,
+    head_mask: Option<HeadMask>,
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -180,6 +214,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         }
         let b = model.backend();
         let head_scales = options.head_mask.as_ref().map(|mask| HeadScales::new(b, mask, spec)).transpose()?;
+        let head_mask = options.head_mask;
         let num_blocks = tokens.div_ceil(options.block_size);
         // Keys and values in f32 for every block of `depth` layers: refused before allocating when
         // they would not fit the backend's memory.
@@ -211,6 +246,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             next_id: 0,
             blocks_run: 0,
             head_scales,
+            head_mask,
         })
     }
 
@@ -389,9 +425,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (vocab, hidden_size, n) = (spec.vocab_size, spec.hidden_size, spec.num_layers);
         let ready: Vec<SeqId> = self.sequences.iter().filter(|(_, s)| s.pending > 0).map(|(&id, _)| id).collect();
         let mut result = StepResult {
-            backend: b,
+            model: self.model,
             vocab,
             sequences: ready.clone(),
+            replay: Replay {
+                tokens: ready.iter().map(|id| self.sequences[id].tokens.clone()).collect(),
+                sources: self.sources,
+                projection: self.plan.projection,
+                head_mask: self.head_mask.clone(),
+            },
             scores: None,
             hidden: vec![Vec::new(); ready.len()],
             premature: vec![Vec::new(); ready.len()],

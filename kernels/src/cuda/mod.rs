@@ -141,6 +141,9 @@ struct SplitArgs {
 // SAFETY: a plain C struct of device addresses and integers, laid out as the kernel's.
 unsafe impl DeviceRepr for SplitArgs {}
 
+/// `lw_argmax_rows`' id for a row that fails the finite check (`LW_NON_FINITE_ROW`).
+const NON_FINITE_ROW: u32 = u32::MAX;
+
 /// Column blocks per `lw_split_columns` launch (`LW_MAX_PARTS`).
 const SPLIT_PARTS: usize = 4;
 
@@ -1009,7 +1012,15 @@ impl Backend for Cuda {
             &x.data,
             &cols
         );
-        self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))
+        let ids = self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))?;
+        // The kernel's mark for a row that fails the finite check (LW_NON_FINITE_ROW): the reference's
+        // error, named by the row's own fault.
+        if let Some(row) = ids.iter().position(|&id| id == NON_FINITE_ROW) {
+            let host = self.to_host(x)?;
+            let fault = layerwise::math::scores_fault(&host[row * x.cols..(row + 1) * x.cols]).unwrap_or("NaN");
+            return Err(layerwise::math::non_finite_row(row, fault));
+        }
+        Ok(ids)
     }
 }
 
