@@ -13,10 +13,13 @@
 //   activation of it (GELU, ReLU, SiLU: the MLP's up-projection and its activation in one launch).
 // lw_gemm_*: prefill and batches, any t: 16 x 16 output tiles per block of 256 threads, 16-wide steps
 //   along `in` through shared memory.
-// lw_norm_head_*: the final norm (LayerNorm, or RMSNorm when norm_b is null) fused with one or several
-//   vocabulary heads: every block normalises the t rows of each head's state into shared memory (a few
-//   KiB, cheap next to the head it reads), then its warps compute their output features as lw_matvec
-//   does. out[h][r][o] = Σ_i norm(state[h][r])[i] * head_h[o][i]; heads[h] points at head h.
+// lw_norm_head_*: a norm (LayerNorm, or RMSNorm when norm_b is null) fused with the product that reads
+//   it (the final norm and one or several vocabulary heads, or a block's norm and its first product):
+//   every block normalises the t rows of each head's state into shared memory (a few KiB, cheap next
+//   to the weights it reads), then its warps compute their output features as lw_matvec does, with
+//   its epilogue. out[h][r][o] (epilogue) Σ_i norm(state[h][r])[i] * head_h[o][i] (+ bias[o]);
+//   heads[h] points at head h; bias (null for none) is for a single head. lw_norm_head1_*: the same
+//   for one row (t = 1), compiled apart for fewer registers, as lw_matvec1_*.
 //
 // Launch: lw_matvec: grid ceil(n_out / (warps per block / split)), block 256; lw_gemm: grid (ceil(n_out / 16),
 // ceil(t / 16)), block 256; lw_norm_head: grid (ceil(vocab / warps per block), heads), block 256,
@@ -25,20 +28,21 @@
 // within 1e-5 of the largest output for f32 weights, 1e-4 for f16/bf16 (the conformance tolerances).
 #include "common.cuh"
 
-// out[r][o] = Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may be in shared memory.
-template <class T>
+// out[r][o] (epilogue) Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may
+// be in shared memory.
+template <class T, int MAXT>
 __device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T* w, const float* bias, int t, int n_in,
-                                            int n_out, int o) {
+                                            int n_out, int o, int epilogue) {
   int lane = threadIdx.x & 31;
-  float acc[LW_MAX_TOKENS];
+  float acc[MAXT];
 #pragma unroll
-  for (int r = 0; r < LW_MAX_TOKENS; ++r) acc[r] = 0.0f;
-  lw_lane_dots(acc, x, n_in, w + size_t(o) * n_in, t, n_in);
+  for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
+  lw_lane_dots<T, MAXT>(acc, x, n_in, w + size_t(o) * n_in, t, n_in);
 #pragma unroll
-  for (int r = 0; r < LW_MAX_TOKENS; ++r) {
+  for (int r = 0; r < MAXT; ++r) {
     if (r < t) {
       float s = warp_sum(acc[r]);
-      if (lane == 0) out[size_t(r) * n_out + o] = bias ? s + bias[o] : s;
+      if (lane == 0) lw_epilogue(out + size_t(r) * n_out + o, bias ? s + bias[o] : s, epilogue);
     }
   }
 }
@@ -94,9 +98,10 @@ __device__ void lw_gemm(float* out, const float* x, const T* w, const float* bia
   if (r < t && o < n_out) lw_epilogue(out + size_t(r) * n_out + o, bias ? acc + bias[o] : acc, epilogue);
 }
 
-template <class T>
+template <class T, int MAXT>
 __device__ void lw_norm_head(float* out, const float* states, const float* norm_w, const float* norm_b,
-                             const T* const* heads, int t, int hidden, int vocab, float eps) {
+                             const T* const* heads, const float* bias, int t, int hidden, int vocab, float eps,
+                             int epilogue) {
   DYNAMIC_SHARED(float, shared);
   float* normed = shared;              // [t, hidden]
   float* scratch = shared + t * hidden;  // 32 floats
@@ -108,7 +113,7 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
   __syncthreads();
   int warps = blockDim.x >> 5;
   int o = blockIdx.x * warps + (threadIdx.x >> 5);
-  if (o < vocab) lw_warp_row(out + size_t(h) * t * vocab, normed, heads[h], (const float*)nullptr, t, hidden, vocab, o);
+  if (o < vocab) lw_warp_row<T, MAXT>(out + size_t(h) * t * vocab, normed, heads[h], bias, t, hidden, vocab, o, epilogue);
 }
 
 #define LW_PRODUCTS(suffix, T)                                                                                   \
@@ -125,9 +130,14 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
     lw_gemm(out, x, w, bias, t, n_in, n_out, epilogue);                                                          \
   }                                                                                                              \
   extern "C" __global__ void lw_norm_head_##suffix(float* out, const float* states, const float* norm_w,          \
-                                                   const float* norm_b, const T* const* heads, int t, int hidden, \
-                                                   int vocab, float eps) {                                       \
-    lw_norm_head(out, states, norm_w, norm_b, heads, t, hidden, vocab, eps);                                     \
+                                                   const float* norm_b, const T* const* heads, const float* bias, \
+                                                   int t, int hidden, int vocab, float eps, int epilogue) {      \
+    lw_norm_head<T, LW_MAX_TOKENS>(out, states, norm_w, norm_b, heads, bias, t, hidden, vocab, eps, epilogue);   \
+  }                                                                                                              \
+  extern "C" __global__ void lw_norm_head1_##suffix(float* out, const float* states, const float* norm_w,         \
+                                                    const float* norm_b, const T* const* heads, const float* bias, \
+                                                    int t, int hidden, int vocab, float eps, int epilogue) {     \
+    lw_norm_head<T, 1>(out, states, norm_w, norm_b, heads, bias, t, hidden, vocab, eps, epilogue);               \
   }
 
 LW_PRODUCTS(f32, float)

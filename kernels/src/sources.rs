@@ -54,6 +54,9 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "lw_norm_head_f32",
             "lw_norm_head_f16",
             "lw_norm_head_bf16",
+            "lw_norm_head1_f32",
+            "lw_norm_head1_f16",
+            "lw_norm_head1_bf16",
         ],
     ),
     (

@@ -516,14 +516,27 @@ fn emulated_product_epilogues_equal_linear_then_add_or_activate() {
     }
 }
 
+/// The one-row fused norm + product of a dtype (`lw_norm_head1_*`).
+fn one_row_norm_head(dtype: layerwise::DType) -> Kernel {
+    use layerwise::DType;
+    match dtype {
+        DType::F32 => Kernel::NormHead1F32,
+        DType::F16 => Kernel::NormHead1F16,
+        DType::BF16 => Kernel::NormHead1Bf16,
+    }
+}
+
 #[test]
 fn emulated_norm_fused_with_heads_equals_norm_then_linear() {
     use layerwise::DType;
     let r = Reference::default();
     let (hidden, vocab) = (96usize, 301usize);
+    let product_bias = values(vocab, 73, 1.0);
     for dtype in [DType::F32, DType::BF16] {
-        let (_, _, kernel) = product_kernels(dtype);
-        for (heads, t) in [(1usize, 1usize), (3, 2), (2, 4)] {
+        let (_, _, many_rows) = product_kernels(dtype);
+        // (heads, rows, with the product's bias and a GELU epilogue: a block's norm and first product)
+        for (heads, t, block) in [(1usize, 1usize, false), (1, 1, true), (3, 2, false), (2, 4, false), (1, 3, true)] {
+            let kernels = if t == 1 { vec![one_row_norm_head(dtype), many_rows] } else { vec![many_rows] };
             let tensors: Vec<HostTensor> = (0..heads)
                 .map(|h| {
                     HostTensor::from_f32(values(vocab * hidden, 60 + h as u64, 1.0), vec![vocab, hidden])
@@ -542,41 +555,53 @@ fn emulated_norm_fused_with_heads_equals_norm_then_linear() {
                         r.layer_norm(&x, &vector(&w), &vector(&b), 1e-5).expect("reference")
                     };
                     let head = r.weight(tensor, Layout::OutIn).expect("weight");
-                    want.extend(r.linear(&normed, &head, None).expect("reference").data);
+                    let bias = vector(&product_bias);
+                    let mut y = r.linear(&normed, &head, block.then_some(&bias)).expect("reference");
+                    if block {
+                        r.activate(&mut y, Activation::GeluTanh).expect("reference");
+                    }
+                    want.extend(y.data);
                 }
                 let mut config =
                     Launch { shared_bytes: t * hidden * 4 + 256, ..Launch::grid_1d(vocab.div_ceil(8) as u32, 256) };
                 config.grid[1] = heads as u32;
-                for config in orders(config) {
-                    let mut out = vec![f32::NAN; heads * t * vocab];
-                    let head_ptrs: Vec<*const u8> = tensors.iter().map(|t| t.bytes().as_ptr()).collect();
-                    let (mut o, mut s, mut wp) = (out.as_mut_ptr(), states.as_ptr(), w.as_ptr());
-                    let mut bp = if rms { std::ptr::null() } else { b.as_ptr() };
-                    let mut hp = head_ptrs.as_ptr();
-                    let (mut tt, mut d, mut v, mut eps) =
-                        (t as i32, hidden as i32, vocab as i32, if rms { 1e-6f32 } else { 1e-5 });
-                    let mut params: [*mut c_void; 9] = [
-                        arg(&mut o),
-                        arg(&mut s),
-                        arg(&mut wp),
-                        arg(&mut bp),
-                        arg(&mut hp),
-                        arg(&mut tt),
-                        arg(&mut d),
-                        arg(&mut v),
-                        arg(&mut eps),
-                    ];
-                    // SAFETY: (out, states, norm_w, norm_b, heads, t, hidden, vocab, eps): out heads x t x
-                    // vocab, states heads x t x hidden, norm vectors of hidden, `heads` head pointers of
-                    // vocab x hidden values in the dtype's storage.
-                    unsafe { launch(kernel, config, &mut params) }.expect("launch");
-                    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
-                    assert_close(
-                        &format!("{kernel:?} heads {heads} t {t} rms {rms} {config:?}"),
-                        &out,
-                        &want,
-                        tolerance,
-                    );
+                for kernel in &kernels {
+                    for config in orders(config) {
+                        let mut out = vec![f32::NAN; heads * t * vocab];
+                        let head_ptrs: Vec<*const u8> = tensors.iter().map(|t| t.bytes().as_ptr()).collect();
+                        let (mut o, mut s, mut wp) = (out.as_mut_ptr(), states.as_ptr(), w.as_ptr());
+                        let mut bp = if rms { std::ptr::null() } else { b.as_ptr() };
+                        let mut hp = head_ptrs.as_ptr();
+                        let mut pb = if block { product_bias.as_ptr() } else { std::ptr::null() };
+                        let (mut tt, mut d, mut v, mut eps) =
+                            (t as i32, hidden as i32, vocab as i32, if rms { 1e-6f32 } else { 1e-5 });
+                        let mut epilogue = if block { 2i32 } else { 0 }; // GELU (tanh) or store
+                        let mut params: [*mut c_void; 11] = [
+                            arg(&mut o),
+                            arg(&mut s),
+                            arg(&mut wp),
+                            arg(&mut bp),
+                            arg(&mut hp),
+                            arg(&mut pb),
+                            arg(&mut tt),
+                            arg(&mut d),
+                            arg(&mut v),
+                            arg(&mut eps),
+                            arg(&mut epilogue),
+                        ];
+                        // SAFETY: (out, states, norm_w, norm_b, heads, bias, t, hidden, vocab, eps,
+                        // epilogue): out heads x t x vocab, states heads x t x hidden, norm vectors of
+                        // hidden, `heads` head pointers of vocab x hidden values in the dtype's storage,
+                        // bias vocab or null.
+                        unsafe { launch(*kernel, config, &mut params) }.expect("launch");
+                        let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-4 };
+                        assert_close(
+                            &format!("{kernel:?} heads {heads} t {t} rms {rms} block {block} {config:?}"),
+                            &out,
+                            &want,
+                            tolerance,
+                        );
+                    }
                 }
             }
         }

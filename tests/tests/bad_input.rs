@@ -217,6 +217,19 @@ fn config_values_out_of_range_are_refused_by_name() {
 }
 
 #[test]
+fn config_sizes_beyond_any_model_are_refused_before_anything_is_sized_by_them() {
+    // A billion layers once allocated per-layer tables until memory ran out, before the missing
+    // tensors were noticed; a width of 2^64 - 1 overflowed the default intermediate size.
+    let (_tmp, dir) = copy_of("gpt2-sharded");
+    for (field, value) in [("n_layer", 1_000_000_000u64), ("n_embd", u64::MAX), ("vocab_size", 1 << 40)] {
+        let original = std::fs::read_to_string(dir.join("config.json")).expect("config");
+        edit_config(&dir, |c| c[field] = value.into());
+        assert_mentions(&load_err(&dir), &["config.json", field, &value.to_string(), "the most this engine accepts"]);
+        std::fs::write(dir.join("config.json"), original).expect("restore");
+    }
+}
+
+#[test]
 fn a_header_naming_a_tensor_twice_is_refused() {
     let (_tmp, dir) = copy_of("llama-bf16");
     // The same name as F32 [8] and then BF16 [16]: 32 bytes each; a parser keeping the later entry

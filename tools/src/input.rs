@@ -398,7 +398,9 @@ pub fn write_safetensors(out: &std::path::Path, tensors: &[(String, Vec<usize>, 
             Ok((name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, out).with_context(|| format!("--out {}: cannot write", out.display()))
+    // The safetensors error already holds its I/O cause: one message, not a chain that repeats it.
+    safetensors::serialize_to_file(views, None, out)
+        .map_err(|e| anyhow::anyhow!("--out {}: cannot write: {e}", out.display()))
 }
 
 /// `--head-mask`, shared by `forward`, `generate` and `attention`.

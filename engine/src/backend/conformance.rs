@@ -13,7 +13,7 @@
 //! weights, whose values both sides read alike but sum in another order); ACD within `1e-5` in
 //! log-probability on every token the reference keeps finite.
 
-use super::{AttentionParams, Backend, Layout, Lookup, Reference, SeqLayout, StepLayout};
+use super::{AttentionParams, Backend, Layout, Lookup, NormParams, Reference, SeqLayout, StepLayout};
 use crate::error::{Error, Result};
 use crate::io::weights::{DType, HostTensor};
 use crate::model::config::Activation;
@@ -229,16 +229,28 @@ pub fn norm_linear<B: Backend>(b: &B) -> Result<()> {
                 let (bx, rx) = pair(b, &x, rows, d)?;
                 let what = format!("norm_linear {dtype} [{rows}, {d}] -> {vocab}");
                 let want = r.linear(&r.layer_norm(&rx, &rw, &rb, 1e-5)?, &rh, None)?.data;
+                let layer_norm = NormParams { weight: &bw, bias: Some(&bb), eps: 1e-5 };
                 compare(
                     &format!("{what} layer norm"),
-                    &b.to_host(&b.norm_linear(&bx, &bw, Some(&bb), 1e-5, &bh)?)?,
+                    &b.to_host(&b.norm_linear(&bx, layer_norm, &bh, None, None)?)?,
                     &want,
                     tolerance,
                 )?;
+                // With the product's bias and an activation (a block's norm and first product).
+                let (bhb, rhb) = weight_pair(b, &vector(vocab, 21), Layout::OutIn)?;
+                let mut want_act = r.linear(&r.layer_norm(&rx, &rw, &rb, 1e-5)?, &rh, Some(&rhb))?;
+                r.activate(&mut want_act, Activation::GeluTanh)?;
+                compare(
+                    &format!("{what} layer norm, bias, GELU"),
+                    &b.to_host(&b.norm_linear(&bx, layer_norm, &bh, Some(&bhb), Some(Activation::GeluTanh))?)?,
+                    &want_act.data,
+                    tolerance,
+                )?;
                 let want = r.linear(&r.rms_norm(&rx, &rw, 1e-6)?, &rh, None)?.data;
+                let rms_norm = NormParams { weight: &bw, bias: None, eps: 1e-6 };
                 compare(
                     &format!("{what} rms norm"),
-                    &b.to_host(&b.norm_linear(&bx, &bw, None, 1e-6, &bh)?)?,
+                    &b.to_host(&b.norm_linear(&bx, rms_norm, &bh, None, None)?)?,
                     &want,
                     tolerance,
                 )?;

@@ -248,18 +248,20 @@ pub trait Backend: Send + Sync + 'static {
         self.add_assign(x, &y)
     }
 
-    /// `linear(norm(x), head)` without a bias: the final norm (LayerNorm with `bias`, else RMSNorm)
-    /// and a vocabulary head, as every exit's logits are made. The default runs the two ops; a backend
-    /// may fuse them (CUDA: one launch for up to 8 rows, the normed rows never written out).
+    /// `act(linear(norm(x), w, bias))` (no activation when `act` is None): a norm and the product
+    /// that reads it, as every exit's logits are made (the final norm and a vocabulary head) and as
+    /// a block's sub-layers start (its norm and the first product). The default runs the ops one by
+    /// one; a backend may fuse them (CUDA: one launch for up to 8 rows, the normed rows never written
+    /// out).
     fn norm_linear(
         &self,
         x: &Self::Tensor,
-        weight: &Self::Weight,
+        norm: NormParams<'_, Self::Weight>,
+        w: &Self::Weight,
         bias: Option<&Self::Weight>,
-        eps: f32,
-        head: &Self::Weight,
+        act: Option<Activation>,
     ) -> Result<Self::Tensor> {
-        norm_then_linear(self, x, weight, bias, eps, head)
+        norm_then_linear(self, x, norm, w, bias, act)
     }
 
     /// Applies `act` elementwise in place.
@@ -339,21 +341,41 @@ pub trait Backend: Send + Sync + 'static {
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
 }
 
-/// [`Backend::norm_linear`] as two ops: the norm, then the product (the default, and a fusing
-/// backend's fallback for shapes its fused kernel does not take).
+/// A norm as [`Backend::norm_linear`] takes it: LayerNorm when `bias` is there, else RMSNorm.
+#[derive(Debug)]
+pub struct NormParams<'a, W> {
+    pub weight: &'a W,
+    pub bias: Option<&'a W>,
+    pub eps: f32,
+}
+
+// References only: copyable whatever the weight type (a derive would ask `W: Copy`).
+impl<W> Clone for NormParams<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<W> Copy for NormParams<'_, W> {}
+
+/// [`Backend::norm_linear`] as separate ops: the norm, then the product (and its activation) (the
+/// default, and a fusing backend's fallback for shapes its fused kernel does not take).
 pub fn norm_then_linear<B: Backend + ?Sized>(
     b: &B,
     x: &B::Tensor,
-    weight: &B::Weight,
+    norm: NormParams<'_, B::Weight>,
+    w: &B::Weight,
     bias: Option<&B::Weight>,
-    eps: f32,
-    head: &B::Weight,
+    act: Option<Activation>,
 ) -> Result<B::Tensor> {
-    let normed = match bias {
-        Some(bias) => b.layer_norm(x, weight, bias, eps)?,
-        None => b.rms_norm(x, weight, eps)?,
+    let normed = match norm.bias {
+        Some(norm_bias) => b.layer_norm(x, norm.weight, norm_bias, norm.eps)?,
+        None => b.rms_norm(x, norm.weight, norm.eps)?,
     };
-    b.linear(&normed, head, None)
+    match act {
+        Some(act) => b.linear_act(&normed, w, bias, act),
+        None => b.linear(&normed, w, bias),
+    }
 }
 
 /// The host's physical memory (`MemTotal` of /proc/meminfo), where the system says.

@@ -99,6 +99,20 @@ pub struct ModelSpec {
     pub details: Details,
 }
 
+/// The largest value a config's integer field may hold, far above any real model's: layers 4096,
+/// heads 65536, widths (hidden, intermediate, head) 2^20, vocabulary 2^24, positions and windows
+/// 2^30; any other integer (token ids) 2^32 - 1.
+pub fn size_limit(key: &str) -> usize {
+    match key {
+        "n_layer" | "num_layers" | "num_hidden_layers" => 4096,
+        "n_head" | "num_heads" | "num_attention_heads" | "num_key_value_heads" => 1 << 16,
+        "n_embd" | "hidden_size" | "n_inner" | "intermediate_size" | "head_dim" => 1 << 20,
+        "vocab_size" => 1 << 24,
+        "n_positions" | "max_position_embeddings" | "window_size" => 1 << 30,
+        _ => u32::MAX as usize,
+    }
+}
+
 /// Reads typed fields from a JSON object and names the field (and file) in every error.
 pub(crate) struct Fields<'a> {
     path: &'a Path,
@@ -114,14 +128,17 @@ impl Fields<'_> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
+    /// A non-negative integer field, at most [`size_limit`] of it: a size is bounded before anything
+    /// is sized by it (a `n_layer` of a billion would otherwise allocate per-layer tables of
+    /// gigabytes before the missing tensors are noticed).
     pub(crate) fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}"))),
+        let Some(v) = self.present(key) else { return Ok(None) };
+        let n = v.as_u64().ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {v}")))?;
+        let limit = size_limit(key);
+        if n > limit as u64 {
+            return Err(self.error(key, format!("{n} is beyond {limit}, the most this engine accepts")));
         }
+        Ok(Some(n as usize))
     }
 
     pub(crate) fn usize(&self, key: &str) -> Result<usize> {

@@ -105,9 +105,7 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         let width = blk.attention.num_heads * blk.attention.head_dim;
 
         // x = x + c_proj(attn(c_attn(ln_1(x))))
-        let h = blk.ln_1.forward(b, &x)?;
-        probe.see(layer, Site::Norm1, &h)?;
-        let qkv = blk.c_attn.forward(b, &h)?;
+        let qkv = blk.ln_1.feed_linear(b, &x, &blk.c_attn, None, probe, layer, Site::Norm1)?;
         let [q, k, v]: [B::Tensor; 3] = b
             .split_columns(&qkv, &[width, width, width])?
             .try_into()
@@ -121,9 +119,7 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         let blk = &self.blocks[layer];
 
         // x = x + c_proj(act(c_fc(ln_2(x))))
-        let h = blk.ln_2.forward(b, &x)?;
-        probe.see(layer, Site::Norm2, &h)?;
-        let m = blk.c_fc.forward_act(b, &h, self.activation)?;
+        let m = blk.ln_2.feed_linear(b, &x, &blk.c_fc, Some(self.activation), probe, layer, Site::Norm2)?;
         blk.mlp_proj.add_to(b, &mut x, &m, probe, layer, Site::Mlp)?;
         Ok(x)
     }

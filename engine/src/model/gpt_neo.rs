@@ -101,9 +101,7 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         let blk = &self.blocks[layer];
 
         // x = x + c_proj(act(c_fc(ln_2(x))))
-        let h = blk.ln_2.forward(b, &x)?;
-        probe.see(layer, Site::Norm2, &h)?;
-        let m = blk.c_fc.forward_act(b, &h, self.activation)?;
+        let m = blk.ln_2.feed_linear(b, &x, &blk.c_fc, Some(self.activation), probe, layer, Site::Norm2)?;
         blk.c_proj.add_to(b, &mut x, &m, probe, layer, Site::Mlp)?;
         Ok(x)
     }

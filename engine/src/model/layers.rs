@@ -4,7 +4,7 @@
 
 use super::config::Activation;
 use super::probes::{Probe, Site};
-use crate::backend::{AttentionParams, Backend, Layout};
+use crate::backend::{AttentionParams, Backend, Layout, NormParams};
 use crate::error::Result;
 use crate::io::weights::Weights;
 
@@ -106,11 +106,41 @@ impl<B: Backend> Norm<B> {
         }
     }
 
+    fn params(&self) -> NormParams<'_, B::Weight> {
+        match self {
+            Norm::Layer { weight, bias, eps } => NormParams { weight, bias: Some(bias), eps: *eps },
+            Norm::Rms { weight, eps } => NormParams { weight, bias: None, eps: *eps },
+        }
+    }
+
     /// `head` applied to the normed `x`, in one op (fused where the backend can).
     pub(crate) fn then_linear(&self, b: &B, x: &B::Tensor, head: &B::Weight) -> Result<B::Tensor> {
-        match self {
-            Norm::Layer { weight, bias, eps } => b.norm_linear(x, weight, Some(bias), *eps, head),
-            Norm::Rms { weight, eps } => b.norm_linear(x, weight, None, *eps, head),
+        b.norm_linear(x, self.params(), head, None, None)
+    }
+
+    /// `act(linear(norm(x)))` (no activation for None): a sub-layer's norm and its first product,
+    /// the norm's output being `site` of `block`. A probe watching that site sees it between two
+    /// ops; otherwise one op, fused where the backend can.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn feed_linear(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        linear: &Linear<B>,
+        act: Option<Activation>,
+        probe: &mut dyn Probe<B>,
+        block: usize,
+        site: Site,
+    ) -> Result<B::Tensor> {
+        if probe.watches(block, site) {
+            let h = self.forward(b, x)?;
+            probe.see(block, site, &h)?;
+            match act {
+                Some(act) => linear.forward_act(b, &h, act),
+                None => linear.forward(b, &h),
+            }
+        } else {
+            b.norm_linear(x, self.params(), &linear.weight, linear.bias.as_ref(), act)
         }
     }
 }

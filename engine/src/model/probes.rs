@@ -192,8 +192,9 @@ pub(crate) trait Probe<B: Backend> {
         Ok(())
     }
     /// Whether [`Probe::see`] wants the value at `site` of `block`: a site nobody watches may be
-    /// fused away (a residual branch's output added to the stream as its product stores it). Only
-    /// the branch outputs (`Site::Attention`, `Site::Mlp`) ask; the other sites are always shown.
+    /// fused away (a norm's output read by the product that follows it, a residual branch's output
+    /// added to the stream as its product stores it). The norms and the branch outputs
+    /// (`Norm1`, `Norm2`, `Attention`, `Mlp`) ask; the residual stream's sites are always shown.
     fn watches(&self, _block: usize, _site: Site) -> bool {
         false
     }

@@ -23,7 +23,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
-use layerwise::backend::{AttentionParams, Backend, Layout, Lookup, StepLayout};
+use layerwise::backend::{AttentionParams, Backend, Layout, Lookup, NormParams, StepLayout};
 use layerwise::model::config::Activation;
 use layerwise::{DType, Error, HostTensor, Result};
 
@@ -663,44 +663,68 @@ impl Backend for Cuda {
     fn norm_linear(
         &self,
         x: &CudaTensor,
-        weight: &CudaWeight,
+        norm: NormParams<'_, CudaWeight>,
+        w: &CudaWeight,
         bias: Option<&CudaWeight>,
-        eps: f32,
-        head: &CudaWeight,
+        act: Option<Activation>,
     ) -> Result<CudaTensor> {
         // One launch (lw_norm_head) while the normed rows fit the 48 KiB of shared memory a block gets
-        // without opting in; else the two ops.
+        // without opting in; else the ops one by one.
         let shared = x.rows * x.cols * 4 + 256;
-        if x.rows == 0 || x.rows > 8 || shared > 48 * 1024 || head.in_features != x.cols || head.in_features == 1 {
-            return layerwise::backend::norm_then_linear(self, x, weight, bias, eps, head);
+        if x.rows == 0 || x.rows > 8 || shared > 48 * 1024 || w.in_features != x.cols || w.in_features == 1 {
+            return layerwise::backend::norm_then_linear(self, x, norm, w, bias, act);
         }
-        let w = self.vector(weight, "norm_linear")?;
-        if weight.out_features != x.cols || bias.is_some_and(|b| b.out_features != x.cols) {
+        let norm_w = self.vector(norm.weight, "norm_linear")?;
+        if norm.weight.out_features != x.cols || norm.bias.is_some_and(|b| b.out_features != x.cols) {
             return Err(fail("norm_linear: norm weights of another width"));
         }
-        // The norm's bias as a device address, 0 (a null pointer: RMSNorm) for none.
-        let b = match bias {
+        // Biases as device addresses, 0 (a null pointer) for none: no norm bias means RMSNorm.
+        let norm_b = match norm.bias {
+            Some(b) => self.ptr(self.vector(b, "norm_linear norm bias")?),
+            None => 0,
+        };
+        let product_b = match bias {
             Some(b) => self.ptr(self.vector(b, "norm_linear bias")?),
             None => 0,
         };
-        let matrix = self.matrix_ptr(head);
-        let heads = match head.address.get() {
+        let matrix = self.matrix_ptr(w);
+        let heads = match w.address.get() {
             Some(heads) => heads,
             None => {
                 let made = self.stream.clone_htod(&[matrix]).map_err(|e| fail(format!("norm_linear: {e:?}")))?;
-                head.address.get_or_init(|| made)
+                w.address.get_or_init(|| made)
             }
         };
-        let name = match head.storage {
-            Storage::F32(_) => "lw_norm_head_f32",
-            Storage::F16(_) => "lw_norm_head_f16",
-            Storage::Bf16(_) => "lw_norm_head_bf16",
+        let name = match (&w.storage, x.rows) {
+            (Storage::F32(_), 1) => "lw_norm_head1_f32",
+            (Storage::F16(_), 1) => "lw_norm_head1_f16",
+            (Storage::Bf16(_), 1) => "lw_norm_head1_bf16",
+            (Storage::F32(_), _) => "lw_norm_head_f32",
+            (Storage::F16(_), _) => "lw_norm_head_f16",
+            (Storage::Bf16(_), _) => "lw_norm_head_bf16",
         };
-        let mut out = self.tensor(x.rows, head.out_features)?;
-        let (t, hidden, vocab) = (x.rows as i32, x.cols as i32, head.out_features as i32);
+        let mut out = self.tensor(x.rows, w.out_features)?;
+        let (t, hidden, n_out) = (x.rows as i32, x.cols as i32, w.out_features as i32);
+        let epilogue = act.map_or(Epilogue::Store, Epilogue::Activate).code();
         let warps = (THREADS / 32) as usize;
-        let cfg = config((head.out_features.div_ceil(warps) as u32, 1, 1), THREADS, shared);
-        launch!(self, name, cfg, &mut out.data, &x.data, w, &b, heads, &t, &hidden, &vocab, &eps);
+        let cfg = config((w.out_features.div_ceil(warps) as u32, 1, 1), THREADS, shared);
+        let eps = norm.eps;
+        launch!(
+            self,
+            name,
+            cfg,
+            &mut out.data,
+            &x.data,
+            norm_w,
+            &norm_b,
+            heads,
+            &product_b,
+            &t,
+            &hidden,
+            &n_out,
+            &eps,
+            &epilogue
+        );
         Ok(out)
     }
 
