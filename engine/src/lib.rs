@@ -33,10 +33,12 @@
 //! | [`runtime`] | the paged cache's bookkeeping and the step-by-step decoder |
 //! | [`generation`] | the generation loop, its options, processors, stopping rules and strategies |
 //! | [`analysis`] | the logit lens and attention-head analysis |
+//! | [`evaluation`] | language-modeling scores as lm-evaluation-harness computes them (rolling perplexity) |
 
 pub mod analysis;
 pub mod backend;
 mod error;
+pub mod evaluation;
 pub mod exits;
 pub mod generation;
 pub mod io;

@@ -126,6 +126,9 @@ fn hostile_pickle_billion_laughs_is_refused_in_bounded_memory() {
 
 #[test]
 fn hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash() {
+    if !alone_in_a_child("hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash") {
+        return;
+    }
     private_cache();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut p = b"\x80\x02".to_vec();
@@ -133,20 +136,31 @@ fn hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash() {
     p.resize(p.len() + 1_000_000, b'l');
     p.push(b'.');
     let bin = archive(dir.path(), "deep.bin", &p, &[]);
+    let before = peak_rss_mib();
     let err = read_state_dict(&bin).err().expect("refused").to_string();
+    let grew = peak_rss_mib() - before;
+    eprintln!("hostile pickle nested 10^6 deep ({} bytes): peak RSS grew {grew:.1} MiB", p.len());
     assert!(err.contains("deep.bin") && err.contains("does not hold a state dict"), "{err}");
+    assert!(grew < 256.0, "peak RSS grew {grew} MiB");
 }
 
 #[test]
 fn hostile_pickle_with_millions_of_objects_is_refused_by_count() {
+    if !alone_in_a_child("hostile_pickle_with_millions_of_objects_is_refused_by_count") {
+        return;
+    }
     private_cache();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut p = b"\x80\x02".to_vec();
     p.resize(p.len() + 5_000_000, b'N');
     p.push(b'.');
     let bin = archive(dir.path(), "objects.bin", &p, &[]);
+    let before = peak_rss_mib();
     let err = read_state_dict(&bin).err().expect("refused").to_string();
+    let grew = peak_rss_mib() - before;
+    eprintln!("hostile pickle of 5 * 10^6 objects ({} bytes): peak RSS grew {grew:.1} MiB", p.len());
     assert!(err.contains("objects.bin") && err.contains("more than 4000000 objects"), "{err}");
+    assert!(grew < 256.0, "peak RSS grew {grew} MiB");
 }
 
 #[test]

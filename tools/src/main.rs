@@ -4,6 +4,7 @@
 mod activations;
 mod attention;
 mod bench;
+mod eval;
 mod flags;
 mod forward;
 mod generate;
@@ -49,6 +50,8 @@ enum Command {
     Heads(heads::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),
+    /// Language-modeling scores as lm-evaluation-harness computes them (perplexity).
+    Eval(eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Heads(args) => heads::run(args),
         Command::Attention(args) => attention::run(args),
         Command::Activations(args) => activations::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     let result = result.and_then(|()| output::flush());
     report_peak_memory();

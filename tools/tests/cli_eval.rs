@@ -1,0 +1,70 @@
+//! `layerwise eval perplexity`: a JSON Lines set and a plain-text document scored under the
+//! original head and a plan, with the totals consistent with the per-document scores; bad data
+//! (no `text` field, not JSON, empty) and unknown layers refused by name.
+
+use std::process::Command;
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+
+fn eval(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_layerwise")).arg("eval").arg("perplexity").args(args).output().expect("run")
+}
+
+#[test]
+fn eval_perplexity_scores_documents_under_a_plan() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("docs.jsonl");
+    std::fs::write(&data, "{\"text\": \"Hello world, this is a test.\"}\n\n{\"text\": \"Another document.\"}\n")
+        .expect("write");
+    let data = data.to_str().expect("utf-8");
+    for plan in [&[][..], &["--exit", "2"][..], &["--contrast", "4,2"][..]] {
+        let mut args = vec!["--model", DEMO, "--data", data, "--json"];
+        args.extend_from_slice(plan);
+        let out = eval(&args);
+        assert!(out.status.success(), "{plan:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(report["documents"], 2, "{plan:?}");
+        let docs = report["per_document"].as_array().expect("per document");
+        let ll: f64 = docs.iter().map(|d| d["loglikelihood"].as_f64().expect("ll")).sum();
+        let tokens: f64 = docs.iter().map(|d| d["tokens"].as_f64().expect("tokens")).sum();
+        let bytes: f64 = docs.iter().map(|d| d["bytes"].as_f64().expect("bytes")).sum();
+        assert_eq!(bytes, 28.0 + 17.0);
+        let ppl = report["token_perplexity"].as_f64().expect("ppl");
+        assert!((ppl - (-ll / tokens).exp()).abs() <= 1e-9 * ppl, "{plan:?}: {ppl}");
+        let bpb = report["bits_per_byte"].as_f64().expect("bpb");
+        assert!((bpb - (-ll / bytes / std::f64::consts::LN_2)).abs() < 1e-9, "{plan:?}: {bpb}");
+    }
+    // A plain text file is one document.
+    let text = dir.path().join("doc.txt");
+    std::fs::write(&text, "The benefits of bad advice are many.\nSecond line.").expect("write");
+    let out = eval(&["--model", DEMO, "--data", text.to_str().expect("utf-8")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 documents") && stdout.contains("bits per byte"), "{stdout}");
+}
+
+#[test]
+fn eval_perplexity_refuses_bad_data_and_layers_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("no_text.jsonl", "{\"txt\": \"x\"}\n", &["line 1", "no `text` field"]),
+        ("not_json.jsonl", "{\"text\": \"ok\"}\nnot json\n", &["line 2", "not JSON"]),
+        ("empty.txt", "", &["no documents"]),
+        ("number.jsonl", "{\"text\": 5}\n", &["line 1", "`text` is not a string"]),
+    ];
+    for (name, content, parts) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).expect("write");
+        let out = eval(&["--model", DEMO, "--data", path.to_str().expect("utf-8")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains("--data") && err.contains(name), "{name}: {err}");
+        for part in parts {
+            assert!(err.contains(part), "{name}: {err:?} should mention {part:?}");
+        }
+    }
+    let path = dir.path().join("ok.txt");
+    std::fs::write(&path, "Some text.").expect("write");
+    let out = eval(&["--model", DEMO, "--data", path.to_str().expect("utf-8"), "--exit", "9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("--exit") && err.contains("9"), "{err}");
+}
