@@ -98,13 +98,26 @@ fn alone_in_a_child(test: &str) -> bool {
     false
 }
 
-#[test]
-fn hostile_pickle_billion_laughs_is_refused_in_bounded_memory() {
-    if !alone_in_a_child("hostile_pickle_billion_laughs_is_refused_in_bounded_memory") {
+/// Reads a torch archive whose `data.pkl` is `pickle` (alone in a child process, so that the peak
+/// memory is its own): asserts an error naming the file and saying `why`, and peak memory growth
+/// under `bound_mib` (printed, for the README).
+fn refused_in_bounded_memory(test: &str, what: &str, pickle: &[u8], why: &str, bound_mib: f64) {
+    if !alone_in_a_child(test) {
         return;
     }
     private_cache();
     let dir = tempfile::tempdir().expect("temp dir");
+    let bin = archive(dir.path(), "hostile.bin", pickle, &[]);
+    let before = peak_rss_mib();
+    let err = read_state_dict(&bin).err().expect("refused").to_string();
+    let grew = peak_rss_mib() - before;
+    eprintln!("hostile {what} ({} bytes of pickle): peak RSS grew {grew:.1} MiB", pickle.len());
+    assert!(err.contains("hostile.bin") && err.contains(why), "{err}");
+    assert!(grew < bound_mib, "peak RSS grew {grew} MiB");
+}
+
+#[test]
+fn hostile_pickle_billion_laughs_is_refused_in_bounded_memory() {
     // 40 levels of lists of 10 references to the level below: 10^40 objects if copied.
     let mut p = b"\x80\x02]q\x00".to_vec();
     for level in 1u8..=40 {
@@ -115,52 +128,27 @@ fn hostile_pickle_billion_laughs_is_refused_in_bounded_memory() {
         p.extend([b'l', b'q', level]);
     }
     p.push(b'.');
-    let bin = archive(dir.path(), "laughs.bin", &p, &[]);
-    let before = peak_rss_mib();
-    let err = read_state_dict(&bin).err().expect("refused").to_string();
-    let grew = peak_rss_mib() - before;
-    eprintln!("hostile billion laughs ({} bytes of pickle): peak RSS grew {grew:.1} MiB", p.len());
-    assert!(err.contains("laughs.bin") && err.contains("does not hold a state dict"), "{err}");
-    assert!(grew < 64.0, "peak RSS grew {grew} MiB");
+    let test = "hostile_pickle_billion_laughs_is_refused_in_bounded_memory";
+    refused_in_bounded_memory(test, "billion laughs", &p, "does not hold a state dict", 64.0);
 }
 
 #[test]
 fn hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash() {
-    if !alone_in_a_child("hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash") {
-        return;
-    }
-    private_cache();
-    let dir = tempfile::tempdir().expect("temp dir");
     let mut p = b"\x80\x02".to_vec();
     p.resize(p.len() + 1_000_000, b'(');
     p.resize(p.len() + 1_000_000, b'l');
     p.push(b'.');
-    let bin = archive(dir.path(), "deep.bin", &p, &[]);
-    let before = peak_rss_mib();
-    let err = read_state_dict(&bin).err().expect("refused").to_string();
-    let grew = peak_rss_mib() - before;
-    eprintln!("hostile pickle nested 10^6 deep ({} bytes): peak RSS grew {grew:.1} MiB", p.len());
-    assert!(err.contains("deep.bin") && err.contains("does not hold a state dict"), "{err}");
-    assert!(grew < 256.0, "peak RSS grew {grew} MiB");
+    let test = "hostile_pickle_nested_a_million_deep_is_an_error_not_a_crash";
+    refused_in_bounded_memory(test, "pickle nested 10^6 deep", &p, "does not hold a state dict", 256.0);
 }
 
 #[test]
 fn hostile_pickle_with_millions_of_objects_is_refused_by_count() {
-    if !alone_in_a_child("hostile_pickle_with_millions_of_objects_is_refused_by_count") {
-        return;
-    }
-    private_cache();
-    let dir = tempfile::tempdir().expect("temp dir");
     let mut p = b"\x80\x02".to_vec();
     p.resize(p.len() + 5_000_000, b'N');
     p.push(b'.');
-    let bin = archive(dir.path(), "objects.bin", &p, &[]);
-    let before = peak_rss_mib();
-    let err = read_state_dict(&bin).err().expect("refused").to_string();
-    let grew = peak_rss_mib() - before;
-    eprintln!("hostile pickle of 5 * 10^6 objects ({} bytes): peak RSS grew {grew:.1} MiB", p.len());
-    assert!(err.contains("objects.bin") && err.contains("more than 4000000 objects"), "{err}");
-    assert!(grew < 256.0, "peak RSS grew {grew} MiB");
+    let test = "hostile_pickle_with_millions_of_objects_is_refused_by_count";
+    refused_in_bounded_memory(test, "pickle of 5 * 10^6 objects", &p, "more than 4000000 objects", 256.0);
 }
 
 #[test]

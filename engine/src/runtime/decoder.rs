@@ -32,6 +32,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::kv::{BlockCopy, BlockPool, BlockTable};
 use crate::backend::{Backend, SeqLayout, StepLayout};
@@ -169,7 +170,7 @@ impl<B: Backend> StepResult<'_, B> {
 
 /// What [`StepResult`] keeps to explain a failed finite check.
 struct Replay {
-    tokens: Vec<Vec<u32>>,
+    tokens: Vec<Arc<Vec<u32>>>,
     sources: (Source, Option<Source>),
     projection: Projection,
     head_mask: Option<HeadMask>,
@@ -177,7 +178,9 @@ struct Replay {
 
 struct Sequence {
     table: BlockTable,
-    tokens: Vec<u32>,
+    /// Shared with the step results still alive (for a failed finite check's search), copied on
+    /// the next append only if one is: no copy per step.
+    tokens: Arc<Vec<u32>>,
     /// Tokens at the end of `tokens` not yet run through the model.
     pending: usize,
     request: SeqRequest,
@@ -257,7 +260,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         self.next_id += 1;
         let sequence = Sequence {
             table: BlockTable::default(),
-            tokens: prompt.to_vec(),
+            tokens: Arc::new(prompt.to_vec()),
             pending: prompt.len(),
             request: SeqRequest::default(),
         };
@@ -288,7 +291,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 format!("already holds {max} tokens, the model's whole context; no position is left for another"),
             ));
         }
-        sequence.tokens.push(token);
+        Arc::make_mut(&mut sequence.tokens).push(token);
         sequence.pending += 1;
         Ok(())
     }
@@ -300,7 +303,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let source = self.sequences.get(&seq).ok_or_else(|| unknown(seq))?;
         let copy = Sequence {
             table: source.table.fork(pool),
-            tokens: source.tokens.clone(),
+            tokens: Arc::clone(&source.tokens),
             pending: source.pending,
             request: source.request.clone(),
         };
@@ -429,7 +432,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             vocab,
             sequences: ready.clone(),
             replay: Replay {
-                tokens: ready.iter().map(|id| self.sequences[id].tokens.clone()).collect(),
+                tokens: ready.iter().map(|id| Arc::clone(&self.sequences[id].tokens)).collect(),
                 sources: self.sources,
                 projection: self.plan.projection,
                 head_mask: self.head_mask.clone(),
