@@ -45,6 +45,7 @@ pub mod io;
 pub mod math;
 pub mod model;
 pub mod runtime;
+pub mod training;
 
 pub use backend::{Backend, Cpu, Reference};
 pub use error::{Error, Result};

@@ -94,27 +94,5 @@ fn run_perplexity<B: Backend>(args: &PerplexityArgs, loaded: LoadedModel<B>) -> 
 
 /// The documents of `path`: each line's `text` of a .jsonl file, else the whole file.
 fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let what = || format!("--data {}", path.display());
-    let text = layerwise::io::read_text(path).with_context(|| format!("{}: cannot read", what()))?;
-    let documents: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
-        text.lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(n, line)| {
-                let value: Value =
-                    serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", what(), n + 1))?;
-                match value.get("text") {
-                    Some(Value::String(s)) => Ok(s.clone()),
-                    Some(_) => bail!("{}: line {}: `text` is not a string", what(), n + 1),
-                    None => bail!("{}: line {}: no `text` field", what(), n + 1),
-                }
-            })
-            .collect::<Result<_>>()?
-    } else {
-        vec![text]
-    };
-    if documents.iter().all(|d| d.trim().is_empty()) {
-        bail!("{}: no documents (the file is empty)", what());
-    }
-    Ok(documents)
+    layerwise::io::documents::read_documents(path, "text").with_context(|| format!("--data {}", path.display()))
 }

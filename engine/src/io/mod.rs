@@ -1,8 +1,9 @@
 //! Loading: where a checkpoint's files are (a local directory or a Hub id), its weights (safetensors
-//! mapped in place, torch `.bin` archives converted once), and its tokenizer.
+//! mapped in place, torch `.bin` archives converted once), and its tokenizer; text datasets.
 //!
 //! Owns: files and bytes. Imports: `error` only.
 
+pub mod documents;
 pub mod source;
 pub mod tokenizer;
 pub mod torch_pickle;

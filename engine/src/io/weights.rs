@@ -19,7 +19,7 @@ use safetensors::SafeTensors;
 use crate::error::{Error, Result};
 
 /// Element type of a stored weight. Compute is always f32; narrower weights are widened as they are read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     F32,
     F16,
