@@ -44,7 +44,12 @@ fn the_trainable_network_computes_the_transformers_logits() {
         let rec = expected(name);
         let ids = expected_ids(&rec);
         let batch = Batch { time: ids.len(), tokens: ids, batch: 1 };
-        assert_close(&format!("{name} logits"), &net.logits(&batch, Head::Original).expect("logits"), &rec["logits"], 1e-5);
+        assert_close(
+            &format!("{name} logits"),
+            &net.logits(&batch, Head::Original).expect("logits"),
+            &rec["logits"],
+            1e-5,
+        );
         for layer in net.exit_layers() {
             let got = net.logits(&batch, Head::Exit(layer)).expect("exit logits");
             assert_close(&format!("{name} exit {layer}"), &got, &rec[&format!("exit.{layer}")], 1e-5);
@@ -67,7 +72,8 @@ fn losses_and_gradients_equal_pytorch_autograd() {
         // Conversion matrices ride along frozen: autograd has no gradient for them either.
         let trainable = net.params.to_tensors(&grads, DType::F32).into_iter().zip(&net.params.params);
         for (param, tensor) in trainable.filter(|(_, p)| p.trainable).map(|(t, _)| t) {
-            let want = rec.get(&format!("grad.{param}")).unwrap_or_else(|| panic!("{name}: PyTorch has no parameter {param}"));
+            let want =
+                rec.get(&format!("grad.{param}")).unwrap_or_else(|| panic!("{name}: PyTorch has no parameter {param}"));
             assert_eq!(tensor.shape(), want.shape.as_slice(), "{name} {param}");
             assert_close(&format!("{name} grad {param}"), &tensor.data().to_f32_vec(), want, 2e-5);
             compared += 1;
@@ -98,14 +104,39 @@ fn two_adamw_steps_with_clipping_land_where_torch_does() {
             let losses = net.forward_backward(&batch, &heads, Some(&mut grads)).expect("backward");
             if step == 1 {
                 let want = rec["loss.step2"].values[0];
-                assert!((losses.total() - want).abs() <= 1e-5 * want, "{name}: step 2 loss {} vs {want}", losses.total());
+                assert!(
+                    (losses.total() - want).abs() <= 1e-5 * want,
+                    "{name}: step 2 loss {} vs {want}",
+                    losses.total()
+                );
             }
             clip_grad_norm(&mut grads, config.max_grad_norm);
             adam.update(&mut net.params, &grads, config.learning_rate_at(step, 2));
         }
         let trainable = net.params.to_tensors(&net.params.values, DType::F32).into_iter().zip(&net.params.params);
         for (param, tensor) in trainable.filter(|(_, p)| p.trainable).map(|(t, _)| t) {
-            assert_close(&format!("{name} {param} after 2 steps"), &tensor.data().to_f32_vec(), &rec[&format!("after.{param}")], 1e-5);
+            assert_close(
+                &format!("{name} {param} after 2 steps"),
+                &tensor.data().to_f32_vec(),
+                &rec[&format!("after.{param}")],
+                1e-5,
+            );
         }
+    }
+}
+
+#[test]
+fn conversion_matrices_equal_numpy_least_squares() {
+    let mut net = network("gpt2-sharded");
+    let rec = read_safetensors(&fixture("gpt2-sharded").join("training.safetensors"));
+    let ids = &rec["conv.input_ids"];
+    let batch =
+        Batch { tokens: ids.values.iter().map(|&v| v as u32).collect(), batch: ids.shape[0], time: ids.shape[1] };
+    let residuals =
+        layerwise::training::conversions::fit_conversions(&mut net, std::iter::once(batch), &[1, 2]).expect("fit");
+    for (layer, residual) in residuals {
+        assert!((0.0..1.0).contains(&residual), "layer {layer}: residual fraction {residual}");
+        let id = net.params.id(&format!("name_to_conv_matrix.{layer}_to_4.weight")).expect("fitted");
+        assert_close(&format!("conversion {layer}"), net.params.get(id), &rec[&format!("conv.{layer}")], 1e-4);
     }
 }

@@ -15,12 +15,20 @@ Per fixture (gpt2-sharded, gpt-neo-bin, llama-bf16) it writes `training.safetens
         eps 1e-3, weight_decay 0.1 on 2-D tensors, 0 elsewhere) on the same batch, each step's
         gradient clipped by torch.nn.utils.clip_grad_norm_(max_norm=0.5)
     loss.step2 (scalar): the total loss before the second step
+and gpt2-sharded's also holds the conversion-matrix fit:
+    conv.input_ids [8, 16]; conv.<L> [d, d] for L = 1, 2: numpy.linalg.lstsq's C (y = C x) from
+        ln_f(hidden_states[L]) to hidden_states[4] (the top, already normed) over those positions
+
+With --roundtrip DIR (a checkpoint layerwise wrote) it instead loads DIR with upstream's
+MultiHeadGPT2 once per exit head and writes DIR/roundtrip.safetensors: input_ids [T] and
+exit.<L> / logits [T, vocab] as upstream and transformers compute them.
 All in f32, the model in eval mode (no dropout), bf16 weights upcast exactly first.
 """
 import argparse
 import os
 import sys
 
+import numpy
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
@@ -82,6 +90,17 @@ def record(fixture):
     for name, p in model.named_parameters():
         tensors[f"grad.{name}"] = p.grad.detach().clone()
 
+    if os.path.basename(fixture) == "gpt2-sharded":
+        conv_ids = torch.randint(0, model.config.vocab_size, (8, 16), generator=gen)
+        tensors["conv.input_ids"] = conv_ids
+        with torch.no_grad():
+            hidden = model(conv_ids, output_hidden_states=True, use_cache=False).hidden_states
+        top = hidden[-1].reshape(-1, hidden[-1].size(-1)).double().numpy()
+        for layer in (1, 2):
+            x = model.transformer.ln_f(hidden[layer]).detach().reshape(-1, top.shape[1]).double().numpy()
+            solution = numpy.linalg.lstsq(x, top, rcond=None)[0]  # x @ solution = y, so C = solution^T
+            tensors[f"conv.{layer}"] = torch.from_numpy(solution.T.copy()).float()
+
     decay = [p for p in model.parameters() if p.dim() == 2]
     rest = [p for p in model.parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
@@ -101,10 +120,32 @@ def record(fixture):
     print(f"{fixture}: " + ", ".join(f"{k} {v.item():.5f}" for k, v in per_head.items()))
 
 
+def roundtrip(out_dir, prompt_len=10):
+    """Upstream's logits of every exit head (and the original head) of a layerwise-written checkpoint."""
+    import json
+    cfg = json.load(open(os.path.join(out_dir, "config.json")))
+    ids = torch.arange(prompt_len)[None] * 7 % cfg["vocab_size"]
+    tensors = {"input_ids": ids[0]}
+    for layer in cfg["lm_head_layer_indices"]:
+        model = MultiHeadGPT2.from_pretrained(out_dir, use_original_head=False, output_layer_index=layer,
+                                              torch_dtype=torch.float32, freeze_parameters=False)
+        with torch.no_grad():
+            tensors[f"exit.{layer}"] = model(ids, output_hidden_states=True, use_cache=False).logits[0]
+    model = MultiHeadGPT2.from_pretrained(out_dir, use_original_head=True, torch_dtype=torch.float32)
+    with torch.no_grad():
+        tensors["logits"] = model(ids, output_hidden_states=True, use_cache=False).logits[0]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "roundtrip.safetensors"))
+    print(f"{out_dir}: upstream loaded exits {cfg['lm_head_layer_indices']}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fixtures", default="tests/fixtures")
+    parser.add_argument("--roundtrip", metavar="DIR")
     args = parser.parse_args()
+    if args.roundtrip:
+        roundtrip(args.roundtrip)
+        return
     torch.manual_seed(0)
     for name in ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"]:
         record(os.path.join(args.fixtures, name))

@@ -15,6 +15,7 @@ mod lens;
 mod memory;
 mod output;
 mod plot;
+mod train;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,16 @@ enum Command {
     Info(info::Args),
     /// Language-modeling scores as lm-evaluation-harness computes them (perplexity).
     Eval(eval::Args),
+    /// Train exit heads on a checkpoint (upstream's run_training.py): base frozen unless --unfreeze.
+    TrainExits(Box<train::ExitArgs>),
+    /// Train a model from scratch from a transformers config.json (exit heads alongside when it
+    /// lists lm_head_layer_indices).
+    Train(Box<train::ScratchArgs>),
+    /// Fit conversion matrices (least squares from layer-L states to the top layer's), used by
+    /// --converted.
+    FitConversions(Box<train::ConversionArgs>),
+    /// Tokenizer tools.
+    Tokenizer(train::TokenizerArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +78,10 @@ fn main() -> ExitCode {
         Command::Attention(args) => attention::run(args),
         Command::Activations(args) => activations::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::TrainExits(args) => train::run_exits(*args),
+        Command::Train(args) => train::run_scratch(*args),
+        Command::Tokenizer(args) => train::run_tokenizer(args),
+        Command::FitConversions(args) => train::run_conversions(*args),
     };
     let result = result.and_then(|()| output::flush());
     report_peak_memory();

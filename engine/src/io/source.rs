@@ -96,18 +96,7 @@ impl ModelFiles {
                 ),
             });
         };
-        let tokenizer = if let Some(json) = existing("tokenizer.json") {
-            TokenizerFiles::Json(json)
-        } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt")) {
-            TokenizerFiles::VocabMerges {
-                vocab,
-                merges,
-                tokenizer_config: existing("tokenizer_config.json"),
-                special_tokens_map: existing("special_tokens_map.json"),
-            }
-        } else {
-            TokenizerFiles::None
-        };
+        let tokenizer = tokenizer_files(dir);
         Ok(ModelFiles {
             dir: dir.to_path_buf(),
             config,
@@ -115,6 +104,47 @@ impl ModelFiles {
             tokenizer,
             weights,
         })
+    }
+}
+
+/// The tokenizer files in `dir`: `tokenizer.json` first, else `vocab.json` + `merges.txt`.
+pub fn tokenizer_files(dir: &Path) -> TokenizerFiles {
+    let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    if let Some(json) = existing("tokenizer.json") {
+        TokenizerFiles::Json(json)
+    } else if let (Some(vocab), Some(merges)) = (existing("vocab.json"), existing("merges.txt")) {
+        TokenizerFiles::VocabMerges {
+            vocab,
+            merges,
+            tokenizer_config: existing("tokenizer_config.json"),
+            special_tokens_map: existing("special_tokens_map.json"),
+        }
+    } else {
+        TokenizerFiles::None
+    }
+}
+
+impl TokenizerFiles {
+    /// Every tokenizer file present, the config files beside a `tokenizer.json` included: what a
+    /// copy of the checkpoint must carry.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            TokenizerFiles::Json(json) => {
+                let mut out = vec![json.clone()];
+                for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+                    out.extend(Some(json.with_file_name(name)).filter(|p| p.is_file()));
+                }
+                out
+            }
+            TokenizerFiles::VocabMerges { vocab, merges, tokenizer_config, special_tokens_map } => {
+                [Some(vocab), Some(merges), tokenizer_config.as_ref(), special_tokens_map.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect()
+            }
+            TokenizerFiles::None => Vec::new(),
+        }
     }
 }
 

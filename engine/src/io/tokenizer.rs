@@ -132,6 +132,48 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Trains a byte-level BPE tokenizer as GPT-2's (the `tokenizers` crate's `BpeTrainer`: all 256
+    /// byte symbols in the alphabet, GPT-2's pre-tokenizer pattern, no prefix space) of at most
+    /// `vocab_size` tokens on `documents`; `special` tokens take the first ids (`<|endoftext|>` is 0).
+    /// `what` names the data in errors.
+    pub fn train_byte_level_bpe(
+        documents: &[String],
+        vocab_size: usize,
+        min_frequency: u64,
+        special: &[&str],
+        what: &Path,
+    ) -> Result<Self> {
+        use tokenizers::models::bpe::BpeTrainer;
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel as ByteLevelPre;
+        if vocab_size < 256 + special.len() {
+            return Err(Error::invalid(
+                "--vocab-size",
+                format!("{vocab_size} is below the 256 byte symbols plus {} special tokens", special.len()),
+            ));
+        }
+        let trainer = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(min_frequency)
+            .show_progress(false)
+            .special_tokens(special.iter().map(|t| AddedToken::from(t.to_string(), true)).collect())
+            .initial_alphabet(ByteLevelPre::alphabet().into_iter().collect())
+            .build();
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        inner.with_pre_tokenizer(Some(ByteLevelPre::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner.with_post_processor(Some(tokenizers::processors::byte_level::ByteLevel::new(false, true, true)));
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        contained(what, || inner.train(&mut trainer, documents.iter()).map(|_| ()))?
+            .map_err(|e| Error::Tokenizer { path: what.to_path_buf(), reason: format!("training failed: {e}") })?;
+        Ok(Tokenizer { inner, bos_to_prepend: None, path: what.to_path_buf() })
+    }
+
+    /// Writes `tokenizer.json` to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| Error::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })
+    }
+
     fn error(&self, e: impl std::fmt::Display) -> Error {
         Error::Tokenizer { path: self.path.clone(), reason: e.to_string() }
     }

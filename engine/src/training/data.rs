@@ -19,7 +19,13 @@ pub struct Blocks {
 impl Blocks {
     /// Tokenizes `documents` and cuts the stream into blocks of `block` tokens; `what` names the
     /// data in errors.
-    pub fn from_documents(documents: &[String], tokenizer: &Tokenizer, separator: Option<u32>, block: usize, what: &str) -> Result<Blocks> {
+    pub fn from_documents(
+        documents: &[String],
+        tokenizer: &Tokenizer,
+        separator: Option<u32>,
+        block: usize,
+        what: &str,
+    ) -> Result<Blocks> {
         let mut stream = Vec::new();
         for doc in documents {
             stream.extend(tokenizer.encode(doc)?);
@@ -31,7 +37,10 @@ impl Blocks {
     /// Cuts `stream` into blocks of `block` tokens.
     pub fn from_tokens(mut stream: Vec<u32>, block: usize, what: &str) -> Result<Blocks> {
         if block < 2 {
-            return Err(Error::invalid("--block-size", format!("{block} is too short: a block needs at least 2 tokens")));
+            return Err(Error::invalid(
+                "--block-size",
+                format!("{block} is too short: a block needs at least 2 tokens"),
+            ));
         }
         if stream.len() < 2 {
             return Err(Error::invalid(what, format!("{} tokens: nothing to train on", stream.len())));
@@ -59,7 +68,8 @@ impl Blocks {
     pub fn batch(&self, seed: u64, epoch: usize, index: usize, batch: usize) -> Batch {
         let order = self.order(seed, epoch);
         let picked = &order[(index * batch).min(order.len())..((index + 1) * batch).min(order.len())];
-        let tokens = picked.iter().flat_map(|&b| self.tokens[b * self.block..(b + 1) * self.block].iter().copied()).collect();
+        let tokens =
+            picked.iter().flat_map(|&b| self.tokens[b * self.block..(b + 1) * self.block].iter().copied()).collect();
         Batch { tokens, batch: picked.len(), time: self.block }
     }
 
@@ -67,7 +77,11 @@ impl Blocks {
     pub fn in_order(&self, batch: usize) -> impl Iterator<Item = Batch> + '_ {
         (0..self.batches_per_epoch(batch)).map(move |i| {
             let (start, end) = (i * batch, ((i + 1) * batch).min(self.len()));
-            Batch { tokens: self.tokens[start * self.block..end * self.block].to_vec(), batch: end - start, time: self.block }
+            Batch {
+                tokens: self.tokens[start * self.block..end * self.block].to_vec(),
+                batch: end - start,
+                time: self.block,
+            }
         })
     }
 

@@ -9,9 +9,13 @@
 //! | [`optimizer`] | AdamW, learning-rate schedules, gradient clipping |
 //! | [`data`] | text, JSON Lines and Parquet columns into token chunks, batches in a seeded order |
 //! | [`trainer`] | the loop: steps, logs, checkpoints and exact resumption |
+//! | [`checkpoint`] | a network written as transformers' checkpoint |
+//! | [`conversions`] | conversion matrices fitted by least squares |
 //!
 //! Imports: `model` (configs, names), `io` (weights, tokenizers), `math`.
 
+pub mod checkpoint;
+pub mod conversions;
 pub mod data;
 pub mod network;
 pub mod ops;

@@ -89,9 +89,7 @@ pub struct Batch {
 impl Batch {
     /// Next-token targets: position i of each sequence predicts token i + 1; the last is unscored.
     fn targets(&self) -> Vec<Option<u32>> {
-        (0..self.batch * self.time)
-            .map(|r| (r % self.time + 1 < self.time).then(|| self.tokens[r + 1]))
-            .collect()
+        (0..self.batch * self.time).map(|r| (r % self.time + 1 < self.time).then(|| self.tokens[r + 1])).collect()
     }
 }
 
@@ -175,7 +173,9 @@ impl Network {
         };
 
         let (tokens, positions) = match arch {
-            Architecture::Llama => (add(&mut p, format!("{prefix}embed_tokens.weight"), &[v, d], false, Init::Normal(std))?, None),
+            Architecture::Llama => {
+                (add(&mut p, format!("{prefix}embed_tokens.weight"), &[v, d], false, Init::Normal(std))?, None)
+            }
             _ => (
                 add(&mut p, format!("{prefix}wte.weight"), &[v, d], false, Init::Normal(std))?,
                 Some(add(&mut p, format!("{prefix}wpe.weight"), &[spec.max_positions, d], false, Init::Normal(std))?),
@@ -190,7 +190,10 @@ impl Network {
             let block = match (arch, &spec.details) {
                 (Architecture::Gpt2, Details::Gpt2 { scale_attn_weights, scale_attn_by_inverse_layer_idx }) => {
                     if !spec.pruned_heads.is_empty() {
-                        return Err(Error::invalid("pruned_heads", "training a model with pruned heads is not supported"));
+                        return Err(Error::invalid(
+                            "pruned_heads",
+                            "training a model with pruned heads is not supported",
+                        ));
                     }
                     let h = format!("{prefix}h.{i}");
                     let mut scale = if *scale_attn_weights { 1.0 / (hd as f32).sqrt() } else { 1.0 };
@@ -337,7 +340,10 @@ impl Network {
             return Err(Error::invalid("batch", "needs batch x time tokens, at least 2 per sequence"));
         }
         if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            return Err(Error::invalid("token", format!("id {t} is outside the vocabulary of {}", self.spec.vocab_size)));
+            return Err(Error::invalid(
+                "token",
+                format!("id {t} is outside the vocabulary of {}", self.spec.vocab_size),
+            ));
         }
         Ok(())
     }
@@ -424,12 +430,28 @@ impl Network {
         let mut y = vec![0.0; x.len()];
         *stats = (vec![0.0; rows], vec![0.0; rows]);
         let b = n.b.map(|b| self.params.part(values, b));
-        ops::norm_forward(self.norm, &mut y, &mut stats.0, &mut stats.1, x, self.params.part(values, n.w), b, self.spec.norm_eps);
+        ops::norm_forward(
+            self.norm,
+            &mut y,
+            &mut stats.0,
+            &mut stats.1,
+            x,
+            self.params.part(values, n.w),
+            b,
+            self.spec.norm_eps,
+        );
         y
     }
 
     /// q, k, v of a block (rotated when the architecture is rotary).
-    fn project_qkv(&self, blk: &Block, n1: &[f32], rows: usize, values: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn project_qkv(
+        &self,
+        blk: &Block,
+        n1: &[f32],
+        rows: usize,
+        values: &[f32],
+        positions: &[usize],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let s = &self.spec;
         let (qw, kw) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
         let mut outs: Vec<Vec<f32>> = blk
@@ -470,8 +492,56 @@ impl Network {
         let w = self.head_weight(head)?;
         let rows = batch.batch * batch.time;
         let mut logits = vec![0.0; rows * self.spec.vocab_size];
-        ops::linear_forward(&mut logits, &n, self.params.get(w), None, (rows, self.spec.hidden_size, self.spec.vocab_size));
+        ops::linear_forward(
+            &mut logits,
+            &n,
+            self.params.get(w),
+            None,
+            (rows, self.spec.hidden_size, self.spec.vocab_size),
+        );
         Ok(logits)
+    }
+
+    /// `final_norm(h_L)` at every position of `batch` for each of `layers` (1-based block outputs;
+    /// the top layer's is the state the LM head reads).
+    pub fn normed_states(&self, batch: &Batch, layers: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.check(batch)?;
+        let (top, tapes) = self.forward_body(batch, &self.params.values);
+        layers
+            .iter()
+            .map(|&layer| {
+                if layer == 0 || layer > self.spec.num_layers {
+                    return Err(Error::invalid(
+                        "layer",
+                        format!("{layer} is not a layer of the model (1..={})", self.spec.num_layers),
+                    ));
+                }
+                let mut stats = Default::default();
+                Ok(self.norm_forward(
+                    self.head_input(Head::Exit(layer), &top, &tapes),
+                    self.final_norm,
+                    &self.params.values,
+                    &mut stats,
+                ))
+            })
+            .collect()
+    }
+
+    /// Adds a frozen parameter `name` of `shape` holding `values` (a fitted conversion matrix), or
+    /// replaces its values if it exists.
+    pub fn set_parameter(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<()> {
+        let id = match self.params.id(name) {
+            Some(id) => id,
+            None => self.params.add(name, shape, false, Init::Zeros, None, &mut Normal::new(0))?,
+        };
+        let p = &mut self.params.params[id];
+        if p.shape != shape || values.len() != p.numel() {
+            return Err(Error::invalid(name, format!("shape {:?} does not match {shape:?}", p.shape)));
+        }
+        p.trainable = false;
+        let offset = p.offset;
+        self.params.values[offset..offset + values.len()].copy_from_slice(&values);
+        Ok(())
     }
 
     fn head_input<'a>(&self, head: Head, top: &'a [f32], tapes: &'a [BlockTape]) -> &'a [f32] {
@@ -498,13 +568,13 @@ impl Network {
         let targets = batch.targets();
         // Gradients reach the body only when something in it trains.
         let body_trains = grads.is_some()
-            && p.params
-            .iter()
-            .enumerate()
-            .any(|(id, q)| q.trainable && !Self::is_exit_head(&q.name) && (id != self.lm_head || self.lm_head == self.tokens));
+            && p.params.iter().enumerate().any(|(id, q)| {
+                q.trainable && !Self::is_exit_head(&q.name) && (id != self.lm_head || self.lm_head == self.tokens)
+            });
 
         // d(loss)/d(residual after block L), L = 0..=layers.
-        let mut dhidden: Vec<Vec<f32>> = if body_trains { vec![vec![0.0; rows * d]; s.num_layers + 1] } else { Vec::new() };
+        let mut dhidden: Vec<Vec<f32>> =
+            if body_trains { vec![vec![0.0; rows * d]; s.num_layers + 1] } else { Vec::new() };
         let mut per_head = Vec::with_capacity(heads.len());
         let mut scored = 0;
         let mut logits = vec![0.0f32; rows * s.vocab_size];
@@ -523,12 +593,40 @@ impl Network {
             scored = count;
             let Some(grads) = grads.as_deref_mut() else { continue };
             let mut dn = body_trains.then(|| vec![0.0; rows * d]);
-            ops::linear_backward(&logits, &n, p.get(w), (rows, d, s.vocab_size), dn.as_deref_mut(), p.grad_of(grads, w), None);
+            ops::linear_backward(
+                &logits,
+                &n,
+                p.get(w),
+                (rows, d, s.vocab_size),
+                dn.as_deref_mut(),
+                p.grad_of(grads, w),
+                None,
+            );
             if let Some(dn) = dn {
                 let (fw, fb) = (self.final_norm.w, self.final_norm.b);
-                ops::norm_backward(self.norm, &dn, h, &stats.0, &stats.1, p.get(fw), Some(&mut dhidden[layer]), p.grad_of(grads, fw), None);
+                ops::norm_backward(
+                    self.norm,
+                    &dn,
+                    h,
+                    &stats.0,
+                    &stats.1,
+                    p.get(fw),
+                    Some(&mut dhidden[layer]),
+                    p.grad_of(grads, fw),
+                    None,
+                );
                 if let Some(fb) = fb {
-                    ops::norm_backward(self.norm, &dn, h, &stats.0, &stats.1, p.get(fw), None, None, p.grad_of(grads, fb));
+                    ops::norm_backward(
+                        self.norm,
+                        &dn,
+                        h,
+                        &stats.0,
+                        &stats.1,
+                        p.get(fw),
+                        None,
+                        None,
+                        p.grad_of(grads, fb),
+                    );
                 }
             }
         }
@@ -562,7 +660,17 @@ impl Network {
             let mut dheads = vec![0.0; t.heads.len()];
             self.linear_back(&dx_mid, &t.heads, blk.out, rows, Some(&mut dheads), grads);
             let (mut dq, mut dk, mut dv) = (vec![0.0; t.q.len()], vec![0.0; t.k.len()], vec![0.0; t.v.len()]);
-            ops::attention_backward(&mut dq, &mut dk, &mut dv, &dheads, &t.probs, &t.q, &t.k, &t.v, self.attention_shape(blk, batch));
+            ops::attention_backward(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &dheads,
+                &t.probs,
+                &t.q,
+                &t.k,
+                &t.v,
+                self.attention_shape(blk, batch),
+            );
             if let Some(theta) = self.rope_theta {
                 ops::rope(&mut dq, &positions, s.head_dim, theta, -1.0);
                 ops::rope(&mut dk, &positions, s.head_dim, theta, -1.0);
@@ -613,7 +721,15 @@ impl Network {
         ops::linear_backward(dy, x, p.get(l.w), (rows, l.n_in, l.n_out), dx, p.grad_of(grads, l.w), None);
     }
 
-    fn norm_back(&self, dy: &[f32], x: &[f32], stats: &(Vec<f32>, Vec<f32>), n: NormP, dx: &mut [f32], grads: &mut [f32]) {
+    fn norm_back(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        stats: &(Vec<f32>, Vec<f32>),
+        n: NormP,
+        dx: &mut [f32],
+        grads: &mut [f32],
+    ) {
         let p = &self.params;
         let w = p.get(n.w);
         ops::norm_backward(self.norm, dy, x, &stats.0, &stats.1, w, Some(dx), p.grad_of(grads, n.w), None);

@@ -15,7 +15,15 @@ use crate::model::config::Activation;
 /// `[n, k]` when `b_t`; `accumulate` adds to `dst` instead of overwriting it. The `gemm` crate, on
 /// every core.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t: bool, b: &[f32], b_t: bool, accumulate: bool) {
+pub fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    accumulate: bool,
+) {
     assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul operand sizes");
     if m == 0 || n == 0 {
         return;
@@ -24,11 +32,8 @@ pub fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t:
     let (a_cs, a_rs) = if a_t { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if b_t { (k as isize, 1) } else { (1, n as isize) };
     let threads = rayon::current_num_threads();
-    let parallelism = if m * n * k > 1 << 15 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism =
+        if m * n * k > 1 << 15 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the assert above bounds every index gemm forms from (m, n, k) and these strides: a is
     // m x k (or its transpose), b is k x n (or its transpose), dst is m x n, all contiguous.
     unsafe {
@@ -57,7 +62,13 @@ pub fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t:
 }
 
 /// `y[n, out] = x[n, in] · wᵀ + b` with `w: [out, in]`.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, (rows, n_in, n_out): (usize, usize, usize)) {
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (rows, n_in, n_out): (usize, usize, usize),
+) {
     matmul(y, (rows, n_out, n_in), x, false, w, true, false);
     if let Some(b) = b {
         y.par_chunks_mut(n_out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
@@ -275,46 +286,44 @@ impl AttentionShape {
 
 /// Causal attention: `probs[b, h, i, j] = softmax_j(scale · q_i·k_j)` over the visible keys (0
 /// elsewhere), `out_i = Σ_j probs_ij v_j`. `q, out: [batch·time, heads·d]`, `k, v: [batch·time,
-/// kv_heads·d]`, `probs: [batch, heads, time, time]` (kept for the backward).
+/// kv_heads·d]`, `probs: [batch, heads, time, time]` (kept for the backward). Each (sequence, head)
+/// is two matrix products on the head's gathered rows; masked scores are exactly 0 after the softmax,
+/// so the full products equal the causal sums.
 pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) {
     let (t, d) = (s.time, s.head_dim);
     let (qw, kw) = (s.heads * d, s.kv_heads * d);
     let group = s.heads / s.kv_heads;
     out.par_chunks_mut(t * qw).zip(probs.par_chunks_mut(s.heads * t * t)).enumerate().for_each(|(b, (out, probs))| {
         let (q, k, v) = (&q[b * t * qw..][..t * qw], &k[b * t * kw..][..t * kw], &v[b * t * kw..][..t * kw]);
-        out.fill(0.0);
+        let mut head_out = vec![0.0f32; t * d];
         for h in 0..s.heads {
-            let kv = (h / group) * d;
+            let kv = h / group;
+            let (qh, kh, vh) = (gather(q, qw, h * d, d), gather(k, kw, kv * d, d), gather(v, kw, kv * d, d));
+            let p = &mut probs[h * t * t..][..t * t];
+            // S = Q·Kᵀ, then a masked, scaled softmax per row.
+            matmul(p, (t, t, d), &qh, false, &kh, true, false);
             for i in 0..t {
-                let p = &mut probs[(h * t + i) * t..][..t];
-                p.fill(0.0);
-                let qi = &q[i * qw + h * d..][..d];
+                let row = &mut p[i * t..][..t];
                 let first = s.first_key(i);
-                let mut max = f32::NEG_INFINITY;
-                for j in first..=i {
-                    let kj = &k[j * kw + kv..][..d];
-                    p[j] = s.scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
-                    max = max.max(p[j]);
-                }
+                let max = row[first..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(s.scale * x));
                 let mut sum = 0.0;
-                for pj in &mut p[first..=i] {
-                    *pj = (*pj - max).exp();
-                    sum += *pj;
+                for x in &mut row[first..=i] {
+                    *x = (s.scale * *x - max).exp();
+                    sum += *x;
                 }
-                let oi = &mut out[i * qw + h * d..][..d];
-                for j in first..=i {
-                    p[j] /= sum;
-                    let vj = &v[j * kw + kv..][..d];
-                    oi.iter_mut().zip(vj).for_each(|(o, v)| *o += p[j] * v);
-                }
+                row[first..=i].iter_mut().for_each(|x| *x /= sum);
+                row[..first].fill(0.0);
+                row[i + 1..].fill(0.0);
             }
+            // O = P·V
+            matmul(&mut head_out, (t, d, t), p, false, &vh, false, false);
+            scatter(out, qw, h * d, d, &head_out, false);
         }
     });
 }
 
-/// Gradients of [`attention_forward`]: `dv_j += Σ_i p_ij dout_i`; with `dp_ij = dout_i·v_j` and
-/// `ds_ij = p_ij (dp_ij - Σ_j' p_ij' dp_ij')`, `dq_i += scale Σ_j ds_ij k_j` and
-/// `dk_j += scale Σ_i ds_ij q_i`.
+/// Gradients of [`attention_forward`]: `dV = Pᵀ·dO`, `dP = dO·Vᵀ`,
+/// `dS = scale · P ∘ (dP - rowsum(P ∘ dP))`, `dQ = dS·K`, `dK = dSᵀ·Q` (summed over a group's heads).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -330,40 +339,51 @@ pub fn attention_backward(
     let (t, d) = (s.time, s.head_dim);
     let (qw, kw) = (s.heads * d, s.kv_heads * d);
     let group = s.heads / s.kv_heads;
-    dq.par_chunks_mut(t * qw)
-        .zip(dk.par_chunks_mut(t * kw).zip(dv.par_chunks_mut(t * kw)))
-        .enumerate()
-        .for_each(|(b, (dq, (dk, dv)))| {
+    dq.par_chunks_mut(t * qw).zip(dk.par_chunks_mut(t * kw).zip(dv.par_chunks_mut(t * kw))).enumerate().for_each(
+        |(b, (dq, (dk, dv)))| {
             let (q, k, v) = (&q[b * t * qw..][..t * qw], &k[b * t * kw..][..t * kw], &v[b * t * kw..][..t * kw]);
             let dout = &dout[b * t * qw..][..t * qw];
             let probs = &probs[b * s.heads * t * t..][..s.heads * t * t];
-            let mut ds = vec![0.0f32; t];
+            let (mut ds, mut grad) = (vec![0.0f32; t * t], vec![0.0f32; t * d]);
             for h in 0..s.heads {
-                let kv = (h / group) * d;
-                for i in 0..t {
-                    let p = &probs[(h * t + i) * t..][..t];
-                    let doi = &dout[i * qw + h * d..][..d];
-                    let first = s.first_key(i);
-                    let mut dot = 0.0f32;
-                    for j in first..=i {
-                        let vj = &v[j * kw + kv..][..d];
-                        ds[j] = doi.iter().zip(vj).map(|(a, b)| a * b).sum::<f32>();
-                        dot += p[j] * ds[j];
-                        let dvj = &mut dv[j * kw + kv..][..d];
-                        dvj.iter_mut().zip(doi).for_each(|(g, o)| *g += p[j] * o);
-                    }
-                    let qi = &q[i * qw + h * d..][..d];
-                    for j in first..=i {
-                        let g = s.scale * p[j] * (ds[j] - dot);
-                        let kj = &k[j * kw + kv..][..d];
-                        let dqi = &mut dq[i * qw + h * d..][..d];
-                        dqi.iter_mut().zip(kj).for_each(|(a, b)| *a += g * b);
-                        let dkj = &mut dk[j * kw + kv..][..d];
-                        dkj.iter_mut().zip(qi).for_each(|(a, b)| *a += g * b);
-                    }
+                let kv = h / group;
+                let (qh, kh, vh) = (gather(q, qw, h * d, d), gather(k, kw, kv * d, d), gather(v, kw, kv * d, d));
+                let doh = gather(dout, qw, h * d, d);
+                let p = &probs[h * t * t..][..t * t];
+                // dV += Pᵀ·dO
+                matmul(&mut grad, (t, d, t), p, true, &doh, false, false);
+                scatter(dv, kw, kv * d, d, &grad, true);
+                // dP = dO·Vᵀ, then the softmax's backward in place.
+                matmul(&mut ds, (t, t, d), &doh, false, &vh, true, false);
+                for (row, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f32 = row.iter().zip(p).map(|(g, p)| g * p).sum();
+                    row.iter_mut().zip(p).for_each(|(g, &p)| *g = s.scale * p * (*g - dot));
                 }
+                // dQ = dS·K, dK += dSᵀ·Q
+                matmul(&mut grad, (t, d, t), &ds, false, &kh, false, false);
+                scatter(dq, qw, h * d, d, &grad, true);
+                matmul(&mut grad, (t, d, t), &ds, true, &qh, false, false);
+                scatter(dk, kw, kv * d, d, &grad, true);
             }
-        });
+        },
+    );
+}
+
+/// Columns `[start, start + width)` of every row of `x` (rows `stride` wide), contiguous.
+fn gather(x: &[f32], stride: usize, start: usize, width: usize) -> Vec<f32> {
+    x.chunks(stride).flat_map(|row| row[start..start + width].iter().copied()).collect()
+}
+
+/// Writes (or adds, when `add`) `part`'s rows into columns `[start, start + width)` of `x`.
+fn scatter(x: &mut [f32], stride: usize, start: usize, width: usize, part: &[f32], add: bool) {
+    for (row, src) in x.chunks_mut(stride).zip(part.chunks(width)) {
+        let dst = &mut row[start..start + width];
+        if add {
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
 }
 
 /// Cross-entropy of each row of `logits: [rows, vocab]` against `targets` (`None`: not scored),
@@ -440,7 +460,8 @@ mod tests {
     #[test]
     fn linear_gradients_match_finite_differences() {
         let (rows, n_in, n_out) = (3, 5, 4);
-        let (x, w, b, dy) = (values(rows * n_in, 1), values(n_out * n_in, 2), values(n_out, 3), values(rows * n_out, 4));
+        let (x, w, b, dy) =
+            (values(rows * n_in, 1), values(n_out * n_in, 2), values(n_out, 3), values(rows * n_out, 4));
         let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
         linear_backward(&dy, &x, &w, (rows, n_in, n_out), Some(&mut dx), Some(&mut dw), Some(&mut db));
         let run = |x: &[f32], w: &[f32], b: &[f32]| {
@@ -481,7 +502,8 @@ mod tests {
         let dy = values(40, 10);
         for act in [Activation::GeluTanh, Activation::Gelu, Activation::Silu, Activation::Relu] {
             // ReLU's kink: keep the points away from 0 for the difference quotient.
-            let x: Vec<f32> = if act == Activation::Relu { x.iter().map(|v| v + v.signum() * 0.05).collect() } else { x.clone() };
+            let x: Vec<f32> =
+                if act == Activation::Relu { x.iter().map(|v| v + v.signum() * 0.05).collect() } else { x.clone() };
             let mut dx = vec![0.0; 40];
             activation_backward(act, &mut dx, &dy, &x);
             check(&format!("{act:?}"), &x, &dy, &dx, |x| x.iter().map(|&v| activate(act, v)).collect());

@@ -68,7 +68,8 @@ impl ParamSet {
         let numel: usize = shape.iter().product();
         let values = match weights.filter(|w| w.contains(name)) {
             Some(w) => {
-                let stored: Vec<usize> = if transposed { shape.iter().rev().copied().collect() } else { shape.to_vec() };
+                let stored: Vec<usize> =
+                    if transposed { shape.iter().rev().copied().collect() } else { shape.to_vec() };
                 let data = w.get_shaped(name, &stored)?.data().to_f32_vec();
                 if transposed {
                     transpose(&data, stored[0], stored[1])
@@ -146,13 +147,15 @@ impl ParamSet {
             .collect()
     }
 
-    /// Reads `values` back from tensors named as [`ParamSet::to_tensors`] writes them under `prefix`
-    /// (a training state's moments); `what` names the file for errors.
+    /// A buffer laid out like `values` (an optimizer moment) read back from tensors named as
+    /// [`ParamSet::to_tensors`] writes them under `prefix`: the trainable parameters' parts; the
+    /// frozen ones' stay 0.
     pub fn read_buffer(&self, weights: &Weights, prefix: &str) -> Result<Vec<f32>> {
         let mut out = vec![0.0; self.values.len()];
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.trainable) {
             let name = format!("{prefix}{}", p.name);
-            let stored: Vec<usize> = if p.transposed { p.shape.iter().rev().copied().collect() } else { p.shape.clone() };
+            let stored: Vec<usize> =
+                if p.transposed { p.shape.iter().rev().copied().collect() } else { p.shape.clone() };
             let data = weights.get_shaped(&name, &stored)?.data().to_f32_vec();
             let data = if p.transposed { transpose(&data, stored[0], stored[1]) } else { data };
             out[p.offset..p.offset + p.numel()].copy_from_slice(&data);

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::io::weights::{DType, HostTensor, Weights};
 use crate::model::config::ModelSpec;
 
+use super::checkpoint::{save_checkpoint, write_atomically, write_safetensors};
 use super::data::Blocks;
 use super::network::{Head, Network};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
@@ -93,6 +94,8 @@ struct SavedState {
     step: usize,
     trainable: Vec<String>,
     log: Vec<LogRecord>,
+    #[serde(default)]
+    initial_held_out: Option<BTreeMap<String, f64>>,
 }
 
 /// A training run.
@@ -101,6 +104,8 @@ pub struct Trainer {
     pub optimizer: AdamW,
     pub options: TrainOptions,
     pub log: Vec<LogRecord>,
+    /// Held-out loss of each head before the first step.
+    pub initial_held_out: Option<BTreeMap<String, f64>>,
     train: Blocks,
     held_out: Option<Blocks>,
     /// config.json as it will be written (the source's, with the exit layers updated).
@@ -121,7 +126,17 @@ impl Trainer {
     ) -> Result<Trainer> {
         check_options(&network, &options, &train)?;
         let optimizer = AdamW::new(options.optimizer.clone(), network.params.values.len());
-        Ok(Trainer { network, optimizer, options, log: Vec::new(), train, held_out, config, companions })
+        Ok(Trainer {
+            network,
+            optimizer,
+            options,
+            log: Vec::new(),
+            initial_held_out: None,
+            train,
+            held_out,
+            config,
+            companions,
+        })
     }
 
     /// Whether `dir` holds a training state to resume.
@@ -134,29 +149,54 @@ impl Trainer {
     pub fn resume(dir: &Path, train: Blocks, held_out: Option<Blocks>, companions: Vec<PathBuf>) -> Result<Trainer> {
         let state_path = dir.join("training-state.json");
         let text = crate::io::read_config(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let saved: SavedState =
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(&state_path, format!("not a training state: {e}")))?;
+        let saved: SavedState = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&state_path, format!("not a training state: {e}")))?;
         let config_path = dir.join("config.json");
         let config_text = crate::io::read_config(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: Value =
             serde_json::from_str(&config_text).map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
         let spec = ModelSpec::from_json(&config_text, &config_path)?;
         let tensors = Weights::open(&[dir.join("training-state.safetensors")])?;
-        let mut network = Network::new(&spec, None, saved.options.seed, false)?;
-        network.params.values = network.params.read_buffer(&tensors, "param.")?;
+        // The master weights, under their checkpoint names: the network is built from them alone.
+        let masters = Weights::from_tensors(tensors.names().filter_map(|name| {
+            let param = name.strip_prefix("param.")?;
+            Some((param.to_string(), tensors.get(name).ok()?.clone()))
+        }));
+        let mut network = Network::new(&spec, Some(&masters), saved.options.seed, false)?;
+        if network.params.params.len() != masters.names().count() {
+            return Err(Error::bad_file(
+                dir.join("training-state.safetensors"),
+                "the master weights do not match config.json",
+            ));
+        }
         network.params.train_only(|name| saved.trainable.iter().any(|t| t == name));
         let mut optimizer = AdamW::new(saved.options.optimizer.clone(), network.params.values.len());
-        optimizer.m = read_trainable(&network, &tensors, "adam_m.")?;
-        optimizer.v = read_trainable(&network, &tensors, "adam_v.")?;
+        optimizer.m = network.params.read_buffer(&tensors, "adam_m.")?;
+        optimizer.v = network.params.read_buffer(&tensors, "adam_v.")?;
         optimizer.step = saved.step;
         check_options(&network, &saved.options, &train)?;
-        Ok(Trainer { network, optimizer, options: saved.options, log: saved.log, train, held_out, config, companions })
+        Ok(Trainer {
+            network,
+            optimizer,
+            options: saved.options,
+            log: saved.log,
+            initial_held_out: saved.initial_held_out,
+            train,
+            held_out,
+            config,
+            companions,
+        })
     }
 
     /// Steps of the whole run.
     pub fn total_steps(&self) -> usize {
         let per_epoch = self.train.batches_per_epoch(self.options.batch_size);
         self.options.max_steps.unwrap_or(self.options.epochs * per_epoch)
+    }
+
+    /// Blocks of training data.
+    pub fn train_blocks(&self) -> usize {
+        self.train.len()
     }
 
     /// Updates done so far.
@@ -177,7 +217,11 @@ impl Trainer {
         if !grad_norm.is_finite() || !losses.total().is_finite() {
             return Err(Error::NonFinite {
                 row: 0,
-                what: format!("training diverged at step {}: loss {}, gradient norm {grad_norm}", step + 1, losses.total()),
+                what: format!(
+                    "training diverged at step {}: loss {}, gradient norm {grad_norm}",
+                    step + 1,
+                    losses.total()
+                ),
             });
         }
         let lr = o.optimizer.learning_rate_at(step, self.total_steps());
@@ -214,9 +258,17 @@ impl Trainer {
 
     /// Runs to the end (or to step `stop_at`), saving to `dir` every `save_every` steps and at the
     /// end; `progress` sees every record.
-    pub fn run(&mut self, dir: &Path, stop_at: Option<usize>, mut progress: impl FnMut(&LogRecord, usize)) -> Result<()> {
+    pub fn run(
+        &mut self,
+        dir: &Path,
+        stop_at: Option<usize>,
+        mut progress: impl FnMut(&LogRecord, usize),
+    ) -> Result<()> {
         let total = self.total_steps();
         let end = stop_at.map_or(total, |s| s.min(total));
+        if self.step() == 0 && self.initial_held_out.is_none() {
+            self.initial_held_out = self.held_out_losses()?;
+        }
         while self.step() < end {
             let mut record = self.train_step()?;
             let step = record.step;
@@ -237,30 +289,8 @@ impl Trainer {
 
     /// Writes the checkpoint and the training state to `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let p = &self.network.params;
-        let mut config = self.config.clone();
-        if let Value::Object(map) = &mut config {
-            let exits = self.network.exit_layers();
-            if exits.is_empty() {
-                map.remove("lm_head_layer_indices");
-            } else {
-                map.insert("lm_head_layer_indices".into(), exits.into());
-            }
-            let dtype = match self.options.save_dtype {
-                DType::F16 => "float16",
-                DType::BF16 => "bfloat16",
-                _ => "float32",
-            };
-            map.insert("torch_dtype".into(), dtype.into());
-        }
-        write_atomically(&dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap_or_default().as_bytes())?;
-        let model: Vec<(String, HostTensor)> = p
-            .to_tensors(&p.values, self.options.save_dtype)
-            .into_iter()
-            .filter(|(name, _)| !(name == "lm_head.weight" && self.network.spec.tie_word_embeddings))
-            .collect();
-        write_safetensors(&dir.join("model.safetensors"), &model)?;
+        save_checkpoint(dir, &self.network, &self.config, self.options.save_dtype, &self.companions)?;
         let mut state: Vec<(String, HostTensor)> =
             p.to_tensors(&p.values, DType::F32).into_iter().map(|(n, t)| (format!("param.{n}"), t)).collect();
         for (prefix, buffer) in [("adam_m.", &self.optimizer.m), ("adam_v.", &self.optimizer.v)] {
@@ -279,18 +309,10 @@ impl Trainer {
             step: self.step(),
             trainable: p.params.iter().filter(|q| q.trainable).map(|q| q.name.clone()).collect(),
             log: self.log.clone(),
+            initial_held_out: self.initial_held_out.clone(),
         };
         let json = serde_json::to_string(&saved).map_err(|e| Error::invalid("training state", e.to_string()))?;
-        write_atomically(&dir.join("training-state.json"), json.as_bytes())?;
-        for file in &self.companions {
-            if let Some(name) = file.file_name() {
-                let target = dir.join(name);
-                if target != *file {
-                    std::fs::copy(file, &target).map_err(|e| Error::io(file, e))?;
-                }
-            }
-        }
-        Ok(())
+        write_atomically(&dir.join("training-state.json"), json.as_bytes())
     }
 }
 
@@ -318,41 +340,4 @@ fn check_options(network: &Network, o: &TrainOptions, train: &Blocks) -> Result<
         return Err(Error::invalid("parameters", "every parameter is frozen"));
     }
     Ok(())
-}
-
-fn read_trainable(network: &Network, tensors: &Weights, prefix: &str) -> Result<Vec<f32>> {
-    let p = &network.params;
-    let mut out = vec![0.0; p.values.len()];
-    for param in p.params.iter().filter(|q| q.trainable) {
-        let name = format!("{prefix}{}", param.name);
-        let stored: Vec<usize> =
-            if param.transposed { param.shape.iter().rev().copied().collect() } else { param.shape.clone() };
-        let data = tensors.get_shaped(&name, &stored)?.data().to_f32_vec();
-        let data = if param.transposed { super::params::transpose(&data, stored[0], stored[1]) } else { data };
-        out[param.offset..param.offset + param.numel()].copy_from_slice(&data);
-    }
-    Ok(out)
-}
-
-/// Writes `bytes` to a temporary sibling, then renames it over `path`: a kill mid-write leaves the
-/// previous file whole.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let partial = path.with_extension("partial");
-    std::fs::write(&partial, bytes).map_err(|e| Error::io(&partial, e))?;
-    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
-}
-
-fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            safetensors::tensor::TensorView::new(t.dtype().to_safetensors(), t.shape().to_vec(), t.bytes())
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::invalid(name.clone(), e.to_string()))
-        })
-        .collect::<Result<_>>()?;
-    let mut metadata = std::collections::HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::invalid("checkpoint", e.to_string()))?;
-    write_atomically(path, &bytes)
 }
