@@ -39,7 +39,75 @@ fn eval_perplexity_scores_documents_under_a_plan() {
     std::fs::write(&text, "The benefits of bad advice are many.\nSecond line.").expect("write");
     let out = eval(&["--model", DEMO, "--data", text.to_str().expect("utf-8")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("1 documents") && stdout.contains("bits per byte"), "{stdout}");
+    assert!(out.status.success() && stdout.contains("1 documents") && stdout.contains("bits/byte"), "{stdout}");
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+#[test]
+fn all_plans_in_one_pass_equal_each_plan_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("docs.jsonl");
+    std::fs::write(&data, "{\"text\": \"And God said, Let there be light: and there was light.\"}\n").expect("write");
+    let data = data.to_str().expect("utf-8");
+    for metric in ["perplexity", "last-word"] {
+        let run = |extra: &[&str]| {
+            let mut args = vec![metric, "--model", DEMO, "--data", data, "--json"];
+            args.extend_from_slice(extra);
+            json_of(&Command::new(env!("CARGO_BIN_EXE_layerwise")).arg("eval").args(&args).output().expect("run"))
+        };
+        let all = run(&["--all-plans", "--pair", "4,2", "--pair", "original,2"]);
+        let heads = all["heads"].as_array().expect("heads");
+        let names: Vec<&str> = heads.iter().map(|h| h["head"].as_str().expect("name")).collect();
+        assert_eq!(names, ["original", "exit 2", "exit 4", "acd 4-2", "acd original-2"], "{metric}");
+        let key = if metric == "perplexity" { "token_perplexity" } else { "perplexity" };
+        for (flags, index) in [(&[][..], 0), (&["--exit", "2"][..], 1), (&["--exit", "4"][..], 2), (&["--contrast", "4,2"][..], 3)] {
+            let alone = run(flags)[key].as_f64().expect("value");
+            let together = heads[index][key].as_f64().expect("value");
+            assert!((alone - together).abs() <= 1e-4 * alone, "{metric} {flags:?}: {alone} alone, {together} in --all-plans");
+        }
+    }
+}
+
+#[test]
+fn last_word_scores_each_target_and_refuses_texts_without_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("lw.jsonl");
+    std::fs::write(&data, "{\"text\": \"the lord is my shepherd\"}\n{\"text\": \"he leadeth me beside the still waters\"}\n")
+        .expect("write");
+    let out = eval_metric("last-word", &["--model", DEMO, "--data", data.to_str().expect("utf-8"), "--json"]);
+    let report = json_of(&out);
+    assert_eq!(report["items"], 2);
+    let items = report["per_item"].as_array().expect("items");
+    let mean: f64 = items.iter().map(|i| i["loglikelihood"].as_f64().expect("ll")).sum::<f64>() / 2.0;
+    assert!((report["perplexity"].as_f64().expect("ppl") - (-mean).exp()).abs() < 1e-6 * (-mean).exp());
+    let greedy = items.iter().filter(|i| i["greedy"].as_bool().expect("greedy")).count() as f64;
+    assert_eq!(report["accuracy"].as_f64(), Some(greedy / 2.0));
+    std::fs::write(&data, "{\"text\": \"oneword\"}\n").expect("write");
+    let out = eval_metric("last-word", &["--model", DEMO, "--data", data.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("item 0") && err.contains("no last word"), "{err}");
+}
+
+#[test]
+fn generation_metrics_are_simctgs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("gen.txt");
+    // SimCTG's eval_text on "a b a b a b c d e": 4 of 7 bigrams, 4 of 6 trigrams, 4 of 5 4-grams unique.
+    std::fs::write(&data, "a b a b a b c d e\n").expect("write");
+    let report = json_of(&eval_metric("generation", &["--data", data.to_str().expect("utf-8"), "--json"]));
+    assert_eq!((report["rep_2"].as_f64(), report["rep_3"].as_f64(), report["rep_4"].as_f64()), (Some(42.86), Some(33.33), Some(20.0)));
+    std::fs::write(&data, "too short\n").expect("write");
+    let out = eval_metric("generation", &["--data", data.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("too short to have 4-grams"), "{err}");
+}
+
+fn eval_metric(metric: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_layerwise")).arg("eval").arg(metric).args(args).output().expect("run")
 }
 
 #[test]

@@ -17,13 +17,19 @@
 //! # }
 //! ```
 //!
-//! Owns: the windows, the scoring and the report. Imports: `model` (the forward pass), `exits`,
-//! `math`.
+//! Owns: the windows, the scoring and the reports; [`heads`] (one plan, or many heads over one
+//! pass), [`last_word`] (LAMBADA's scoring), [`repetition`] (SimCTG's generation metrics). Imports:
+//! `model` (the forward pass), `exits`, `math`.
+
+pub mod heads;
+pub mod last_word;
+pub mod repetition;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::exits::PlanOptions;
-use crate::model::{ForwardRequest, Model};
+use crate::model::Model;
+use heads::Heads;
 
 /// One window of a rolling evaluation: `context` (what the model reads before the first scored
 /// token) and `continuation` (the tokens scored); lm-eval's `make_disjoint_window` of
@@ -148,52 +154,71 @@ pub fn perplexity<B: Backend>(
     plan: Option<&PlanOptions>,
     documents: &[Document],
 ) -> Result<PerplexityReport> {
+    let mut reports = perplexity_of(model, Heads::Plan(plan), documents)?;
+    Ok(reports.remove(0))
+}
+
+/// [`perplexity`] of every head of `heads` (one report each), each window run once.
+pub fn perplexity_of<B: Backend>(model: &Model<B>, heads: Heads<'_>, documents: &[Document]) -> Result<Vec<PerplexityReport>> {
     let spec = model.spec();
     let prefix = *spec.eos_token_ids.first().ok_or_else(|| {
         Error::invalid("eos_token_id", "the model's config names no end-of-text token to start each document with")
     })?;
-    let mut report = PerplexityReport::default();
+    let mut reports = vec![PerplexityReport::default(); heads.count()];
     for (i, doc) in documents.iter().enumerate() {
         if doc.tokens.is_empty() {
             return Err(Error::invalid(format!("document {i}"), "has no tokens"));
         }
-        let mut loglikelihood = 0.0f64;
+        let mut loglikelihood = vec![0.0f64; heads.count()];
         for window in rolling_windows(&doc.tokens, prefix, spec.max_positions) {
-            loglikelihood += window_loglikelihood(model, plan, &window)?;
+            for (total, score) in loglikelihood.iter_mut().zip(score_window(model, heads, &window)?) {
+                *total += score.loglikelihood;
+            }
         }
-        report.documents.push(DocumentScore {
-            loglikelihood,
-            tokens: doc.tokens.len(),
-            words: doc.words(),
-            bytes: doc.text.len(),
-        });
+        for (report, loglikelihood) in reports.iter_mut().zip(loglikelihood) {
+            report.documents.push(DocumentScore { loglikelihood, tokens: doc.tokens.len(), words: doc.words(), bytes: doc.text.len() });
+        }
     }
-    Ok(report)
+    Ok(reports)
 }
 
-/// Σ log p(continuation | context) for one window: one forward pass over context + continuation
-/// less its last token.
+/// A continuation's score under one head: lm-eval's `(loglikelihood, is_greedy)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ContinuationScore {
+    /// Σ log p(continuation token | what precedes it), natural log.
+    pub loglikelihood: f64,
+    /// Every continuation token is the head's argmax.
+    pub greedy: bool,
+}
+
+/// Σ log p(continuation | context) for one window under one plan: one forward pass over context +
+/// continuation less its last token.
 pub fn window_loglikelihood<B: Backend>(model: &Model<B>, plan: Option<&PlanOptions>, window: &Window) -> Result<f64> {
+    Ok(score_window(model, Heads::Plan(plan), window)?[0].loglikelihood)
+}
+
+/// The window's continuation scored by every head of `heads` (one forward pass).
+pub fn score_window<B: Backend>(model: &Model<B>, heads: Heads<'_>, window: &Window) -> Result<Vec<ContinuationScore>> {
+    if window.context.is_empty() || window.continuation.is_empty() {
+        return Err(Error::invalid("evaluation", "a window needs a context and a continuation"));
+    }
     let mut ids = window.context.clone();
     ids.extend_from_slice(&window.continuation[..window.continuation.len() - 1]);
-    let request = match plan {
-        Some(plan) => ForwardRequest { plan: Some(plan.clone()), ..Default::default() },
-        None => ForwardRequest { logits: true, ..Default::default() },
-    };
-    let out = model.forward(&ids, &request)?;
-    let scores = match plan {
-        Some(_) => out.plan,
-        None => out.logits,
-    }
-    .ok_or_else(|| Error::invalid("evaluation", "the forward pass returned no scores"))?;
     let vocab = model.spec().vocab_size;
     let first = window.context.len() - 1;
-    let mut total = 0.0f64;
-    for (k, &target) in window.continuation.iter().enumerate() {
-        let row = &scores[(first + k) * vocab..(first + k + 1) * vocab];
-        total += crate::math::log_softmax(row)[target as usize] as f64;
-    }
-    Ok(total)
+    let all = heads.scores(model, &ids)?;
+    Ok(all
+        .iter()
+        .map(|scores| {
+            let mut score = ContinuationScore { loglikelihood: 0.0, greedy: true };
+            for (k, &target) in window.continuation.iter().enumerate() {
+                let row = &scores[(first + k) * vocab..(first + k + 1) * vocab];
+                score.loglikelihood += crate::math::log_softmax(row)[target as usize] as f64;
+                score.greedy &= crate::math::argmax(row) == target;
+            }
+            score
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -117,6 +117,12 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` without special tokens (what lm-eval's causal models encode).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = contained(&self.path, || self.inner.encode(text, false))?.map_err(|e| self.error(e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens included (transformers' `decode` defaults).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         contained(&self.path, || self.inner.decode(ids, false))?.map_err(|e| self.error(e))
