@@ -107,7 +107,11 @@ fn parse_pair(text: &str, exits: &[usize]) -> Result<(Option<usize>, usize)> {
 }
 
 /// Runs `score` under the plan or the scorers; the error names the flag that chose the heads.
-fn with_heads<T>(args: &ScoreArgs, scorers: &Option<Vec<Scorer>>, score: impl FnOnce(Heads<'_>) -> layerwise::Result<T>) -> Result<T> {
+fn with_heads<T>(
+    args: &ScoreArgs,
+    scorers: &Option<Vec<Scorer>>,
+    score: impl FnOnce(Heads<'_>) -> layerwise::Result<T>,
+) -> Result<T> {
     let plan = args.plan.plan()?;
     let (heads, flag) = match scorers {
         Some(s) => (Heads::Many(s), "--all-plans"),
@@ -152,7 +156,10 @@ fn run_perplexity<B: Backend>(args: &ScoreArgs, loaded: LoadedModel<B>) -> Resul
     let report = &reports[0];
     let tokens: usize = report.documents.iter().map(|d| d.tokens).sum();
     output::line(format!("{} documents, {tokens} tokens", report.documents.len()))?;
-    output::line(format!("{:<18} {:>12} {:>12} {:>12} {:>10}", "head", "token ppl", "word ppl", "byte ppl", "bits/byte"))?;
+    output::line(format!(
+        "{:<18} {:>12} {:>12} {:>12} {:>10}",
+        "head", "token ppl", "word ppl", "byte ppl", "bits/byte"
+    ))?;
     for (name, r) in names.iter().zip(&reports) {
         output::line(format!(
             "{name:<18} {:>12.4} {:>12.4} {:>12.4} {:>10.4}",
@@ -191,7 +198,8 @@ fn run_last_word<B: Backend>(args: &ScoreArgs, loaded: LoadedModel<B>) -> Result
         .enumerate()
         .map(|(i, text)| {
             let where_ = || format!("--data {}: item {i}", args.data.display());
-            let (context, target) = split_last_word(text).with_context(|| format!("{}: no space, so no last word", where_()))?;
+            let (context, target) =
+                split_last_word(text).with_context(|| format!("{}: no space, so no last word", where_()))?;
             let pair = encode_pair(tokenizer, context, &target).with_context(where_)?;
             if pair.1.is_empty() {
                 bail!("{}: the last word has no tokens", where_());
@@ -233,8 +241,8 @@ fn run_generation(args: &GenerationArgs) -> Result<()> {
     }
     let pooled = repetition_and_diversity(&texts);
     // Upstream's script measures each text alone, a too-short text counting diversity 0.
-    let per_text: f64 =
-        texts.iter().map(|t| repetition_and_diversity(&[t]).map_or(0.0, |r| r.diversity)).sum::<f64>() / texts.len() as f64;
+    let per_text: f64 = texts.iter().map(|t| repetition_and_diversity(&[t]).map_or(0.0, |r| r.diversity)).sum::<f64>()
+        / texts.len() as f64;
     let Some(r) = pooled else {
         bail!("{what}: the texts are too short to have 4-grams (SimCTG's metrics need at least 5 words)")
     };

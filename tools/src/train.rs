@@ -260,10 +260,9 @@ fn train(
     spec: &ModelSpec,
 ) -> Result<()> {
     let block = args.block_size.unwrap_or(defaults.block_size);
-    if block > spec.max_positions {
-        if args.block_size.is_some() {
-            bail!("--block-size {block} exceeds the model's context of {} positions", spec.max_positions);
-        }
+    // An explicit --block-size beyond the context is an error; the default is capped to it.
+    if block > spec.max_positions && args.block_size.is_some() {
+        bail!("--block-size {block} exceeds the model's context of {} positions", spec.max_positions);
     }
     let block = block.min(spec.max_positions);
     let blocks = |path: &Path, flag: &str| -> Result<Blocks> {

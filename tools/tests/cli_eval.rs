@@ -64,10 +64,15 @@ fn all_plans_in_one_pass_equal_each_plan_alone() {
         let names: Vec<&str> = heads.iter().map(|h| h["head"].as_str().expect("name")).collect();
         assert_eq!(names, ["original", "exit 2", "exit 4", "acd 4-2", "acd original-2"], "{metric}");
         let key = if metric == "perplexity" { "token_perplexity" } else { "perplexity" };
-        for (flags, index) in [(&[][..], 0), (&["--exit", "2"][..], 1), (&["--exit", "4"][..], 2), (&["--contrast", "4,2"][..], 3)] {
+        for (flags, index) in
+            [(&[][..], 0), (&["--exit", "2"][..], 1), (&["--exit", "4"][..], 2), (&["--contrast", "4,2"][..], 3)]
+        {
             let alone = run(flags)[key].as_f64().expect("value");
             let together = heads[index][key].as_f64().expect("value");
-            assert!((alone - together).abs() <= 1e-4 * alone, "{metric} {flags:?}: {alone} alone, {together} in --all-plans");
+            assert!(
+                (alone - together).abs() <= 1e-4 * alone,
+                "{metric} {flags:?}: {alone} alone, {together} in --all-plans"
+            );
         }
     }
 }
@@ -76,8 +81,11 @@ fn all_plans_in_one_pass_equal_each_plan_alone() {
 fn last_word_scores_each_target_and_refuses_texts_without_one() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("lw.jsonl");
-    std::fs::write(&data, "{\"text\": \"the lord is my shepherd\"}\n{\"text\": \"he leadeth me beside the still waters\"}\n")
-        .expect("write");
+    std::fs::write(
+        &data,
+        "{\"text\": \"the lord is my shepherd\"}\n{\"text\": \"he leadeth me beside the still waters\"}\n",
+    )
+    .expect("write");
     let out = eval_metric("last-word", &["--model", DEMO, "--data", data.to_str().expect("utf-8"), "--json"]);
     let report = json_of(&out);
     assert_eq!(report["items"], 2);
@@ -99,7 +107,10 @@ fn generation_metrics_are_simctgs() {
     // SimCTG's eval_text on "a b a b a b c d e": 4 of 7 bigrams, 4 of 6 trigrams, 4 of 5 4-grams unique.
     std::fs::write(&data, "a b a b a b c d e\n").expect("write");
     let report = json_of(&eval_metric("generation", &["--data", data.to_str().expect("utf-8"), "--json"]));
-    assert_eq!((report["rep_2"].as_f64(), report["rep_3"].as_f64(), report["rep_4"].as_f64()), (Some(42.86), Some(33.33), Some(20.0)));
+    assert_eq!(
+        (report["rep_2"].as_f64(), report["rep_3"].as_f64(), report["rep_4"].as_f64()),
+        (Some(42.86), Some(33.33), Some(20.0))
+    );
     std::fs::write(&data, "too short\n").expect("write");
     let out = eval_metric("generation", &["--data", data.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);

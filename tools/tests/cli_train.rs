@@ -44,13 +44,31 @@ fn s(p: &Path) -> &str {
 
 fn train_args<'a>(data: &'a str, tok: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "train", "--config", tok, "--data", data, "--eval-data", data, "--out", out, "--max-steps", "6", "--batch-size",
-        "2", "--block-size", "16", "--warmup-steps", "1", "--save-every", "2",
+        "train",
+        "--config",
+        tok,
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "2",
     ]
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
-    let log: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("training-log.json")).expect("log")).expect("json");
+    let log: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training-log.json")).expect("log")).expect("json");
     log["steps"].as_array().expect("steps").iter().map(|r| r["loss"].as_f64().expect("loss")).collect()
 }
 
@@ -71,22 +89,47 @@ fn a_model_trained_from_scratch_gains_exits_and_conversions_and_generates() {
     // A second exit head on layer 2, the base frozen.
     let exits = dir.path().join("exits");
     let out = layerwise(&[
-        "train-exits", "--model", s(&model), "--layers", "2", "--data", s(&data), "--out", s(&exits), "--max-steps", "2",
-        "--batch-size", "2", "--block-size", "16",
+        "train-exits",
+        "--model",
+        s(&model),
+        "--layers",
+        "2",
+        "--data",
+        s(&data),
+        "--out",
+        s(&exits),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
     ]);
     assert!(out.status.success(), "train-exits: {}", stderr(&out));
-    let config: Value = serde_json::from_str(&std::fs::read_to_string(exits.join("config.json")).expect("config")).expect("json");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(exits.join("config.json")).expect("config")).expect("json");
     assert_eq!(config["lm_head_layer_indices"], serde_json::json!([1, 2]));
-    let early = layerwise(&["generate", "--model", s(&exits), "--exit", "2", "--prompt", "the", "--max-new-tokens", "3"]);
+    let early =
+        layerwise(&["generate", "--model", s(&exits), "--exit", "2", "--prompt", "the", "--max-new-tokens", "3"]);
     assert!(early.status.success(), "generate --exit 2: {}", stderr(&early));
 
     // A conversion matrix for layer 1, read by --converted.
     let conv = dir.path().join("conv");
-    let out = layerwise(&["fit-conversions", "--model", s(&model), "--layers", "1", "--data", s(&data), "--out", s(&conv)]);
+    let out =
+        layerwise(&["fit-conversions", "--model", s(&model), "--layers", "1", "--data", s(&data), "--out", s(&conv)]);
     assert!(out.status.success(), "fit-conversions: {}", stderr(&out));
     assert!(stderr(&out).contains("unexplained"), "{}", stderr(&out));
     let converted = layerwise(&[
-        "generate", "--model", s(&conv), "--exit", "1", "--converted", "--prompt", "the", "--max-new-tokens", "3",
+        "generate",
+        "--model",
+        s(&conv),
+        "--exit",
+        "1",
+        "--converted",
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        "3",
     ]);
     assert!(converted.status.success(), "generate --converted: {}", stderr(&converted));
 }
@@ -116,7 +159,10 @@ fn bad_training_input_is_refused_by_name() {
     // A JSON Lines file without the column.
     let other = dir.path().join("other.jsonl");
     std::fs::write(&other, "{\"body\": \"text\"}\n").expect("write");
-    assert_fails_naming(&["train", "--config", tok, "--data", s(&other), "--out", out], &["other.jsonl", "line 1", "`text`"]);
+    assert_fails_naming(
+        &["train", "--config", tok, "--data", s(&other), "--out", out],
+        &["other.jsonl", "line 1", "`text`"],
+    );
     assert_fails_naming(
         &["train", "--config", tok, "--data", data, "--column", "body", "--out", out],
         &["data.jsonl", "line 1", "no `body` field"],
@@ -150,5 +196,8 @@ fn bad_training_input_is_refused_by_name() {
         &["tokens do not fit", "vocab_size of 100"],
     );
     // A tokenizer vocabulary below the byte alphabet.
-    assert_fails_naming(&["tokenizer", "train", "--data", data, "--vocab-size", "100", "--out", out], &["--vocab-size", "256"]);
+    assert_fails_naming(
+        &["tokenizer", "train", "--data", data, "--vocab-size", "100", "--out", out],
+        &["--vocab-size", "256"],
+    );
 }

@@ -33,7 +33,12 @@ impl Scorer {
     }
 
     /// The original head, every exit of the model, and `contrasts` (upper, lower) at `alpha`.
-    pub fn all(exits: &[usize], contrasts: &[(Option<usize>, usize)], alpha: f32, min_candidates: usize) -> Vec<Scorer> {
+    pub fn all(
+        exits: &[usize],
+        contrasts: &[(Option<usize>, usize)],
+        alpha: f32,
+        min_candidates: usize,
+    ) -> Vec<Scorer> {
         std::iter::once(Scorer::Original)
             .chain(exits.iter().map(|&l| Scorer::Exit(l)))
             .chain(contrasts.iter().map(|&(upper, lower)| Scorer::Contrast { upper, lower, alpha, min_candidates }))

@@ -54,7 +54,11 @@ impl LastWordReport {
 /// Scores each `(context, target)` token pair under every head of `heads` (one forward pass each):
 /// the pair is cut to the model's context from the left as lm-eval cuts it; an empty context reads
 /// the end-of-text token.
-pub fn last_word<B: Backend>(model: &Model<B>, heads: Heads<'_>, items: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<LastWordReport>> {
+pub fn last_word<B: Backend>(
+    model: &Model<B>,
+    heads: Heads<'_>,
+    items: &[(Vec<u32>, Vec<u32>)],
+) -> Result<Vec<LastWordReport>> {
     let spec = model.spec();
     let mut reports = vec![LastWordReport::default(); heads.count()];
     for (i, (context, target)) in items.iter().enumerate() {

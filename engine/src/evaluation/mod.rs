@@ -159,7 +159,11 @@ pub fn perplexity<B: Backend>(
 }
 
 /// [`perplexity`] of every head of `heads` (one report each), each window run once.
-pub fn perplexity_of<B: Backend>(model: &Model<B>, heads: Heads<'_>, documents: &[Document]) -> Result<Vec<PerplexityReport>> {
+pub fn perplexity_of<B: Backend>(
+    model: &Model<B>,
+    heads: Heads<'_>,
+    documents: &[Document],
+) -> Result<Vec<PerplexityReport>> {
     let spec = model.spec();
     let prefix = *spec.eos_token_ids.first().ok_or_else(|| {
         Error::invalid("eos_token_id", "the model's config names no end-of-text token to start each document with")
@@ -176,7 +180,12 @@ pub fn perplexity_of<B: Backend>(model: &Model<B>, heads: Heads<'_>, documents: 
             }
         }
         for (report, loglikelihood) in reports.iter_mut().zip(loglikelihood) {
-            report.documents.push(DocumentScore { loglikelihood, tokens: doc.tokens.len(), words: doc.words(), bytes: doc.text.len() });
+            report.documents.push(DocumentScore {
+                loglikelihood,
+                tokens: doc.tokens.len(),
+                words: doc.words(),
+                bytes: doc.text.len(),
+            });
         }
     }
     Ok(reports)

@@ -34,7 +34,8 @@ fn ngram_counts(text: &str, n: usize) -> (usize, usize) {
 pub fn repetition_and_diversity<S: AsRef<str>>(texts: &[S]) -> Option<Repetition> {
     let mut rep = [0.0f64; 3];
     for (slot, n) in rep.iter_mut().zip([2, 3, 4]) {
-        let (unique, total) = texts.iter().map(|t| ngram_counts(t.as_ref(), n)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (unique, total) =
+            texts.iter().map(|t| ngram_counts(t.as_ref(), n)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         if total == 0 {
             return None;
         }

@@ -128,6 +128,43 @@ struct BlockTape {
     act: Vec<f32>,
 }
 
+/// Adds parameters under their checkpoint names, their values from the checkpoint when it has
+/// them, else from their initialisation.
+struct Builder<'w> {
+    params: ParamSet,
+    weights: Option<&'w Weights>,
+    rng: Normal,
+    /// The hidden size (norm widths).
+    d: usize,
+}
+
+impl Builder<'_> {
+    fn tensor(&mut self, name: String, shape: &[usize], transposed: bool, init: Init) -> Result<ParamId> {
+        self.params.add(&name, shape, transposed, init, self.weights, &mut self.rng)
+    }
+
+    /// `{name}.weight` `[n_out, n_in]` (stored `[n_in, n_out]` when `transposed`) and `{name}.bias`.
+    fn linear(
+        &mut self,
+        name: &str,
+        (n_out, n_in): (usize, usize),
+        bias: bool,
+        transposed: bool,
+        std: f32,
+    ) -> Result<Lin> {
+        let w = self.tensor(format!("{name}.weight"), &[n_out, n_in], transposed, Init::Normal(std))?;
+        let b = if bias { Some(self.tensor(format!("{name}.bias"), &[n_out], false, Init::Zeros)?) } else { None };
+        Ok(Lin { w, b, n_in, n_out })
+    }
+
+    fn norm(&mut self, name: &str, bias: bool) -> Result<NormP> {
+        let d = self.d;
+        let w = self.tensor(format!("{name}.weight"), &[d], false, Init::Ones)?;
+        let b = if bias { Some(self.tensor(format!("{name}.bias"), &[d], false, Init::Zeros)?) } else { None };
+        Ok(NormP { w, b })
+    }
+}
+
 impl Network {
     /// The network of `spec`, its values from `weights` where present, else initialised as
     /// transformers' `_init_weights` does (N(0, 0.02) matrices, GPT-2's output projections scaled
@@ -138,8 +175,6 @@ impl Network {
         let (qw, kw) = (spec.num_heads * hd, spec.num_kv_heads * hd);
         let std = 0.02;
         let proj_std = std / (2.0 * spec.num_layers as f32).sqrt();
-        let mut rng = Normal::new(seed);
-        let mut p = ParamSet::default();
         let arch = spec.architecture;
         let prefix = match (arch, weights) {
             (Architecture::Llama, Some(w)) if w.contains("embed_tokens.weight") => "",
@@ -147,38 +182,14 @@ impl Network {
             (_, Some(w)) if w.contains("wte.weight") && !w.contains("transformer.wte.weight") => "",
             _ => "transformer.",
         };
-        let mut add = |p: &mut ParamSet, name: String, shape: &[usize], t: bool, init: Init| {
-            p.add(&name, shape, t, init, weights, &mut rng)
-        };
-        let lin = |p: &mut ParamSet,
-                   add: &mut dyn FnMut(&mut ParamSet, String, &[usize], bool, Init) -> Result<ParamId>,
-                   name: &str,
-                   (n_out, n_in): (usize, usize),
-                   bias: bool,
-                   transposed: bool,
-                   std: f32|
-         -> Result<Lin> {
-            let w = add(p, format!("{name}.weight"), &[n_out, n_in], transposed, Init::Normal(std))?;
-            let b = if bias { Some(add(p, format!("{name}.bias"), &[n_out], false, Init::Zeros)?) } else { None };
-            Ok(Lin { w, b, n_in, n_out })
-        };
-        let norm = |p: &mut ParamSet,
-                    add: &mut dyn FnMut(&mut ParamSet, String, &[usize], bool, Init) -> Result<ParamId>,
-                    name: &str,
-                    bias: bool|
-         -> Result<NormP> {
-            let w = add(p, format!("{name}.weight"), &[d], false, Init::Ones)?;
-            let b = if bias { Some(add(p, format!("{name}.bias"), &[d], false, Init::Zeros)?) } else { None };
-            Ok(NormP { w, b })
-        };
-
+        let mut b = Builder { params: ParamSet::default(), weights, rng: Normal::new(seed), d };
         let (tokens, positions) = match arch {
             Architecture::Llama => {
-                (add(&mut p, format!("{prefix}embed_tokens.weight"), &[v, d], false, Init::Normal(std))?, None)
+                (b.tensor(format!("{prefix}embed_tokens.weight"), &[v, d], false, Init::Normal(std))?, None)
             }
             _ => (
-                add(&mut p, format!("{prefix}wte.weight"), &[v, d], false, Init::Normal(std))?,
-                Some(add(&mut p, format!("{prefix}wpe.weight"), &[spec.max_positions, d], false, Init::Normal(std))?),
+                b.tensor(format!("{prefix}wte.weight"), &[v, d], false, Init::Normal(std))?,
+                Some(b.tensor(format!("{prefix}wpe.weight"), &[spec.max_positions, d], false, Init::Normal(std))?),
             ),
         };
         let mut blocks = Vec::with_capacity(spec.num_layers);
@@ -201,12 +212,12 @@ impl Network {
                         scale /= (i + 1) as f32;
                     }
                     Block {
-                        norm_1: norm(&mut p, &mut add, &format!("{h}.ln_1"), true)?,
-                        qkv: vec![lin(&mut p, &mut add, &format!("{h}.attn.c_attn"), (3 * qw, d), true, true, std)?],
-                        out: lin(&mut p, &mut add, &format!("{h}.attn.c_proj"), (d, qw), true, true, proj_std)?,
-                        norm_2: norm(&mut p, &mut add, &format!("{h}.ln_2"), true)?,
-                        mlp_in: vec![lin(&mut p, &mut add, &format!("{h}.mlp.c_fc"), (ff, d), true, true, std)?],
-                        mlp_out: lin(&mut p, &mut add, &format!("{h}.mlp.c_proj"), (d, ff), true, true, proj_std)?,
+                        norm_1: b.norm(&format!("{h}.ln_1"), true)?,
+                        qkv: vec![b.linear(&format!("{h}.attn.c_attn"), (3 * qw, d), true, true, std)?],
+                        out: b.linear(&format!("{h}.attn.c_proj"), (d, qw), true, true, proj_std)?,
+                        norm_2: b.norm(&format!("{h}.ln_2"), true)?,
+                        mlp_in: vec![b.linear(&format!("{h}.mlp.c_fc"), (ff, d), true, true, std)?],
+                        mlp_out: b.linear(&format!("{h}.mlp.c_proj"), (d, ff), true, true, proj_std)?,
                         window,
                         scale,
                     }
@@ -215,16 +226,16 @@ impl Network {
                     let h = format!("{prefix}h.{i}");
                     let a = format!("{h}.attn.attention");
                     Block {
-                        norm_1: norm(&mut p, &mut add, &format!("{h}.ln_1"), true)?,
+                        norm_1: b.norm(&format!("{h}.ln_1"), true)?,
                         qkv: vec![
-                            lin(&mut p, &mut add, &format!("{a}.q_proj"), (qw, d), false, false, std)?,
-                            lin(&mut p, &mut add, &format!("{a}.k_proj"), (kw, d), false, false, std)?,
-                            lin(&mut p, &mut add, &format!("{a}.v_proj"), (kw, d), false, false, std)?,
+                            b.linear(&format!("{a}.q_proj"), (qw, d), false, false, std)?,
+                            b.linear(&format!("{a}.k_proj"), (kw, d), false, false, std)?,
+                            b.linear(&format!("{a}.v_proj"), (kw, d), false, false, std)?,
                         ],
-                        out: lin(&mut p, &mut add, &format!("{a}.out_proj"), (d, qw), true, false, std)?,
-                        norm_2: norm(&mut p, &mut add, &format!("{h}.ln_2"), true)?,
-                        mlp_in: vec![lin(&mut p, &mut add, &format!("{h}.mlp.c_fc"), (ff, d), true, false, std)?],
-                        mlp_out: lin(&mut p, &mut add, &format!("{h}.mlp.c_proj"), (d, ff), true, false, std)?,
+                        out: b.linear(&format!("{a}.out_proj"), (d, qw), true, false, std)?,
+                        norm_2: b.norm(&format!("{h}.ln_2"), true)?,
+                        mlp_in: vec![b.linear(&format!("{h}.mlp.c_fc"), (ff, d), true, false, std)?],
+                        mlp_out: b.linear(&format!("{h}.mlp.c_proj"), (d, ff), true, false, std)?,
                         window,
                         scale: 1.0,
                     }
@@ -233,19 +244,19 @@ impl Network {
                     let l = format!("{prefix}layers.{i}");
                     let (ab, mb) = (*attention_bias, *mlp_bias);
                     Block {
-                        norm_1: norm(&mut p, &mut add, &format!("{l}.input_layernorm"), false)?,
+                        norm_1: b.norm(&format!("{l}.input_layernorm"), false)?,
                         qkv: vec![
-                            lin(&mut p, &mut add, &format!("{l}.self_attn.q_proj"), (qw, d), ab, false, std)?,
-                            lin(&mut p, &mut add, &format!("{l}.self_attn.k_proj"), (kw, d), ab, false, std)?,
-                            lin(&mut p, &mut add, &format!("{l}.self_attn.v_proj"), (kw, d), ab, false, std)?,
+                            b.linear(&format!("{l}.self_attn.q_proj"), (qw, d), ab, false, std)?,
+                            b.linear(&format!("{l}.self_attn.k_proj"), (kw, d), ab, false, std)?,
+                            b.linear(&format!("{l}.self_attn.v_proj"), (kw, d), ab, false, std)?,
                         ],
-                        out: lin(&mut p, &mut add, &format!("{l}.self_attn.o_proj"), (d, qw), ab, false, std)?,
-                        norm_2: norm(&mut p, &mut add, &format!("{l}.post_attention_layernorm"), false)?,
+                        out: b.linear(&format!("{l}.self_attn.o_proj"), (d, qw), ab, false, std)?,
+                        norm_2: b.norm(&format!("{l}.post_attention_layernorm"), false)?,
                         mlp_in: vec![
-                            lin(&mut p, &mut add, &format!("{l}.mlp.gate_proj"), (ff, d), mb, false, std)?,
-                            lin(&mut p, &mut add, &format!("{l}.mlp.up_proj"), (ff, d), mb, false, std)?,
+                            b.linear(&format!("{l}.mlp.gate_proj"), (ff, d), mb, false, std)?,
+                            b.linear(&format!("{l}.mlp.up_proj"), (ff, d), mb, false, std)?,
                         ],
-                        mlp_out: lin(&mut p, &mut add, &format!("{l}.mlp.down_proj"), (d, ff), mb, false, std)?,
+                        mlp_out: b.linear(&format!("{l}.mlp.down_proj"), (d, ff), mb, false, std)?,
                         window,
                         scale: 1.0 / (hd as f32).sqrt(),
                     }
@@ -255,24 +266,24 @@ impl Network {
             blocks.push(block);
         }
         let final_norm = match arch {
-            Architecture::Llama => norm(&mut p, &mut add, &format!("{prefix}norm"), false)?,
-            _ => norm(&mut p, &mut add, &format!("{prefix}ln_f"), true)?,
+            Architecture::Llama => b.norm(&format!("{prefix}norm"), false)?,
+            _ => b.norm(&format!("{prefix}ln_f"), true)?,
         };
         // Tied as transformers ties them: a stored `lm_head.weight` (torch .bin files keep both) is the
         // embedding, and one gradient serves both uses.
         let lm_head = if spec.tie_word_embeddings {
             tokens
         } else {
-            add(&mut p, "lm_head.weight".into(), &[v, d], false, Init::Normal(std))?
+            b.tensor("lm_head.weight".into(), &[v, d], false, Init::Normal(std))?
         };
         let mut exit_heads = Vec::new();
         for &layer in &spec.exit_layers {
             let name = exit_head_name(layer);
             let present = weights.is_some_and(|w| w.contains(&name));
-            let id = add(&mut p, name, &[v, d], false, Init::Normal(std))?;
+            let id = b.tensor(name, &[v, d], false, Init::Normal(std))?;
             if !present && exits_from_lm_head {
-                let (from, to) = (p.params[lm_head].offset, p.params[id].offset);
-                p.values.copy_within(from..from + v * d, to);
+                let (from, to) = (b.params.params[lm_head].offset, b.params.params[id].offset);
+                b.params.values.copy_within(from..from + v * d, to);
             }
             exit_heads.push((layer, id));
         }
@@ -281,8 +292,8 @@ impl Network {
             for layer in 1..spec.num_layers {
                 let name = conversion_name(layer, spec.num_layers);
                 if w.contains(&name) {
-                    let id = add(&mut p, name, &[d, d], false, Init::Zeros)?;
-                    p.params[id].trainable = false;
+                    let id = b.tensor(name, &[d, d], false, Init::Zeros)?;
+                    b.params.params[id].trainable = false;
                 }
             }
         }
@@ -292,7 +303,7 @@ impl Network {
         };
         Ok(Network {
             spec: spec.clone(),
-            params: p,
+            params: b.params,
             tokens,
             positions,
             blocks,
