@@ -33,7 +33,8 @@
 //! | [`runtime`] | the paged cache's bookkeeping and the step-by-step decoder |
 //! | [`generation`] | the generation loop, its options, processors, stopping rules and strategies |
 //! | [`analysis`] | the logit lens and attention-head analysis |
-//! | [`evaluation`] | language-modeling scores as lm-evaluation-harness computes them (rolling perplexity) |
+//! | [`evaluation`] | language-modeling scores as lm-evaluation-harness computes them (rolling perplexity, last word, all heads in one pass) and SimCTG's generation metrics |
+//! | [`training`] | the CPU backward pass, AdamW and the training loop (models from scratch, exit heads, conversion matrices) |
 
 pub mod analysis;
 pub mod backend;

@@ -13,6 +13,29 @@
 //! | [`conversions`] | conversion matrices fitted by least squares |
 //!
 //! Imports: `model` (configs, names), `io` (weights, tokenizers), `math`.
+//!
+//! ```
+//! use layerwise::training::{data::Blocks, AdamWConfig, Network, TrainOptions, Trainer};
+//! use layerwise::{io, ModelFiles, ModelSpec};
+//!
+//! # fn main() -> layerwise::Result<()> {
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/gpt2-sharded");
+//! let files = ModelFiles::from_dir(std::path::Path::new(dir))?;
+//! let spec = ModelSpec::from_file(&files.config)?;
+//! let network = Network::new(&spec, Some(&io::open_weights(&files.weights)?), 0, false)?;
+//! // A repeating token stream in blocks of 16: easy to learn.
+//! let data = Blocks::from_tokens((0..512u32).map(|i| i % 7).collect(), 16, "data")?;
+//! let optimizer = AdamWConfig { learning_rate: 1e-2, ..Default::default() };
+//! let options = TrainOptions { batch_size: 4, block_size: 16, max_steps: Some(10), optimizer, ..Default::default() };
+//! let mut trainer = Trainer::new(network, options, data, None, serde_json::json!({}), Vec::new())?;
+//! let first = trainer.train_step()?.loss;
+//! while trainer.step() < 10 {
+//!     trainer.train_step()?;
+//! }
+//! assert!(trainer.log[9].loss < first);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod conversions;
