@@ -4,6 +4,7 @@
 mod activations;
 mod attention;
 mod bench;
+mod bench_train;
 mod eval;
 mod flags;
 mod forward;
@@ -61,6 +62,8 @@ enum Command {
     /// Fit conversion matrices (least squares from layer-L states to the top layer's), used by
     /// --converted.
     FitConversions(Box<train::ConversionArgs>),
+    /// Training throughput of a config, as a fraction of this machine's matrix-product ceiling.
+    BenchTrain(bench_train::Args),
     /// Tokenizer tools.
     Tokenizer(train::TokenizerArgs),
 }
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::TrainExits(args) => train::run_exits(*args),
         Command::Train(args) => train::run_scratch(*args),
         Command::Tokenizer(args) => train::run_tokenizer(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::FitConversions(args) => train::run_conversions(*args),
     };
     let result = result.and_then(|()| output::flush());

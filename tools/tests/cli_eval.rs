@@ -147,3 +147,22 @@ fn eval_perplexity_refuses_bad_data_and_layers_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("--exit") && err.contains("9"), "{err}");
 }
+
+#[test]
+fn last_word_refuses_bad_data_and_layers_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("lw.jsonl");
+    std::fs::write(&data, "{\"body\": \"the lord is my shepherd\"}\n").expect("write");
+    let data = data.to_str().expect("utf-8");
+    let out = eval_metric("last-word", &["--model", DEMO, "--data", data]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("lw.jsonl") && err.contains("no `text` field"), "{err}");
+    let ok = dir.path().join("ok.jsonl");
+    std::fs::write(&ok, "{\"text\": \"the lord is my shepherd\"}\n").expect("write");
+    let out = eval_metric("last-word", &["--model", DEMO, "--data", ok.to_str().expect("utf-8"), "--exit", "9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("--exit") && err.contains('9'), "{err}");
+    let out = eval_metric("last-word", &["--model", DEMO, "--data", ok.to_str().expect("utf-8"), "--all-plans", "--pair", "3,2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && err.contains("--pair 3,2") && err.contains("no exit head"), "{err}");
+}
