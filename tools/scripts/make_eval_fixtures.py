@@ -4,10 +4,10 @@ tokenizer, a 64-token context), and a Parquet dataset, for the evaluation tests.
 
 Environment: make_fixtures.py's virtualenv plus `pip install lm-eval==0.4.8 "datasets<3.3"` (then
 `pip install transformers==4.48.2` again: lm-eval's install upgrades it).
-    ~/lw-venv/bin/python tools/scripts/make_eval_fixtures.py
+    ~/lw-venv/bin/python tools/scripts/make_eval_fixtures.py [--model DIR --name NAME]
 
 Writes tests/fixtures/evaluation/:
-    lm-eval.json: for each text, lambada_openai's context and target (doc_to_text / doc_to_target),
+    lm-eval.json (or NAME.json with --model): for each text, lambada_openai's context and target (doc_to_text / doc_to_target),
         HFLM.loglikelihood's (loglikelihood, is_greedy) of that pair, and HFLM.loglikelihood_rolling
         of the whole text, on tests/fixtures/demo-gpt2-multiexit in f32
     texts.parquet: columns `text` (strings) and `n` (integers), snappy-compressed as datasets writes
@@ -31,10 +31,15 @@ TEXTS = [
 
 
 def main():
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tests/fixtures/demo-gpt2-multiexit")
+    parser.add_argument("--name", default="lm-eval")
+    args = parser.parse_args()
     out = "tests/fixtures/evaluation"
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    lm = HFLM(pretrained="tests/fixtures/demo-gpt2-multiexit", device="cpu", dtype="float32", batch_size=1)
+    lm = HFLM(pretrained=args.model, device="cpu", dtype="float32", batch_size=1)
     rows = []
     for text in TEXTS:
         context = " ".join(text.split(" ")[:-1])
@@ -43,8 +48,8 @@ def main():
         (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
         rows.append({"text": text, "context": context, "target": target, "loglikelihood": ll,
                      "is_greedy": bool(greedy), "rolling_loglikelihood": rolling})
-    with open(os.path.join(out, "lm-eval.json"), "w") as f:
-        json.dump({"model": "tests/fixtures/demo-gpt2-multiexit", "rows": rows}, f, indent=1)
+    with open(os.path.join(out, f"{args.name}.json"), "w") as f:
+        json.dump({"model": args.model, "rows": rows}, f, indent=1)
     table = pa.table({"text": ["first document", "second document"], "n": [1, 2]})
     pq.write_table(table, os.path.join(out, "texts.parquet"), compression="snappy")
     print(json.dumps(rows, indent=1)[:800])

@@ -32,14 +32,18 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let path = if args.config.is_dir() { args.config.join("config.json") } else { args.config.clone() };
     let spec = ModelSpec::from_file(&path).with_context(|| format!("--config {}", args.config.display()))?;
-    anyhow::ensure!(args.block_size <= spec.max_positions, "--block-size exceeds the model's context of {}", spec.max_positions);
+    anyhow::ensure!(
+        args.block_size <= spec.max_positions,
+        "--block-size exceeds the model's context of {}",
+        spec.max_positions
+    );
     anyhow::ensure!(args.steps >= 1 && args.batch_size >= 1, "--steps and --batch-size must be at least 1");
     let ceiling = gemm_ceiling();
-    let heads: Vec<Head> = std::iter::once(Head::Original).chain(spec.exit_layers.iter().map(|&l| Head::Exit(l))).collect();
+    let heads: Vec<Head> =
+        std::iter::once(Head::Original).chain(spec.exit_layers.iter().map(|&l| Head::Exit(l))).collect();
     let tokens_needed = (args.steps + 1) * args.batch_size * args.block_size;
-    let stream: Vec<u32> = (0..tokens_needed as u64)
-        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u32 % spec.vocab_size as u32)
-        .collect();
+    let stream: Vec<u32> =
+        (0..tokens_needed as u64).map(|i| (i.wrapping_mul(2654435761) >> 7) as u32 % spec.vocab_size as u32).collect();
     let blocks = Blocks::from_tokens(stream, args.block_size, "tokens")?;
     let options = TrainOptions {
         heads: heads.clone(),

@@ -5,6 +5,7 @@
 //! draws the loss curve.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -118,6 +119,10 @@ pub struct ScratchArgs {
     /// directory.
     #[arg(long, value_name = "DIR")]
     tokenizer: Option<PathBuf>,
+    /// Start from this checkpoint's weights (same shapes as --config) instead of a random
+    /// initialisation: more pre-training with a fresh optimizer and schedule.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
     #[command(flatten)]
     training: TrainingArgs,
 }
@@ -243,7 +248,20 @@ pub fn run_scratch(args: ScratchArgs) -> Result<()> {
     let heads = std::iter::once(Head::Original).chain(spec.exit_layers.iter().map(|&l| Head::Exit(l))).collect();
     // Documents are separated by the end-of-text token, as GPT-2's pre-training data was.
     let separator = spec.eos_token_ids.first().copied();
-    let build = |seed| Network::new(&spec, None, seed, false).map_err(Into::into);
+    let init = match &args.init {
+        Some(dir) => {
+            let files = ModelFiles::from_dir(dir).with_context(|| format!("--init {}", dir.display()))?;
+            Some(io::open_weights(&files.weights).with_context(|| format!("--init {}", dir.display()))?)
+        }
+        None => None,
+    };
+    let build = |seed| -> Result<Network> {
+        let network = Network::new(&spec, init.as_ref(), seed, false);
+        match &args.init {
+            Some(dir) => network.with_context(|| format!("--init {}", dir.display())),
+            None => Ok(network?),
+        }
+    };
     train(&args.training, &defaults, &tokenizer, separator, heads, build, config, companions, &spec)
 }
 
@@ -317,10 +335,17 @@ fn train(
     let started = Instant::now();
     let first_step = trainer.step();
     let mut tokens = 0usize;
+    // On a terminal one line is redrawn every step (held-out results stay); otherwise a line is
+    // printed every --log-every steps.
+    let terminal = std::io::stderr().is_terminal();
     trainer.run(&args.out, args.stop_after.map(|s| first_step + s), |record, total| {
         tokens += record.tokens;
-        if record.step % log_every == 0 || record.step == total || record.held_out.is_some() {
-            eprintln!("{}", progress_line(record, total, tokens, started, first_step));
+        let line = progress_line(record, total, tokens, started, first_step);
+        if terminal {
+            let end = if record.held_out.is_some() || record.step == total { "\n" } else { "" };
+            eprint!("\r\x1b[2K{line}{end}");
+        } else if record.step % log_every == 0 || record.step == total || record.held_out.is_some() {
+            eprintln!("{line}");
         }
     })?;
     if let Some(initial) = &trainer.initial_held_out {

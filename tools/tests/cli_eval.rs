@@ -162,7 +162,10 @@ fn last_word_refuses_bad_data_and_layers_by_name() {
     let out = eval_metric("last-word", &["--model", DEMO, "--data", ok.to_str().expect("utf-8"), "--exit", "9"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("--exit") && err.contains('9'), "{err}");
-    let out = eval_metric("last-word", &["--model", DEMO, "--data", ok.to_str().expect("utf-8"), "--all-plans", "--pair", "3,2"]);
+    let out = eval_metric(
+        "last-word",
+        &["--model", DEMO, "--data", ok.to_str().expect("utf-8"), "--all-plans", "--pair", "3,2"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("--pair 3,2") && err.contains("no exit head"), "{err}");
 }

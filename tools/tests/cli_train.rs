@@ -86,6 +86,14 @@ fn a_model_trained_from_scratch_gains_exits_and_conversions_and_generates() {
     let generated = layerwise(&["generate", "--model", s(&model), "--prompt", "the lord", "--max-new-tokens", "4"]);
     assert!(generated.status.success(), "generate: {}", stderr(&generated));
 
+    // More pre-training from the checkpoint's weights (a fresh optimizer).
+    let more = dir.path().join("more");
+    let mut args = train_args(s(&data), s(&tok), s(&more));
+    args.extend(["--init", s(&model)]);
+    let out = layerwise(&args);
+    assert!(out.status.success(), "train --init: {}", stderr(&out));
+    assert!(losses(&more)[0] < losses(&model)[0], "starting from trained weights starts lower");
+
     // A second exit head on layer 2, the base frozen.
     let exits = dir.path().join("exits");
     let out = layerwise(&[
