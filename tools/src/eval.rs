@@ -34,6 +34,22 @@ enum Metric {
     /// Repetition (rep-2/3/4) and diversity of generated texts as SimCTG measures them (upstream's
     /// inference metrics).
     Generation(GenerationArgs),
+    /// The unigram baseline: the per-token perplexity of --data under token frequencies counted on
+    /// --train (add-one smoothing over the vocabulary), both tokenized as `train` tokenizes.
+    Unigram(UnigramArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UnigramArgs {
+    /// The checkpoint whose tokenizer and vocabulary to use.
+    #[arg(long, value_name = "SRC")]
+    model: String,
+    /// The text whose token frequencies make the baseline.
+    #[arg(long, value_name = "FILE")]
+    train: PathBuf,
+    /// The text it is scored on.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,6 +92,7 @@ pub fn run(args: Args) -> Result<()> {
         Metric::Perplexity(args) => crate::with_backend!(args.model, loaded => run_perplexity(&args, loaded)),
         Metric::LastWord(args) => crate::with_backend!(args.model, loaded => run_last_word(&args, loaded)),
         Metric::Generation(args) => run_generation(&args),
+        Metric::Unigram(args) => run_unigram(&args),
     }
 }
 
@@ -260,6 +277,39 @@ fn run_generation(args: &GenerationArgs) -> Result<()> {
         r.rep_4,
         r.diversity,
         per_text
+    ))
+}
+
+fn run_unigram(args: &UnigramArgs) -> Result<()> {
+    let files = layerwise::ModelFiles::resolve(&args.model).with_context(|| format!("--model {}", args.model))?;
+    let spec = layerwise::ModelSpec::from_file(&files.config)?;
+    let tokenizer = layerwise::Tokenizer::load(&files.tokenizer)?
+        .with_context(|| format!("--model {}: no tokenizer", args.model))?;
+    // Each document followed by the end-of-text token, as `layerwise train` reads them.
+    let tokens = |path: &Path| -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for doc in read_documents(path)? {
+            out.extend(tokenizer.encode(&doc).with_context(|| format!("{}", path.display()))?);
+            out.extend(spec.eos_token_ids.first().copied());
+        }
+        Ok(out)
+    };
+    let mut counts = vec![1.0f64; spec.vocab_size];
+    let train = tokens(&args.train)?;
+    for &t in &train {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1.0;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    let scored = tokens(&args.data)?;
+    let nll = scored.iter().map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln()).sum::<f64>()
+        / scored.len().max(1) as f64;
+    output::line(format!(
+        "unigram baseline: {nll:.4} nats/token (token perplexity {:.1}) on {} tokens, from {} training tokens",
+        nll.exp(),
+        scored.len(),
+        train.len()
     ))
 }
 

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use layerwise::generation::{BraceMatching, ContrastiveOptions, GenerationConfig, GenerationOptions, SamplingOptions};
 use layerwise::{Backend, DType, LoadedModel};
 
-/// The demo checkpoint shipped in the repository (random weights, real GPT-2 vocabulary).
-pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+/// The demo checkpoint shipped in the repository: a small GPT-2 with exits on layers 2 and 4, trained
+/// here on the King James Bible (tools/scripts/train_demo.sh).
+pub const DEMO_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/kjv-gpt2-multiexit");
 
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
     /// A local checkpoint directory or a Hugging Face Hub id (e.g. ibm/gpt2-medium-multiexit).
-    /// Defaults to the repository's demo checkpoint (random weights).
+    /// Defaults to the repository's demo checkpoint (models/kjv-gpt2-multiexit, trained on the KJV).
     #[arg(long, value_name = "SRC")]
     pub model: Option<String>,
     /// Compute with weight matrices in this dtype (f32, f16, bf16), converting them on first use

@@ -169,3 +169,23 @@ fn last_word_refuses_bad_data_and_layers_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && err.contains("--pair 3,2") && err.contains("no exit head"), "{err}");
 }
+
+#[test]
+fn the_unigram_baseline_favours_text_like_its_training_text() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let train = dir.path().join("train.txt");
+    std::fs::write(&train, "the lord is my shepherd the lord is my light the lord is my rock").expect("write");
+    let unlike = dir.path().join("unlike.txt");
+    std::fs::write(&unlike, "quantum chromodynamics of gluon plasma").expect("write");
+    let perplexity = |data: &std::path::Path| -> f64 {
+        let out = eval_metric(
+            "unigram",
+            &["--model", DEMO, "--train", train.to_str().expect("utf-8"), "--data", data.to_str().expect("utf-8")],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let after = text.split("token perplexity ").nth(1).expect("perplexity in the line");
+        after.split(')').next().expect("number").parse().expect("a number")
+    };
+    assert!(perplexity(&train) < perplexity(&unlike));
+}

@@ -44,9 +44,18 @@ fn forward_writes_logits_exits_and_hidden_states() {
 fn forward_tokenizes_text_prompts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let file = tmp.path().join("demo.safetensors");
-    let out = layerwise(&["forward", "--prompt", "The benefits of bad advice", "--out", &file.to_string_lossy()]);
+    let demo = fixture_str("demo-gpt2-multiexit");
+    let out = layerwise(&[
+        "forward",
+        "--model",
+        &demo,
+        "--prompt",
+        "The benefits of bad advice",
+        "--out",
+        &file.to_string_lossy(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    // Without --model the demo checkpoint is used; its recorded prompt is this text.
+    // The random demo fixture's recorded prompt is this text.
     let recorded = expected("demo-gpt2-multiexit");
     let written = read_safetensors(&file);
     let logits: Vec<f32> = written["logits"].values.iter().map(|&v| v as f32).collect();

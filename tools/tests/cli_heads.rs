@@ -11,8 +11,20 @@ fn heads_writes_tables_plots_and_a_pruned_checkpoint() {
     std::fs::write(&texts, "The benefits of bad advice\n\nA second text, somewhat longer than the first one.\n")
         .unwrap();
     let out = dir.path().join("heads");
-    let args =
-        ["heads", "--texts", texts.to_str().unwrap(), "--threshold", "0.05", "--prune", "--out", out.to_str().unwrap()];
+    // The random demo fixture: 4 layers of 4 heads.
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
+    let args = [
+        "heads",
+        "--model",
+        demo,
+        "--texts",
+        texts.to_str().unwrap(),
+        "--threshold",
+        "0.05",
+        "--prune",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let result = layerwise(&args);
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("2 texts"), "{}", stderr(&result));

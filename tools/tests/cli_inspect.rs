@@ -11,6 +11,8 @@ use common::{assert_fails_naming, layerwise, stderr};
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog";
+/// The random demo fixture (4 layers, GPT-2's vocabulary) the row and token counts below are for.
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/demo-gpt2-multiexit");
 
 fn run_ok(args: &[&str]) {
     let out = layerwise(args);
@@ -21,7 +23,18 @@ fn run_ok(args: &[&str]) {
 fn lens_json_has_the_contract_fields() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("lens.json");
-    run_ok(&["lens", "--prompt", PROMPT, "--subblocks", "--top-k", "4", "--out", out.to_str().unwrap()]);
+    run_ok(&[
+        "lens",
+        "--model",
+        DEMO,
+        "--prompt",
+        PROMPT,
+        "--subblocks",
+        "--top-k",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let lens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let rows = lens["rows"].as_array().unwrap();
     let labels: Vec<&str> = rows.iter().map(|r| r.as_str().unwrap()).collect();
@@ -45,11 +58,11 @@ fn lens_json_has_the_contract_fields() {
 fn lens_writes_svg_and_png() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("lens.svg");
-    run_ok(&["lens", "--prompt", PROMPT, "--metric", "kl", "--out", svg.to_str().unwrap()]);
+    run_ok(&["lens", "--model", DEMO, "--prompt", PROMPT, "--metric", "kl", "--out", svg.to_str().unwrap()]);
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("h.3") && text.contains("·fox"), "labels in the SVG");
     let png = dir.path().join("lens.png");
-    run_ok(&["lens", "--prompt", PROMPT, "--out", png.to_str().unwrap()]);
+    run_ok(&["lens", "--model", DEMO, "--prompt", PROMPT, "--out", png.to_str().unwrap()]);
     let picture = resvg::tiny_skia::Pixmap::load_png(&png).expect("a PNG");
     assert!(picture.width() > 600 && picture.height() > 200);
     assert!(distinct_colours(&picture) > 20, "a heatmap, not a blank picture");
@@ -133,7 +146,7 @@ pub fn render(page: &Path, ready: &str, dir: &Path) -> Option<(String, resvg::ti
 fn lens_page_renders_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("lens.html");
-    run_ok(&["lens", "--prompt", PROMPT, "--metric", "ranks", "--out", page.to_str().unwrap()]);
+    run_ok(&["lens", "--model", DEMO, "--prompt", PROMPT, "--metric", "ranks", "--out", page.to_str().unwrap()]);
     let Some((dom, shot)) = render(&page, "lens", dir.path()) else { return };
     // Every cell was painted by the script, and the tokens label the columns.
     let cells = dom.matches("<td data-r=").count();
@@ -242,7 +255,7 @@ fn generating_with_a_head_mask_equals_generating_from_the_pruned_checkpoint() {
 fn attention_page_renders_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("attention.html");
-    run_ok(&["attention", "--prompt", PROMPT, "--layers", "3", "--out", page.to_str().unwrap()]);
+    run_ok(&["attention", "--model", DEMO, "--prompt", PROMPT, "--layers", "3", "--out", page.to_str().unwrap()]);
     let Some((dom, shot)) = render(&page, "attention", dir.path()) else { return };
     assert!(dom.matches("<line ").count() > 9 * 4, "lines from every query of every head");
     assert_eq!(dom.matches("<text ").count(), 2 * 9, "the tokens on both sides");

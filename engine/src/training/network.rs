@@ -274,7 +274,13 @@ impl Network {
         let lm_head = if spec.tie_word_embeddings {
             tokens
         } else {
-            b.tensor("lm_head.weight".into(), &[v, d], false, Init::Normal(std))?
+            let id = b.tensor("lm_head.weight".into(), &[v, d], false, Init::Normal(std))?;
+            // A checkpoint trained tied, now untied: its head starts as what it was, the embedding.
+            if weights.is_some_and(|w| !w.contains("lm_head.weight")) {
+                let (from, to) = (b.params.params[tokens].offset, b.params.params[id].offset);
+                b.params.values.copy_within(from..from + v * d, to);
+            }
+            id
         };
         let mut exit_heads = Vec::new();
         for &layer in &spec.exit_layers {
