@@ -1,7 +1,8 @@
 //! Evaluation against lm-evaluation-harness itself (issue #14): `HFLM.loglikelihood` of
 //! lambada_openai's context/target pairs and `HFLM.loglikelihood_rolling` of whole texts, recorded by
-//! tools/scripts/make_eval_fixtures.py on the demo fixture, equal layerwise's last-word and rolling
-//! scores; a Parquet column reads as documents.
+//! tools/scripts/make_eval_fixtures.py on the random demo fixture and on the trained demo (where some
+//! targets are greedy), equal layerwise's last-word and rolling scores; a Parquet column reads as
+//! documents.
 
 use layerwise::evaluation::heads::Heads;
 use layerwise::evaluation::last_word::{encode_pair, last_word, split_last_word};
@@ -11,11 +12,23 @@ use layerwise::load;
 use layerwise_tests::{fixture, fixture_str};
 
 #[test]
-fn last_word_and_rolling_scores_equal_lm_evals_own() {
+fn last_word_and_rolling_scores_equal_lm_evals_own_on_random_weights() {
+    check_against_lm_eval("lm-eval.json", &fixture_str("demo-gpt2-multiexit"));
+}
+
+#[test]
+fn last_word_and_rolling_scores_equal_lm_evals_own_on_the_trained_demo() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/kjv-gpt2-multiexit");
+    let greedy = check_against_lm_eval("lm-eval-demo.json", demo);
+    assert!(greedy >= 2, "the trained demo predicts some targets greedily ({greedy})");
+}
+
+/// Compares every recorded row; returns how many targets lm-eval found greedy.
+fn check_against_lm_eval(file: &str, model: &str) -> usize {
     let recorded: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("evaluation").join("lm-eval.json")).expect("fixture"))
+        serde_json::from_str(&std::fs::read_to_string(fixture("evaluation").join(file)).expect("fixture"))
             .expect("json");
-    let loaded = load(&fixture_str("demo-gpt2-multiexit")).expect("load");
+    let loaded = load(model).expect("load");
     let tokenizer = loaded.tokenizer.as_ref().expect("tokenizer");
     let rows = recorded["rows"].as_array().expect("rows");
     for row in rows {
@@ -36,6 +49,7 @@ fn last_word_and_rolling_scores_equal_lm_evals_own() {
         let (got, want) = (rolling.documents[0].loglikelihood, row["rolling_loglikelihood"].as_f64().expect("rolling"));
         assert!((got - want).abs() <= 1e-4 * want.abs(), "{text:?} rolling: {got} vs lm-eval's {want}");
     }
+    rows.iter().filter(|r| r["is_greedy"].as_bool() == Some(true)).count()
 }
 
 #[test]

@@ -27,6 +27,10 @@ TEXTS = [
     # Longer than the 64-token context: lm-eval cuts the context from the left.
     " ".join(["In the beginning was the Word, and the Word was with God, and the Word was God."] * 6) + " Amen",
     "Blessed are the meek: for they shall inherit the earth",
+    # Targets the trained demo predicts greedily (the greedy flag is then tested both ways).
+    "In the beginning God created the heaven and the earth",
+    "And the LORD spake unto Moses, saying",
+    "And God said, Let there be light: and there was light",
 ]
 
 
