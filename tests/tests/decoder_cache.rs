@@ -227,3 +227,53 @@ fn a_custom_contrast_function_replaces_acd() {
     let expected: Vec<f32> = last(&out.exits[&4]).iter().zip(last(&out.exits[&1])).map(|(u, l)| u - l).collect();
     assert_rows_close("custom contrast", &scores, &expected);
 }
+
+#[test]
+fn prompts_in_chunks_and_evicted_sequences_give_the_same_outputs() {
+    // A prompt run in chunks of 5 (beside another sequence) ends with the scores and the normed
+    // states of the whole prompt run at once; an evicted sequence is recomputed at its next step and
+    // gives what it was waiting for, its states only for the tokens not reported yet.
+    let loaded = load(&fixture_str("gpt2-sharded")).expect("load");
+    let vocab = loaded.model.spec().vocab_size as u32;
+    let hidden = loaded.model.spec().hidden_size;
+    let tokens: Vec<u32> = (0..23u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let options = || DecoderOptions { block_size: 4, cache_tokens: Some(128), ..Default::default() };
+    let states = layerwise::runtime::SeqRequest { normed_states: true, ..Default::default() };
+
+    let mut whole = Decoder::new(&loaded.model, options()).expect("decoder");
+    let seq = whole.add_sequence(&tokens).expect("add");
+    whole.set_request(seq, states.clone()).expect("request");
+    let reference = whole.step().expect("step").remove(0);
+    assert_eq!(reference.hidden.len(), tokens.len() * hidden);
+
+    let mut chunked = Decoder::new(&loaded.model, options()).expect("decoder");
+    let other = chunked.add_sequence(&tokens[..2]).expect("add");
+    let seq = chunked.add_sequence(&tokens).expect("add");
+    chunked.set_request(seq, states.clone()).expect("request");
+    let mut outputs = Vec::new();
+    while chunked.pending(seq).expect("pending") > 0 {
+        let step = chunked.run_step_for(&[(other, 1), (seq, 5)]).expect("step");
+        outputs = step.into_outputs().expect("outputs");
+        if chunked.pending(seq).expect("pending") > 0 {
+            assert!(outputs.iter().all(|o| o.seq != seq), "a partly run prompt has no output");
+        }
+        chunked.append(other, 7).expect("append");
+    }
+    let last = outputs.into_iter().find(|o| o.seq == seq).expect("the last chunk's output");
+    assert_rows_close("chunked prefill scores", &last.logits, &reference.logits);
+    assert_rows_close("chunked prefill states", &last.hidden, &reference.hidden);
+    assert_eq!(last.hidden.len(), reference.hidden.len());
+
+    // Append a token, evict, and recompute: the scores after the new token, and one state row.
+    chunked.append(seq, tokens[3]).expect("append");
+    let free = chunked.pool().free_blocks();
+    chunked.evict(seq).expect("evict");
+    assert_eq!(chunked.pool().free_blocks(), free + tokens.len().div_ceil(4));
+    assert_eq!(chunked.pending(seq).expect("pending"), tokens.len() + 1);
+    let again = chunked.run_step_for(&[(seq, usize::MAX)]).expect("step").into_outputs().expect("outputs").remove(0);
+    let mut longer = tokens.clone();
+    longer.push(tokens[3]);
+    let expected = recomputed(&loaded, &PlanOptions::default(), &longer);
+    assert_rows_close("recomputed after eviction", &again.logits, &expected[tokens.len()]);
+    assert_eq!(again.hidden.len(), hidden, "only the state of the token not reported before");
+}

@@ -1,5 +1,6 @@
 //! Property tests of the paged KV cache's bookkeeping (issue #13): any sequence of starts, appends,
-//! forks, truncations and releases keeps every block's reference count equal to the number of
+//! forks, truncations and releases keeps the blocks a reservation takes equal to what
+//! `blocks_needed` predicted, every block's reference count equal to the number of
 //! tables holding it, the free list equal to the blocks nobody holds, and every sequence's tokens
 //! readable through its table, copy-on-write copies applied as the backend applies them.
 
@@ -52,9 +53,12 @@ proptest! {
                     let s = &mut seqs[seq];
                     let blocks_before = s.table.blocks().to_vec();
                     let free_before = pool.free_blocks();
+                    // What a scheduler plans with: exactly the free blocks the reservation takes.
+                    let needed = s.table.blocks_needed(&pool, n);
                     let mut copies: Vec<BlockCopy> = Vec::new();
                     match s.table.reserve(&mut pool, n, &mut copies) {
                         Ok(slots) => {
+                            prop_assert_eq!(free_before - pool.free_blocks(), needed);
                             prop_assert_eq!(slots.len(), n);
                             for copy in &copies {
                                 let (from, to) = (copy.from as usize * block_size, copy.to as usize * block_size);
@@ -67,6 +71,7 @@ proptest! {
                             }
                         }
                         Err(_) => {
+                            prop_assert!(needed > free_before);
                             // Nothing changed.
                             prop_assert_eq!(s.table.blocks(), blocks_before.as_slice());
                             prop_assert_eq!(pool.free_blocks(), free_before);

@@ -31,7 +31,7 @@
 use super::options::GenerationOptions;
 pub use super::options::{BeamOptions, EarlyStopping};
 use super::processors::suppress;
-use super::strategy::{Decode, FinishReason, Outcome, Run};
+use super::strategy::{Decode, FinishReason, Job, JobOutputs, Run};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::math::log_softmax;
@@ -93,29 +93,14 @@ struct Beam {
 }
 
 impl<B: Backend> Decode<B> for BeamOptions {
-    /// The best hypothesis is handed to the caller once the search ends (the best beam is known
-    /// only then).
-    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+    fn job<'t>(&self, prompt: &[u32], run: Run<'t>, _: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>> {
         if run.text_stops().is_some() {
             return Err(Error::invalid(
                 "num_beams",
                 "stop strings and brace matching apply to one sequence, not to beams",
             ));
         }
-        let hypotheses = beam_search(decoder, prompt, run.options, self)?;
-        let sequences: Vec<Vec<u32>> = hypotheses.into_iter().map(|h| h.ids).collect();
-        let best = sequences.first().cloned().unwrap_or_default();
-        let mut finish = match best.last() {
-            Some(&last) if run.is_eos(last) => FinishReason::Eos,
-            _ => FinishReason::MaxNewTokens,
-        };
-        for &token in &best {
-            if !run.emit(token) {
-                finish = FinishReason::Stopped;
-                break;
-            }
-        }
-        Ok(Outcome { sequences, finish, prefill_s: None })
+        Ok(Box::new(BeamJob::new(prompt, run.options, self.clone())?))
     }
 }
 
@@ -127,43 +112,55 @@ pub fn beam_search<B: Backend>(
     options: &GenerationOptions,
     beams: &BeamOptions,
 ) -> Result<Vec<Hypothesis>> {
-    beams.validate(false)?;
-    let first = decoder.add_sequence(prompt)?;
-    let mut running = vec![Beam { seq: first, ids: Vec::new(), score: 0.0 }];
-    let result = search(decoder, prompt, options, beams, &mut running);
-    for beam in running {
-        decoder.release(beam.seq)?;
-    }
-    result
+    let mut job = BeamJob::new(prompt, options.clone(), beams.clone())?;
+    super::drive(decoder, &mut job, &mut |_| true)?;
+    Ok(job.hypotheses)
 }
 
-fn search<B: Backend>(
-    decoder: &mut Decoder<'_, B>,
-    prompt: &[u32],
-    options: &GenerationOptions,
-    settings: &BeamOptions,
-    running: &mut Vec<Beam>,
-) -> Result<Vec<Hypothesis>> {
-    let num_beams = settings.num_beams;
-    let eos = &options.eos_token_ids;
-    let keep = 2.max(1 + eos.len()) * num_beams;
-    let mut finished =
-        Finished { capacity: num_beams, length_penalty: settings.length_penalty, beams: Vec::new(), worst: 1e9 };
-    let mut done = false;
-    let mut sequence = prompt.to_vec();
-    while running[0].ids.len() < options.max_new_tokens {
-        let outputs = decoder.step()?;
+/// A beam search in progress: the running beams, the finished hypotheses, and once done the
+/// returned ones.
+struct BeamJob {
+    prompt: Vec<u32>,
+    options: GenerationOptions,
+    settings: BeamOptions,
+    running: Vec<Beam>,
+    finished: Finished,
+    hypotheses: Vec<Hypothesis>,
+}
+
+impl BeamJob {
+    fn new(prompt: &[u32], options: GenerationOptions, settings: BeamOptions) -> Result<Self> {
+        settings.validate(false)?;
+        let finished = Finished {
+            capacity: settings.num_beams,
+            length_penalty: settings.length_penalty,
+            beams: Vec::new(),
+            worst: 1e9,
+        };
+        Ok(BeamJob {
+            prompt: prompt.to_vec(),
+            options,
+            settings,
+            running: Vec::new(),
+            finished,
+            hypotheses: Vec::new(),
+        })
+    }
+
+    /// One step of the search from every running beam's scores: the next beams (forks of their
+    /// parents), and whether the search is done.
+    fn select<B: Backend>(&mut self, decoder: &mut Decoder<'_, B>, outputs: &mut JobOutputs) -> Result<bool> {
+        let (options, settings) = (&self.options, &self.settings);
+        let num_beams = settings.num_beams;
+        let eos = &options.eos_token_ids;
+        let keep = 2.max(1 + eos.len()) * num_beams;
+        let mut sequence = self.prompt.clone();
         // Candidates over every running beam: (score, beam, token), best first. transformers starts
         // with num_beams copies of the prompt, all but one at -1e9; one prompt sequence is the same.
-        let mut candidates: Vec<(f32, usize, u32)> = Vec::with_capacity(running.len() * keep);
-        for (b, beam) in running.iter().enumerate() {
-            let logits = outputs
-                .iter()
-                .find(|o| o.seq == beam.seq)
-                .map(|o| &o.logits)
-                .ok_or_else(|| Error::invalid("decoder", "a step returned no scores for a beam"))?;
-            let mut scores = log_softmax(logits);
-            sequence.truncate(prompt.len());
+        let mut candidates: Vec<(f32, usize, u32)> = Vec::with_capacity(self.running.len() * keep);
+        for (b, beam) in self.running.iter().enumerate() {
+            let mut scores = log_softmax(&outputs.full(beam.seq)?.logits);
+            sequence.truncate(self.prompt.len());
             sequence.extend_from_slice(&beam.ids);
             options.processors.apply(&sequence, &mut scores);
             if beam.ids.len() < options.min_new_tokens {
@@ -185,7 +182,7 @@ fn search<B: Backend>(
 
         // BeamSearchScorer.process: EOS candidates among the top num_beams finish a hypothesis; the
         // others fill the next beams.
-        let generated = running[0].ids.len() + 1;
+        let generated = self.running[0].ids.len() + 1;
         let mut next: Vec<(usize, u32, f32)> = Vec::with_capacity(num_beams);
         for (rank, &(score, b, token)) in candidates.iter().enumerate() {
             if eos.contains(&token) {
@@ -193,7 +190,7 @@ fn search<B: Backend>(
                     continue;
                 }
                 // The stored hypothesis is the beam without its EOS (transformers adds eos[0] at the end).
-                finished.add(running[b].ids.clone(), score, generated);
+                self.finished.add(self.running[b].ids.clone(), score, generated);
             } else {
                 next.push((b, token, score));
             }
@@ -204,49 +201,105 @@ fn search<B: Backend>(
         if next.len() < num_beams {
             return Err(Error::invalid("num_beams", "fewer candidate tokens than beams (vocabulary too small)"));
         }
-        done = finished.is_done(candidates[0].0, generated, options.max_new_tokens, settings.early_stopping);
+        let done = self.finished.is_done(candidates[0].0, generated, options.max_new_tokens, settings.early_stopping);
 
         // Fork the chosen parents, then let the old beams go: shared prefixes stay shared.
         let mut children = Vec::with_capacity(num_beams);
         for &(b, token, score) in &next {
-            let seq = decoder.fork(running[b].seq)?;
-            let mut ids = running[b].ids.clone();
+            let seq = decoder.fork(self.running[b].seq)?;
+            let mut ids = self.running[b].ids.clone();
             ids.push(token);
             children.push(Beam { seq, ids, score });
         }
-        for beam in std::mem::replace(running, children) {
+        for beam in std::mem::replace(&mut self.running, children) {
             decoder.release(beam.seq)?;
         }
-        if done || running[0].ids.len() >= options.max_new_tokens {
-            break;
-        }
-        for beam in running.iter() {
-            let token = *beam.ids.last().expect("a child has its new token");
-            decoder.append(beam.seq, token)?;
-        }
+        Ok(done)
     }
 
-    // finalize: running beams join the finished ones unless the search was done.
-    if !done {
-        for beam in running.iter() {
-            finished.add(beam.ids.clone(), beam.score, beam.ids.len());
+    /// transformers' `finalize`: running beams join the finished ones unless the search was done;
+    /// the best `num_return_sequences`, padded with eos[0] as transformers pads them.
+    fn finalize(&mut self, done: bool) {
+        if !done {
+            for beam in &self.running {
+                self.finished.add(beam.ids.clone(), beam.score, beam.ids.len());
+            }
         }
-    }
-    let mut ranked = finished.beams;
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-    ranked.truncate(settings.num_return_sequences);
-    // Sequences shorter than the longest returned one (+1, at most the maximum) get eos[0] appended.
-    let longest = ranked.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
-    let width = (longest + 1).min(options.max_new_tokens);
-    Ok(ranked
-        .into_iter()
-        .map(|(score, mut ids)| {
-            if ids.len() < width {
-                if let Some(&eos) = eos.first() {
+        let mut ranked = std::mem::take(&mut self.finished.beams);
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        ranked.truncate(self.settings.num_return_sequences);
+        // Sequences shorter than the longest returned one (+1, at most the maximum) get eos[0] appended.
+        let longest = ranked.iter().map(|(_, ids)| ids.len()).max().unwrap_or(0);
+        let width = (longest + 1).min(self.options.max_new_tokens);
+        let eos = self.options.eos_token_ids.first().copied();
+        self.hypotheses = ranked
+            .into_iter()
+            .map(|(score, mut ids)| {
+                if let (true, Some(eos)) = (ids.len() < width, eos) {
                     ids.push(eos);
                 }
+                Hypothesis { ids, score }
+            })
+            .collect();
+    }
+}
+
+impl<B: Backend> Job<B> for BeamJob {
+    fn start(&mut self, decoder: &mut Decoder<'_, B>) -> Result<Option<FinishReason>> {
+        if self.options.max_new_tokens == 0 {
+            self.hypotheses = vec![Hypothesis { ids: Vec::new(), score: 0.0 }];
+            return Ok(Some(FinishReason::MaxNewTokens));
+        }
+        let first = decoder.add_sequence(&self.prompt)?;
+        self.running = vec![Beam { seq: first, ids: Vec::new(), score: 0.0 }];
+        Ok(None)
+    }
+
+    fn sequences(&self) -> Vec<SeqId> {
+        self.running.iter().map(|b| b.seq).collect()
+    }
+
+    fn waiting_on(&self) -> Vec<SeqId> {
+        self.running.iter().map(|b| b.seq).collect()
+    }
+
+    fn needs_scores(&self) -> bool {
+        true
+    }
+
+    fn width(&self) -> usize {
+        self.settings.num_beams
+    }
+
+    /// The best hypothesis is handed to the caller once the search ends (the best beam is known
+    /// only then).
+    fn advance(
+        &mut self,
+        decoder: &mut Decoder<'_, B>,
+        outputs: &mut JobOutputs,
+        stream: &mut Vec<u32>,
+    ) -> Result<Option<FinishReason>> {
+        let done = self.select(decoder, outputs)?;
+        if !done && self.running[0].ids.len() < self.options.max_new_tokens {
+            for beam in &self.running {
+                let token = *beam.ids.last().expect("a child has its new token");
+                decoder.append(beam.seq, token)?;
             }
-            Hypothesis { ids, score }
-        })
-        .collect())
+            return Ok(None);
+        }
+        self.finalize(done);
+        let best = self.hypotheses.first().map(|h| h.ids.clone()).unwrap_or_default();
+        stream.extend_from_slice(&best);
+        Ok(Some(match best.last() {
+            Some(last) if self.options.eos_token_ids.contains(last) => FinishReason::Eos,
+            _ => FinishReason::MaxNewTokens,
+        }))
+    }
+
+    fn finish(&mut self, decoder: &mut Decoder<'_, B>) -> Vec<Vec<u32>> {
+        for beam in self.running.drain(..) {
+            decoder.release(beam.seq).ok();
+        }
+        self.hypotheses.iter().map(|h| h.ids.clone()).collect()
+    }
 }

@@ -16,31 +16,27 @@
 //! assert!(scores[0] > 0.0 && scores[1] > 0.0); // log p_final - log p_premature on the others
 //! ```
 
-use rand_chacha::rand_core::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
 pub use super::options::{DolaLayers, DolaOptions};
-use super::search::{repeated, Pick};
-use super::strategy::{Decode, Outcome, Run};
+use super::search::{Pick, ScoreFn, SequenceJob};
+use super::strategy::{Decode, Job, Run};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::math::log_softmax;
-use crate::runtime::{Decoder, SeqRequest, StepOutput};
+use crate::runtime::{Decoder, SeqRequest};
 
 impl<B: Backend> Decode<B> for DolaOptions {
-    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+    fn job<'t>(&self, prompt: &[u32], run: Run<'t>, decoder: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>> {
         let request =
             SeqRequest { raw_head_logits: self.layers.candidates(decoder.model().spec())?, ..Default::default() };
-        let scores: fn(&StepOutput) -> Vec<f32> = |out| contrast(&out.logits, &out.premature).0;
-        match &self.sampling {
-            None => repeated(decoder, prompt, run, &request, &mut Pick::BestOf(scores), self.num_return_sequences),
+        let scores: ScoreFn = |out| contrast(&out.logits, &out.premature).0;
+        let pick = match &self.sampling {
+            None => Pick::BestOf(scores),
             Some(sampling) => {
                 sampling.validate()?;
-                let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
-                let mut pick = Pick::Draw { sampling, rng: &mut rng, scores: Some(scores) };
-                repeated(decoder, prompt, run, &request, &mut pick, self.num_return_sequences)
+                Pick::draw(sampling, Some(scores))
             }
-        }
+        };
+        Ok(Box::new(SequenceJob::new(prompt, run, request, pick, self.num_return_sequences)))
     }
 }
 

@@ -31,6 +31,7 @@ pub mod contrastive;
 pub mod dola;
 pub mod options;
 pub mod processors;
+pub mod scheduler;
 pub mod search;
 pub mod stopping;
 pub mod strategy;
@@ -40,25 +41,26 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::tokenizer::Tokenizer;
-use crate::runtime::Decoder;
+use crate::runtime::{Decoder, SeqId};
 
 pub use config::GenerationConfig;
 pub use options::{
     BeamOptions, ContrastiveOptions, DolaLayers, DolaOptions, EarlyStopping, GenerationOptions, SampleOptions, Strategy,
 };
 pub use processors::{ProcessorOptions, SamplingOptions};
+pub use scheduler::{Event, Request, RequestId, Scheduler, SchedulerOptions};
 pub use search::Greedy;
 pub use stopping::BraceMatching;
-pub use strategy::{Decode, FinishReason, Outcome, Run};
+pub use strategy::{Decode, FinishReason, Job, JobOutputs, Outcome, Run, SeqOutput};
 
 impl<B: Backend> Decode<B> for Strategy {
-    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+    fn job<'t>(&self, prompt: &[u32], run: Run<'t>, decoder: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>> {
         match self {
-            Strategy::Greedy => search::Greedy.decode(decoder, prompt, run),
-            Strategy::Sample(options) => options.decode(decoder, prompt, run),
-            Strategy::Beam(options) => options.decode(decoder, prompt, run),
-            Strategy::Contrastive(options) => options.decode(decoder, prompt, run),
-            Strategy::Dola(options) => options.decode(decoder, prompt, run),
+            Strategy::Greedy => Greedy.job(prompt, run, decoder),
+            Strategy::Sample(options) => options.job(prompt, run, decoder),
+            Strategy::Beam(options) => options.job(prompt, run, decoder),
+            Strategy::Contrastive(options) => options.job(prompt, run, decoder),
+            Strategy::Dola(options) => options.job(prompt, run, decoder),
         }
     }
 }
@@ -72,7 +74,7 @@ pub struct Generation {
     pub sequences: Vec<Vec<u32>>,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
-    /// Seconds of the prompt's forward pass (to the first token's scores).
+    /// Seconds of the prompt's forward pass (to the first step's outputs).
     pub prefill_s: f64,
     /// Seconds of the remaining steps.
     pub decode_s: f64,
@@ -102,10 +104,10 @@ pub fn generate_with<B: Backend>(
 ) -> Result<Generation> {
     options.check(prompt.len(), decoder.model().spec())?;
     let start = Instant::now();
-    let mut run = Run::new(options, tokenizer, &mut on_token)?;
-    let outcome = strategy.decode(decoder, prompt, &mut run)?;
+    let run = Run::new(options.clone(), tokenizer)?;
+    let mut job = strategy.job(prompt, run, decoder)?;
+    let (outcome, prefill_s) = drive(decoder, job.as_mut(), &mut on_token)?;
     let total = start.elapsed().as_secs_f64();
-    let prefill_s = outcome.prefill_s.unwrap_or(0.0);
     Ok(Generation {
         ids: outcome.sequences.first().cloned().unwrap_or_default(),
         sequences: outcome.sequences,
@@ -114,4 +116,48 @@ pub fn generate_with<B: Backend>(
         prefill_s,
         decode_s: total - prefill_s,
     })
+}
+
+/// Runs one job to its end on its own, one step per advance: its outcome and the seconds to its
+/// first outputs. Whatever happens, the job's sequences are released.
+pub(crate) fn drive<B: Backend>(
+    decoder: &mut Decoder<'_, B>,
+    job: &mut dyn Job<B>,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<(Outcome, f64)> {
+    let start = Instant::now();
+    let mut prefill_s = None;
+    let result = (|| {
+        if let Some(finish) = job.start(decoder)? {
+            return Ok(finish);
+        }
+        let mut outputs = JobOutputs::default();
+        let mut stream = Vec::new();
+        loop {
+            let waiting: Vec<(SeqId, usize)> = job.waiting_on().into_iter().map(|s| (s, usize::MAX)).collect();
+            let step = decoder.run_step_for(&waiting)?;
+            if job.needs_scores() {
+                for output in step.into_outputs()? {
+                    outputs.insert(output.seq, SeqOutput::Full(output));
+                }
+            } else {
+                for (&seq, best) in step.sequences().iter().zip(step.argmax()?) {
+                    outputs.insert(seq, SeqOutput::Best(best));
+                }
+            }
+            prefill_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            let finish = job.advance(decoder, &mut outputs, &mut stream)?;
+            outputs.clear();
+            for token in stream.drain(..) {
+                if !on_token(token) {
+                    return Ok(FinishReason::Stopped);
+                }
+            }
+            if let Some(finish) = finish {
+                return Ok(finish);
+            }
+        }
+    })();
+    let sequences = job.finish(decoder);
+    Ok((Outcome { sequences, finish: result? }, prefill_s.unwrap_or(0.0)))
 }

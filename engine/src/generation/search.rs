@@ -1,8 +1,6 @@
 //! Greedy decoding and sampling: one sequence at a time, the best or a drawn token at every step.
-//! [`one_sequence`] is the loop both (and DoLa) share; they differ in how a step's scores are made
+//! [`SequenceJob`] is the job both (and DoLa) share; they differ in how a step's scores are made
 //! and how a token is picked from them.
-
-use std::time::Instant;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -10,9 +8,9 @@ use rand_chacha::ChaCha8Rng;
 pub use super::options::SampleOptions;
 use super::processors::SamplingOptions;
 use super::stopping::TextStops;
-use super::strategy::{Decode, FinishReason, Outcome, Run};
+use super::strategy::{Decode, FinishReason, Job, JobOutputs, Run};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::math::{argmax, softmax};
 use crate::runtime::{Decoder, SeqId, SeqRequest, StepOutput};
 
@@ -21,144 +19,169 @@ use crate::runtime::{Decoder, SeqId, SeqRequest, StepOutput};
 pub struct Greedy;
 
 impl<B: Backend> Decode<B> for Greedy {
-    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
-        let (ids, finish, prefill_s) = one_sequence(decoder, prompt, run, &SeqRequest::default(), &mut Pick::Best)?;
-        Ok(Outcome { sequences: vec![ids], finish, prefill_s: Some(prefill_s) })
+    fn job<'t>(&self, prompt: &[u32], run: Run<'t>, _: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>> {
+        Ok(Box::new(SequenceJob::new(prompt, run, SeqRequest::default(), Pick::Best, 1)))
     }
 }
 
 impl<B: Backend> Decode<B> for SampleOptions {
-    fn decode(&self, decoder: &mut Decoder<'_, B>, prompt: &[u32], run: &mut Run<'_>) -> Result<Outcome> {
+    fn job<'t>(&self, prompt: &[u32], run: Run<'t>, _: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>> {
         self.sampling.validate()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
-        let request = SeqRequest::default();
-        let mut pick = Pick::Draw { sampling: &self.sampling, rng: &mut rng, scores: None };
-        repeated(decoder, prompt, run, &request, &mut pick, self.num_return_sequences)
+        let pick = Pick::draw(&self.sampling, None);
+        Ok(Box::new(SequenceJob::new(prompt, run, SeqRequest::default(), pick, self.num_return_sequences)))
     }
 }
 
-/// `n` sequences one after the other (the first streamed): samples continuing one random stream.
-pub(crate) fn repeated<B: Backend>(
-    decoder: &mut Decoder<'_, B>,
-    prompt: &[u32],
-    run: &mut Run<'_>,
-    request: &SeqRequest,
-    pick: &mut Pick<'_>,
-    n: usize,
-) -> Result<Outcome> {
-    let (ids, finish, prefill_s) = one_sequence(decoder, prompt, run, request, pick)?;
-    let mut sequences = vec![ids];
-    run.mute();
-    for _ in 1..n {
-        sequences.push(one_sequence(decoder, prompt, run, request, pick)?.0);
-    }
-    Ok(Outcome { sequences, finish, prefill_s: Some(prefill_s) })
-}
+/// Scores made from a step's whole output (DoLa's contrast).
+pub(crate) type ScoreFn = fn(&StepOutput) -> Vec<f32>;
 
 /// How a token is picked from a step's output.
-pub(crate) enum Pick<'a> {
+pub(crate) enum Pick {
     /// The best token of the plan's scores (after the processors).
     Best,
-    /// Drawn from the warped scores.
-    Draw { sampling: &'a SamplingOptions, rng: &'a mut ChaCha8Rng, scores: Option<fn(&StepOutput) -> Vec<f32>> },
+    /// Drawn from the warped scores (made by `scores` when given).
+    Draw { sampling: SamplingOptions, rng: Box<ChaCha8Rng>, scores: Option<ScoreFn> },
     /// The best token of scores made from the whole output (DoLa).
-    BestOf(fn(&StepOutput) -> Vec<f32>),
+    BestOf(ScoreFn),
 }
 
-/// Greedy or sampled decoding of one sequence: its ids, why it ended, and the prefill seconds.
-pub(crate) fn one_sequence<B: Backend>(
-    decoder: &mut Decoder<'_, B>,
-    prompt: &[u32],
-    run: &mut Run<'_>,
-    request: &SeqRequest,
-    pick: &mut Pick<'_>,
-) -> Result<(Vec<u32>, FinishReason, f64)> {
-    let seq = decoder.add_sequence(prompt)?;
-    let max_new_tokens = run.options.max_new_tokens;
-    let mut ids = Vec::with_capacity(max_new_tokens);
-    // The whole sequence, as transformers' processors and stopping criteria see it.
-    let mut sequence = prompt.to_vec();
-    let mut text_stops = run.text_stops();
-    let mut finish = FinishReason::MaxNewTokens;
-    let start = Instant::now();
-    let mut prefill_s = 0.0;
-    let result = (|| {
-        decoder.set_request(seq, request.clone())?;
-        while ids.len() < max_new_tokens {
-            let next = next_token(decoder, seq, run, &sequence, ids.len(), pick)?;
-            if ids.is_empty() {
-                prefill_s = start.elapsed().as_secs_f64();
-            }
-            ids.push(next);
-            sequence.push(next);
-            if let Some(reason) = finished(run, next, &sequence, text_stops.as_mut())? {
-                finish = reason;
-                break;
-            }
-            if ids.len() < max_new_tokens {
-                decoder.append(seq, next)?;
-            }
-        }
-        Ok::<_, Error>(())
-    })();
-    decoder.release(seq)?;
-    result?;
-    Ok((ids, finish, prefill_s))
+impl Pick {
+    /// Draws seeded with the options' seed.
+    pub(crate) fn draw(sampling: &SamplingOptions, scores: Option<ScoreFn>) -> Self {
+        Pick::Draw { sampling: sampling.clone(), rng: Box::new(ChaCha8Rng::seed_from_u64(sampling.seed)), scores }
+    }
 }
 
-/// Runs a step and picks `seq`'s next token. Other sequences of the decoder may step along.
-fn next_token<B: Backend>(
-    decoder: &mut Decoder<'_, B>,
-    seq: SeqId,
-    run: &Run<'_>,
-    sequence: &[u32],
-    generated: usize,
-    pick: &mut Pick<'_>,
-) -> Result<u32> {
-    let step = decoder.run_step()?;
-    let row = step.sequences().iter().position(|&s| s == seq).ok_or_else(missing)?;
-    if matches!(pick, Pick::Best) && !run.processes(generated) {
-        // Nothing to apply on the host: only the chosen id comes back.
-        return Ok(step.argmax()?[row]);
-    }
-    let output = step.into_outputs()?.swap_remove(row);
-    let mut scores = match pick {
-        Pick::BestOf(make) | Pick::Draw { scores: Some(make), .. } => make(&output),
-        _ => output.logits,
-    };
-    run.process(sequence, generated, &mut scores);
-    Ok(match pick {
-        Pick::Draw { sampling, rng, .. } => {
-            sampling.warp(&mut scores, 1);
-            sample(&scores, rng)
-        }
-        Pick::Best | Pick::BestOf(_) => argmax(&scores),
-    })
+/// Greedy or sampled decoding of `repeats` sequences one after the other (the first streamed):
+/// samples continue one random stream.
+pub(crate) struct SequenceJob<'t> {
+    run: Run<'t>,
+    prompt: Vec<u32>,
+    request: SeqRequest,
+    pick: Pick,
+    repeats: usize,
+    /// Sequences finished, and why the first ended.
+    done: Vec<Vec<u32>>,
+    first_finish: Option<FinishReason>,
+    /// The sequence being generated: its decoder sequence, new ids, and the whole sequence as
+    /// transformers' processors and stopping criteria see it.
+    seq: Option<SeqId>,
+    ids: Vec<u32>,
+    sequence: Vec<u32>,
+    text_stops: Option<TextStops<'t>>,
 }
 
-/// Why the sequence ends after `token`, if it does: the caller, EOS, or a text rule.
-pub(crate) fn finished(
-    run: &mut Run<'_>,
-    token: u32,
-    sequence: &[u32],
-    text_stops: Option<&mut TextStops<'_>>,
-) -> Result<Option<FinishReason>> {
-    if !run.emit(token) {
-        return Ok(Some(FinishReason::Stopped));
-    }
-    if run.is_eos(token) {
-        return Ok(Some(FinishReason::Eos));
-    }
-    if let Some(stops) = text_stops {
-        if stops.should_stop(sequence)? {
-            return Ok(Some(FinishReason::StopText));
+impl<'t> SequenceJob<'t> {
+    pub(crate) fn new(prompt: &[u32], run: Run<'t>, request: SeqRequest, pick: Pick, repeats: usize) -> Self {
+        let text_stops = run.text_stops();
+        SequenceJob {
+            run,
+            prompt: prompt.to_vec(),
+            request,
+            pick,
+            repeats: repeats.max(1),
+            done: Vec::new(),
+            first_finish: None,
+            seq: None,
+            ids: Vec::new(),
+            sequence: prompt.to_vec(),
+            text_stops,
         }
     }
-    Ok(None)
+
+    /// Starts the next sequence from the prompt.
+    fn begin<B: Backend>(&mut self, decoder: &mut Decoder<'_, B>) -> Result<()> {
+        let seq = decoder.add_sequence(&self.prompt)?;
+        self.seq = Some(seq);
+        self.ids.clear();
+        self.sequence = self.prompt.clone();
+        self.text_stops = self.run.text_stops();
+        decoder.set_request(seq, self.request.clone())
+    }
+
+    fn picks_where_scores_are(&self) -> bool {
+        matches!(self.pick, Pick::Best) && !self.run.processes(self.ids.len())
+    }
 }
 
-fn missing() -> Error {
-    Error::invalid("decoder", "a step returned no scores for the generated sequence")
+impl<B: Backend> Job<B> for SequenceJob<'_> {
+    fn start(&mut self, decoder: &mut Decoder<'_, B>) -> Result<Option<FinishReason>> {
+        if self.run.options.max_new_tokens == 0 {
+            self.done = vec![Vec::new(); self.repeats];
+            return Ok(Some(FinishReason::MaxNewTokens));
+        }
+        self.begin(decoder)?;
+        Ok(None)
+    }
+
+    fn sequences(&self) -> Vec<SeqId> {
+        self.seq.into_iter().collect()
+    }
+
+    fn waiting_on(&self) -> Vec<SeqId> {
+        self.seq.into_iter().collect()
+    }
+
+    fn needs_scores(&self) -> bool {
+        !self.picks_where_scores_are()
+    }
+
+    fn width(&self) -> usize {
+        1
+    }
+
+    fn advance(
+        &mut self,
+        decoder: &mut Decoder<'_, B>,
+        outputs: &mut JobOutputs,
+        stream: &mut Vec<u32>,
+    ) -> Result<Option<FinishReason>> {
+        let Some(seq) = self.seq else { return Ok(self.first_finish) };
+        let next = if self.picks_where_scores_are() {
+            // Nothing to apply on the host: only the chosen id came back.
+            outputs.best(seq)?
+        } else {
+            let output = outputs.full(seq)?;
+            let mut scores = match &self.pick {
+                Pick::BestOf(make) | Pick::Draw { scores: Some(make), .. } => make(&output),
+                _ => output.logits,
+            };
+            self.run.process(&self.sequence, self.ids.len(), &mut scores);
+            match &mut self.pick {
+                Pick::Draw { sampling, rng, .. } => {
+                    sampling.warp(&mut scores, 1);
+                    sample(&scores, rng)
+                }
+                Pick::Best | Pick::BestOf(_) => argmax(&scores),
+            }
+        };
+        self.ids.push(next);
+        self.sequence.push(next);
+        if self.done.is_empty() {
+            stream.push(next);
+        }
+        let Some(reason) = self.run.finished(next, &self.sequence, self.ids.len(), self.text_stops.as_mut())? else {
+            decoder.append(seq, next)?;
+            return Ok(None);
+        };
+        decoder.release(seq)?;
+        self.seq = None;
+        self.done.push(std::mem::take(&mut self.ids));
+        self.first_finish.get_or_insert(reason);
+        if self.done.len() < self.repeats {
+            self.begin(decoder)?;
+            return Ok(None);
+        }
+        Ok(self.first_finish)
+    }
+
+    fn finish(&mut self, decoder: &mut Decoder<'_, B>) -> Vec<Vec<u32>> {
+        if let Some(seq) = self.seq.take() {
+            decoder.release(seq).ok();
+            self.done.push(std::mem::take(&mut self.ids));
+        }
+        std::mem::take(&mut self.done)
+    }
 }
 
 /// Draws an index from softmax(scores).

@@ -184,6 +184,12 @@ struct Sequence {
     /// Tokens at the end of `tokens` not yet run through the model.
     pending: usize,
     request: SeqRequest,
+    /// Tokens whose outputs were already reported: after an eviction the whole sequence runs
+    /// again, but only the states of tokens past this point come back.
+    reported: usize,
+    /// Normed states of the rows run so far in a prefill split over several steps, handed out
+    /// with the step that completes it.
+    partial_hidden: Vec<f32>,
 }
 
 /// Step-by-step decoding over a paged KV cache. See the module documentation for an example.
@@ -263,6 +269,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             tokens: Arc::new(prompt.to_vec()),
             pending: prompt.len(),
             request: SeqRequest::default(),
+            reported: 0,
+            partial_hidden: Vec::new(),
         };
         self.sequences.insert(id, sequence);
         Ok(id)
@@ -306,6 +314,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             tokens: Arc::clone(&source.tokens),
             pending: source.pending,
             request: source.request.clone(),
+            reported: source.reported,
+            partial_hidden: source.partial_hidden.clone(),
         };
         let id = SeqId(self.next_id);
         self.next_id += 1;
@@ -318,6 +328,29 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let mut sequence = self.sequences.remove(&seq).ok_or_else(|| unknown(seq))?;
         sequence.table.release(&mut self.pool);
         Ok(())
+    }
+
+    /// Gives `seq`'s cache blocks back to the pool but keeps its tokens: the whole sequence runs
+    /// again at the next step that includes it (recomputation), and that step returns what the
+    /// sequence was waiting for, as if nothing had happened. A scheduler's preemption.
+    pub fn evict(&mut self, seq: SeqId) -> Result<()> {
+        let pool = &mut self.pool;
+        let sequence = self.sequences.get_mut(&seq).ok_or_else(|| unknown(seq))?;
+        sequence.table.release(pool);
+        sequence.pending = sequence.tokens.len();
+        sequence.partial_hidden.clear();
+        Ok(())
+    }
+
+    /// Tokens of `seq` not yet run through the model.
+    pub fn pending(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.sequences.get(&seq).ok_or_else(|| unknown(seq))?.pending)
+    }
+
+    /// Free cache blocks that running `tokens` more of `seq`'s pending tokens would take
+    /// (including a shared last block copied on write).
+    pub fn blocks_needed(&self, seq: SeqId, tokens: usize) -> Result<usize> {
+        Ok(self.sequences.get(&seq).ok_or_else(|| unknown(seq))?.table.blocks_needed(&self.pool, tokens))
     }
 
     /// Every token of `seq` (prompt and appended).
@@ -366,25 +399,43 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// [`Decoder::step`] with the plan's scores left on the backend, for callers that want less
     /// than every score (e.g. [`StepResult::argmax`]).
     pub fn run_step(&mut self) -> Result<StepResult<'m, B>> {
+        let all: Vec<(SeqId, usize)> =
+            self.sequences.iter().filter(|(_, s)| s.pending > 0).map(|(&id, _)| (id, usize::MAX)).collect();
+        self.run_step_for(&all)
+    }
+
+    /// A step over the chosen sequences only, each running at most the given number of its pending
+    /// tokens (a long prompt split over several steps: chunked prefill). Only the sequences left
+    /// with nothing pending have outputs; the others' states are kept until their last chunk runs.
+    /// Sequences with nothing pending are skipped.
+    pub fn run_step_for(&mut self, chosen: &[(SeqId, usize)]) -> Result<StepResult<'m, B>> {
+        let mut budget: Vec<(SeqId, usize)> = Vec::with_capacity(chosen.len());
+        for &(id, limit) in chosen {
+            let pending = self.sequences.get(&id).ok_or_else(|| unknown(id))?.pending;
+            if pending > 0 && limit > 0 && !budget.iter().any(|&(b, _)| b == id) {
+                budget.push((id, pending.min(limit)));
+            }
+        }
         // A step is a hundred or so parallel ops: run it where the backend runs them best.
         let backend = self.model.backend();
-        backend.run(|| self.step_here())
+        backend.run(|| self.step_here(&budget))
     }
 
     /// Reserves cache slots for every pending token (shared blocks to copy are listed in the
     /// layout) and lays the step out: every ready sequence's pending tokens, in order. On failure
     /// nothing is reserved.
-    fn layout(&mut self, ready: &[SeqId]) -> Result<StepLayout> {
+    fn layout(&mut self, budget: &[(SeqId, usize)]) -> Result<StepLayout> {
         let mut layout = StepLayout { block_size: self.pool.block_size(), ..Default::default() };
         let mut reserved: Vec<(SeqId, usize)> = Vec::new();
         let mut copies: Vec<BlockCopy> = Vec::new();
-        for &id in ready {
+        for &(id, run) in budget {
             let sequence = self.sequences.get_mut(&id).ok_or_else(|| unknown(id))?;
             let before = sequence.table.len();
-            match sequence.table.reserve(&mut self.pool, sequence.pending, &mut copies) {
+            match sequence.table.reserve(&mut self.pool, run, &mut copies) {
                 Ok(slots) => {
                     reserved.push((id, before));
-                    let new = &sequence.tokens[sequence.tokens.len() - sequence.pending..];
+                    let first = sequence.tokens.len() - sequence.pending;
+                    let new = &sequence.tokens[first..first + run];
                     let table = sequence.table.blocks();
                     layout.sequences.push(SeqLayout {
                         first_row: layout.ids.len(),
@@ -397,7 +448,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
                     layout.ids.extend_from_slice(new);
                     layout.positions.extend(before as u32..(before + new.len()) as u32);
                     layout.slots.extend(slots.iter().map(|&s| s as u32));
-                    layout.output_rows.push(layout.ids.len() as u32 - 1);
+                    if run == sequence.pending {
+                        layout.output_rows.push(layout.ids.len() as u32 - 1);
+                    }
                 }
                 Err(e) => {
                     // Blocks already copied on write keep their copies: make them before giving up.
@@ -422,11 +475,13 @@ impl<'m, B: Backend> Decoder<'m, B> {
         Ok(layout)
     }
 
-    fn step_here(&mut self) -> Result<StepResult<'m, B>> {
+    fn step_here(&mut self, budget: &[(SeqId, usize)]) -> Result<StepResult<'m, B>> {
         let b = self.model.backend();
         let spec = self.model.spec();
         let (vocab, hidden_size, n) = (spec.vocab_size, spec.hidden_size, spec.num_layers);
-        let ready: Vec<SeqId> = self.sequences.iter().filter(|(_, s)| s.pending > 0).map(|(&id, _)| id).collect();
+        // The sequences this step completes (their last pending token runs): the ones with outputs.
+        let ready: Vec<SeqId> =
+            budget.iter().filter(|&&(id, run)| self.sequences[&id].pending == run).map(|&(id, _)| id).collect();
         let mut result = StepResult {
             model: self.model,
             vocab,
@@ -441,17 +496,19 @@ impl<'m, B: Backend> Decoder<'m, B> {
             hidden: vec![Vec::new(); ready.len()],
             premature: vec![Vec::new(); ready.len()],
         };
-        if ready.is_empty() {
+        if budget.is_empty() {
             return Ok(result);
         }
-        let layout = self.layout(&ready)?;
-        let row_spans: Vec<(usize, usize)> = layout.sequences.iter().map(|s| (s.first_row, s.len)).collect();
+        let layout = self.layout(budget)?;
+        // Per sequence run: its rows in the step and the position of its first row.
+        let row_spans: Vec<(usize, usize, usize)> =
+            layout.sequences.iter().map(|s| (s.first_row, s.len, s.first_position)).collect();
         let requests: Vec<SeqRequest> = ready.iter().map(|id| self.sequences[id].request.clone()).collect();
         // Premature layers any sequence asked for, each computed once for every row.
         let mut premature: Vec<usize> = requests.iter().flat_map(|r| r.raw_head_logits.iter().copied()).collect();
         premature.sort_unstable();
         premature.dedup();
-        let want_states = requests.iter().any(|r| r.normed_states);
+        let want_states = budget.iter().any(|(id, _)| self.sequences[id].request.normed_states);
 
         // The one upload of the step, then everything stays on the backend.
         let step = b.upload_step(layout)?;
@@ -472,7 +529,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             &mut Masked {
                 scales: self.head_scales.as_ref(),
                 probe: Tap(|layer, x: &B::Tensor| {
-                    if wanted(layer) {
+                    if wanted(layer) && !ready.is_empty() {
                         kept.insert(layer, b.gather_output_rows(x, &step)?);
                     }
                     if want_states && layer == main.depth(n) {
@@ -483,21 +540,33 @@ impl<'m, B: Backend> Decoder<'m, B> {
             },
         )?;
         self.blocks_run += self.depth as u64;
-        for id in &ready {
-            if let Some(sequence) = self.sequences.get_mut(id) {
-                sequence.pending = 0;
+        let normed = match main_state {
+            Some(states) => Some(b.to_host(&self.model.final_norm(&states)?)?),
+            None => None,
+        };
+        for (&(id, run), &(first, len, position)) in budget.iter().zip(&row_spans) {
+            let Some(sequence) = self.sequences.get_mut(&id) else { continue };
+            sequence.pending -= run;
+            if let (Some(normed), true) = (&normed, sequence.request.normed_states) {
+                // Rows of tokens already reported (a sequence recomputed after an eviction) are skipped.
+                let skip = sequence.reported.saturating_sub(position).min(len);
+                sequence
+                    .partial_hidden
+                    .extend_from_slice(&normed[(first + skip) * hidden_size..(first + len) * hidden_size]);
             }
-        }
-
-        let state = |source: Source| &kept[&source.depth(n)];
-        if let Some(states) = main_state {
-            let normed = b.to_host(&self.model.final_norm(&states)?)?;
-            for ((hidden, request), &(first, len)) in result.hidden.iter_mut().zip(&requests).zip(&row_spans) {
-                if request.normed_states {
-                    *hidden = normed[first * hidden_size..(first + len) * hidden_size].to_vec();
+            sequence.reported = sequence.reported.max(position + len);
+            if sequence.pending == 0 {
+                if let Some(row) = ready.iter().position(|&r| r == id) {
+                    result.hidden[row] = std::mem::take(&mut sequence.partial_hidden);
                 }
             }
         }
+
+        if ready.is_empty() {
+            // Only parts of prompts ran: nothing to score yet.
+            return Ok(result);
+        }
+        let state = |source: Source| &kept[&source.depth(n)];
         if premature.is_empty() {
             result.scores =
                 Some(self.model.plan_output(&self.plan, (main, state(main)), lower.map(|l| (l, state(l))))?);

@@ -118,6 +118,21 @@ impl BlockTable {
         &self.blocks
     }
 
+    /// Free blocks that [`BlockTable::reserve`] of `n` more tokens would take: the new blocks, and
+    /// a copy of the partly filled last block if it is shared.
+    pub fn blocks_needed(&self, pool: &BlockPool, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let bs = pool.block_size;
+        let new = (self.len + n).div_ceil(bs).saturating_sub(self.blocks.len());
+        let copy = match self.blocks.get(self.len / bs) {
+            Some(&last) if self.len % bs != 0 && pool.refcount(last) > 1 => 1,
+            _ => 0,
+        };
+        new + copy
+    }
+
     /// Makes room for `n` more tokens and returns their slots. A shared last block is first copied
     /// (the copy to make is pushed on `copies`). On error (pool exhausted) nothing has changed.
     pub fn reserve(&mut self, pool: &mut BlockPool, n: usize, copies: &mut Vec<BlockCopy>) -> Result<Vec<usize>> {
