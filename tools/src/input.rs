@@ -235,9 +235,10 @@ pub struct GenerationArgs {
     /// A transformers generation_config.json read over the checkpoint's own; flags override it.
     #[arg(long, value_name = "FILE")]
     pub generation_config: Option<PathBuf>,
-    /// Tokens to generate at most [default: 32, or the generation config's].
-    #[arg(long, value_name = "N")]
-    pub max_new_tokens: Option<usize>,
+    /// Tokens to generate at most [default: 32, or the generation config's]. `layerwise run` also
+    /// takes `auto`: all the space the block size leaves after each prompt.
+    #[arg(long, value_name = "N", value_parser = parse_new_tokens)]
+    pub max_new_tokens: Option<NewTokens>,
     /// EOS is not allowed before this many new tokens.
     #[arg(long, value_name = "N")]
     pub min_new_tokens: Option<usize>,
@@ -299,15 +300,38 @@ pub struct GenerationArgs {
     pub dola_layers: Option<String>,
 }
 
+/// `--max-new-tokens`: a number, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewTokens {
+    Count(usize),
+    Auto,
+}
+
+fn parse_new_tokens(text: &str) -> std::result::Result<NewTokens, String> {
+    match text {
+        "auto" => Ok(NewTokens::Auto),
+        n => n.parse().map(NewTokens::Count).map_err(|_| format!("`{n}` is not a number of tokens or `auto`")),
+    }
+}
+
 impl GenerationArgs {
     /// The checkpoint's defaults, then --generation-config, then the flags.
     pub fn options<B: Backend>(&self, loaded: &LoadedModel<B>) -> Result<GenerationOptions> {
+        if self.max_new_tokens == Some(NewTokens::Auto) {
+            bail!("--max-new-tokens auto: only `layerwise run` has a block size to fill; give a number");
+        }
+        self.options_allowing_auto(loaded)
+    }
+
+    /// [`GenerationArgs::options`], `--max-new-tokens auto` left for the caller to resolve per prompt
+    /// (the options then hold the default).
+    pub fn options_allowing_auto<B: Backend>(&self, loaded: &LoadedModel<B>) -> Result<GenerationOptions> {
         let mut options =
             GenerationConfig::for_checkpoint(loaded.model.spec(), loaded.files.generation_config.as_deref())?;
         if let Some(path) = &self.generation_config {
             options.apply_generation_config(path).context("--generation-config")?;
         }
-        if let Some(n) = self.max_new_tokens {
+        if let Some(NewTokens::Count(n)) = self.max_new_tokens {
             options.max_new_tokens = n;
         }
         if let Some(n) = self.min_new_tokens {

@@ -16,6 +16,7 @@ mod lens;
 mod memory;
 mod output;
 mod plot;
+mod run;
 mod train;
 
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ enum Command {
     Forward(forward::Args),
     /// Generate text from the original head, an early exit (--exit) or an ACD contrast (--contrast).
     Generate(Box<generate::Args>),
+    /// Generate for every row of a dataset under one or more exit plans, continuously batched, into
+    /// a resumable output directory (generations.jsonl, run.json).
+    Run(Box<run::Args>),
     /// Measure generation and prefill throughput, peak memory and the fraction of the memory-bandwidth bound.
     Bench(bench::Args),
     /// The logit lens of a prompt: every layer's prediction at every position, as JSON, HTML, SVG or PNG.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Run(args) => run::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Lens(args) => lens::run(args),
         Command::Heads(args) => heads::run(args),

@@ -385,7 +385,7 @@ fn progress_line(r: &LogRecord, total: usize, tokens: usize, started: Instant, f
     line
 }
 
-fn duration(seconds: f64) -> String {
+pub fn duration(seconds: f64) -> String {
     let s = seconds.round() as u64;
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, s / 60 % 60)

@@ -1,9 +1,10 @@
 //! Loading: where a checkpoint's files are (a local directory or a Hub id), its weights (safetensors
-//! mapped in place, torch `.bin` archives converted once), and its tokenizer; text datasets.
+//! mapped in place, torch `.bin` archives converted once), and its tokenizer; text datasets and record datasets (rows of columns).
 //!
 //! Owns: files and bytes. Imports: `error` only.
 
 pub mod documents;
+pub mod records;
 pub mod source;
 pub mod tokenizer;
 pub mod torch_pickle;
