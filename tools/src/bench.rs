@@ -147,6 +147,20 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let host_backend = matches!(loaded.model.backend().name(), "cpu" | "reference");
     let bandwidth = if host_backend { measure_read_bandwidth() } else { f64::NAN };
     let achieved = if timing.decode_s > 0.0 { bytes_per_step * decode_steps / timing.decode_s } else { 0.0 };
+    // The arithmetic side: matrix-product FLOPs of a decode token (the plan's blocks and one head of
+    // vocabulary size; ACD's lower head reads only the plausible rows) and attention over the
+    // average context, against the larger of the FMA loop's rate and a large product's.
+    let context = prompt_len + new_tokens / 2.0;
+    let qw = (spec.num_heads * spec.head_dim) as f64;
+    let depth = decoder.depth();
+    let flops_per_token = 2.0 * crate::bench_train::product_weights(spec, depth, 1) + 4.0 * depth as f64 * context * qw;
+    let achieved_flops = flops_per_token * decode_tok_per_s;
+    let (fma_peak, gemm_ceiling) = if host_backend {
+        (layerwise::backend::cpu::peak::fma_peak_flops(), crate::bench_train::gemm_ceiling() * 1e9)
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    let arithmetic_peak = fma_peak.max(gemm_ceiling);
     let line = json!({
         "decode_tok_per_s": decode_tok_per_s,
         "prefill_tok_per_s": prefill_tok_per_s,
@@ -156,6 +170,10 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "bandwidth_gb_s": host_backend.then_some(bandwidth / 1e9),
         "device": loaded.model.backend().name(),
         "achieved_gb_s": achieved / 1e9,
+        "decode_gflop_s": achieved_flops / 1e9,
+        "fma_peak_gflop_s": host_backend.then_some(fma_peak / 1e9),
+        "gemm_ceiling_gflop_s": host_backend.then_some(gemm_ceiling / 1e9),
+        "arithmetic_fraction": host_backend.then_some(achieved_flops / arithmetic_peak),
         "weight_bytes_per_step": bytes_per_step,
         "launches_per_token": launches_per_token,
         "blocks_per_step": decoder.depth(),
@@ -174,7 +192,14 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         crate::output::line(&line)?;
     } else {
         let bound = if host_backend {
-            format!("{:.0}% of the {:.1} GB/s read bandwidth", 100.0 * achieved / bandwidth, bandwidth / 1e9)
+            format!(
+                "{:.0}% of the {:.1} GB/s read bandwidth, {:.1} GFLOP/s = {:.0}% of the {:.0} GFLOP/s arithmetic peak",
+                100.0 * achieved / bandwidth,
+                bandwidth / 1e9,
+                achieved_flops / 1e9,
+                100.0 * achieved_flops / arithmetic_peak,
+                arithmetic_peak / 1e9
+            )
         } else {
             let launches = launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token"));
             format!("{:.1} GB/s of weights read ({} device{launches})", achieved / 1e9, loaded.model.backend().name())

@@ -86,17 +86,23 @@ pub fn run(args: Args) -> Result<()> {
 /// the LM and exit heads included, embedding lookups not) plus attention's 12·layers·time·width
 /// (the full time x time products the ops compute).
 fn training_flops_per_token(spec: &ModelSpec, heads: usize, time: usize) -> f64 {
+    let qw = (spec.num_heads * spec.head_dim) as f64;
+    6.0 * product_weights(spec, spec.num_layers, heads) + 12.0 * spec.num_layers as f64 * time as f64 * qw
+}
+
+/// Weights of the matrix products a token meets in the first `layers` blocks and `heads` heads of
+/// vocabulary size (embedding lookups not counted).
+pub fn product_weights(spec: &ModelSpec, layers: usize, heads: usize) -> f64 {
     let (d, ff) = (spec.hidden_size as f64, spec.intermediate_size as f64);
     let (qw, kw) = ((spec.num_heads * spec.head_dim) as f64, (spec.num_kv_heads * spec.head_dim) as f64);
     let gated = matches!(spec.details, layerwise::model::config::Details::Llama { .. });
     let mlp = if gated { 3.0 * d * ff } else { 2.0 * d * ff };
     let block = d * (qw + 2.0 * kw) + qw * d + mlp;
-    let weights = spec.num_layers as f64 * block + heads as f64 * spec.vocab_size as f64 * d;
-    6.0 * weights + 12.0 * spec.num_layers as f64 * time as f64 * qw
+    layers as f64 * block + heads as f64 * spec.vocab_size as f64 * d
 }
 
 /// GFLOP/s of the best of three 1024^3 f32 products.
-fn gemm_ceiling() -> f64 {
+pub fn gemm_ceiling() -> f64 {
     let n = 1024;
     let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
     let mut c = vec![0.0f32; n * n];

@@ -56,6 +56,10 @@ pub struct Args {
     /// Columns copied into each output line, comma-separated.
     #[arg(long, value_name = "A,B", value_delimiter = ',')]
     keep_columns: Vec<String>,
+    /// A column of non-negative integers: each row's own --max-new-tokens (CSV text is read as a
+    /// number too), still within the block size.
+    #[arg(long, value_name = "NAME")]
+    max_new_tokens_column: Option<String>,
     /// Only the first N rows.
     #[arg(long, value_name = "N")]
     max_rows: Option<usize>,
@@ -136,6 +140,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
             Some(NewTokens::Auto) => None,
             _ => Some(base.max_new_tokens),
         },
+        max_new_tokens_column: args.max_new_tokens_column.clone(),
     };
     if args.max_window_size == Some(0) {
         bail!("--max-window-size must be at least 1");
@@ -145,6 +150,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         reference: args.reference_column.clone(),
         id: args.id_column.clone(),
         keep: args.keep_columns.iter().filter(|c| !c.is_empty()).cloned().collect(),
+        max_new_tokens: args.max_new_tokens_column.clone(),
     };
     let files = data_files(&args.data, args.split.as_deref()).context("--data")?;
     let mut records = Vec::new();
@@ -173,6 +179,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "block_size": block_size,
         "max_window_size": args.max_window_size,
         "max_new_tokens": windows.max_new_tokens.map_or(json!("auto"), |n| json!(n)),
+        "max_new_tokens_column": args.max_new_tokens_column,
         "plans": plans.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>(),
         "projection": if args.lens { "lens" } else if args.converted { "converted" } else { "exit_heads" },
         "alpha": args.alpha,

@@ -16,6 +16,8 @@ pub struct Columns {
     pub reference: Option<String>,
     pub id: Option<String>,
     pub keep: Vec<String>,
+    /// Checked like the others; read through [`Windows::max_new_tokens_column`].
+    pub max_new_tokens: Option<String>,
 }
 
 /// How prompts are cut and how many tokens each may generate.
@@ -26,6 +28,8 @@ pub struct Windows {
     pub max_window_size: Option<usize>,
     /// New tokens per row; `None`: all the space the block leaves after the prompt (`auto`).
     pub max_new_tokens: Option<usize>,
+    /// A column holding each row's own number of new tokens (over `max_new_tokens`).
+    pub max_new_tokens_column: Option<String>,
 }
 
 /// A row ready to generate from.
@@ -76,6 +80,7 @@ pub fn check(records: &[Record], columns: &Columns) -> Result<()> {
     let mut named: Vec<(&str, &str)> = vec![("--text-column", &columns.text)];
     named.extend(columns.reference.as_deref().map(|c| ("--reference-column", c)));
     named.extend(columns.id.as_deref().map(|c| ("--id-column", c)));
+    named.extend(columns.max_new_tokens.as_deref().map(|c| ("--max-new-tokens-column", c)));
     named.extend(columns.keep.iter().map(|c| ("--keep-columns", c.as_str())));
     for (flag, column) in named {
         if !records.iter().any(|r| r.contains_key(column)) {
@@ -160,7 +165,14 @@ fn row(record: &Record, id: Value, columns: &Columns, windows: &Windows, tokeniz
         None => 0,
     };
     let block = windows.block_size;
-    let (needed, max_new_tokens) = match windows.max_new_tokens {
+    let own = match &windows.max_new_tokens_column {
+        None => None,
+        Some(column) => match record.get(column).and_then(|v| v.as_u64().or_else(|| v.as_str()?.trim().parse().ok())) {
+            Some(n) => Some(n as usize),
+            None => return Ok(Err((format!("`{column}` is not a number of tokens"), "bad"))),
+        },
+    };
+    let (needed, max_new_tokens) = match own.or(windows.max_new_tokens) {
         Some(n) => (ids.len() + n.max(reference_tokens), n),
         None => (ids.len() + reference_tokens.max(1), block.saturating_sub(ids.len())),
     };
@@ -168,7 +180,7 @@ fn row(record: &Record, id: Value, columns: &Columns, windows: &Windows, tokeniz
         let reason = format!(
             "{} prompt tokens, {reference_tokens} reference tokens and {} new tokens do not fit the block size of {block}",
             ids.len(),
-            windows.max_new_tokens.map_or("at least 1".to_string(), |n| n.to_string())
+            own.or(windows.max_new_tokens).map_or("at least 1".to_string(), |n| n.to_string())
         );
         return Ok(Err((reason, "too_long")));
     }

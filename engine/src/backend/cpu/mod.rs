@@ -3,9 +3,11 @@
 //! holds it to the [`crate::backend::reference`] backend.
 //!
 //! Files by op family: [`products`] (matrix products), [`attention`] (paged attention), [`simd`]
-//! (the vector kernels with their scalar fallbacks); norms, elementwise ops and the cache live here.
+//! (the vector kernels with their scalar fallbacks), [`peak`] (the machine's FMA throughput, for
+//! benchmarks); norms, elementwise ops and the cache live here.
 
 mod attention;
+pub mod peak;
 mod products;
 pub(crate) mod simd;
 
