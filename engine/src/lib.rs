@@ -34,8 +34,10 @@
 //! | [`generation`] | the generation loop, its options, processors, stopping rules and strategies |
 //! | [`analysis`] | the logit lens and attention-head analysis |
 //! | [`evaluation`] | language-modeling scores as lm-evaluation-harness computes them (rolling perplexity, last word, all heads in one pass) and SimCTG's generation metrics |
+//! | [`adapters`] | PEFT adapters (LoRA, (IA)^3, prompt tuning) applied to the weights at load |
 //! | [`training`] | the CPU backward pass, AdamW and the training loop (models from scratch, exit heads, conversion matrices) |
 
+pub mod adapters;
 pub mod analysis;
 pub mod backend;
 mod error;
@@ -63,6 +65,8 @@ pub struct LoadedModel<B: Backend = Cpu> {
     pub files: ModelFiles,
     /// What the weight files hold (counts, bytes, dtypes).
     pub weights: WeightsSummary,
+    /// The PEFT adapter applied at load, described (see [`load_adapted`]).
+    pub adapter: Option<String>,
 }
 
 impl<B: Backend> LoadedModel<B> {
@@ -103,10 +107,25 @@ pub fn load(source: &str) -> Result<LoadedModel<Cpu>> {
 /// # Ok::<(), layerwise::Error>(())
 /// ```
 pub fn load_on<B: Backend>(source: &str, backend: B) -> Result<LoadedModel<B>> {
+    load_with(source, None, backend)
+}
+
+/// Opens a checkpoint with a PEFT adapter folder applied (LoRA and (IA)^3 merged into the weights,
+/// prompt tuning's virtual tokens put before every prompt the decoder runs). See [`adapters`].
+pub fn load_adapted<B: Backend>(source: &str, adapter: &std::path::Path, backend: B) -> Result<LoadedModel<B>> {
+    load_with(source, Some(adapter), backend)
+}
+
+fn load_with<B: Backend>(source: &str, adapter: Option<&std::path::Path>, backend: B) -> Result<LoadedModel<B>> {
     let files = ModelFiles::resolve(source)?;
-    let spec = ModelSpec::from_file(&files.config)?;
-    let weights = io::open_weights(&files.weights)?;
+    let mut spec = ModelSpec::from_file(&files.config)?;
+    let mut weights = io::open_weights(&files.weights)?;
+    let summary = weights.summary();
+    let adapter = match adapter {
+        Some(dir) => Some(adapters::Adapter::open(dir)?.apply(&mut weights, &mut spec)?),
+        None => None,
+    };
     let model = Model::load(spec, &weights, backend)?;
     let tokenizer = Tokenizer::load(&files.tokenizer)?;
-    Ok(LoadedModel { model, tokenizer, files, weights: weights.summary() })
+    Ok(LoadedModel { model, tokenizer, files, weights: summary, adapter })
 }

@@ -37,7 +37,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         .check(prompt.len(), loaded.model.spec())
         .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))?;
     // Room for the prompt and every new token of every beam.
-    let cache_tokens = Some(options.cache_tokens(prompt.len()));
+    let cache_tokens = Some(options.cache_tokens(prompt.len() + loaded.model.spec().virtual_tokens));
     let head_mask = args.mask.mask(loaded.model.spec())?;
     let mut decoder =
         Decoder::new(&loaded.model, DecoderOptions { plan, cache_tokens, head_mask, ..Default::default() }).map_err(
@@ -81,6 +81,9 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         });
         if generation.sequences.len() > 1 {
             line["sequences"] = json!(generation.sequences);
+        }
+        if let Some(adapter) = &loaded.adapter {
+            line["adapter"] = json!(adapter);
         }
         crate::output::line(&line)?;
     } else {

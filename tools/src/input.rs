@@ -26,6 +26,11 @@ pub struct ModelArgs {
     /// none is there), or auto (the first GPU when a CUDA driver and a device exist, else the CPU).
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors): LoRA and (IA)^3 are
+    /// merged into the weights at load; prompt tuning's virtual tokens go before every generated
+    /// prompt.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// The `--device` choices.
@@ -65,7 +70,11 @@ impl ModelArgs {
     /// Opens the checkpoint on `backend` (what [`with_backend!`] calls for the chosen device).
     pub fn load_on<B: Backend>(&self, backend: B) -> Result<LoadedModel<B>> {
         let source = self.model.as_deref().unwrap_or(DEMO_MODEL);
-        layerwise::load_on(source, backend).with_context(|| format!("cannot load model `{source}`"))
+        match &self.adapter {
+            None => layerwise::load_on(source, backend).with_context(|| format!("cannot load model `{source}`")),
+            Some(dir) => layerwise::load_adapted(source, dir, backend)
+                .with_context(|| format!("cannot load model `{source}` with --adapter {}", dir.display())),
+        }
     }
 }
 

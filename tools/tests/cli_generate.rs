@@ -2,9 +2,10 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Output;
 
-use common::{assert_fails_naming, layerwise};
+use common::{assert_fails_naming, layerwise, stderr};
 use layerwise_tests::{fixture, fixture_str, read_safetensors};
 use serde_json::Value;
 
@@ -258,4 +259,44 @@ fn generation_config(json: &str) -> (tempfile::TempDir, String) {
     let path = dir.path().join("generation_config.json");
     std::fs::write(&path, json).expect("write");
     (dir, path.to_string_lossy().into_owned())
+}
+
+#[test]
+fn an_adapter_changes_generation_as_peft_does() {
+    // The LoRA and prompt-tuning fixtures: greedy ids recorded with transformers + peft.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    for name in ["lora-gpt2", "prompt-gpt2"] {
+        let dir = fixtures.join("adapters").join(name);
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("expected")).expect("json");
+        let prompt: Vec<String> =
+            expected["prompt"].as_array().expect("prompt").iter().map(|v| v.to_string()).collect();
+        let model = fixtures.join(expected["base"].as_str().expect("base"));
+        let out = layerwise(&[
+            "generate",
+            "--model",
+            model.to_str().expect("path"),
+            "--adapter",
+            dir.to_str().expect("path"),
+            "--prompt-ids",
+            &prompt.join(","),
+            "--max-new-tokens",
+            "8",
+            "--min-new-tokens",
+            "8",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let line: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(line["ids"], expected["greedy"], "{name}");
+        assert!(line["adapter"].as_str().expect("adapter").starts_with(if name == "lora-gpt2" {
+            "LORA"
+        } else {
+            "PROMPT"
+        }));
+    }
+    assert_fails_naming(
+        &["generate", "--prompt", "a", "--adapter", "/nonexistent/adapter"],
+        &["--adapter /nonexistent/adapter", "adapter_config.json"],
+    );
 }

@@ -39,7 +39,8 @@ impl Default for GenerationOptions {
 }
 
 impl GenerationOptions {
-    /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs.
+    /// Cache capacity (tokens) that generating from a prompt of `prompt_len` tokens needs (count a
+    /// prompt-tuning adapter's virtual tokens in `prompt_len`).
     pub fn cache_tokens(&self, prompt_len: usize) -> usize {
         // Beams and contrastive-search candidates share their prefix, but in the worst case each
         // holds its own blocks, plus one partly-filled block copied on write. Saturating: absurd
@@ -53,6 +54,8 @@ impl GenerationOptions {
     /// new tokens fit the context; contrastive search's candidates fit the vocabulary (as
     /// transformers' `topk` requires). Errors name the field.
     pub fn check(&self, prompt_len: usize, spec: &ModelSpec) -> Result<()> {
+        // A prompt-tuning adapter's virtual tokens take positions too.
+        let prompt_len = prompt_len + spec.virtual_tokens;
         if prompt_len.saturating_add(self.max_new_tokens) > spec.max_positions {
             return Err(Error::invalid(
                 "max_new_tokens",

@@ -172,7 +172,8 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
         let pool = self.decoder.pool();
         let block_size = pool.block_size();
         // Worst case: every sequence of the request holds its own blocks.
-        let worst = job.width() * (prompt.len() + options.max_new_tokens).div_ceil(block_size) + job.width();
+        let tokens = prompt.len() + spec.virtual_tokens + options.max_new_tokens;
+        let worst = job.width() * tokens.div_ceil(block_size) + job.width();
         if worst > pool.num_blocks() {
             return Err(Error::invalid(
                 "cache_tokens",
@@ -188,7 +189,7 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
             id,
             job,
             outputs: JobOutputs::default(),
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt.len() + spec.virtual_tokens,
             submitted: Instant::now(),
             admitted: None,
             first_output: None,

@@ -182,6 +182,18 @@ impl HostTensor {
         }
     }
 
+    /// The first `n` rows of a tensor (its leading dimension), sharing its bytes.
+    pub fn rows(&self, n: usize) -> HostTensor {
+        let row: usize = self.shape.iter().skip(1).product();
+        let n = n.min(self.shape.first().copied().unwrap_or(0));
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = n;
+        }
+        let len = n * row * self.dtype.size();
+        HostTensor { backing: self.backing.clone(), start: self.start, len, dtype: self.dtype, shape }
+    }
+
     /// A tensor over an owned f32 buffer (for weights built in memory: tests, conversions).
     pub fn from_f32(values: Vec<f32>, shape: Vec<usize>) -> Self {
         assert_eq!(values.len(), shape.iter().product::<usize>(), "shape does not match data");
@@ -341,6 +353,12 @@ impl Weights {
             tensors: tensors.into_iter().map(|(name, tensor)| (name, Entry { tensor, file: 0 })).collect(),
             skipped: HashMap::new(),
         }
+    }
+
+    /// Puts `tensor` under `name`, in place of any tensor of that name (an adapter's merged weights).
+    pub fn replace(&mut self, name: &str, tensor: HostTensor) {
+        let file = self.tensors.get(name).map_or(0, |e| e.file);
+        self.tensors.insert(name.to_string(), Entry { tensor, file });
     }
 
     /// True if a floating-point tensor of that name exists.

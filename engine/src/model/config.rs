@@ -97,6 +97,9 @@ pub struct ModelSpec {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub details: Details,
+    /// Virtual tokens of a prompt-tuning adapter: rows `vocab_size ..` of the token embedding,
+    /// put before every prompt the decoder runs (0 without such an adapter).
+    pub virtual_tokens: usize,
 }
 
 /// The largest value a config's integer field may hold, far above any real model's: layers 4096,
@@ -202,6 +205,11 @@ impl Fields<'_> {
 }
 
 impl ModelSpec {
+    /// Rows of the token embedding: the vocabulary and any virtual tokens after it.
+    pub fn embedding_rows(&self) -> usize {
+        self.vocab_size + self.virtual_tokens
+    }
+
     /// Reads `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::io::read_config(path).map_err(|e| match e.kind() {

@@ -76,7 +76,7 @@ impl<B: Backend> Gpt2<B> {
             })
             .collect::<Result<_>>()?;
         Ok(Gpt2 {
-            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.embedding_rows(), d])?, Layout::OutIn)?,
             wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
@@ -170,5 +170,6 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
             scale_attn_weights: f.bool_or("scale_attn_weights", true)?,
             scale_attn_by_inverse_layer_idx: f.bool_or("scale_attn_by_inverse_layer_idx", false)?,
         },
+        virtual_tokens: 0,
     })
 }

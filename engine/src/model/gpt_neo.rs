@@ -61,7 +61,7 @@ impl<B: Backend> GptNeo<B> {
             })
             .collect::<Result<_>>()?;
         Ok(GptNeo {
-            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            wte: b.weight(w.get_shaped(&format!("{p}wte.weight"), &[spec.embedding_rows(), d])?, Layout::OutIn)?,
             wpe: b.weight(w.get_shaped(&format!("{p}wpe.weight"), &[spec.max_positions, d])?, Layout::OutIn)?,
             blocks,
             ln_f: Norm::layer_norm(b, w, &format!("{p}ln_f"), d, eps)?,
@@ -156,6 +156,7 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
         bos_token_id: None,
         eos_token_ids: Vec::new(),
         details: Details::GptNeo,
+        virtual_tokens: 0,
     })
 }
 

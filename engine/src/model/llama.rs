@@ -58,8 +58,10 @@ impl<B: Backend> Llama<B> {
             })
             .collect::<Result<_>>()?;
         Ok(Llama {
-            embed_tokens: b
-                .weight(w.get_shaped(&format!("{p}embed_tokens.weight"), &[spec.vocab_size, d])?, Layout::OutIn)?,
+            embed_tokens: b.weight(
+                w.get_shaped(&format!("{p}embed_tokens.weight"), &[spec.embedding_rows(), d])?,
+                Layout::OutIn,
+            )?,
             blocks,
             norm: Norm::rms_norm(b, w, &format!("{p}norm"), d, eps)?,
             attention: AttentionParams {
@@ -186,5 +188,6 @@ pub(crate) fn spec(f: &Fields) -> Result<ModelSpec> {
             attention_bias: f.bool_or("attention_bias", false)?,
             mlp_bias: f.bool_or("mlp_bias", false)?,
         },
+        virtual_tokens: 0,
     })
 }

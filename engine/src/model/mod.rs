@@ -93,11 +93,14 @@ impl<B: Backend> Model<B> {
         };
         let vocab_by_hidden = [spec.vocab_size, spec.hidden_size];
         let lm_head = if weights.contains("lm_head.weight") || !spec.tie_word_embeddings {
-            weights.get_shaped("lm_head.weight", &vocab_by_hidden)?
+            weights.get_shaped("lm_head.weight", &vocab_by_hidden)?.clone()
         } else {
-            weights.get_shaped(embedding_name(&spec, weights), &vocab_by_hidden)?
+            // Tied: the embedding's vocabulary rows (virtual tokens of an adapter follow them).
+            weights
+                .get_shaped(embedding_name(&spec, weights), &[spec.embedding_rows(), spec.hidden_size])?
+                .rows(spec.vocab_size)
         };
-        let lm_head = backend.weight(lm_head, Layout::OutIn)?;
+        let lm_head = backend.weight(&lm_head, Layout::OutIn)?;
         let mut exit_heads = BTreeMap::new();
         for &layer in &spec.exit_layers {
             let tensor = weights.get_shaped(&exit_head_name(layer), &vocab_by_hidden)?;
@@ -156,13 +159,27 @@ impl<B: Backend> Model<B> {
                 format!("token id {id} at position {i} is outside the vocabulary (size {})", self.spec.vocab_size),
             ));
         }
-        if ids.len() > self.spec.max_positions {
+        if ids.len() + self.spec.virtual_tokens > self.spec.max_positions {
+            let virtual_tokens = match self.spec.virtual_tokens {
+                0 => String::new(),
+                n => format!(" (with the adapter's {n} virtual tokens)"),
+            };
             return Err(Error::invalid(
                 "prompt",
-                format!("{} tokens exceed the model's context of {} positions", ids.len(), self.spec.max_positions),
+                format!(
+                    "{} tokens{virtual_tokens} exceed the model's context of {} positions",
+                    ids.len() + self.spec.virtual_tokens,
+                    self.spec.max_positions
+                ),
             ));
         }
         Ok(())
+    }
+
+    /// The ids of a prompt-tuning adapter's virtual tokens (empty without one): the decoder puts
+    /// them before every prompt.
+    pub fn virtual_prefix(&self) -> Vec<u32> {
+        (self.spec.vocab_size..self.spec.embedding_rows()).map(|id| id as u32).collect()
     }
 }
 
@@ -176,7 +193,7 @@ pub fn conversion_name(layer: usize, num_layers: usize) -> String {
     format!("name_to_conv_matrix.{layer}_to_{num_layers}.weight")
 }
 
-fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static str {
+pub(crate) fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static str {
     let candidates: &[&'static str] = match spec.architecture {
         Architecture::Gpt2 | Architecture::GptNeo => &["transformer.wte.weight", "wte.weight"],
         Architecture::Llama => &["model.embed_tokens.weight", "embed_tokens.weight"],

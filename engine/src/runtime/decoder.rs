@@ -259,15 +259,18 @@ impl<'m, B: Backend> Decoder<'m, B> {
         })
     }
 
-    /// Starts a sequence; its prompt runs at the next [`Decoder::step`].
+    /// Starts a sequence; its prompt runs at the next [`Decoder::step`]. A prompt-tuning adapter's
+    /// virtual tokens go first ([`Model::virtual_prefix`]): they are part of the sequence's tokens.
     pub fn add_sequence(&mut self, prompt: &[u32]) -> Result<SeqId> {
         self.model.check_prompt(prompt)?;
         let id = SeqId(self.next_id);
         self.next_id += 1;
+        let mut tokens = self.model.virtual_prefix();
+        tokens.extend_from_slice(prompt);
         let sequence = Sequence {
             table: BlockTable::default(),
-            tokens: Arc::new(prompt.to_vec()),
-            pending: prompt.len(),
+            pending: tokens.len(),
+            tokens: Arc::new(tokens),
             request: SeqRequest::default(),
             reported: 0,
             partial_hidden: Vec::new(),

@@ -170,6 +170,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let configuration = json!({
         "model": args.model.model.as_deref().unwrap_or(crate::input::DEMO_MODEL),
         "dtype": args.model.dtype.map(|d| format!("{d:?}")),
+        "adapter": args.model.adapter.as_ref().map(|p| p.display().to_string()),
         "data": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         "text_column": columns.text,
         "reference_column": columns.reference,
