@@ -271,3 +271,37 @@ fn a_cancelled_request_ends_with_what_it_has() {
     assert!(scheduler.cancel(id).is_none());
     assert_eq!(scheduler.decoder().pool().free_blocks(), scheduler.decoder().pool().num_blocks());
 }
+
+#[test]
+fn non_finite_scores_fail_their_request_and_nothing_else_hangs() {
+    // A final norm whose gain is NaN for one prompt's worth of rows is hard to make; a NaN gain makes
+    // every request's scores NaN instead: each fails on its own (named non-finite), the others in the
+    // same step run again, and the scheduler ends idle.
+    let files = layerwise::ModelFiles::resolve(&fixture_str("gpt2-sharded")).expect("files");
+    let spec = layerwise::ModelSpec::from_file(&files.config).expect("spec");
+    let mut weights = layerwise::io::open_weights(&files.weights).expect("weights");
+    let name = "transformer.ln_f.weight";
+    let width = weights.get(name).expect("ln_f").numel();
+    weights.replace(name, layerwise::HostTensor::from_f32(vec![f32::NAN; width], vec![width]));
+    let model = layerwise::Model::load(spec, &weights, layerwise::Cpu::default()).expect("model");
+    let decoder =
+        Decoder::new(&model, DecoderOptions { cache_tokens: Some(256), ..Default::default() }).expect("decoder");
+    let mut scheduler = Scheduler::new(decoder, None, SchedulerOptions::default());
+    for salt in 0..3 {
+        let options = GenerationOptions { max_new_tokens: 4, ..Default::default() };
+        scheduler.submit(Request { prompt: vec![3 + salt, 17, 42, 5], options }).expect("submit");
+    }
+    let mut failures = Vec::new();
+    let mut steps = 0;
+    while !scheduler.is_idle() {
+        steps += 1;
+        assert!(steps < 50, "the scheduler does not end");
+        for event in scheduler.step().expect("step") {
+            if let Event::Finished { result, .. } = event {
+                failures.push(result.expect_err("NaN scores").to_string());
+            }
+        }
+    }
+    assert_eq!(failures.len(), 3);
+    assert!(failures.iter().all(|f| f.contains("non-finite")), "{failures:?}");
+}

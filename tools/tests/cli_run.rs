@@ -309,3 +309,32 @@ fn bad_files_and_options_fail_before_any_work() {
     assert!(!out.exists(), "no output directory was made by a failed start");
     assert_fails_naming(&["generate", "--prompt", "a", "--max-new-tokens", "auto"], &["--max-new-tokens auto"]);
 }
+
+#[test]
+fn generation_flags_pass_through_to_every_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("rows.jsonl");
+    std::fs::write(&data, format!("{}\n{}\n", json!({"text": PROMPTS[0]}), json!({"text": PROMPTS[2]})))
+        .expect("write");
+    let flag_sets: [&[&str]; 2] = [
+        &["--num-beams", "3", "--num-return-sequences", "2"],
+        &["--do-sample", "--top-k", "20", "--seed", "7", "--repetition-penalty", "1.3"],
+    ];
+    for (n, flags) in flag_sets.iter().enumerate() {
+        let out = dir.path().join(format!("out{n}"));
+        let mut args = vec!["run", "--data", s(&data), "--output-dir", s(&out), "--max-new-tokens", "10"];
+        args.extend_from_slice(flags);
+        let result = layerwise(&args);
+        assert!(result.status.success(), "{flags:?}: {}", stderr(&result));
+        let records = generations(&out);
+        for (i, prompt) in [PROMPTS[0], PROMPTS[2]].iter().enumerate() {
+            let record = &records[&(i.to_string(), "original".to_string())];
+            let ids: Vec<u64> =
+                record["generated_ids"].as_array().expect("ids").iter().filter_map(Value::as_u64).collect();
+            assert_eq!(ids, generate(prompt, flags), "{flags:?}: row {i}");
+            if n == 0 {
+                assert_eq!(record["generated_texts"].as_array().map(Vec::len), Some(2), "two beams returned");
+            }
+        }
+    }
+}

@@ -236,6 +236,11 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
         self.admit(&mut events);
         let plan = self.plan();
         if plan.is_empty() {
+            // Running requests always have something to run; one that does not would wait forever.
+            for active in std::mem::take(&mut self.running) {
+                let error = Error::invalid("scheduler", "the request waits on outputs no step will bring (a bug)");
+                events.push(self.complete(active, Err(error)));
+            }
             return Ok(events);
         }
         self.stats.steps += 1;
@@ -263,11 +268,35 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
             self.running.iter().map(|a| (a.id, a.job.needs_scores())).collect();
         let needs = |seq: &SeqId| owner.get(seq).and_then(|id| wants_scores.get(id)).copied().unwrap_or(true);
         // Only ids leave the backend unless some job in the step needs scores.
-        let outputs: Vec<(SeqId, SeqOutput)> = if step.sequences().iter().any(needs) {
-            step.into_outputs()?.into_iter().map(|o| (o.seq, SeqOutput::Full(o))).collect()
+        let sequences = step.sequences().to_vec();
+        let collected = if sequences.iter().any(needs) {
+            step.into_outputs().map(|o| o.into_iter().map(|o| (o.seq, SeqOutput::Full(o))).collect::<Vec<_>>())
         } else {
-            let sequences = step.sequences().to_vec();
-            sequences.into_iter().zip(step.argmax()?.into_iter().map(SeqOutput::Best)).collect()
+            step.argmax().map(|best| sequences.iter().copied().zip(best.into_iter().map(SeqOutput::Best)).collect())
+        };
+        let outputs = match collected {
+            Ok(outputs) => outputs,
+            Err(Error::NonFinite { row, what }) => {
+                // One request's scores are not finite: that request fails. The others of the step
+                // lost their outputs with the error; they run again (recomputed) at the next step.
+                let failed = sequences.get(row).and_then(|s| owner.get(s)).copied();
+                let ran: Vec<RequestId> = dedup(sequences.iter().filter_map(|s| owner.get(s).copied()).collect());
+                for id in ran {
+                    let Some(i) = self.running.iter().position(|a| a.id == id) else { continue };
+                    if Some(id) == failed {
+                        let active = self.running.remove(i);
+                        events.push(self.complete(active, Err(Error::NonFinite { row, what: what.clone() })));
+                    } else {
+                        let active = &mut self.running[i];
+                        for seq in active.job.sequences() {
+                            self.decoder.evict(seq).ok();
+                        }
+                        active.outputs.clear();
+                    }
+                }
+                return Ok(events);
+            }
+            Err(e) => return Err(e),
         };
         for (seq, output) in outputs {
             let Some(id) = owner.get(&seq) else { continue };
@@ -279,8 +308,7 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
         Ok(events)
     }
 
-    /// Runs every request to its end, calling `on_event` with each event; `on_event` may return
-    /// requests to cancel.
+    /// Runs every request to its end, calling `on_event` with each event.
     pub fn run_to_end(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
         while !self.is_idle() {
             for event in self.step()? {
@@ -373,14 +401,18 @@ impl<'m, 't, B: Backend> Scheduler<'m, 't, B> {
     /// Evicts the newest running request's sequences and puts it among the preempted.
     fn preempt_newest(&mut self) {
         let Some(mut active) = self.running.pop() else { return };
+        // Counted when it gave blocks back (not when it was only admitted and sent back at once).
+        let held = active.job.sequences().iter().any(|&s| self.decoder.block_table(s).is_ok_and(|t| !t.is_empty()));
         for seq in active.job.sequences() {
             // A sequence the job holds is in the decoder; an error here would be a bookkeeping bug,
             // and leaving it in place only costs memory.
             self.decoder.evict(seq).ok();
         }
         active.outputs.clear();
-        active.preemptions += 1;
-        self.stats.preemptions += 1;
+        if held {
+            active.preemptions += 1;
+            self.stats.preemptions += 1;
+        }
         let at = self.preempted.partition_point(|p| p.id < active.id);
         self.preempted.insert(at, active);
     }
