@@ -78,7 +78,17 @@ impl GenerationConfig {
         let text = crate::io::read_config_file(path)?;
         let json: Value =
             serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
-        let bad = |field: &str, why: &str| Error::bad_file(path, format!("`{field}` {why}"));
+        self.apply_fields(&json, &|field, why| Error::bad_file(path, format!("`{field}` {why}")))
+    }
+
+    /// [`GenerationConfig::apply_generation_config`] from a JSON object of transformers' field names
+    /// (e.g. the keyword arguments of a `generate()` call), plus layerwise's `seed`; a field of the
+    /// wrong type is an [`Error::InvalidArgument`] naming it.
+    pub fn apply_json(&mut self, json: &Value) -> Result<()> {
+        self.apply_fields(json, &|field, why| Error::invalid(field, why))
+    }
+
+    fn apply_fields(&mut self, json: &Value, bad: &dyn Fn(&str, &str) -> Error) -> Result<()> {
         let uint = |field: &str| -> Result<Option<usize>> {
             match json.get(field) {
                 None | Some(Value::Null) => Ok(None),
@@ -174,6 +184,9 @@ impl GenerationConfig {
                 }
                 if let Some(p) = typical_p {
                     sampling.typical_p = p;
+                }
+                if let Some(seed) = uint("seed")? {
+                    sampling.seed = seed as u64;
                 }
                 self.sampling = Some(sampling);
             }

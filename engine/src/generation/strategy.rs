@@ -51,13 +51,14 @@ pub trait Decode<B: Backend> {
     fn job<'t>(&self, prompt: &[u32], run: Run<'t>, decoder: &Decoder<'_, B>) -> Result<Box<dyn Job<B> + 't>>;
 }
 
-/// One request's generation in progress, advanced one step at a time by its driver.
+/// One request's generation in progress, advanced one step at a time by its driver (`Send`: a
+/// driver may run steps on another thread, e.g. with Python's GIL released).
 ///
 /// The driver calls [`Job::start`] once, then repeatedly runs a step that includes every sequence
 /// of [`Job::waiting_on`] until none of them has a pending token, and hands their outputs to
 /// [`Job::advance`]; once `advance` returns a reason (or the caller stops early), [`Job::finish`]
 /// releases what the job holds and returns the result.
-pub trait Job<B: Backend> {
+pub trait Job<B: Backend>: Send {
     /// Adds the job's first sequence(s) to the decoder. A reason if there is nothing to generate.
     fn start(&mut self, decoder: &mut Decoder<'_, B>) -> Result<Option<FinishReason>>;
     /// Every sequence the job holds in the decoder (what a preemption evicts).

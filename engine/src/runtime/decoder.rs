@@ -46,6 +46,18 @@ use crate::model::Model;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeqId(u64);
 
+impl SeqId {
+    /// The handle as a number (sequences are numbered in order of creation), for bindings.
+    pub fn index(self) -> u64 {
+        self.0
+    }
+
+    /// The handle numbered `n`; a decoder refuses one it does not hold.
+    pub fn from_index(n: u64) -> SeqId {
+        SeqId(n)
+    }
+}
+
 /// How a decoder is set up.
 #[derive(Clone, Debug)]
 pub struct DecoderOptions {

@@ -1,0 +1,410 @@
+//! `layerwise._native`: the engine as a Python extension module. It exposes a few primitives over
+//! the Rust API (load, tokenize, forward, batched generation through the scheduler, the step-by-step
+//! decoder); the transformers-like surface (`Model.from_pretrained`, `MultiExitConfiguration`,
+//! `generate(**kwargs)`) is the pure-Python package around it (`python/layerwise/`).
+//!
+//! The GIL is released while the engine computes; a long generation checks for signals (Ctrl-C)
+//! between steps. Engine errors become `layerwise.LayerwiseError` with the engine's message.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
+use layerwise::generation::{Event, GenerationConfig, Request, Scheduler, SchedulerOptions};
+use layerwise::runtime::{Decoder as EngineDecoder, DecoderOptions, SeqId};
+use layerwise::{Cpu, DType, ForwardRequest, LoadedModel};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+pyo3::create_exception!(_native, LayerwiseError, PyException, "An error of the layerwise engine.");
+
+fn engine_error(e: layerwise::Error) -> PyErr {
+    LayerwiseError::new_err(e.to_string())
+}
+
+/// A checkpoint loaded on the CPU, with the exit plan its outputs follow.
+#[pyclass(module = "layerwise._native", frozen)]
+struct Model {
+    loaded: Arc<LoadedModel<Cpu>>,
+    plan: PlanOptions,
+    /// An error raised by a Python contrast function, kept until the call that ran it returns.
+    callback_error: Arc<Mutex<Option<PyErr>>>,
+}
+
+/// The plan named by the Python configuration's fields.
+fn plan(
+    mode: &str,
+    layer: Option<usize>,
+    upper: Option<&str>,
+    lower: Option<usize>,
+    projection: &str,
+    contrast: Contrast,
+) -> PyResult<PlanOptions> {
+    let bad = |what: &str| LayerwiseError::new_err(what.to_string());
+    let plan = match mode {
+        "original" => ExitPlan::Original,
+        "exit" => ExitPlan::Exit(layer.ok_or_else(|| bad("output_layer_index is required without the original head"))?),
+        "contrast" => {
+            let upper = match upper {
+                Some("original") => Upper::Original,
+                Some(u) => {
+                    Upper::Layer(u.parse().map_err(|_| bad(&format!("contrast upper layer `{u}` is not a layer")))?)
+                }
+                None => return Err(bad("contrast_layer_indices needs an upper and a lower layer")),
+            };
+            let lower = lower.ok_or_else(|| bad("contrast_layer_indices needs a lower layer"))?;
+            ExitPlan::Contrast { upper, lower }
+        }
+        other => return Err(bad(&format!("unknown plan `{other}`"))),
+    };
+    let projection = match projection {
+        "layer_heads" | "heads" => Projection::ExitHeads,
+        "lens" | "logit_lens" => Projection::Lens,
+        "converted" | "conversion_matrices" => Projection::Converted,
+        other => {
+            return Err(bad(&format!(
+                "vocab_projection_mode `{other}` is not one of layer_heads, logit_lens, conversion_matrices"
+            )))
+        }
+    };
+    Ok(PlanOptions { plan, projection, contrast })
+}
+
+#[pymethods]
+impl Model {
+    /// Loads `source` (a directory or a Hub id). `mode`: original, exit or contrast.
+    #[staticmethod]
+    #[pyo3(signature = (source, mode, layer=None, upper=None, lower=None, projection="layer_heads", alpha=0.1, min_candidates=1, contrast_function=None, dtype=None, adapter=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        py: Python<'_>,
+        source: &str,
+        mode: &str,
+        layer: Option<usize>,
+        upper: Option<String>,
+        lower: Option<usize>,
+        projection: &str,
+        alpha: f32,
+        min_candidates: usize,
+        contrast_function: Option<PyObject>,
+        dtype: Option<&str>,
+        adapter: Option<PathBuf>,
+    ) -> PyResult<Model> {
+        let weight_dtype = match dtype {
+            None => None,
+            Some(d) => Some(
+                DType::parse(d)
+                    .ok_or_else(|| LayerwiseError::new_err(format!("dtype `{d}` is not f32, f16 or bf16")))?,
+            ),
+        };
+        let callback_error: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+        let contrast = match contrast_function {
+            None => Contrast::Acd { alpha, min_candidates },
+            Some(function) => Contrast::Custom(Arc::new(python_contrast(function, Arc::clone(&callback_error)))),
+        };
+        let plan = plan(mode, layer, upper.as_deref(), lower, projection, contrast)?;
+        let backend = Cpu { weight_dtype };
+        let loaded = py
+            .allow_threads(|| match &adapter {
+                None => layerwise::load_on(source, backend),
+                Some(dir) => layerwise::load_adapted(source, dir, backend),
+            })
+            .map_err(engine_error)?;
+        // The plan is checked against the checkpoint now, not at the first call.
+        EngineDecoder::new(
+            &loaded.model,
+            DecoderOptions { plan: plan.clone(), cache_tokens: Some(1), ..Default::default() },
+        )
+        .map_err(engine_error)?;
+        Ok(Model { loaded: Arc::new(loaded), plan, callback_error })
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.loaded.model.spec().vocab_size
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.loaded.model.spec().num_layers
+    }
+
+    #[getter]
+    fn max_positions(&self) -> usize {
+        self.loaded.model.spec().max_positions
+    }
+
+    #[getter]
+    fn exit_layers(&self) -> Vec<usize> {
+        self.loaded.model.spec().exit_layers.clone()
+    }
+
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.loaded.model.spec().eos_token_ids.clone()
+    }
+
+    #[getter]
+    fn adapter(&self) -> Option<String> {
+        self.loaded.adapter.clone()
+    }
+
+    #[getter]
+    fn has_tokenizer(&self) -> bool {
+        self.loaded.tokenizer.is_some()
+    }
+
+    /// Token ids of `text` (the checkpoint's tokenizer).
+    fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
+        self.loaded.encode(text).map_err(engine_error)
+    }
+
+    /// Text of `ids`.
+    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        self.loaded.decode(&ids).map_err(engine_error)
+    }
+
+    /// One forward pass over `ids`: a dict of numpy arrays `logits [t, vocab]`, `exits {layer: [t,
+    /// vocab]}`, `hidden_states` (a list of `[t, hidden]`), `plan [t, vocab]` (the configured plan's
+    /// output), each only when asked for.
+    #[pyo3(signature = (ids, logits=true, exits=Vec::new(), hidden_states=false, plan=false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+        logits: bool,
+        exits: Vec<usize>,
+        hidden_states: bool,
+        plan: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let request = ForwardRequest {
+            logits,
+            exits,
+            hidden_states,
+            plan: plan.then(|| self.plan.clone()),
+            ..Default::default()
+        };
+        let model = &self.loaded.model;
+        let out = py.allow_threads(|| model.forward(&ids, &request)).map_err(engine_error);
+        self.raise_callback_error()?;
+        let out = out?;
+        let t = out.tokens;
+        let matrix = |values: Vec<f32>| -> PyResult<Bound<'py, PyAny>> {
+            let width = values.len().checked_div(t).unwrap_or(0);
+            Ok(PyArray1::from_vec(py, values).reshape([t, width])?.into_any())
+        };
+        let dict = PyDict::new(py);
+        if let Some(values) = out.logits {
+            dict.set_item("logits", matrix(values)?)?;
+        }
+        let exit_dict = PyDict::new(py);
+        for (layer, values) in out.exits {
+            exit_dict.set_item(layer, matrix(values)?)?;
+        }
+        dict.set_item("exits", exit_dict)?;
+        let states = out.hidden_states.into_iter().map(matrix).collect::<PyResult<Vec<_>>>()?;
+        dict.set_item("hidden_states", states)?;
+        if let Some(values) = out.plan {
+            dict.set_item("plan", matrix(values)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// Generates for every prompt through the continuous-batching scheduler. `config`: transformers'
+    /// generation fields as JSON text (over the checkpoint's generation_config.json). Returns, per
+    /// prompt, `(sequences of new ids, finish reason)`. `on_tokens(index, ids)`, if given, is called
+    /// with each prompt's new ids as they come.
+    #[pyo3(signature = (prompts, config, batch_size=16, on_tokens=None))]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Vec<u32>>,
+        config: &str,
+        batch_size: usize,
+        on_tokens: Option<PyObject>,
+    ) -> PyResult<Vec<(Vec<Vec<u32>>, String)>> {
+        let loaded = &*self.loaded;
+        let spec = loaded.model.spec();
+        let json: serde_json::Value =
+            serde_json::from_str(config).map_err(|e| LayerwiseError::new_err(format!("generation config: {e}")))?;
+        let mut generation =
+            GenerationConfig::for_checkpoint(spec, loaded.files.generation_config.as_deref()).map_err(engine_error)?;
+        generation.apply_json(&json).map_err(engine_error)?;
+        let options = generation.resolve().map_err(engine_error)?;
+        // Slots for `batch_size` sequences, or one request's beams or candidates if it has more; a
+        // cache that holds every slot's longest sequence, so nothing is preempted.
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + spec.virtual_tokens;
+        let per_sequence = longest + options.max_new_tokens + 16;
+        let widest_request = options.cache_tokens(longest) / per_sequence;
+        let slots = batch_size.max(widest_request).max(1);
+        let cache_tokens = slots * per_sequence;
+        let decoder = EngineDecoder::new(
+            &loaded.model,
+            DecoderOptions { plan: self.plan.clone(), cache_tokens: Some(cache_tokens), ..Default::default() },
+        )
+        .map_err(engine_error)?;
+        let scheduling = SchedulerOptions { max_sequences: slots, max_step_tokens: 512 };
+        let mut scheduler = Scheduler::new(decoder, loaded.tokenizer.as_ref(), scheduling);
+        let mut ids = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let id = scheduler.submit(Request { prompt, options: options.clone() }).map_err(engine_error)?;
+            ids.push(id);
+        }
+        let mut results: Vec<Option<(Vec<Vec<u32>>, String)>> = vec![None; ids.len()];
+        while !scheduler.is_idle() {
+            let events = py.allow_threads(|| scheduler.step()).map_err(engine_error)?;
+            self.raise_callback_error()?;
+            for event in events {
+                match event {
+                    Event::Tokens { request, ids: new } => {
+                        if let Some(callback) = &on_tokens {
+                            let index = ids.iter().position(|&r| r == request).unwrap_or(0);
+                            callback.call1(py, (index, new))?;
+                        }
+                    }
+                    Event::Finished { request, result } => {
+                        let completion = result.map_err(engine_error)?;
+                        let index = ids.iter().position(|&r| r == request).unwrap_or(0);
+                        let g = completion.generation;
+                        results[index] = Some((g.sequences, g.finish.name().to_string()));
+                    }
+                }
+            }
+            // Ctrl-C between steps.
+            py.check_signals()?;
+        }
+        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+impl Model {
+    fn raise_callback_error(&self) -> PyResult<()> {
+        match self.callback_error.lock().map(|mut e| e.take()) {
+            Ok(Some(error)) => Err(error),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A Python `contrast_function(upper, lower) -> scores` over two numpy rows of logits, as a
+/// contrast of the engine's. An exception is kept for the caller and the row filled with NaN (the
+/// step then fails its finite check; the kept exception is what the call raises).
+fn python_contrast(
+    function: PyObject,
+    errors: Arc<Mutex<Option<PyErr>>>,
+) -> impl Fn(&[f32], &[f32], &mut [f32]) + Send + Sync {
+    move |upper, lower, out| {
+        let result = Python::with_gil(|py| -> PyResult<Vec<f32>> {
+            let (u, l) = (PyArray1::from_slice(py, upper), PyArray1::from_slice(py, lower));
+            let scores = function.call1(py, (u, l))?;
+            let scores: Vec<f32> = scores.extract(py)?;
+            if scores.len() != out.len() {
+                return Err(LayerwiseError::new_err(format!(
+                    "contrast_function returned {} scores for a vocabulary of {}",
+                    scores.len(),
+                    out.len()
+                )));
+            }
+            Ok(scores)
+        });
+        match result {
+            Ok(scores) => out.copy_from_slice(&scores),
+            Err(e) => {
+                out.fill(f32::NAN);
+                if let Ok(mut slot) = errors.lock() {
+                    slot.get_or_insert(e);
+                }
+            }
+        }
+    }
+}
+
+/// The step-by-step decoder over a model's paged cache.
+#[pyclass(module = "layerwise._native", unsendable, subclass)]
+struct Decoder {
+    // Declared before `model`: dropped first, while the model it borrows is alive.
+    decoder: EngineDecoder<'static, Cpu>,
+    model: Arc<LoadedModel<Cpu>>,
+}
+
+#[pymethods]
+impl Decoder {
+    #[new]
+    #[pyo3(signature = (model, cache_tokens=None, block_size=16))]
+    fn new(model: &Model, cache_tokens: Option<usize>, block_size: usize) -> PyResult<Decoder> {
+        let loaded = Arc::clone(&model.loaded);
+        // SAFETY: the decoder borrows the model inside `loaded`, an `Arc` this struct holds for as long
+        // as the decoder lives (the decoder field is dropped first, and the Arc's contents never move).
+        let model_ref: &'static layerwise::Model<Cpu> = unsafe { &*(&loaded.model as *const layerwise::Model<Cpu>) };
+        let options = DecoderOptions { plan: model.plan.clone(), block_size, cache_tokens, head_mask: None };
+        let decoder = EngineDecoder::new(model_ref, options).map_err(engine_error)?;
+        Ok(Decoder { decoder, model: loaded })
+    }
+
+    /// Starts a sequence; its prompt runs at the next step. Returns its handle.
+    fn add_sequence(&mut self, ids: Vec<u32>) -> PyResult<u64> {
+        let seq = self.decoder.add_sequence(&ids).map_err(engine_error)?;
+        Ok(handle(seq))
+    }
+
+    /// Runs every pending token; returns `{sequence: scores}` (numpy, `[vocab]`) for each sequence
+    /// that ran.
+    fn step<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let decoder = &mut self.decoder;
+        let outputs = py.allow_threads(|| decoder.step()).map_err(engine_error)?;
+        let dict = PyDict::new(py);
+        for output in outputs {
+            dict.set_item(handle(output.seq), PyArray1::from_vec(py, output.logits))?;
+        }
+        Ok(dict)
+    }
+
+    fn append(&mut self, seq: u64, token: u32) -> PyResult<()> {
+        let seq = self.find(seq)?;
+        self.decoder.append(seq, token).map_err(engine_error)
+    }
+
+    /// A new sequence sharing `seq`'s cache blocks (copy on write).
+    fn fork(&mut self, seq: u64) -> PyResult<u64> {
+        let seq = self.find(seq)?;
+        Ok(handle(self.decoder.fork(seq).map_err(engine_error)?))
+    }
+
+    fn release(&mut self, seq: u64) -> PyResult<()> {
+        let seq = self.find(seq)?;
+        self.decoder.release(seq).map_err(engine_error)
+    }
+
+    /// Every token of `seq` (prompt and appended).
+    fn tokens(&self, seq: u64) -> PyResult<Vec<u32>> {
+        let seq = self.find(seq)?;
+        Ok(self.decoder.tokens(seq).map_err(engine_error)?.to_vec())
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.model.model.spec().vocab_size
+    }
+}
+
+impl Decoder {
+    /// The engine's handle for a Python one; the decoder refuses handles it does not hold.
+    fn find(&self, seq: u64) -> PyResult<SeqId> {
+        Ok(SeqId::from_index(seq))
+    }
+}
+
+fn handle(seq: SeqId) -> u64 {
+    seq.index()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Model>()?;
+    m.add_class::<Decoder>()?;
+    m.add("LayerwiseError", m.py().get_type::<LayerwiseError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
