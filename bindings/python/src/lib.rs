@@ -9,10 +9,11 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use layerwise::generation::{Event, GenerationConfig, Request, Scheduler, SchedulerOptions};
 use layerwise::runtime::{Decoder as EngineDecoder, DecoderOptions, SeqId};
-use layerwise::{Cpu, DType, ForwardRequest, LoadedModel};
+use layerwise::{Cpu, DType, ForwardRequest, InspectRequest, LoadedModel};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -210,6 +211,56 @@ impl Model {
             dict.set_item("plan", matrix(values)?)?;
         }
         Ok(dict)
+    }
+
+    /// The logit lens of `ids` as JSON text (the engine's `Lens`, as `layerwise lens --json` writes
+    /// it). `decoder`: final, exits, converted, or blocks / sub-layers to run first.
+    #[pyo3(signature = (ids, decoder="final", subblocks=false, top_k=5))]
+    fn logit_lens(
+        &self,
+        py: Python<'_>,
+        ids: Vec<u32>,
+        decoder: &str,
+        subblocks: bool,
+        top_k: usize,
+    ) -> PyResult<String> {
+        let model = &self.loaded.model;
+        let decoder = LensDecoder::parse(model, decoder).map_err(engine_error)?;
+        let options = LensOptions { decoder, subblocks, top_k };
+        let lens = py.allow_threads(|| logit_lens(model, &ids, &options)).map_err(engine_error)?;
+        serde_json::to_string(&lens).map_err(|e| LayerwiseError::new_err(e.to_string()))
+    }
+
+    /// Activations at named points (`embed`, `h.5`, `h.5.mlp`, ... in the checkpoint's names) as
+    /// `{name: [t, width]}`, and attention probabilities of the given blocks as `{block: [heads, t,
+    /// t]}`; no block above the deepest request runs.
+    #[pyo3(signature = (ids, points=Vec::new(), attentions=Vec::new()))]
+    fn inspect<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+        points: Vec<String>,
+        attentions: Vec<usize>,
+    ) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+        let model = &self.loaded.model;
+        let parsed = points.iter().map(|name| model.point(name)).collect::<layerwise::Result<Vec<_>>>();
+        let parsed = parsed.map_err(engine_error)?;
+        let request = InspectRequest { points: parsed.clone(), attentions, ..Default::default() };
+        let inspection = py.allow_threads(|| model.inspect(&ids, &request)).map_err(engine_error)?;
+        let t = inspection.tokens;
+        let activations = PyDict::new(py);
+        for (name, point) in points.iter().zip(&parsed) {
+            if let Some(values) = inspection.activations.get(point) {
+                let width = values.len().checked_div(t).unwrap_or(0);
+                activations.set_item(name, PyArray1::from_vec(py, values.clone()).reshape([t, width])?)?;
+            }
+        }
+        let probabilities = PyDict::new(py);
+        for (block, values) in inspection.attentions {
+            let heads = values.len().checked_div(t * t).unwrap_or(0);
+            probabilities.set_item(block, PyArray1::from_vec(py, values).reshape([heads, t, t])?)?;
+        }
+        Ok((activations, probabilities))
     }
 
     /// Generates for every prompt through the continuous-batching scheduler. `config`: transformers'

@@ -199,3 +199,23 @@ def test_ctrl_c_interrupts_a_long_generation():
     assert "finished" not in out, "the generation ran to its end despite Ctrl-C"
     assert "KeyboardInterrupt" in err, err
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("name", ["gpt2-sharded", "gpt-neo-bin", "llama-bf16"])
+def test_lens_activations_and_attention_equal_transformers(name):
+    recorded = read_safetensors(os.path.join(FIXTURES, "inspect", f"{name}.safetensors"))
+    lens_json = json.load(open(os.path.join(FIXTURES, "inspect", "lens.json")))
+    prompt = lens_json["prompt"]
+    model = layerwise.Model.from_pretrained(fixture(name))
+    points = [key[len("act."):] for key in recorded if key.startswith("act.")]
+    activations = model.activations(prompt, points)
+    for point in points:
+        np.testing.assert_allclose(activations[point], recorded[f"act.{point}"], atol=2e-4, err_msg=point)
+    attentions = model.attentions(prompt)
+    for block in range(model.num_layers):
+        np.testing.assert_allclose(attentions[block], recorded[f"attn.{block}"], atol=1e-5, err_msg=f"block {block}")
+    lens = model.logit_lens(prompt, top_k=lens_json["top_k"])
+    np.testing.assert_allclose(np.array(lens["entropy"]), recorded["lens.final.entropy"], atol=2e-4)
+    assert np.array(lens["top_ids"]).tolist() == recorded["lens.final.top_ids"].astype(int).tolist()
+    with pytest.raises(LayerwiseError, match="point"):
+        model.activations(prompt, ["h.99"])

@@ -281,6 +281,25 @@ class Model:
         if failure:
             raise failure[0]
 
+    def logit_lens(self, input_ids, decoder: str = "final", subblocks: bool = False, top_k: int = 5) -> Dict[str, Any]:
+        """The logit lens of one prompt: every layer's prediction at every position (``rows``, ``top_ids``,
+        ``top_probs``, ``entropy``, ``kl_to_final``, ...; the fields of ``layerwise lens --json``). ``decoder``:
+        ``final`` (the final norm and LM head), ``exits``, ``converted``, or blocks to run first (``h.11``)."""
+        prompts, _ = _prompts(input_ids)
+        return json.loads(self._native.logit_lens(prompts[0], decoder, subblocks, top_k))
+
+    def activations(self, input_ids, points: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Activations of one prompt at named points (``embed``, ``h.5``, ``h.5.attn``, ``h.5.mlp``, ``h.5.ln_1``,
+        ... in the checkpoint's own names), each ``[tokens, width]``."""
+        prompts, _ = _prompts(input_ids)
+        return self._native.inspect(prompts[0], list(points), [])[0]
+
+    def attentions(self, input_ids, layers: Optional[Sequence[int]] = None) -> Dict[int, np.ndarray]:
+        """Attention probabilities of one prompt, ``{block: [heads, tokens, tokens]}`` (every block by default)."""
+        prompts, _ = _prompts(input_ids)
+        blocks = list(range(self.num_layers)) if layers is None else [int(b) for b in layers]
+        return self._native.inspect(prompts[0], [], blocks)[1]
+
     def decoder(self, cache_tokens: Optional[int] = None, block_size: int = 16) -> "Decoder":
         """A step-by-step decoder over a paged KV cache (``add_sequence``, ``step``, ``append``, ``fork``,
         ``release``, ``tokens``), under this model's exit plan."""
