@@ -191,13 +191,7 @@ impl PlanArgs {
             (None, None) if self.lens || self.converted => bail!("--lens and --converted need --exit or --contrast"),
             (None, None) => return Ok(None),
         };
-        let projection = if self.lens {
-            Projection::Lens
-        } else if self.converted {
-            Projection::Converted
-        } else {
-            Projection::ExitHeads
-        };
+        let projection = projection(self.lens, self.converted);
         let contrast = Contrast::Acd { alpha: self.alpha, min_candidates: self.min_candidates };
         Ok(Some(PlanOptions { plan, projection, contrast }))
     }
@@ -209,6 +203,17 @@ impl PlanArgs {
         } else {
             "--contrast"
         }
+    }
+}
+
+/// The projection `--lens` / `--converted` choose (exit heads when neither is given).
+pub fn projection(lens: bool, converted: bool) -> Projection {
+    if lens {
+        Projection::Lens
+    } else if converted {
+        Projection::Converted
+    } else {
+        Projection::ExitHeads
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
+use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Upper};
 use layerwise::generation::{Event, GenerationOptions, Request, RequestId, Scheduler, SchedulerOptions};
 use layerwise::io::records::{data_files, read_records};
 use layerwise::runtime::{Decoder, DecoderOptions};
@@ -326,13 +326,7 @@ fn record(
 
 /// `--plans`: names and plans. `contrast:U,L` takes the comma inside it.
 fn parse_plans(args: &Args) -> Result<Vec<(String, PlanOptions)>> {
-    let projection = if args.lens {
-        Projection::Lens
-    } else if args.converted {
-        Projection::Converted
-    } else {
-        Projection::ExitHeads
-    };
+    let projection = crate::input::projection(args.lens, args.converted);
     let contrast = Contrast::Acd { alpha: args.alpha, min_candidates: args.min_candidates };
     let usage = "expected original, exit:L or contrast:U,L (e.g. original,exit:12,contrast:24,12)";
     let layer = |s: &str, whole: &str| -> Result<usize> {
