@@ -72,15 +72,16 @@ pub struct LoadedModel<B: Backend = Cpu> {
 impl<B: Backend> LoadedModel<B> {
     /// Token ids of `text`; an error if the checkpoint ships no tokenizer.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer()?.encode(text)
+        self.require_tokenizer()?.encode(text)
     }
 
     /// Text of `ids`; an error if the checkpoint ships no tokenizer.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer()?.decode(ids)
+        self.require_tokenizer()?.decode(ids)
     }
 
-    fn tokenizer(&self) -> Result<&Tokenizer> {
+    /// The checkpoint's tokenizer; an error naming the directory if it ships none.
+    pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
             path: self.files.dir.clone(),
             what:

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
+use layerwise::evaluation::heads::Heads;
+use layerwise::evaluation::{rolling_windows, score_window, ContinuationScore, Window};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use layerwise::generation::{Event, GenerationConfig, Request, Scheduler, SchedulerOptions};
 use layerwise::runtime::{Decoder as EngineDecoder, DecoderOptions, SeqId};
@@ -157,14 +159,78 @@ impl Model {
         self.loaded.tokenizer.is_some()
     }
 
-    /// Token ids of `text` (the checkpoint's tokenizer).
-    fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
-        self.loaded.encode(text).map_err(engine_error)
+    /// `bos_token_id` of the checkpoint's config, if it names one.
+    #[getter]
+    fn bos_token_id(&self) -> Option<u32> {
+        self.loaded.model.spec().bos_token_id
     }
 
-    /// Text of `ids`.
-    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
-        self.loaded.decode(&ids).map_err(engine_error)
+    /// Token ids of `text` (the checkpoint's tokenizer), with the special tokens it adds by default
+    /// unless `add_special_tokens` is false (transformers' `encode`).
+    #[pyo3(signature = (text, add_special_tokens=true))]
+    fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        let tokenizer = self.loaded.require_tokenizer().map_err(engine_error)?;
+        if add_special_tokens { tokenizer.encode(text) } else { tokenizer.encode_plain(text) }.map_err(engine_error)
+    }
+
+    /// Text of `ids`, special tokens left out when `skip_special_tokens`.
+    #[pyo3(signature = (ids, skip_special_tokens=false))]
+    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        let tokenizer = self.loaded.require_tokenizer().map_err(engine_error)?;
+        tokenizer.decode_with(&ids, skip_special_tokens).map_err(engine_error)
+    }
+
+    /// lm-evaluation-harness's `_loglikelihood_tokens` for this model's plan: for each
+    /// `(context, continuation)` pair of token lists, `(Σ log p(continuation | context), whether every
+    /// continuation token is the argmax)`. The pair is cut to `max_length + 1` tokens from the left
+    /// as the harness cuts it (default: the model's context). One forward pass per pair.
+    #[pyo3(signature = (pairs, max_length=None))]
+    fn loglikelihood(
+        &self,
+        py: Python<'_>,
+        pairs: Vec<(Vec<u32>, Vec<u32>)>,
+        max_length: Option<usize>,
+    ) -> PyResult<Vec<(f64, bool)>> {
+        let max_length = self.max_length(max_length)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for (i, (context, continuation)) in pairs.into_iter().enumerate() {
+            if context.is_empty() || continuation.is_empty() {
+                return Err(LayerwiseError::new_err(format!("pair {i}: the context and the continuation need tokens")));
+            }
+            if continuation.len() > max_length {
+                return Err(LayerwiseError::new_err(format!(
+                    "pair {i}: a continuation of {} tokens exceeds the context of {max_length}",
+                    continuation.len()
+                )));
+            }
+            // (context + continuation)[-(max_length + 1):]: the context loses its oldest tokens.
+            let keep = (max_length + 1 - continuation.len()).min(context.len());
+            let window = Window { context: context[context.len() - keep..].to_vec(), continuation };
+            out.push(self.score(py, &window)?);
+        }
+        Ok(out.into_iter().map(|s| (s.loglikelihood, s.greedy)).collect())
+    }
+
+    /// lm-evaluation-harness's `loglikelihood_rolling`: each document's tokens scored in disjoint
+    /// windows of `max_length` (the first after `prefix`), the log-likelihoods summed.
+    #[pyo3(signature = (documents, prefix, max_length=None))]
+    fn loglikelihood_rolling(
+        &self,
+        py: Python<'_>,
+        documents: Vec<Vec<u32>>,
+        prefix: u32,
+        max_length: Option<usize>,
+    ) -> PyResult<Vec<f64>> {
+        let max_length = self.max_length(max_length)?;
+        let mut out = Vec::with_capacity(documents.len());
+        for tokens in documents {
+            let mut total = 0.0;
+            for window in rolling_windows(&tokens, prefix, max_length) {
+                total += self.score(py, &window)?.loglikelihood;
+            }
+            out.push(total);
+        }
+        Ok(out)
     }
 
     /// One forward pass over `ids`: a dict of numpy arrays `logits [t, vocab]`, `exits {layer: [t,
@@ -266,7 +332,8 @@ impl Model {
     /// Generates for every prompt through the continuous-batching scheduler. `config`: transformers'
     /// generation fields as JSON text (over the checkpoint's generation_config.json). Returns, per
     /// prompt, `(sequences of new ids, finish reason)`. `on_tokens(index, ids)`, if given, is called
-    /// with each prompt's new ids as they come.
+    /// with each prompt's new ids as they come; when it returns `True`, that prompt stops there
+    /// (finish reason `stopped`).
     #[pyo3(signature = (prompts, config, batch_size=16, on_tokens=None))]
     fn generate(
         &self,
@@ -304,6 +371,7 @@ impl Model {
             ids.push(id);
         }
         let mut results: Vec<Option<(Vec<Vec<u32>>, String)>> = vec![None; ids.len()];
+        let mut finished = Vec::new();
         while !scheduler.is_idle() {
             let events = py.allow_threads(|| scheduler.step()).map_err(engine_error)?;
             self.raise_callback_error()?;
@@ -312,15 +380,22 @@ impl Model {
                     Event::Tokens { request, ids: new } => {
                         if let Some(callback) = &on_tokens {
                             let index = ids.iter().position(|&r| r == request).unwrap_or(0);
-                            callback.call1(py, (index, new))?;
+                            // A true answer is the caller's stop: the request ends with what it has.
+                            let answer = callback.call1(py, (index, new))?;
+                            if answer.extract::<bool>(py).unwrap_or(false) {
+                                finished.extend(scheduler.cancel(request));
+                            }
                         }
                     }
-                    Event::Finished { request, result } => {
-                        let completion = result.map_err(engine_error)?;
-                        let index = ids.iter().position(|&r| r == request).unwrap_or(0);
-                        let g = completion.generation;
-                        results[index] = Some((g.sequences, g.finish.name().to_string()));
-                    }
+                    Event::Finished { .. } => finished.push(event),
+                }
+            }
+            for event in finished.drain(..) {
+                if let Event::Finished { request, result } = event {
+                    let completion = result.map_err(engine_error)?;
+                    let index = ids.iter().position(|&r| r == request).unwrap_or(0);
+                    let g = completion.generation;
+                    results[index] = Some((g.sequences, g.finish.name().to_string()));
                 }
             }
             // Ctrl-C between steps.
@@ -331,6 +406,25 @@ impl Model {
 }
 
 impl Model {
+    /// The scoring window: the model's context, or less when asked.
+    fn max_length(&self, asked: Option<usize>) -> PyResult<usize> {
+        let context = self.loaded.model.spec().max_positions;
+        match asked {
+            None => Ok(context),
+            Some(n) if n >= 1 && n <= context => Ok(n),
+            Some(n) => Err(LayerwiseError::new_err(format!("max_length {n} is not within 1..={context}"))),
+        }
+    }
+
+    /// One window scored under the plan, the GIL released; Ctrl-C is checked after it.
+    fn score(&self, py: Python<'_>, window: &Window) -> PyResult<ContinuationScore> {
+        let model = &self.loaded.model;
+        let scores = py.allow_threads(|| score_window(model, Heads::Plan(Some(&self.plan)), window));
+        self.raise_callback_error()?;
+        py.check_signals()?;
+        scores.map_err(engine_error)?.pop().ok_or_else(|| LayerwiseError::new_err("no score came back"))
+    }
+
     fn raise_callback_error(&self) -> PyResult<()> {
         match self.callback_error.lock().map(|mut e| e.take()) {
             Ok(Some(error)) => Err(error),

@@ -219,3 +219,45 @@ def test_lens_activations_and_attention_equal_transformers(name):
     assert np.array(lens["top_ids"]).tolist() == recorded["lens.final.top_ids"].astype(int).tolist()
     with pytest.raises(LayerwiseError, match="point"):
         model.activations(prompt, ["h.99"])
+
+
+def test_harness_scoring_equals_lm_eval_recorded():
+    """The primitives under the lm-eval model, against lm-eval's HFLM numbers recorded on the demo checkpoint
+    (tests/fixtures/evaluation/lm-eval.json; make_eval_fixtures.py): loglikelihood of (context, target) pairs,
+    split as TemplateLM._encode_pair splits them, and loglikelihood_rolling of whole texts (the third is longer
+    than the 64-token context). The harness itself is tested in test_harness.py."""
+    recorded = json.load(open(os.path.join(FIXTURES, "evaluation", "lm-eval.json")))
+    model = layerwise.Model.from_pretrained(fixture("demo-gpt2-multiexit"), dtype="f32")
+    native, tokenizer = model._native, model.tokenizer
+    pairs = []
+    for row in recorded["rows"]:
+        whole = tokenizer.encode(row["context"] + row["target"], add_special_tokens=False)
+        context = tokenizer.encode(row["context"], add_special_tokens=False)
+        pairs.append((context, whole[len(context):]))
+    scores = native.loglikelihood(pairs)
+    rolling = native.loglikelihood_rolling([tokenizer.encode(r["text"], add_special_tokens=False)
+                                            for r in recorded["rows"]], native.bos_token_id)
+    for row, (loglikelihood, greedy), whole in zip(recorded["rows"], scores, rolling):
+        assert loglikelihood == pytest.approx(row["loglikelihood"], rel=1e-5)
+        assert greedy == row["is_greedy"]
+        assert whole == pytest.approx(row["rolling_loglikelihood"], rel=1e-5)
+    with pytest.raises(LayerwiseError, match="max_length 65"):
+        native.loglikelihood(pairs[:1], 65)
+    with pytest.raises(LayerwiseError, match="pair 0"):
+        native.loglikelihood([([], [1])])
+
+
+def test_a_true_answer_of_on_tokens_stops_that_prompt():
+    model = layerwise.Model.from_pretrained(fixture("demo-gpt2-multiexit"))
+    prompts = [model.tokenizer.encode("And God said"), model.tokenizer.encode("In the beginning")]
+    config = json.dumps({"max_new_tokens": 8, "eos_token_id": [], "do_sample": False})
+    full = model._native.generate(prompts, config, 2)
+    seen = {0: [], 1: []}
+
+    def on_tokens(index, ids):
+        seen[index].extend(ids)
+        return index == 0 and len(seen[0]) >= 3
+
+    stopped = model._native.generate(prompts, config, 2, on_tokens)
+    assert stopped[0] == ([full[0][0][0][:3]], "stopped")
+    assert stopped[1] == full[1] and full[1][1] == "length"

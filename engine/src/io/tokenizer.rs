@@ -125,7 +125,12 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens included (transformers' `decode` defaults).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        contained(&self.path, || self.inner.decode(ids, false))?.map_err(|e| self.error(e))
+        self.decode_with(ids, false)
+    }
+
+    /// Text of `ids`, leaving out special tokens when asked (transformers' `skip_special_tokens`).
+    pub fn decode_with(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        contained(&self.path, || self.inner.decode(ids, skip_special_tokens))?.map_err(|e| self.error(e))
     }
 
     /// Id of a token string, if the vocabulary has it.

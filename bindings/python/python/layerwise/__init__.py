@@ -118,11 +118,12 @@ class Tokenizer:
             return {"input_ids": self.encode(text)}
         return {"input_ids": [self.encode(t) for t in text]}
 
-    def encode(self, text: str) -> List[int]:
-        return self._native.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True, **_ignored) -> List[int]:
+        return self._native.encode(text, add_special_tokens)
 
-    def decode(self, ids: Sequence[int], **_ignored) -> str:
-        return self._native.decode([int(i) for i in ids])
+    def decode(self, ids: Union[int, Sequence[int]], skip_special_tokens: bool = False, **_ignored) -> str:
+        ids = [ids] if isinstance(ids, (int, np.integer)) else ids
+        return self._native.decode([int(i) for i in ids], skip_special_tokens)
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], **_ignored) -> List[str]:
         return [self.decode(s) for s in sequences]
@@ -262,9 +263,14 @@ class Model:
         done = object()
         failure: List[BaseException] = []
 
+        def hand_over(_index, ids) -> bool:
+            for token in ids:
+                tokens.put(token)
+            return False  # go on: only the engine's own rules end a stream
+
         def run():
             try:
-                self._native.generate(prompts, config, 1, lambda _index, ids: [tokens.put(i) for i in ids])
+                self._native.generate(prompts, config, 1, hand_over)
             except BaseException as e:  # handed to the consumer
                 failure.append(e)
             finally:
