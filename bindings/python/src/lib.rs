@@ -5,17 +5,24 @@
 //!
 //! The GIL is released while the engine computes; a long generation checks for signals (Ctrl-C)
 //! between steps. Engine errors become `layerwise.LayerwiseError` with the engine's message.
+//!
+//! A model runs on the CPU backend or on the CUDA one (`device="cuda[:N]"`, `"auto"`): [`Engine`]
+//! holds either, and [`with_engine!`] runs the same generic code on whichever it is.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
+use layerwise::backend::Backend;
 use layerwise::evaluation::heads::Heads;
 use layerwise::evaluation::{rolling_windows, score_window, ContinuationScore, Window};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use layerwise::generation::{Event, GenerationConfig, Request, Scheduler, SchedulerOptions};
+use layerwise::io::tokenizer::Tokenizer;
 use layerwise::runtime::{Decoder as EngineDecoder, DecoderOptions, SeqId};
-use layerwise::{Cpu, DType, ForwardRequest, InspectRequest, LoadedModel};
+
+use layerwise::{Cpu, DType, ForwardRequest, InspectRequest, LoadedModel, ModelSpec};
+use layerwise_kernels::cuda::{device_count, Cuda};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -27,10 +34,73 @@ fn engine_error(e: layerwise::Error) -> PyErr {
     LayerwiseError::new_err(e.to_string())
 }
 
-/// A checkpoint loaded on the CPU, with the exit plan its outputs follow.
+/// A loaded checkpoint on the backend the caller chose.
+#[derive(Clone)]
+enum Engine {
+    Cpu(Arc<LoadedModel<Cpu>>),
+    Cuda(Arc<LoadedModel<Cuda>>),
+}
+
+/// Evaluates `$body` with `$loaded` bound to the engine's `&Arc<LoadedModel<B>>`, whichever `B` it is.
+macro_rules! with_engine {
+    ($engine:expr, $loaded:ident => $body:expr) => {
+        match $engine {
+            Engine::Cpu($loaded) => $body,
+            Engine::Cuda($loaded) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Opens `source` on `device`: cpu, cuda, cuda:N, or auto (CUDA device 0 when a driver reports
+    /// one, else the CPU).
+    fn open(source: &str, device: &str, weight_dtype: Option<DType>, adapter: Option<&PathBuf>) -> PyResult<Engine> {
+        fn load<B: Backend>(source: &str, backend: B, adapter: Option<&PathBuf>) -> PyResult<Arc<LoadedModel<B>>> {
+            let loaded = match adapter {
+                None => layerwise::load_on(source, backend),
+                Some(dir) => layerwise::load_adapted(source, dir, backend),
+            };
+            loaded.map(Arc::new).map_err(engine_error)
+        }
+        let ordinal = match device {
+            "cpu" => None,
+            "auto" => (device_count() > 0).then_some(0),
+            "cuda" => Some(0),
+            other => Some(other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| {
+                LayerwiseError::new_err(format!("device `{other}` is not one of cpu, cuda, cuda:N, auto"))
+            })?),
+        };
+        match ordinal {
+            None => Ok(Engine::Cpu(load(source, Cpu { weight_dtype }, adapter)?)),
+            Some(n) => {
+                let backend = Cuda::open(n, weight_dtype)
+                    .map_err(|e| LayerwiseError::new_err(format!("device `{device}`: {e}")))?;
+                Ok(Engine::Cuda(load(source, backend, adapter)?))
+            }
+        }
+    }
+
+    fn spec(&self) -> &ModelSpec {
+        with_engine!(self, loaded => loaded.model.spec())
+    }
+
+    fn tokenizer(&self) -> PyResult<&Tokenizer> {
+        with_engine!(self, loaded => loaded.require_tokenizer()).map_err(engine_error)
+    }
+
+    /// What the model runs on, in words.
+    fn device(&self) -> String {
+        match self {
+            Engine::Cpu(_) => "cpu".to_string(),
+            Engine::Cuda(loaded) => loaded.model.backend().description().to_string(),
+        }
+    }
+}
+
+/// A loaded checkpoint, with the exit plan its outputs follow.
 #[pyclass(module = "layerwise._native", frozen)]
 struct Model {
-    loaded: Arc<LoadedModel<Cpu>>,
+    engine: Engine,
     plan: PlanOptions,
     /// An error raised by a Python contrast function, kept until the call that ran it returns.
     callback_error: Arc<Mutex<Option<PyErr>>>,
@@ -77,9 +147,10 @@ fn plan(
 
 #[pymethods]
 impl Model {
-    /// Loads `source` (a directory or a Hub id). `mode`: original, exit or contrast.
+    /// Loads `source` (a directory or a Hub id) on `device` (cpu, cuda, cuda:N, auto). `mode`:
+    /// original, exit or contrast.
     #[staticmethod]
-    #[pyo3(signature = (source, mode, layer=None, upper=None, lower=None, projection="layer_heads", alpha=0.1, min_candidates=1, contrast_function=None, dtype=None, adapter=None))]
+    #[pyo3(signature = (source, mode, layer=None, upper=None, lower=None, projection="layer_heads", alpha=0.1, min_candidates=1, contrast_function=None, dtype=None, adapter=None, device="cpu"))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
@@ -94,6 +165,7 @@ impl Model {
         contrast_function: Option<PyObject>,
         dtype: Option<&str>,
         adapter: Option<PathBuf>,
+        device: &str,
     ) -> PyResult<Model> {
         let weight_dtype = match dtype {
             None => None,
@@ -108,75 +180,72 @@ impl Model {
             Some(function) => Contrast::Custom(Arc::new(python_contrast(function, Arc::clone(&callback_error)))),
         };
         let plan = plan(mode, layer, upper.as_deref(), lower, projection, contrast)?;
-        let backend = Cpu { weight_dtype };
-        let loaded = py
-            .allow_threads(|| match &adapter {
-                None => layerwise::load_on(source, backend),
-                Some(dir) => layerwise::load_adapted(source, dir, backend),
-            })
-            .map_err(engine_error)?;
+        let engine = py.allow_threads(|| Engine::open(source, device, weight_dtype, adapter.as_ref()))?;
         // The plan is checked against the checkpoint now, not at the first call.
-        EngineDecoder::new(
-            &loaded.model,
-            DecoderOptions { plan: plan.clone(), cache_tokens: Some(1), ..Default::default() },
-        )
-        .map_err(engine_error)?;
-        Ok(Model { loaded: Arc::new(loaded), plan, callback_error })
+        let options = DecoderOptions { plan: plan.clone(), cache_tokens: Some(1), ..Default::default() };
+        with_engine!(&engine, loaded => EngineDecoder::new(&loaded.model, options).map(drop)).map_err(engine_error)?;
+        Ok(Model { engine, plan, callback_error })
+    }
+
+    /// What the model runs on: `cpu`, or the GPU's description.
+    #[getter]
+    fn device(&self) -> String {
+        self.engine.device()
     }
 
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.loaded.model.spec().vocab_size
+        self.engine.spec().vocab_size
     }
 
     #[getter]
     fn num_layers(&self) -> usize {
-        self.loaded.model.spec().num_layers
+        self.engine.spec().num_layers
     }
 
     #[getter]
     fn max_positions(&self) -> usize {
-        self.loaded.model.spec().max_positions
+        self.engine.spec().max_positions
     }
 
     #[getter]
     fn exit_layers(&self) -> Vec<usize> {
-        self.loaded.model.spec().exit_layers.clone()
+        self.engine.spec().exit_layers.clone()
     }
 
     #[getter]
     fn eos_token_ids(&self) -> Vec<u32> {
-        self.loaded.model.spec().eos_token_ids.clone()
+        self.engine.spec().eos_token_ids.clone()
     }
 
     #[getter]
     fn adapter(&self) -> Option<String> {
-        self.loaded.adapter.clone()
+        with_engine!(&self.engine, loaded => loaded.adapter.clone())
     }
 
     #[getter]
     fn has_tokenizer(&self) -> bool {
-        self.loaded.tokenizer.is_some()
+        with_engine!(&self.engine, loaded => loaded.tokenizer.is_some())
     }
 
     /// `bos_token_id` of the checkpoint's config, if it names one.
     #[getter]
     fn bos_token_id(&self) -> Option<u32> {
-        self.loaded.model.spec().bos_token_id
+        self.engine.spec().bos_token_id
     }
 
     /// Token ids of `text` (the checkpoint's tokenizer), with the special tokens it adds by default
     /// unless `add_special_tokens` is false (transformers' `encode`).
     #[pyo3(signature = (text, add_special_tokens=true))]
     fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
-        let tokenizer = self.loaded.require_tokenizer().map_err(engine_error)?;
+        let tokenizer = self.engine.tokenizer()?;
         if add_special_tokens { tokenizer.encode(text) } else { tokenizer.encode_plain(text) }.map_err(engine_error)
     }
 
     /// Text of `ids`, special tokens left out when `skip_special_tokens`.
     #[pyo3(signature = (ids, skip_special_tokens=false))]
     fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        let tokenizer = self.loaded.require_tokenizer().map_err(engine_error)?;
+        let tokenizer = self.engine.tokenizer()?;
         tokenizer.decode_with(&ids, skip_special_tokens).map_err(engine_error)
     }
 
@@ -253,8 +322,9 @@ impl Model {
             plan: plan.then(|| self.plan.clone()),
             ..Default::default()
         };
-        let model = &self.loaded.model;
-        let out = py.allow_threads(|| model.forward(&ids, &request)).map_err(engine_error);
+        let engine = &self.engine;
+        let out = py.allow_threads(|| with_engine!(engine, loaded => loaded.model.forward(&ids, &request)));
+        let out = out.map_err(engine_error);
         self.raise_callback_error()?;
         let out = out?;
         let t = out.tokens;
@@ -290,10 +360,12 @@ impl Model {
         subblocks: bool,
         top_k: usize,
     ) -> PyResult<String> {
-        let model = &self.loaded.model;
-        let decoder = LensDecoder::parse(model, decoder).map_err(engine_error)?;
-        let options = LensOptions { decoder, subblocks, top_k };
-        let lens = py.allow_threads(|| logit_lens(model, &ids, &options)).map_err(engine_error)?;
+        let lens = with_engine!(&self.engine, loaded => {
+            let model = &loaded.model;
+            let decoder = LensDecoder::parse(model, decoder).map_err(engine_error)?;
+            let options = LensOptions { decoder, subblocks, top_k };
+            py.allow_threads(|| logit_lens(model, &ids, &options)).map_err(engine_error)?
+        });
         serde_json::to_string(&lens).map_err(|e| LayerwiseError::new_err(e.to_string()))
     }
 
@@ -308,11 +380,13 @@ impl Model {
         points: Vec<String>,
         attentions: Vec<usize>,
     ) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
-        let model = &self.loaded.model;
-        let parsed = points.iter().map(|name| model.point(name)).collect::<layerwise::Result<Vec<_>>>();
-        let parsed = parsed.map_err(engine_error)?;
-        let request = InspectRequest { points: parsed.clone(), attentions, ..Default::default() };
-        let inspection = py.allow_threads(|| model.inspect(&ids, &request)).map_err(engine_error)?;
+        let (parsed, inspection) = with_engine!(&self.engine, loaded => {
+            let model = &loaded.model;
+            let parsed = points.iter().map(|name| model.point(name)).collect::<layerwise::Result<Vec<_>>>();
+            let parsed = parsed.map_err(engine_error)?;
+            let request = InspectRequest { points: parsed.clone(), attentions, ..Default::default() };
+            (parsed, py.allow_threads(|| model.inspect(&ids, &request)).map_err(engine_error)?)
+        });
         let t = inspection.tokens;
         let activations = PyDict::new(py);
         for (name, point) in points.iter().zip(&parsed) {
@@ -343,7 +417,28 @@ impl Model {
         batch_size: usize,
         on_tokens: Option<PyObject>,
     ) -> PyResult<Vec<(Vec<Vec<u32>>, String)>> {
-        let loaded = &*self.loaded;
+        let call = GenerateCall { prompts, config, batch_size, on_tokens };
+        with_engine!(&self.engine, loaded => self.generate_on(loaded, py, call))
+    }
+}
+
+/// The arguments of one [`Model::generate`] call.
+struct GenerateCall<'a> {
+    prompts: Vec<Vec<u32>>,
+    config: &'a str,
+    batch_size: usize,
+    on_tokens: Option<PyObject>,
+}
+
+impl Model {
+    /// [`Model::generate`] on one backend.
+    fn generate_on<B: Backend>(
+        &self,
+        loaded: &LoadedModel<B>,
+        py: Python<'_>,
+        call: GenerateCall<'_>,
+    ) -> PyResult<Vec<(Vec<Vec<u32>>, String)>> {
+        let GenerateCall { prompts, config, batch_size, on_tokens } = call;
         let spec = loaded.model.spec();
         let json: serde_json::Value =
             serde_json::from_str(config).map_err(|e| LayerwiseError::new_err(format!("generation config: {e}")))?;
@@ -403,12 +498,10 @@ impl Model {
         }
         Ok(results.into_iter().map(Option::unwrap_or_default).collect())
     }
-}
 
-impl Model {
     /// The scoring window: the model's context, or less when asked.
     fn max_length(&self, asked: Option<usize>) -> PyResult<usize> {
-        let context = self.loaded.model.spec().max_positions;
+        let context = self.engine.spec().max_positions;
         match asked {
             None => Ok(context),
             Some(n) if n >= 1 && n <= context => Ok(n),
@@ -418,8 +511,8 @@ impl Model {
 
     /// One window scored under the plan, the GIL released; Ctrl-C is checked after it.
     fn score(&self, py: Python<'_>, window: &Window) -> PyResult<ContinuationScore> {
-        let model = &self.loaded.model;
-        let scores = py.allow_threads(|| score_window(model, Heads::Plan(Some(&self.plan)), window));
+        let (engine, heads) = (&self.engine, Heads::Plan(Some(&self.plan)));
+        let scores = py.allow_threads(|| with_engine!(engine, loaded => score_window(&loaded.model, heads, window)));
         self.raise_callback_error()?;
         py.check_signals()?;
         scores.map_err(engine_error)?.pop().ok_or_else(|| LayerwiseError::new_err("no score came back"))
@@ -469,9 +562,39 @@ fn python_contrast(
 /// The step-by-step decoder over a model's paged cache.
 #[pyclass(module = "layerwise._native", unsendable, subclass)]
 struct Decoder {
-    // Declared before `model`: dropped first, while the model it borrows is alive.
-    decoder: EngineDecoder<'static, Cpu>,
-    model: Arc<LoadedModel<Cpu>>,
+    // Declared before `engine`: dropped first, while the model it borrows is alive.
+    decoder: StepDecoder,
+    engine: Engine,
+}
+
+/// The engine's decoder on the model's backend.
+enum StepDecoder {
+    Cpu(EngineDecoder<'static, Cpu>),
+    Cuda(EngineDecoder<'static, Cuda>),
+}
+
+/// Evaluates `$body` with `$decoder` bound to the step decoder (by reference), whichever backend.
+macro_rules! with_decoder {
+    ($decoder:expr, $d:ident => $body:expr) => {
+        match $decoder {
+            StepDecoder::Cpu($d) => $body,
+            StepDecoder::Cuda($d) => $body,
+        }
+    };
+}
+
+/// A decoder over `loaded`'s model that lives as long as the caller keeps `loaded` alive.
+///
+/// # Safety
+/// The caller must hold the `Arc` (a clone of `loaded`) for at least as long as the decoder, and drop
+/// the decoder first.
+unsafe fn static_decoder<B: Backend>(
+    loaded: &Arc<LoadedModel<B>>,
+    options: DecoderOptions,
+) -> layerwise::Result<EngineDecoder<'static, B>> {
+    // SAFETY: the Arc's contents never move, and the caller keeps them alive past the decoder.
+    let model: &'static layerwise::Model<B> = unsafe { &*(&loaded.model as *const layerwise::Model<B>) };
+    EngineDecoder::new(model, options)
 }
 
 #[pymethods]
@@ -479,18 +602,20 @@ impl Decoder {
     #[new]
     #[pyo3(signature = (model, cache_tokens=None, block_size=16))]
     fn new(model: &Model, cache_tokens: Option<usize>, block_size: usize) -> PyResult<Decoder> {
-        let loaded = Arc::clone(&model.loaded);
-        // SAFETY: the decoder borrows the model inside `loaded`, an `Arc` this struct holds for as long
-        // as the decoder lives (the decoder field is dropped first, and the Arc's contents never move).
-        let model_ref: &'static layerwise::Model<Cpu> = unsafe { &*(&loaded.model as *const layerwise::Model<Cpu>) };
+        let engine = model.engine.clone();
         let options = DecoderOptions { plan: model.plan.clone(), block_size, cache_tokens, head_mask: None };
-        let decoder = EngineDecoder::new(model_ref, options).map_err(engine_error)?;
-        Ok(Decoder { decoder, model: loaded })
+        // SAFETY: the Decoder keeps `engine` (the Arc the decoder borrows from) and drops the decoder
+        // field first.
+        let decoder = match &engine {
+            Engine::Cpu(loaded) => unsafe { static_decoder(loaded, options) }.map(StepDecoder::Cpu),
+            Engine::Cuda(loaded) => unsafe { static_decoder(loaded, options) }.map(StepDecoder::Cuda),
+        };
+        Ok(Decoder { decoder: decoder.map_err(engine_error)?, engine })
     }
 
     /// Starts a sequence; its prompt runs at the next step. Returns its handle.
     fn add_sequence(&mut self, ids: Vec<u32>) -> PyResult<u64> {
-        let seq = self.decoder.add_sequence(&ids).map_err(engine_error)?;
+        let seq = with_decoder!(&mut self.decoder, d => d.add_sequence(&ids)).map_err(engine_error)?;
         Ok(handle(seq))
     }
 
@@ -498,7 +623,7 @@ impl Decoder {
     /// that ran.
     fn step<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let decoder = &mut self.decoder;
-        let outputs = py.allow_threads(|| decoder.step()).map_err(engine_error)?;
+        let outputs = py.allow_threads(|| with_decoder!(decoder, d => d.step())).map_err(engine_error)?;
         let dict = PyDict::new(py);
         for output in outputs {
             dict.set_item(handle(output.seq), PyArray1::from_vec(py, output.logits))?;
@@ -508,29 +633,29 @@ impl Decoder {
 
     fn append(&mut self, seq: u64, token: u32) -> PyResult<()> {
         let seq = self.find(seq)?;
-        self.decoder.append(seq, token).map_err(engine_error)
+        with_decoder!(&mut self.decoder, d => d.append(seq, token)).map_err(engine_error)
     }
 
     /// A new sequence sharing `seq`'s cache blocks (copy on write).
     fn fork(&mut self, seq: u64) -> PyResult<u64> {
         let seq = self.find(seq)?;
-        Ok(handle(self.decoder.fork(seq).map_err(engine_error)?))
+        Ok(handle(with_decoder!(&mut self.decoder, d => d.fork(seq)).map_err(engine_error)?))
     }
 
     fn release(&mut self, seq: u64) -> PyResult<()> {
         let seq = self.find(seq)?;
-        self.decoder.release(seq).map_err(engine_error)
+        with_decoder!(&mut self.decoder, d => d.release(seq)).map_err(engine_error)
     }
 
     /// Every token of `seq` (prompt and appended).
     fn tokens(&self, seq: u64) -> PyResult<Vec<u32>> {
         let seq = self.find(seq)?;
-        Ok(self.decoder.tokens(seq).map_err(engine_error)?.to_vec())
+        with_decoder!(&self.decoder, d => d.tokens(seq).map(<[u32]>::to_vec)).map_err(engine_error)
     }
 
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.model.model.spec().vocab_size
+        self.engine.spec().vocab_size
     }
 }
 

@@ -169,18 +169,23 @@ class Model:
                         dtype: Optional[str] = None, device: str = "cpu", adapter=None) -> "Model":
         """Loads a checkpoint directory or Hub id, as upstream's ``AutoMultiExitModel.from_pretrained``.
 
-        ``dtype``: f32, f16 or bf16 weights (default: as stored). ``device``: ``cpu`` (the Python package runs
-        the CPU backend). ``adapter``: a PEFT adapter folder (LoRA, (IA)^3, prompt tuning).
+        ``dtype``: f32, f16 or bf16 weights (default: as stored). ``device``: ``cpu``, ``cuda`` / ``cuda:N`` (the
+        engine's CUDA kernels through the driver; an error naming what is missing when there is no driver or
+        device), or ``auto`` (the first GPU if a driver reports one, else the CPU; ``model.device`` says which).
+        ``adapter``: a PEFT adapter folder (LoRA, (IA)^3, prompt tuning).
         """
         config = multi_exit_config if multi_exit_config is not None else MultiExitConfiguration()
-        if device not in (None, "cpu", "auto"):
-            raise LayerwiseError(f"device `{device}`: the Python package runs on the CPU (the CLI has --device cuda)")
         plan = config._plan()
-        native = _native.Model.load(str(model_name_or_path), dtype=dtype,
+        native = _native.Model.load(str(model_name_or_path), dtype=dtype, device=str(device or "cpu"),
                                     adapter=None if adapter is None else str(adapter), **plan)
         return cls(native, config)
 
     # transformers-style attributes
+    @property
+    def device(self) -> str:
+        """What the model runs on: ``cpu``, or the GPU's name and memory."""
+        return self._native.device
+
     @property
     def vocab_size(self) -> int:
         return self._native.vocab_size
