@@ -8,6 +8,11 @@ written by hand (the fields transformers' GPT2Config writes that matter), so any
 none, will do.
 
     python tools/scripts/make_reference_checkpoint.py --out /tmp/gpt2-medium-multiexit-random [--dtype f32|f16|bf16]
+
+`--agreeing-exit L` makes speculation's best case for measuring its speed (`layerwise bench --speculate L`):
+the blocks above layer L add nothing to the residual stream (their output projections are zero, every
+other weight random and read as usual) and the exit head of L is the LM head, so the exit's prediction is
+the model's, and every draft is accepted.
 """
 import argparse
 import json
@@ -22,7 +27,7 @@ LAYERS, HIDDEN, HEADS, VOCAB, POSITIONS = 24, 1024, 16, 50257, 1024
 EXITS = list(range(2, LAYERS + 1, 2))
 
 
-def tensors(rng, dtype):
+def tensors(rng, dtype, agreeing_exit=None):
     def normal(*shape, std=0.02):
         return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * std).to(dtype)
 
@@ -33,7 +38,8 @@ def tensors(rng, dtype):
         return torch.zeros(n, dtype=dtype)
 
     d = HIDDEN
-    yield "transformer.wte.weight", normal(VOCAB, d)
+    wte = normal(VOCAB, d)
+    yield "transformer.wte.weight", wte
     yield "transformer.wpe.weight", normal(POSITIONS, d, std=0.01)
     for i in range(LAYERS):
         h = f"transformer.h.{i}"
@@ -41,24 +47,27 @@ def tensors(rng, dtype):
         yield f"{h}.ln_1.bias", zeros(d)
         yield f"{h}.attn.c_attn.weight", normal(d, 3 * d)
         yield f"{h}.attn.c_attn.bias", zeros(3 * d)
-        yield f"{h}.attn.c_proj.weight", normal(d, d)
+        silent = agreeing_exit is not None and i >= agreeing_exit
+        yield f"{h}.attn.c_proj.weight", torch.zeros(d, d, dtype=dtype) if silent else normal(d, d)
         yield f"{h}.attn.c_proj.bias", zeros(d)
         yield f"{h}.ln_2.weight", ones(d)
         yield f"{h}.ln_2.bias", zeros(d)
         yield f"{h}.mlp.c_fc.weight", normal(d, 4 * d)
         yield f"{h}.mlp.c_fc.bias", zeros(4 * d)
-        yield f"{h}.mlp.c_proj.weight", normal(4 * d, d)
+        yield f"{h}.mlp.c_proj.weight", torch.zeros(4 * d, d, dtype=dtype) if silent else normal(4 * d, d)
         yield f"{h}.mlp.c_proj.bias", zeros(d)
     yield "transformer.ln_f.weight", ones(d)
     yield "transformer.ln_f.bias", zeros(d)
     for layer in EXITS:
-        yield f"name_to_lm_exit_head.lm_head_{layer}.weight", normal(VOCAB, d)
+        head = wte.clone() if layer == agreeing_exit else normal(VOCAB, d)
+        yield f"name_to_lm_exit_head.lm_head_{layer}.weight", head
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    parser.add_argument("--agreeing-exit", type=int, choices=EXITS, help="the exit every draft of which is accepted")
     args = parser.parse_args()
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     os.makedirs(args.out, exist_ok=True)
@@ -71,7 +80,8 @@ def main():
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     rng = np.random.default_rng(0)
-    save_file(dict(tensors(rng, dtype)), os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
+    weights = dict(tensors(rng, dtype, args.agreeing_exit))
+    save_file(weights, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
     print(f"wrote {args.out}")
 
 

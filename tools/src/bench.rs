@@ -4,13 +4,14 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use layerwise::generation::speculative::{generate_speculative, SpeculationOptions};
 use layerwise::generation::{generate, ContrastiveOptions, GenerationConfig, GenerationOptions};
 use layerwise::runtime::{Decoder, DecoderOptions, SeqId};
 use layerwise::{Backend, LoadedModel};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::input::{ModelArgs, PlanArgs};
+use crate::input::{ModelArgs, PlanArgs, SpeculateArgs};
 use crate::memory;
 
 #[derive(clap::Args, Debug)]
@@ -43,6 +44,14 @@ pub struct Args {
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+    /// With --speculate: plain and speculative greedy decoding timed in the same run (batch 1; the
+    /// outputs are checked equal).
+    #[command(flatten)]
+    speculation: SpeculateArgs,
+    /// A prompt text instead of synthetic ids (tokenized; replaces --prompt-len): what a trained
+    /// model's exits agree on depends on it.
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
 }
 
 impl Args {
@@ -81,19 +90,25 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let spec = loaded.model.spec();
+    let text_prompt = match &args.prompt {
+        Some(text) => Some(loaded.encode(text)?),
+        None => None,
+    };
+    let prompt_len = text_prompt.as_ref().map_or(args.prompt_len, Vec::len);
+    anyhow::ensure!(prompt_len >= 1, "--prompt: the text has no tokens");
     anyhow::ensure!(
-        args.prompt_len + args.new_tokens <= spec.max_positions,
+        prompt_len + args.new_tokens <= spec.max_positions,
         "--prompt-len {} + --new-tokens {} exceed the model's context of {} positions",
-        args.prompt_len,
+        prompt_len,
         args.new_tokens,
         spec.max_positions
     );
     let plan = args.plan.plan()?.unwrap_or_default();
     let block_size = 16;
-    let per_sequence = (args.prompt_len + args.new_tokens).div_ceil(block_size) * block_size;
+    let per_sequence = (prompt_len + args.new_tokens).div_ceil(block_size) * block_size;
     let strategy = args.strategy()?;
     let cache_tokens = match &strategy {
-        Some(options) => options.cache_tokens(args.prompt_len),
+        Some(options) => options.cache_tokens(prompt_len),
         None => args.batch.saturating_mul(per_sequence),
     };
     let options = DecoderOptions { plan: plan.clone(), block_size, cache_tokens: Some(cache_tokens), head_mask: None };
@@ -101,9 +116,20 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         .map_err(|e| crate::flags::decoder_error(e, "--batch with --prompt-len and --new-tokens", args.plan.flag()))?;
     // Made once the cache is known to fit (they are as many as the sequences it holds).
     let vocab = spec.vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..args.batch as u64)
-        .map(|b| (0..args.prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
-        .collect();
+    let prompts: Vec<Vec<u32>> = match &text_prompt {
+        Some(ids) => vec![ids.clone(); args.batch],
+        None => (0..args.batch as u64)
+            .map(|b| (0..prompt_len as u64).map(|i| ((i * 7919 + b * 104_729 + 13) % vocab) as u32).collect())
+            .collect(),
+    };
+    let speculation = args.speculation.options()?;
+    let speculated = match &speculation {
+        Some(s) => {
+            anyhow::ensure!(args.batch == 1 && strategy.is_none(), "--speculate runs greedy decoding of one sequence");
+            Some(bench_speculation(&mut decoder, &prompts[0], args.new_tokens, s)?)
+        }
+        None => None,
+    };
 
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
     // framework's load step would; the timed run then measures generation alone.
@@ -136,7 +162,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     };
     let bytes_per_step = loaded.model.step_weight_bytes(&plan)? as f64;
     let decode_steps = (args.new_tokens - 1) as f64;
-    let (batch, prompt_len, new_tokens) = (args.batch as f64, args.prompt_len as f64, args.new_tokens as f64);
+    let (batch, prompt_len, new_tokens) = (args.batch as f64, prompt_len as f64, args.new_tokens as f64);
     let decode_tok_per_s = if timing.decode_s > 0.0 { batch * decode_steps / timing.decode_s } else { 0.0 };
     let prefill_tok_per_s = if timing.prefill_s > 0.0 { batch * prompt_len / timing.prefill_s } else { 0.0 };
     let end_to_end_tok_per_s = batch * new_tokens / (timing.prefill_s + timing.decode_s);
@@ -178,7 +204,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "launches_per_token": launches_per_token,
         "blocks_per_step": decoder.depth(),
         "batch": args.batch,
-        "prompt_len": args.prompt_len,
+        "prompt_len": prompt_len,
         "new_tokens": args.new_tokens,
         "prefill_s": timing.prefill_s,
         "decode_s": timing.decode_s,
@@ -188,6 +214,11 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "strategy": strategy_name(args),
     });
+    let mut line = line;
+    if let Some(s) = &speculated {
+        line["speculation"] = s.clone();
+        line["acceptance_rate"] = s["acceptance_rate"].clone();
+    }
     if args.json {
         crate::output::line(&line)?;
     } else {
@@ -211,8 +242,51 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
             args.batch,
             bytes_per_step / 1e6
         ))?;
+        if let Some(s) = &speculated {
+            crate::output::line(format_args!(
+                "speculation (drafts from exit {}): decode {:.1} tok/s against plain greedy {:.1} tok/s = {:.2}x; {:.0}% of drafts accepted, {:.2} tokens a round; identical output: {}",
+                s["draft_layer"],
+                s["decode_tok_per_s"].as_f64().unwrap_or(0.0),
+                s["plain_decode_tok_per_s"].as_f64().unwrap_or(0.0),
+                s["speedup"].as_f64().unwrap_or(0.0),
+                100.0 * s["acceptance_rate"].as_f64().unwrap_or(0.0),
+                s["tokens_per_round"].as_f64().unwrap_or(0.0),
+                s["identical"]
+            ))?;
+        }
     }
     Ok(())
+}
+
+/// Plain and speculative greedy decoding of `prompt`, alternated three times (the best time of
+/// each counts): tokens/s of both, the speedup, what speculation did, and whether both generated
+/// the same ids.
+fn bench_speculation<B: Backend>(
+    decoder: &mut Decoder<'_, B>,
+    prompt: &[u32],
+    new_tokens: usize,
+    speculation: &SpeculationOptions,
+) -> Result<serde_json::Value> {
+    let options = GenerationOptions { max_new_tokens: new_tokens, ..Default::default() };
+    let (mut plain_s, mut fast_s) = (f64::MAX, f64::MAX);
+    let mut identical = true;
+    let mut last = None;
+    for _ in 0..3 {
+        let plain = generate(decoder, prompt, &options, None, |_| true)?;
+        plain_s = plain_s.min(plain.decode_s);
+        let (fast, stats) = generate_speculative(decoder, prompt, &options, speculation, None, |_| true)?;
+        fast_s = fast_s.min(fast.decode_s);
+        identical &= fast.ids == plain.ids;
+        last = Some(stats);
+    }
+    let stats = last.unwrap_or_default();
+    let steps = new_tokens.saturating_sub(1) as f64;
+    let mut out = crate::generate::speculation_json(&stats);
+    out["decode_tok_per_s"] = json!(steps / fast_s);
+    out["plain_decode_tok_per_s"] = json!(steps / plain_s);
+    out["speedup"] = json!(plain_s / fast_s);
+    out["identical"] = json!(identical);
+    Ok(out)
 }
 
 /// Prefills every prompt in one step, then decodes `new_tokens - 1` greedy steps for all of them.

@@ -3,11 +3,12 @@
 
 use anyhow::{Context, Result};
 use layerwise::generation::generate;
+use layerwise::generation::speculative::{generate_speculative, SpeculationStats};
 use layerwise::runtime::{Decoder, DecoderOptions};
 use layerwise::{Backend, LoadedModel};
 use serde_json::json;
 
-use crate::input::{GenerationArgs, InputArgs, MaskArgs, PlanArgs};
+use crate::input::{GenerationArgs, InputArgs, MaskArgs, PlanArgs, SpeculateArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -22,6 +23,8 @@ pub struct Args {
     /// Print one JSON line at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    speculation: SpeculateArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -48,7 +51,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let stream = !args.json && loaded.tokenizer.is_some();
     // A failed write (the reader of a pipe gone, a full disk) stops generating: nobody reads on.
     let mut write_error = None;
-    let generation = generate(&mut decoder, &prompt, &options, loaded.tokenizer.as_ref(), |token| {
+    let mut on_token = |token| {
         if stream {
             if let Err(e) = streamer.push(&loaded, token) {
                 write_error = Some(e);
@@ -56,9 +59,18 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
             }
         }
         true
-    })
-    .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))
-    .context("generate")?;
+    };
+    let tokenizer = loaded.tokenizer.as_ref();
+    let (generation, speculated) = match args.speculation.options()? {
+        None => (generate(&mut decoder, &prompt, &options, tokenizer, &mut on_token), None),
+        Some(s) => match generate_speculative(&mut decoder, &prompt, &options, &s, tokenizer, &mut on_token) {
+            Ok((generation, stats)) => (Ok(generation), Some(stats)),
+            Err(e) => (Err(e), None),
+        },
+    };
+    let generation = generation
+        .map_err(|e| anyhow::anyhow!(crate::flags::translate(&e.to_string())))
+        .context(if args.speculation.speculate.is_some() { "generate --speculate" } else { "generate" })?;
     if let Some(e) = write_error {
         return Err(anyhow::Error::new(e).context("writing to stdout"));
     }
@@ -85,6 +97,9 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         if let Some(adapter) = &loaded.adapter {
             line["adapter"] = json!(adapter);
         }
+        if let Some(stats) = &speculated {
+            line["speculation"] = speculation_json(stats);
+        }
         crate::output::line(&line)?;
     } else {
         if stream {
@@ -101,8 +116,33 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
             generation.prefill_s,
             crate::memory::describe()
         );
+        if let Some(s) = &speculated {
+            eprintln!(
+                "speculation: drafts from exit {}: {} rounds, {} of {} drafts accepted ({:.0}%), {:.2} tokens a round, {} plain steps",
+                s.draft_layer,
+                s.rounds,
+                s.accepted,
+                s.drafted,
+                100.0 * s.acceptance_rate(),
+                s.tokens_per_round(),
+                s.plain_steps
+            );
+        }
     }
     Ok(())
+}
+
+/// What speculation did, as JSON (`generate --json`, `bench`).
+pub fn speculation_json(s: &SpeculationStats) -> serde_json::Value {
+    json!({
+        "draft_layer": s.draft_layer,
+        "rounds": s.rounds,
+        "plain_steps": s.plain_steps,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "acceptance_rate": s.acceptance_rate(),
+        "tokens_per_round": s.tokens_per_round(),
+    })
 }
 
 /// Prints text as tokens arrive, holding back an incomplete UTF-8 character until it is complete.

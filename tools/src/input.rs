@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use std::path::PathBuf;
 
+use layerwise::generation::speculative::SpeculationOptions;
 use layerwise::generation::{BraceMatching, ContrastiveOptions, GenerationConfig, GenerationOptions, SamplingOptions};
 use layerwise::{Backend, DType, LoadedModel};
 
@@ -108,6 +109,39 @@ macro_rules! with_backend {
             }
         }
     }};
+}
+
+/// The self-speculative decoding flags (`generate`, `bench`).
+#[derive(clap::Args, Debug)]
+pub struct SpeculateArgs {
+    /// Self-speculative decoding (greedy only): the exit head of LAYER drafts tokens running only the
+    /// blocks below it, the plan verifies them in one pass over the blocks above; the output is plain
+    /// greedy's exactly. `auto`: the plan's lower layer for a contrast, else the exit nearest half the
+    /// depth.
+    #[arg(long, value_name = "LAYER|auto")]
+    pub speculate: Option<String>,
+    /// Most drafts per speculation round (adapted to the acceptance below that).
+    #[arg(long, value_name = "K", default_value_t = 6, requires = "speculate")]
+    pub draft_tokens: usize,
+    /// Always draft --draft-tokens per round: no adaptation, speculation never turned off (to
+    /// measure acceptance).
+    #[arg(long, requires = "speculate")]
+    pub fixed_drafts: bool,
+}
+
+impl SpeculateArgs {
+    /// The speculation the flags ask for, if any.
+    pub fn options(&self) -> Result<Option<SpeculationOptions>> {
+        let Some(text) = self.speculate.as_deref() else { return Ok(None) };
+        let draft_layer = match text {
+            "auto" => None,
+            layer => {
+                Some(layer.parse().map_err(|_| anyhow::anyhow!("--speculate: `{layer}` is not a layer or `auto`"))?)
+            }
+        };
+        anyhow::ensure!(self.draft_tokens >= 1, "--draft-tokens: must be at least 1");
+        Ok(Some(SpeculationOptions { draft_layer, max_drafts: self.draft_tokens, adaptive: !self.fixed_drafts }))
+    }
 }
 
 fn parse_dtype(text: &str) -> std::result::Result<DType, String> {

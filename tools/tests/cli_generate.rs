@@ -300,3 +300,35 @@ fn an_adapter_changes_generation_as_peft_does() {
         &["--adapter /nonexistent/adapter", "adapter_config.json"],
     );
 }
+
+#[test]
+fn speculate_generates_what_upstream_recorded_and_reports_its_rounds() {
+    let model = fixture_str("gpt2-sharded");
+    for (case, plan, draft) in [
+        ("original", vec![], "2"),
+        ("contrast.original.1", vec!["--contrast", "original,1"], "auto"),
+        ("contrast.4.1", vec!["--contrast", "4,1"], "2"),
+    ] {
+        let (prompt, ids) = recorded(case);
+        let mut args = vec!["generate", "--model", &model, "--prompt-ids", &prompt, "--max-new-tokens", "12", "--json"];
+        args.extend(plan);
+        args.extend(["--speculate", draft, "--draft-tokens", "3", "--fixed-drafts"]);
+        let line = json_line(&layerwise(&args));
+        let got: Vec<u64> = line["ids"].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id")).collect();
+        assert_eq!(got, ids, "{case} with --speculate {draft}");
+        let speculation = &line["speculation"];
+        assert!(speculation["rounds"].as_u64().expect("rounds") > 0, "{line}");
+        for key in ["draft_layer", "drafted", "accepted", "acceptance_rate", "tokens_per_round", "plain_steps"] {
+            assert!(speculation.get(key).is_some(), "{key} in {line}");
+        }
+    }
+    // `auto` under ACD drafts from the contrast's lower exit.
+    let (prompt, _) = recorded("contrast.original.1");
+    let args = ["generate", "--model", &model, "--prompt-ids", &prompt, "--max-new-tokens", "4", "--json"];
+    let mut auto = args.to_vec();
+    auto.extend(["--contrast", "original,1", "--speculate", "auto"]);
+    assert_eq!(json_line(&layerwise(&auto))["speculation"]["draft_layer"].as_u64(), Some(1));
+    assert_fails_naming(&[&args[..], &["--speculate", "x"]].concat(), &["--speculate", "`x`"]);
+    assert_fails_naming(&[&args[..], &["--speculate", "4"]].concat(), &["draft layer", "4"]);
+    assert_fails_naming(&[&args[..], &["--speculate", "2", "--num-beams", "2"]].concat(), &["greedy"]);
+}

@@ -1,7 +1,8 @@
 //! Generation on top of the decoder: the loop ([`generate`]), its options, the logits processors
 //! ([`processors`]), the text stopping rules ([`stopping`]) and the decoding strategies, each behind
 //! [`Decode`]: greedy and sampling ([`search`]), beam search ([`beam`]), contrastive search
-//! ([`contrastive`]) and DoLa ([`dola`]). transformers 4.48's semantics throughout.
+//! ([`contrastive`]) and DoLa ([`dola`]); self-speculative greedy decoding ([`speculative`]).
+//! transformers 4.48's semantics throughout.
 //!
 //! ```
 //! use layerwise::generation::{generate, GenerationConfig, GenerationOptions, Strategy};
@@ -33,6 +34,7 @@ pub mod options;
 pub mod processors;
 pub mod scheduler;
 pub mod search;
+pub mod speculative;
 pub mod stopping;
 pub mod strategy;
 

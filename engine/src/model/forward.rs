@@ -161,9 +161,23 @@ impl<B: Backend> Model<B> {
         probe: &mut dyn Probe<B>,
     ) -> Result<B::Tensor> {
         let b = &self.backend;
-        let mut x = self.body.embed(b, step)?;
+        let x = self.body.embed(b, step)?;
         probe.embeddings(&x)?;
-        for layer in 0..depth {
+        self.run_blocks(step, kv, x, 0..depth, probe)
+    }
+
+    /// Runs blocks `layers` on the residual stream `x`, the state before block `layers.start`: the
+    /// upper blocks of rows whose lower blocks ran in earlier steps (speculative decoding's
+    /// verification). Returns the state after the last block.
+    pub(crate) fn run_blocks(
+        &self,
+        step: &B::Step,
+        kv: &mut B::KvStore,
+        mut x: B::Tensor,
+        layers: std::ops::Range<usize>,
+        probe: &mut dyn Probe<B>,
+    ) -> Result<B::Tensor> {
+        for layer in layers {
             x = self.run_sublayers(layer, BlockPart::Whole, x, step, kv, probe)?;
         }
         Ok(x)

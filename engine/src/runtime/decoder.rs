@@ -31,8 +31,12 @@
 //! # }
 //! ```
 
+mod speculation;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+pub use speculation::{DraftPick, Speculation};
 
 use super::kv::{BlockCopy, BlockPool, BlockTable};
 use crate::backend::{Backend, SeqLayout, StepLayout};

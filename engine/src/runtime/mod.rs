@@ -7,4 +7,4 @@
 mod decoder;
 pub mod kv;
 
-pub use decoder::{Decoder, DecoderOptions, SeqId, SeqRequest, StepOutput, StepResult};
+pub use decoder::{Decoder, DecoderOptions, DraftPick, SeqId, SeqRequest, Speculation, StepOutput, StepResult};
