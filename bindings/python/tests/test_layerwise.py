@@ -144,6 +144,10 @@ def test_streaming_and_text():
     streamed = list(model.stream(ids, max_new_tokens=6))
     assert streamed == model.generate([ids], max_new_tokens=6)[0][len(ids):]
     assert model.generate_text("The benefits of bad advice", max_new_tokens=6) == model.tokenizer.decode(streamed)
+    # Text in, prompt + new ids out, as for ids.
+    assert model.generate("The benefits of bad advice", max_new_tokens=6) == [ids + streamed]
+    two = model.generate(["The benefits of bad advice", "And God said"], max_new_tokens=3)
+    assert len(two) == 2 and two[0] == ids + streamed[:3]
 
 
 def test_errors_name_what_is_wrong():

@@ -238,9 +238,16 @@ class Model:
     def generate(self, input_ids=None, attention_mask=None, batch_size: int = 16, **kwargs) -> List[List[int]]:
         """transformers' ``generate``: the prompt and the new ids of every returned sequence (``num_return_sequences``
         per prompt, in order). ``input_ids``: one list of ids, a list of lists or a 2-D array (with
-        ``attention_mask``, padded positions are dropped). Keyword arguments have transformers' names and
+        ``attention_mask``, padded positions are dropped), or text (a string or a list of them, encoded with the
+        checkpoint's tokenizer; ids still come back). Keyword arguments have transformers' names and
         semantics (greedy, sampling with ``seed``, beam search, contrastive search, DoLa, processors, stop strings).
         A batch runs through the engine's continuous-batching scheduler, ``batch_size`` sequences per step."""
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                          and all(isinstance(t, str) for t in input_ids)):
+            if self.tokenizer is None:
+                raise LayerwiseError("the checkpoint has no tokenizer; give token ids to generate()")
+            texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+            input_ids = [self.tokenizer.encode(t) for t in texts]
         prompts, _ = _prompts(input_ids, attention_mask)
         results = self._native.generate(prompts, self._config(kwargs), batch_size)
         return [prompt + list(new) for prompt, (sequences, _) in zip(prompts, results) for new in sequences]
