@@ -1,6 +1,6 @@
 //! The CPU kernels on synthetic weights shaped like GPT-2 medium's: matrix-vector products (decoding),
-//! matrix-matrix products (prefill, batched decoding) in every dtype and layout, and attention over
-//! the paged cache.
+//! matrix-matrix products (prefill, batched decoding) in every dtype and layout, the same products
+//! over weights too large for the caches (as in a model), and attention over the paged cache.
 //!
 //! `cargo bench -p layerwise-benches --bench kernels`
 
@@ -31,6 +31,44 @@ fn linear(c: &mut Criterion) {
                 group.throughput(Throughput::Bytes((n_in * n_out * dtype.size()) as u64));
                 let id = BenchmarkId::new(format!("{dtype}_{layout:?}"), rows);
                 group.bench_with_input(id, &x, |b, x| b.iter(|| cpu.linear(x, &weight, None)));
+            }
+        }
+    }
+    group.finish();
+}
+
+/// Batched decoding as a model meets it: each product reads a weight no cache holds. Sixteen tokens
+/// times 24 distinct 1024 x 4096 weights (384 MiB in f32) in turn; throughput in FLOP (2 per
+/// multiply-add) to compare with the FMA peak `layerwise bench` measures.
+fn linear_from_memory(c: &mut Criterion) {
+    let (n_in, n_out, count) = (1024usize, 4096usize, 24usize);
+    let mut group = c.benchmark_group("linear_from_memory_1024x4096x24");
+    let cpu = Cpu::default();
+    for dtype in [DType::F32, DType::BF16] {
+        for layout in [Layout::OutIn, Layout::InOut] {
+            let shape = match layout {
+                Layout::OutIn => vec![n_out, n_in],
+                Layout::InOut => vec![n_in, n_out],
+            };
+            let weights: Vec<_> = (0..count as u64)
+                .map(|i| {
+                    let tensor = HostTensor::from_f32(values(n_in * n_out, i), shape.clone()).converted(dtype);
+                    cpu.weight(&tensor, layout).expect("weight")
+                })
+                .collect();
+            for rows in [1usize, 4, 8, 16, 32, 64, 128, 512] {
+                let x = Matrix::new(values(rows * n_in, 2), rows, n_in).expect("shape");
+                group.throughput(Throughput::Elements((2 * rows * n_in * n_out * count) as u64));
+                let id = BenchmarkId::new(format!("{dtype}_{layout:?}"), rows);
+                group.bench_with_input(id, &x, |b, x| {
+                    b.iter(|| {
+                        cpu.run(|| {
+                            for w in &weights {
+                                std::hint::black_box(cpu.linear(x, w, None).expect("linear"));
+                            }
+                        })
+                    })
+                });
             }
         }
     }
@@ -75,6 +113,6 @@ fn paged_attention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = linear, paged_attention
+    targets = linear, linear_from_memory, paged_attention
 }
 criterion_main!(benches);

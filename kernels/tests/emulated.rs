@@ -806,12 +806,8 @@ fn emulated_paged_attention_equals_the_reference() {
             .paged_attention(&matrix(&q, rows, heads * head_dim), &store, 1, &layout, &params)
             .expect("reference")
             .data;
-        let row_seq: Vec<u32> = layout
-            .sequences
-            .iter()
-            .enumerate()
-            .flat_map(|(s, seq)| std::iter::repeat(s as u32).take(seq.len))
-            .collect();
+        let row_seq: Vec<u32> =
+            layout.sequences.iter().enumerate().flat_map(|(s, seq)| std::iter::repeat_n(s as u32, seq.len)).collect();
         let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
         let args = AttentionArgs {
             q: q.as_ptr(),

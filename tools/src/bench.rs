@@ -181,6 +181,15 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     let depth = decoder.depth();
     let flops_per_token = 2.0 * crate::bench_train::product_weights(spec, depth, 1) + 4.0 * depth as f64 * context * qw;
     let achieved_flops = flops_per_token * decode_tok_per_s;
+    // A prompt token meets the blocks and attends to half the prompt on average; the head runs on
+    // each sequence's last prompt token only.
+    let prefill_flops_per_sequence = prompt_len
+        * (2.0 * crate::bench_train::product_weights(spec, depth, 0) + 2.0 * depth as f64 * (prompt_len + 1.0) * qw)
+        + 2.0
+            * (crate::bench_train::product_weights(spec, depth, 1)
+                - crate::bench_train::product_weights(spec, depth, 0));
+    let prefill_flops =
+        if timing.prefill_s > 0.0 { batch * prefill_flops_per_sequence / timing.prefill_s } else { 0.0 };
     let (fma_peak, gemm_ceiling) = if host_backend {
         (layerwise::backend::cpu::peak::fma_peak_flops(), crate::bench_train::gemm_ceiling() * 1e9)
     } else {
@@ -200,6 +209,10 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "fma_peak_gflop_s": host_backend.then_some(fma_peak / 1e9),
         "gemm_ceiling_gflop_s": host_backend.then_some(gemm_ceiling / 1e9),
         "arithmetic_fraction": host_backend.then_some(achieved_flops / arithmetic_peak),
+        "gflops": achieved_flops / 1e9,
+        "peak_fraction": host_backend.then_some(achieved_flops / arithmetic_peak),
+        "prefill_gflop_s": prefill_flops / 1e9,
+        "prefill_peak_fraction": host_backend.then_some(prefill_flops / arithmetic_peak),
         "weight_bytes_per_step": bytes_per_step,
         "launches_per_token": launches_per_token,
         "blocks_per_step": decoder.depth(),
@@ -224,12 +237,15 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     } else {
         let bound = if host_backend {
             format!(
-                "{:.0}% of the {:.1} GB/s read bandwidth, {:.1} GFLOP/s = {:.0}% of the {:.0} GFLOP/s arithmetic peak",
+                "{:.0}% of the {:.1} GB/s read bandwidth, {:.1} GFLOP/s = {:.0}% of the {:.0} GFLOP/s arithmetic peak \
+                 (prefill {:.1} GFLOP/s = {:.0}%)",
                 100.0 * achieved / bandwidth,
                 bandwidth / 1e9,
                 achieved_flops / 1e9,
                 100.0 * achieved_flops / arithmetic_peak,
-                arithmetic_peak / 1e9
+                arithmetic_peak / 1e9,
+                prefill_flops / 1e9,
+                100.0 * prefill_flops / arithmetic_peak,
             )
         } else {
             let launches = launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token"));

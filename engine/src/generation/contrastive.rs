@@ -151,7 +151,7 @@ impl<B: Backend> Job<B> for ContrastiveJob<'_> {
             let hidden = normalized(&out.hidden);
             let penalty = self.context.iter().map(|h| dot(h, &hidden)).fold(f32::NEG_INFINITY, f32::max);
             let score = (1.0 - alpha) * self.probs[self.order[c]] - alpha * penalty;
-            if best.map_or(true, |(s, _)| score > s) {
+            if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, c));
             }
             states.push((hidden, out.logits));

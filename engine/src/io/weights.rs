@@ -325,7 +325,7 @@ impl Weights {
                 dtype,
                 shape: view.shape().to_vec(),
             };
-            if start % dtype.size() != 0 {
+            if !start.is_multiple_of(dtype.size()) {
                 unaligned.push(name.clone());
             }
             self.tensors.insert(name, Entry { tensor, file: file_index });

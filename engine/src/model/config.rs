@@ -258,13 +258,13 @@ impl ModelSpec {
                 return Err(f.error(field, "must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(f.error(
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
             ));
         }
-        if !matches!(self.details, Details::Llama { .. }) && self.hidden_size % self.num_heads != 0 {
+        if !matches!(self.details, Details::Llama { .. }) && !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(f.error(
                 "num_attention_heads",
                 format!("{} does not divide the hidden size {}", self.num_heads, self.hidden_size),

@@ -127,7 +127,7 @@ impl BlockTable {
         let bs = pool.block_size;
         let new = (self.len + n).div_ceil(bs).saturating_sub(self.blocks.len());
         let copy = match self.blocks.get(self.len / bs) {
-            Some(&last) if self.len % bs != 0 && pool.refcount(last) > 1 => 1,
+            Some(&last) if !self.len.is_multiple_of(bs) && pool.refcount(last) > 1 => 1,
             _ => 0,
         };
         new + copy

@@ -483,12 +483,8 @@ impl Backend for Cuda {
     }
 
     fn upload_step(&self, layout: StepLayout) -> Result<CudaStep> {
-        let row_seq: Vec<u32> = layout
-            .sequences
-            .iter()
-            .enumerate()
-            .flat_map(|(s, seq)| std::iter::repeat(s as u32).take(seq.len))
-            .collect();
+        let row_seq: Vec<u32> =
+            layout.sequences.iter().enumerate().flat_map(|(s, seq)| std::iter::repeat_n(s as u32, seq.len)).collect();
         let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
         let pairs: Vec<u32> = layout.block_copies.iter().flat_map(|&(from, to)| [from, to]).collect();
         let parts: [&[u32]; 8] = [

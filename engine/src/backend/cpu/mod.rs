@@ -2,11 +2,14 @@
 //! weight ranges with rayon and vectorised where the CPU allows ([`simd`]). The conformance suite
 //! holds it to the [`crate::backend::reference`] backend.
 //!
-//! Files by op family: [`products`] (matrix products), [`attention`] (paged attention), [`simd`]
-//! (the vector kernels with their scalar fallbacks), [`peak`] (the machine's FMA throughput, for
-//! benchmarks); norms, elementwise ops and the cache live here.
+//! Files by op family: [`products`] (matrix products, and which kernel a product takes),
+//! [`batched`] (the AVX-512 register tiles for products of a few to a few hundred rows),
+//! [`attention`] (paged attention), [`simd`] (the AVX2 vector kernels with their scalar fallbacks),
+//! [`peak`] (the machine's FMA throughput, for benchmarks); norms, elementwise ops and the cache
+//! live here.
 
 mod attention;
+mod batched;
 pub mod peak;
 mod products;
 pub(crate) mod simd;

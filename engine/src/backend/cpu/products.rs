@@ -1,34 +1,77 @@
 //! Matrix products on the CPU: `x: [t, in]` times a weight in either stored layout and any dtype.
 //! One token streams the weight once (bound by memory bandwidth); a few tokens share that stream
-//! with their sums in registers; many tokens use a cache-blocked GEMM (bound by arithmetic).
-//! Checked against the plain product in the tests below and against the reference backend by the
-//! conformance suite.
+//! with their sums in registers ([`batched`]'s AVX-512 tiles where the CPU has them, else the AVX2
+//! tiles of [`simd`]); many tokens use a cache-blocked GEMM (bound by arithmetic). Which path a
+//! product takes is [`path`]'s choice. Checked against the plain product in the tests below and
+//! against the reference backend by the conformance suite.
 
 use rayon::prelude::*;
 
-use super::{simd, CpuWeight};
+use super::{batched, simd, CpuWeight};
 use crate::backend::{Layout, Matrix};
 use crate::io::weights::WeightData;
 
 /// `x: [t, in]` times `w` (`[out, in]` whatever its stored layout) -> `[t, out]`.
 pub(super) fn product(x: &Matrix, w: &CpuWeight) -> Matrix {
-    match w.layout {
-        Layout::OutIn => matmul_out_in(x, w),
-        Layout::InOut => matmul_in_out(x, w),
+    product_by(path(x.rows, w.layout), x, w)
+}
+
+/// [`product`] along a given path (the tests take every one).
+fn product_by(path: Path, x: &Matrix, w: &CpuWeight) -> Matrix {
+    match (path, w.layout) {
+        (Path::Gemm, _) => gemm_weight(x, w),
+        (Path::Batched, Layout::OutIn) => batched::out_in(x, w.data(), w.out_features),
+        (Path::Batched, Layout::InOut) => batched::in_out(x, w.data(), w.out_features),
+        (Path::Stream, Layout::OutIn) => matmul_out_in(x, w),
+        (Path::Stream, Layout::InOut) => matmul_in_out(x, w),
     }
+}
+
+/// How a product of `t` rows runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Matrix-vector products, or the AVX2 few-token tiles: the weight streams once.
+    Stream,
+    /// [`batched`]'s AVX-512 register tiles.
+    Batched,
+    /// The cache-blocked GEMM of the `gemm` crate.
+    Gemm,
 }
 
 /// Below this many rows a product is a few matrix-vector products (decoding: bound by reading the
 /// weight once); from it on, a cache-blocked GEMM (prefill, large batches: bound by arithmetic).
 const GEMM_MIN_ROWS: usize = 64;
 
+/// With AVX-512, the rows from which the GEMM beats [`batched`]'s tiles, by stored layout. Measured
+/// on 24 distinct 1024 x 4096 weights read from memory (`cargo bench --bench kernels --
+/// linear_from_memory`, AMD EPYC Zen 4, 2 threads): `[out, in]` tiles 169 vs GEMM 90 GFLOP/s at
+/// 128 rows and even at 512; `[in, out]` tiles 155 vs 146 at 64 rows, 150 vs 186 at 128.
+const BATCHED_BELOW_OUT_IN: usize = 512;
+const BATCHED_BELOW_IN_OUT: usize = 96;
+
+fn path(t: usize, layout: Layout) -> Path {
+    let batched_below = match layout {
+        Layout::OutIn => BATCHED_BELOW_OUT_IN,
+        Layout::InOut => BATCHED_BELOW_IN_OUT,
+    };
+    match t {
+        0 | 1 => Path::Stream,
+        _ if batched::available() => {
+            if t < batched_below {
+                Path::Batched
+            } else {
+                Path::Gemm
+            }
+        }
+        _ if t < GEMM_MIN_ROWS => Path::Stream,
+        _ => Path::Gemm,
+    }
+}
+
 /// `x: [t, in]`, `w: [out, in]` stored row by row: each output feature is a dot product with one
 /// weight row, so the weight streams through once for all tokens.
 fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
-    if t >= GEMM_MIN_ROWS {
-        return gemm_weight(x, w);
-    }
     let data = w.data();
     let chunk = rows_per_task(n_out);
     let mut out_t = vec![0.0f32; n_out * t]; // [out, t], transposed at the end when t > 1
@@ -74,9 +117,6 @@ fn matmul_out_in(x: &Matrix, w: &CpuWeight) -> Matrix {
 /// that each streams a contiguous part of the weight into its own sums, added at the end.
 fn matmul_in_out(x: &Matrix, w: &CpuWeight) -> Matrix {
     let (t, n_in, n_out) = (x.rows, w.in_features, w.out_features);
-    if t >= GEMM_MIN_ROWS {
-        return gemm_weight(x, w);
-    }
     let data = w.data();
     if t == 1 {
         return sum_over_input_ranges(1, n_in, n_out, |rows, acc| {
@@ -290,10 +330,15 @@ mod tests {
 
     #[test]
     fn every_matrix_product_path_equals_the_naive_reference() {
-        // Widths that are not multiples of the vector, strip or panel sizes; token counts that take the
-        // matrix-vector, register-blocked and GEMM paths.
+        // Widths that are not multiples of the vector, strip, panel or block sizes; token counts that
+        // fill tiles, leave partial tiles, and take every path; each path taken whatever this CPU
+        // would choose (the AVX-512 tiles where it has AVX-512).
         let cpu = Cpu::default();
-        for (n_in, n_out) in [(37usize, 53usize), (64, 300)] {
+        let mut paths = vec![Path::Stream, Path::Gemm];
+        if batched::available() {
+            paths.push(Path::Batched);
+        }
+        for (n_in, n_out) in [(37usize, 53usize), (64, 300), (100, 97)] {
             for layout in [Layout::OutIn, Layout::InOut] {
                 for dtype in [DType::F32, DType::F16, DType::BF16] {
                     let shape = match layout {
@@ -302,14 +347,20 @@ mod tests {
                     };
                     let tensor = HostTensor::from_f32(values(n_in * n_out, 7), shape).converted(dtype);
                     let w = cpu.weight(&tensor, layout).expect("weight");
-                    for rows in [1usize, 2, 3, 4, 5, 16, 33, 70] {
+                    for rows in [1usize, 2, 3, 4, 5, 8, 9, 16, 17, 33, 70, 130] {
                         let x = Matrix::new(values(rows * n_in, rows as u64), rows, n_in).expect("shape");
-                        let got = cpu.linear(&x, &w, None).expect("linear");
-                        for (g, r) in got.data.iter().zip(naive(&x, &w)) {
-                            assert!(
-                                (*g as f64 - r).abs() <= 1e-4 * (1.0 + r.abs()),
-                                "{dtype} {layout:?} {n_in}x{n_out}, {rows} rows: {g} vs {r}"
-                            );
+                        let expected = naive(&x, &w);
+                        let chosen = cpu.linear(&x, &w, None).expect("linear");
+                        assert_eq!(chosen, product_by(path(rows, layout), &x, &w));
+                        for &path in &paths {
+                            let got = product_by(path, &x, &w);
+                            assert_eq!((got.rows, got.cols), (rows, n_out));
+                            for (g, r) in got.data.iter().zip(&expected) {
+                                assert!(
+                                    (*g as f64 - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                    "{path:?} {dtype} {layout:?} {n_in}x{n_out}, {rows} rows: {g} vs {r}"
+                                );
+                            }
                         }
                     }
                 }
