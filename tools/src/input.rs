@@ -4,9 +4,10 @@ use anyhow::{bail, Context, Result};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
 use std::path::PathBuf;
 
+use layerwise::backend::WeightFormat;
 use layerwise::generation::speculative::SpeculationOptions;
 use layerwise::generation::{BraceMatching, ContrastiveOptions, GenerationConfig, GenerationOptions, SamplingOptions};
-use layerwise::{Backend, DType, LoadedModel};
+use layerwise::{Backend, LoadedModel};
 
 /// The demo checkpoint shipped in the repository: a small GPT-2 with exits on layers 2 and 4, trained
 /// here on the King James Bible (tools/scripts/train_demo.sh).
@@ -18,10 +19,11 @@ pub struct ModelArgs {
     /// Defaults to the repository's demo checkpoint (models/kjv-gpt2-multiexit, trained on the KJV).
     #[arg(long, value_name = "SRC")]
     pub model: Option<String>,
-    /// Compute with weight matrices in this dtype (f32, f16, bf16), converting them on first use
-    /// when the checkpoint stores another. Default: as stored.
+    /// Compute with weight matrices in this dtype (f32, f16, bf16) or in 8-bit blocks (q8: GGUF's
+    /// Q8_0, CPU only), converting them on first use when the checkpoint stores another. Default: as
+    /// stored.
     #[arg(long, value_name = "D", value_parser = parse_dtype)]
-    pub dtype: Option<DType>,
+    pub dtype: Option<WeightFormat>,
     /// Where the ops run: cpu (the optimised backend), reference (plain Rust, one function per op:
     /// slow, the definition every backend is checked against), cuda or cuda:N (a GPU, an error when
     /// none is there), or auto (the first GPU when a CUDA driver and a device exist, else the CPU).
@@ -91,15 +93,21 @@ macro_rules! with_backend {
         };
         match device {
             $crate::input::Device::Cpu | $crate::input::Device::Auto => {
-                let $loaded = args.load_on(layerwise::Cpu { weight_dtype: args.dtype })?;
+                let $loaded = args.load_on(layerwise::Cpu { weights: args.dtype })?;
                 $body
             }
             $crate::input::Device::Reference => {
-                let $loaded = args.load_on(layerwise::Reference { weight_dtype: args.dtype })?;
+                let $loaded = args.load_on(layerwise::Reference { weights: args.dtype })?;
                 $body
             }
             $crate::input::Device::Cuda(ordinal) => {
-                let backend = layerwise_kernels::cuda::Cuda::open(ordinal, args.dtype)
+                let dtype = match args.dtype {
+                    Some(layerwise::backend::WeightFormat::Q8) => {
+                        anyhow::bail!("--dtype q8: 8-bit weights run on the CPU only (--device cpu)")
+                    }
+                    other => other.and_then(layerwise::backend::WeightFormat::dtype),
+                };
+                let backend = layerwise_kernels::cuda::Cuda::open(ordinal, dtype)
                     .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
                 if args.device == $crate::input::Device::Auto {
                     eprintln!("device: {} (--device auto)", backend.description());
@@ -144,8 +152,8 @@ impl SpeculateArgs {
     }
 }
 
-fn parse_dtype(text: &str) -> std::result::Result<DType, String> {
-    DType::parse(text).ok_or_else(|| format!("`{text}` is not a dtype (f32, f16, bf16)"))
+fn parse_dtype(text: &str) -> std::result::Result<WeightFormat, String> {
+    WeightFormat::parse(text).ok_or_else(|| format!("`{text}` is not a dtype (f32, f16, bf16, q8)"))
 }
 
 #[derive(clap::Args, Debug)]

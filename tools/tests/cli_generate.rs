@@ -70,6 +70,23 @@ fn every_command_runs_on_the_reference_backend() {
 }
 
 #[test]
+fn eight_bit_weights_generate_as_the_reference_backend_does_and_stay_on_the_cpu() {
+    // --dtype q8 on the CPU and on the reference backend (the dequantised weights): the same tokens,
+    // under a plain head and under a contrast; on CUDA an error naming the flag; a misspelt dtype
+    // names the choices.
+    let model = fixture_str("gpt2-sharded");
+    let base =
+        ["generate", "--model", &model, "--prompt-ids", "5,17,42", "--max-new-tokens", "12", "--json", "--dtype", "q8"];
+    for plan in [&[][..], &["--contrast", "4,1"][..]] {
+        let cpu = json_line(&layerwise(&[&base[..], plan].concat()));
+        let reference = json_line(&layerwise(&[&base[..], plan, &["--device", "reference"]].concat()));
+        assert_eq!(cpu["ids"], reference["ids"], "{plan:?}");
+    }
+    assert_fails_naming(&[&base[..], &["--device", "cuda"]].concat(), &["--dtype q8", "CPU only"]);
+    assert_fails_naming(&["info", "--model", &model, "--dtype", "q9"], &["q9", "q8"]);
+}
+
+#[test]
 fn cuda_device_flags_fall_back_or_fail_clearly_and_run_on_the_stand_in_driver() {
     let model = fixture_str("gpt2-sharded");
     let base = ["generate", "--model", &model, "--prompt-ids", "5,17,42", "--max-new-tokens", "4", "--json"];

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use layerwise::analysis::lens::{logit_lens, LensDecoder, LensOptions};
-use layerwise::backend::Backend;
+use layerwise::backend::{Backend, WeightFormat};
 use layerwise::evaluation::heads::Heads;
 use layerwise::evaluation::{rolling_windows, score_window, ContinuationScore, Window};
 use layerwise::exits::{Contrast, ExitPlan, PlanOptions, Projection, Upper};
@@ -21,7 +21,7 @@ use layerwise::generation::{Event, GenerationConfig, Request, Scheduler, Schedul
 use layerwise::io::tokenizer::Tokenizer;
 use layerwise::runtime::{Decoder as EngineDecoder, DecoderOptions, SeqId};
 
-use layerwise::{Cpu, DType, ForwardRequest, InspectRequest, LoadedModel, ModelSpec};
+use layerwise::{Cpu, ForwardRequest, InspectRequest, LoadedModel, ModelSpec};
 use layerwise_kernels::cuda::{device_count, Cuda};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::exceptions::PyException;
@@ -54,7 +54,7 @@ macro_rules! with_engine {
 impl Engine {
     /// Opens `source` on `device`: cpu, cuda, cuda:N, or auto (CUDA device 0 when a driver reports
     /// one, else the CPU).
-    fn open(source: &str, device: &str, weight_dtype: Option<DType>, adapter: Option<&PathBuf>) -> PyResult<Engine> {
+    fn open(source: &str, device: &str, weights: Option<WeightFormat>, adapter: Option<&PathBuf>) -> PyResult<Engine> {
         fn load<B: Backend>(source: &str, backend: B, adapter: Option<&PathBuf>) -> PyResult<Arc<LoadedModel<B>>> {
             let loaded = match adapter {
                 None => layerwise::load_on(source, backend),
@@ -71,9 +71,14 @@ impl Engine {
             })?),
         };
         match ordinal {
-            None => Ok(Engine::Cpu(load(source, Cpu { weight_dtype }, adapter)?)),
+            None => Ok(Engine::Cpu(load(source, Cpu { weights }, adapter)?)),
             Some(n) => {
-                let backend = Cuda::open(n, weight_dtype)
+                if weights == Some(WeightFormat::Q8) {
+                    return Err(LayerwiseError::new_err(
+                        "dtype q8: 8-bit weights run on the CPU only (device=\"cpu\")",
+                    ));
+                }
+                let backend = Cuda::open(n, weights.and_then(WeightFormat::dtype))
                     .map_err(|e| LayerwiseError::new_err(format!("device `{device}`: {e}")))?;
                 Ok(Engine::Cuda(load(source, backend, adapter)?))
             }
@@ -167,11 +172,11 @@ impl Model {
         adapter: Option<PathBuf>,
         device: &str,
     ) -> PyResult<Model> {
-        let weight_dtype = match dtype {
+        let weights = match dtype {
             None => None,
             Some(d) => Some(
-                DType::parse(d)
-                    .ok_or_else(|| LayerwiseError::new_err(format!("dtype `{d}` is not f32, f16 or bf16")))?,
+                WeightFormat::parse(d)
+                    .ok_or_else(|| LayerwiseError::new_err(format!("dtype `{d}` is not f32, f16, bf16 or q8")))?,
             ),
         };
         let callback_error: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
@@ -180,7 +185,7 @@ impl Model {
             Some(function) => Contrast::Custom(Arc::new(python_contrast(function, Arc::clone(&callback_error)))),
         };
         let plan = plan(mode, layer, upper.as_deref(), lower, projection, contrast)?;
-        let engine = py.allow_threads(|| Engine::open(source, device, weight_dtype, adapter.as_ref()))?;
+        let engine = py.allow_threads(|| Engine::open(source, device, weights, adapter.as_ref()))?;
         // The plan is checked against the checkpoint now, not at the first call.
         let options = DecoderOptions { plan: plan.clone(), cache_tokens: Some(1), ..Default::default() };
         with_engine!(&engine, loaded => EngineDecoder::new(&loaded.model, options).map(drop)).map_err(engine_error)?;

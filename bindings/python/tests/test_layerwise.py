@@ -265,3 +265,23 @@ def test_a_true_answer_of_on_tokens_stops_that_prompt():
     stopped = model._native.generate(prompts, config, 2, on_tokens)
     assert stopped[0] == ([full[0][0][0][:3]], "stopped")
     assert stopped[1] == full[1] and full[1][1] == "length"
+
+
+def test_eight_bit_weights_score_close_to_f32():
+    """dtype="q8" (GGUF's Q8_0 blocks, as the CLI's --dtype q8) on the trained demo: every continuation's
+    log-likelihood moves by little and none is exactly f32's; a dtype that is none of them names the choices."""
+    recorded = json.load(open(os.path.join(FIXTURES, "evaluation", "lm-eval.json")))
+    exact = layerwise.Model.from_pretrained(fixture("demo-gpt2-multiexit"), dtype="f32")
+    eight = layerwise.Model.from_pretrained(fixture("demo-gpt2-multiexit"), dtype="q8")
+    tokenizer = exact.tokenizer
+    pairs = []
+    for row in recorded["rows"]:
+        whole = tokenizer.encode(row["context"] + row["target"], add_special_tokens=False)
+        context = tokenizer.encode(row["context"], add_special_tokens=False)
+        pairs.append((context, whole[len(context):]))
+    a, b = exact._native.loglikelihood(pairs), eight._native.loglikelihood(pairs)
+    for (la, _), (lb, _) in zip(a, b):
+        assert lb == pytest.approx(la, rel=2e-2, abs=5e-2)
+    assert any(la != lb for (la, _), (lb, _) in zip(a, b))
+    with pytest.raises(LayerwiseError, match="q8"):
+        layerwise.Model.from_pretrained(fixture("demo-gpt2-multiexit"), dtype="q9")

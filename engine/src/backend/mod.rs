@@ -18,14 +18,57 @@
 
 pub mod conformance;
 pub mod cpu;
+pub mod q8;
 pub mod reference;
 
 use crate::error::Result;
-use crate::io::weights::HostTensor;
+use crate::io::weights::{DType, HostTensor};
 use crate::model::config::Activation;
 
 pub use cpu::Cpu;
 pub use reference::Reference;
+
+/// What a backend computes weight matrices in (`--dtype`): a float dtype, converted on first use
+/// when the checkpoint stores another, or 8-bit blocks ([`q8`], quantised on first use). Vectors
+/// (norm weights, biases) are always read as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    Float(DType),
+    Q8,
+}
+
+impl WeightFormat {
+    /// Parses a dtype ([`DType::parse`]) or `q8` (also `q8_0`).
+    pub fn parse(text: &str) -> Option<WeightFormat> {
+        match text {
+            "q8" | "q8_0" => Some(WeightFormat::Q8),
+            _ => DType::parse(text).map(WeightFormat::Float),
+        }
+    }
+
+    /// The float dtype, if this is one.
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            WeightFormat::Float(dtype) => Some(dtype),
+            WeightFormat::Q8 => None,
+        }
+    }
+}
+
+impl From<DType> for WeightFormat {
+    fn from(dtype: DType) -> Self {
+        WeightFormat::Float(dtype)
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightFormat::Float(dtype) => dtype.fmt(f),
+            WeightFormat::Q8 => f.write_str("q8"),
+        }
+    }
+}
 
 /// How a 2-D weight is laid out in the checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

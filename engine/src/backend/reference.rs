@@ -3,18 +3,19 @@
 //! the [`super::conformance`] suite holds every other backend to it. Select it with
 //! `--device reference` or [`crate::load_on`]; it is slow, and meant to be.
 
-use super::{AttentionParams, Backend, Layout, Lookup, Matrix, StepLayout};
+use super::q8::Q8Matrix;
+use super::{AttentionParams, Backend, Layout, Lookup, Matrix, StepLayout, WeightFormat};
 use crate::error::{Error, Result};
-use crate::io::weights::{DType, HostTensor};
+use crate::io::weights::HostTensor;
 use crate::math;
 use crate::model::config::Activation;
 
 /// The reference backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference {
-    /// Compute with weight matrices rounded to this dtype (None: as stored), as the CPU backend's
-    /// option of the same name.
-    pub weight_dtype: Option<DType>,
+    /// Compute with weight matrices rounded to this dtype, or quantised to 8-bit blocks and
+    /// dequantised (None: as stored), as the CPU backend's option of the same name.
+    pub weights: Option<WeightFormat>,
 }
 
 /// A weight: the checkpoint tensor (rounded to the compute dtype) and its logical `[out, in]` shape.
@@ -77,9 +78,16 @@ impl Backend for Reference {
 
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<RefWeight> {
         let (out_features, in_features) = super::logical_shape(tensor, layout)?;
-        let tensor = match self.weight_dtype {
-            Some(dtype) if in_features > 1 && dtype != tensor.dtype() => tensor.converted(dtype),
-            _ => tensor.clone(),
+        let (tensor, layout) = match self.weights {
+            Some(WeightFormat::Float(dtype)) if in_features > 1 && dtype != tensor.dtype() => {
+                (tensor.converted(dtype), layout)
+            }
+            // The dequantised 8-bit weights, [out, in] whatever the stored layout.
+            Some(WeightFormat::Q8) if in_features > 1 => {
+                let q8 = Q8Matrix::quantize(tensor.data(), layout, out_features, in_features);
+                (HostTensor::from_f32(q8.dequantize(), vec![out_features, in_features]), Layout::OutIn)
+            }
+            _ => (tensor.clone(), layout),
         };
         Ok(RefWeight { tensor, layout, out_features, in_features })
     }

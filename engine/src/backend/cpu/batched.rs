@@ -25,6 +25,7 @@
 
 use rayon::prelude::*;
 
+use crate::backend::q8::{Q8Matrix, BLOCK};
 use crate::backend::Matrix;
 use crate::io::weights::WeightData;
 
@@ -52,6 +53,7 @@ pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -143,8 +145,39 @@ pub fn in_out(x: &Matrix, w: WeightData<'_>, n_out: usize) -> Matrix {
 /// When [`available`] is false or `w` holds fewer than `out * in` elements.
 pub fn out_in(x: &Matrix, w: WeightData<'_>, n_out: usize) -> Matrix {
     assert!(available(), "batched::out_in needs AVX-512");
-    let (t, n_in) = (x.rows, x.cols);
+    let n_in = x.cols;
     assert!(w.len() >= n_in * n_out, "batched::out_in: the weight is smaller than [{n_out}, {n_in}]");
+    out_in_tiles(x, n_out, n_in, |tile, tokens| {
+        // SAFETY: AVX-512 is present (asserted above). The tile reads `tokens` rows of x (inside x),
+        // weight rows row..row + rows (inside w: checked above; prefetches never fault), and writes
+        // out's rows at columns row..row + rows: inside out, and columns only this task writes.
+        unsafe { x86::out_in_tile(tile, tokens, w) }
+    })
+}
+
+/// [`out_in`] for 8-bit weights: each 16 weights widened and scaled in registers.
+///
+/// # Panics
+/// When [`available`] is false or `x` is not `[t, w.in_features]`.
+pub fn out_in_q8(x: &Matrix, w: &Q8Matrix) -> Matrix {
+    assert!(available(), "batched::out_in_q8 needs AVX-512");
+    assert_eq!(x.cols, w.in_features, "batched::out_in_q8: inputs of another width");
+    if w.in_features == 0 {
+        return Matrix::zeros(x.rows, w.out_features);
+    }
+    let stride = w.blocks * BLOCK;
+    out_in_tiles(x, w.out_features, stride, |tile, tokens| {
+        // SAFETY: AVX-512 is present (asserted above). The tile reads `tokens` rows of x up to
+        // in_features (masked), quant rows row..row + rows in whole 16-byte pieces (rows are padded
+        // to whole blocks), their scales, and writes out as in `out_in`.
+        unsafe { x86::out_in_q8_tile(tile, tokens, w) }
+    })
+}
+
+/// The `[out, in]` products' driver: tasks of weight-row groups, each running its tiles over every
+/// group of tokens; `w_stride` is the distance between weight rows in elements.
+fn out_in_tiles(x: &Matrix, n_out: usize, w_stride: usize, run: impl Fn(OutInTile, usize) + Sync) -> Matrix {
+    let (t, n_in) = (x.rows, x.cols);
     let mut out = Matrix::zeros(t, n_out);
     if t == 0 || n_out == 0 {
         return out;
@@ -162,17 +195,14 @@ pub fn out_in(x: &Matrix, w: WeightData<'_>, n_out: usize) -> Matrix {
                 let tile = OutInTile {
                     x: x.data[token * n_in..].as_ptr(),
                     x_stride: n_in,
-                    w_offset: row * n_in,
-                    w_stride: n_in,
+                    w_offset: row * w_stride,
+                    w_stride,
                     depth: n_in,
                     out: dst.at(token * n_out + row),
                     out_stride: n_out,
                     rows,
                 };
-                // SAFETY: AVX-512 is present (asserted above). The tile reads `tokens` rows of x
-                // (inside x), weight rows row..row + rows (inside w: checked above), and writes out's
-                // rows token.. at columns row..row + rows: inside out, and columns only this task writes.
-                unsafe { x86::out_in_tile(tile, tokens, w) };
+                run(tile, tokens);
             }
         }
     });
@@ -218,7 +248,7 @@ mod x86 {
 
     use half::{bf16, f16};
 
-    use super::{InOutTile, OutInTile, OUT_IN_ROWS, OUT_IN_TOKENS, PANEL};
+    use super::{InOutTile, OutInTile, Q8Matrix, BLOCK, OUT_IN_ROWS, OUT_IN_TOKENS, PANEL};
 
     use crate::io::weights::WeightData;
 
@@ -379,6 +409,57 @@ mod x86 {
         }
     }
 
+    /// An [`OutInTile`] of `M` tokens over 8-bit weights: each 16 quants widened and multiplied by
+    /// their block's scale as they are loaded.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and F16C; the tile's rows must exist in `w` and its reads and writes
+    /// lie inside x and out.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn out_in_q8<const M: usize>(tile: OutInTile, w: &Q8Matrix) {
+        let first_row = tile.w_offset / tile.w_stride;
+        let rows: [usize; OUT_IN_ROWS] = std::array::from_fn(|o| first_row + o.min(tile.rows - 1));
+        let (quants, scales) = (w.quants.as_ptr(), w.scales.as_ptr());
+        let mut sums = [[_mm512_setzero_ps(); M]; OUT_IN_ROWS];
+        let mut i = 0;
+        while i < tile.depth {
+            let mask = lanes(tile.depth - i);
+            let block = i / BLOCK;
+            for row in rows {
+                // The next tile's rows, into L2 (one line holds 64 quants).
+                if i % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T1>(quants.wrapping_add((row + OUT_IN_ROWS) * tile.w_stride + i).cast());
+                }
+            }
+            let weights: [__m512; OUT_IN_ROWS] = std::array::from_fn(|o| {
+                let q = _mm_loadu_si128(quants.add(rows[o] * tile.w_stride + i).cast());
+                let scale = super::super::q8::scale_f32((*scales.add(rows[o] * w.blocks + block)).to_bits());
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), _mm512_set1_ps(scale))
+            });
+            for r in 0..M {
+                let input = _mm512_maskz_loadu_ps(mask, tile.x.wrapping_add(r * tile.x_stride + i));
+                for (sums, weight) in sums.iter_mut().zip(weights) {
+                    sums[r] = _mm512_fmadd_ps(weight, input, sums[r]);
+                }
+            }
+            i += 16;
+        }
+        for (o, sums) in sums.iter().enumerate().take(tile.rows) {
+            for (r, sum) in sums.iter().enumerate() {
+                *tile.out.add(r * tile.out_stride + o) = _mm512_reduce_add_ps(*sum);
+            }
+        }
+    }
+
+    /// Runs an 8-bit [`OutInTile`] of `tokens` (1..=8) tokens.
+    ///
+    /// # Safety
+    /// As [`out_in_q8`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub(super) unsafe fn out_in_q8_tile(tile: OutInTile, tokens: usize, w: &Q8Matrix) {
+        by_tokens!(tokens, out_in_q8, tile, w, [1, 2, 3, 4, 5, 6, 7, 8])
+    }
+
     /// Runs an [`OutInTile`] of `tokens` (1..=6) tokens.
     ///
     /// # Safety
@@ -396,7 +477,7 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    use super::{InOutTile, OutInTile};
+    use super::{InOutTile, OutInTile, Q8Matrix};
     use crate::io::weights::WeightData;
 
     pub(super) unsafe fn in_out_tile(_: InOutTile, _: usize, _: WeightData<'_>) {
@@ -404,6 +485,10 @@ mod x86 {
     }
 
     pub(super) unsafe fn out_in_tile(_: OutInTile, _: usize, _: WeightData<'_>) {
+        unreachable!("AVX-512 kernels called off x86_64")
+    }
+
+    pub(super) unsafe fn out_in_q8_tile(_: OutInTile, _: usize, _: &Q8Matrix) {
         unreachable!("AVX-512 kernels called off x86_64")
     }
 }

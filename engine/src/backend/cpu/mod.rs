@@ -12,13 +12,15 @@ mod attention;
 mod batched;
 pub mod peak;
 mod products;
+mod q8;
 pub(crate) mod simd;
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{AttentionParams, Backend, Layout, Lookup, Matrix, StepLayout};
+use super::q8::Q8Matrix;
+use super::{AttentionParams, Backend, Layout, Lookup, Matrix, StepLayout, WeightFormat};
 use crate::error::{Error, Result};
 use crate::io::weights::{DType, HostTensor, WeightData};
 use crate::math;
@@ -27,9 +29,9 @@ use crate::model::config::Activation;
 /// The CPU backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu {
-    /// Store matrices in this dtype, converting on first use when the checkpoint differs
-    /// (None: as stored). Vectors (norms, biases) are always read as stored.
-    pub weight_dtype: Option<DType>,
+    /// Compute with matrices in this format, converting (or quantising) on first use when the
+    /// checkpoint differs (None: as stored). Vectors (norms, biases) are always read as stored.
+    pub weights: Option<WeightFormat>,
 }
 
 impl Cpu {
@@ -37,7 +39,13 @@ impl Cpu {
     /// decoding step reads). The conversion happens the first time a weight is used, so weights a
     /// run never touches are never converted.
     pub fn with_weight_dtype(dtype: DType) -> Self {
-        Cpu { weight_dtype: Some(dtype) }
+        Cpu { weights: Some(WeightFormat::Float(dtype)) }
+    }
+
+    /// A CPU backend that computes with weight matrices in 8-bit blocks ([`crate::backend::q8`]),
+    /// quantised the first time each is used.
+    pub fn with_q8_weights() -> Self {
+        Cpu { weights: Some(WeightFormat::Q8) }
     }
 }
 
@@ -72,6 +80,9 @@ pub struct CpuWeight {
     in_features: usize,
     /// A vector's values widened to f32 once (norm weights, biases, head scales are read every step).
     vector: OnceLock<Vec<f32>>,
+    /// Compute with 8-bit blocks, quantised on first use into `quantized`.
+    quantize: bool,
+    quantized: OnceLock<Q8Matrix>,
 }
 
 impl CpuWeight {
@@ -82,8 +93,21 @@ impl CpuWeight {
         }
     }
 
+    /// The 8-bit form, when this weight computes in it.
+    fn q8(&self) -> Option<&Q8Matrix> {
+        self.quantize.then(|| {
+            self.quantized.get_or_init(|| {
+                Q8Matrix::quantize(self.tensor.data(), self.layout, self.out_features, self.in_features)
+            })
+        })
+    }
+
     /// Bytes a full read of this weight touches.
     fn bytes(&self) -> usize {
+        if self.quantize {
+            let blocks = self.in_features.div_ceil(crate::backend::q8::BLOCK);
+            return self.out_features * blocks * (crate::backend::q8::BLOCK + 2);
+        }
         self.tensor.numel() * self.convert_to.unwrap_or(self.tensor.dtype()).size()
     }
 
@@ -141,7 +165,7 @@ impl Backend for Cpu {
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CpuWeight> {
         let (out_features, in_features) = super::logical_shape(tensor, layout)?;
         let is_matrix = in_features > 1;
-        let convert_to = self.weight_dtype.filter(|&d| is_matrix && d != tensor.dtype());
+        let convert_to = self.weights.and_then(WeightFormat::dtype).filter(|&d| is_matrix && d != tensor.dtype());
         Ok(CpuWeight {
             tensor: tensor.clone(),
             convert_to,
@@ -150,6 +174,8 @@ impl Backend for Cpu {
             out_features,
             in_features,
             vector: OnceLock::new(),
+            quantize: is_matrix && self.weights == Some(WeightFormat::Q8),
+            quantized: OnceLock::new(),
         })
     }
 
@@ -229,6 +255,15 @@ impl Backend for Cpu {
         }
         let d = table.in_features;
         let mut out = Matrix::zeros(index.len(), d);
+        if let Some(q8) = table.q8() {
+            // An 8-bit table gives its dequantised rows (a tied LM head quantises the embedding too).
+            if table.layout == Layout::OutIn {
+                for (row, &i) in out.rows_mut().zip(index) {
+                    q8.dequantize_row(i as usize, row);
+                }
+                return Ok(out);
+            }
+        }
         let data = table.data();
         for (row, &i) in out.rows_mut().zip(index) {
             data.read_f32(i as usize * d, row);
@@ -414,7 +449,13 @@ impl Backend for Cpu {
             }
             return Ok(out);
         }
+        // Only the plausible tokens' rows of the lower head are read.
+        let q8 = lower_head.q8();
         let (data, n_in) = (lower_head.data(), lower_head.in_features);
+        let lower_logit = |features: &[f32], token: usize| match q8 {
+            Some(q8) => q8.dot_row(features, token),
+            None => simd::dot(features, data, token * n_in),
+        };
         for (r, row) in out.rows_mut().enumerate() {
             let features = lower_features.row(r);
             math::acd_with(upper.row(r), alpha, min_candidates, row, |tokens, logits| {
@@ -422,7 +463,7 @@ impl Backend for Cpu {
                 tokens.par_chunks(TOKENS_PER_TASK).zip(logits.par_chunks_mut(TOKENS_PER_TASK)).for_each(
                     |(tokens, logits)| {
                         for (logit, &token) in logits.iter_mut().zip(tokens) {
-                            *logit = simd::dot(features, data, token as usize * n_in);
+                            *logit = lower_logit(features, token as usize);
                         }
                     },
                 );

@@ -13,6 +13,9 @@ use crate::io::weights::WeightData;
 
 /// `x: [t, in]` times `w` (`[out, in]` whatever its stored layout) -> `[t, out]`.
 pub(super) fn product(x: &Matrix, w: &CpuWeight) -> Matrix {
+    if let Some(q8) = w.q8() {
+        return super::q8::product(x, q8);
+    }
     product_by(path(x.rows, w.layout), x, w)
 }
 
