@@ -70,6 +70,12 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
+/// Deterministic values in [-1, 1) for the kernels' tests (weights and inputs of any length).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 5) % 1000) as f32 / 500.0 - 1.0).collect()
+}
+
 /// How a 2-D weight is laid out in the checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {

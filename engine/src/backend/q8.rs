@@ -119,13 +119,8 @@ pub fn quantize_block(values: &[f32]) -> (f16, [i8; BLOCK]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_values as values;
     use crate::io::weights::HostTensor;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        (0..n as u64)
-            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 5) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
 
     #[test]
     fn quantises_to_the_bytes_gguf_writes() {

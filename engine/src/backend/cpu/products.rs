@@ -304,15 +304,10 @@ pub(super) unsafe fn gemm_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_values as values;
     use crate::backend::Backend;
     use crate::io::weights::{DType, HostTensor};
     use crate::Cpu;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        (0..n as u64)
-            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 5) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
 
     /// out[t][o] = Σ_i x[t][i] * w(o, i), in f64.
     fn naive(x: &Matrix, w: &CpuWeight) -> Vec<f64> {

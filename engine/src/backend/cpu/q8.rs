@@ -179,14 +179,9 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::test_values as values;
     use crate::backend::Layout;
     use crate::io::weights::HostTensor;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        (0..n as u64)
-            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 5) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
 
     #[test]
     fn every_q8_path_equals_the_plain_block_sums() {
