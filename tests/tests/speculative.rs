@@ -3,13 +3,15 @@
 //! (which matches transformers, see the strategy tests). On the random fixtures drafts are mostly
 //! rejected (the rejection path); on the trained demo model most are accepted (the acceptance path,
 //! long rounds, the bonus token). A round's rollback leaves the cache as plain decoding leaves it,
-//! and adaptation turns speculation off where the exits disagree with the plan.
+//! and adaptation turns speculation off where the exits disagree with the plan. Speculative sampling
+//! draws the tokens plain sampling draws, in distribution (a chi-square test over many seeds against
+//! the exact joint distribution of three tokens, computed from plain steps).
 
 use std::path::PathBuf;
 
 use layerwise::exits::{ExitPlan, PlanOptions, Upper};
 use layerwise::generation::speculative::{generate_speculative, SpeculationOptions};
-use layerwise::generation::{generate, GenerationOptions, ProcessorOptions};
+use layerwise::generation::{generate, GenerationOptions, ProcessorOptions, SampleOptions, SamplingOptions, Strategy};
 use layerwise::runtime::{Decoder, DecoderOptions};
 use layerwise::{load, LoadedModel};
 use layerwise_tests::fixture_str;
@@ -159,13 +161,118 @@ fn adaptation_turns_speculation_off_where_exits_disagree() {
         generate_speculative(&mut decoder, &[5, 17, 42], &options, &speculation, None, |_| true).expect("generate");
     assert!(stats.acceptance_rate() < 0.5, "random exits rarely agree: {stats:?}");
     assert!(stats.plain_steps > 2 * stats.rounds, "speculation mostly off: {stats:?}");
-    let sampled = GenerationOptions {
-        strategy: layerwise::generation::Strategy::Sample(layerwise::generation::SampleOptions {
-            sampling: Default::default(),
-            num_return_sequences: 1,
-        }),
+    // No new tokens: nothing generated, as plain decoding.
+    let none = GenerationOptions { max_new_tokens: 0, ..Default::default() };
+    let (empty, _) = generate_speculative(&mut decoder, &[5], &none, &speculation, None, |_| true).expect("zero");
+    assert!(empty.ids.is_empty());
+    // Beams do not speculate.
+    let beams = GenerationOptions {
+        strategy: Strategy::Beam(layerwise::generation::BeamOptions { num_beams: 2, ..Default::default() }),
         ..Default::default()
     };
-    let error = generate_speculative(&mut decoder, &[5], &sampled, &speculation, None, |_| true).expect_err("greedy");
-    assert!(error.to_string().contains("greedy"), "{error}");
+    let error = generate_speculative(&mut decoder, &[5], &beams, &speculation, None, |_| true).expect_err("beams");
+    assert!(error.to_string().contains("greedy decoding and sampling"), "{error}");
+}
+
+/// Chi-square's critical value at p = 0.001 for `dof` degrees of freedom (Wilson-Hilferty).
+fn chi_square_critical(dof: usize) -> f64 {
+    let k = dof as f64;
+    let z = 3.090; // the standard normal's 0.999 quantile
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+/// Speculative sampling under `plan` with drafts from `draft_layer`: over `draws` seeds, the joint
+/// distribution of the first three tokens equals plain sampling's, computed exactly from plain
+/// steps (top-k 3 keeps the outcomes to 27). Returns the drafts made and accepted in all.
+fn check_sampling_distribution(
+    loaded: &LoadedModel,
+    plan: &PlanOptions,
+    draft_layer: usize,
+    draws: u64,
+) -> (usize, usize) {
+    let model = &loaded.model;
+    let tokenizer = loaded.tokenizer.as_ref().expect("tokenizer");
+    let prompt = tokenizer.encode("And the LORD spake unto").expect("encode");
+    let sampling = SamplingOptions { top_k: 3, temperature: 1.3, ..Default::default() };
+    let decoder_options = DecoderOptions { plan: plan.clone(), ..Default::default() };
+    // The exact distribution: p(a) p(b | a) p(c | a, b) from plain steps, each warped as sampling does.
+    let mut exact = Decoder::new(model, decoder_options.clone()).expect("decoder");
+    let mut next = |prefix: &[u32]| -> Vec<(u32, f64)> {
+        let seq = exact.add_sequence(&[prompt.as_slice(), prefix].concat()).expect("add");
+        let mut scores = exact.step().expect("step").remove(0).logits;
+        exact.release(seq).expect("release");
+        sampling.warp(&mut scores, 1);
+        let probs = layerwise::math::softmax(&scores);
+        probs.iter().enumerate().filter(|(_, &p)| p > 0.0).map(|(t, &p)| (t as u32, p as f64)).collect()
+    };
+    let mut joint: Vec<(Vec<u32>, f64)> = Vec::new();
+    for (a, pa) in next(&[]) {
+        for (b, pb) in next(&[a]) {
+            for (c, pc) in next(&[a, b]) {
+                joint.push((vec![a, b, c], pa * pb * pc));
+            }
+        }
+    }
+    // Speculative draws, one seed each.
+    let mut decoder = Decoder::new(model, decoder_options).expect("decoder");
+    let speculation = SpeculationOptions { draft_layer: Some(draft_layer), max_drafts: 2, adaptive: false };
+    let mut counts = std::collections::HashMap::<Vec<u32>, usize>::new();
+    let (mut drafted, mut accepted) = (0, 0);
+    for seed in 0..draws {
+        let options = GenerationOptions {
+            max_new_tokens: 3,
+            strategy: Strategy::Sample(SampleOptions {
+                sampling: SamplingOptions { seed, ..sampling.clone() },
+                num_return_sequences: 1,
+            }),
+            ..Default::default()
+        };
+        let (generation, stats) =
+            generate_speculative(&mut decoder, &prompt, &options, &speculation, None, |_| true).expect("sample");
+        drafted += stats.drafted;
+        accepted += stats.accepted;
+        *counts.entry(generation.ids).or_default() += 1;
+    }
+    for outcome in counts.keys() {
+        assert!(joint.iter().any(|(o, _)| o == outcome), "{outcome:?} has probability 0 under plain sampling");
+    }
+    // Pearson's chi-square; outcomes expected fewer than 5 times are pooled into one cell.
+    let (mut chi2, mut cells) = (0.0, 0);
+    let (mut pooled_expected, mut pooled_count) = (0.0, 0usize);
+    for (outcome, p) in &joint {
+        let expected = p * draws as f64;
+        let count = counts.get(outcome).copied().unwrap_or(0);
+        if expected < 5.0 {
+            pooled_expected += expected;
+            pooled_count += count;
+            continue;
+        }
+        chi2 += (count as f64 - expected).powi(2) / expected;
+        cells += 1;
+    }
+    if pooled_expected > 0.0 {
+        chi2 += (pooled_count as f64 - pooled_expected).powi(2) / pooled_expected;
+        cells += 1;
+    }
+    let critical = chi_square_critical(cells - 1);
+    assert!(
+        chi2 < critical,
+        "{plan:?}, drafts from {draft_layer}: chi-square {chi2:.1} over {} degrees of freedom (critical {critical:.1})",
+        cells - 1
+    );
+    (drafted, accepted)
+}
+
+#[test]
+fn speculative_sampling_draws_what_plain_sampling_draws() {
+    let loaded = load(&demo()).expect("load the demo model");
+    let (mut drafted, mut accepted) = (0, 0);
+    let contrast = PlanOptions { plan: ExitPlan::Contrast { upper: Upper::Original, lower: 2 }, ..Default::default() };
+    for (plan, layer) in [(PlanOptions::default(), 2), (PlanOptions::default(), 4), (contrast, 4)] {
+        let (d, a) = check_sampling_distribution(&loaded, &plan, layer, 3000);
+        drafted += d;
+        accepted += a;
+    }
+    // Both ways of the rule were taken, often.
+    assert!(accepted > drafted / 4 && accepted < drafted * 9 / 10, "{accepted} of {drafted} drafts accepted");
 }

@@ -127,6 +127,22 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
                 s.tokens_per_round(),
                 s.plain_steps
             );
+            if s.layers.len() > 1 {
+                let per_exit: Vec<String> = s
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "exit {}: {} of {} ({:.0}%)",
+                            l.layer,
+                            l.accepted,
+                            l.drafted,
+                            100.0 * l.acceptance_rate()
+                        )
+                    })
+                    .collect();
+                eprintln!("speculation per draft exit: {}", per_exit.join(", "));
+            }
         }
     }
     Ok(())
@@ -142,6 +158,13 @@ pub fn speculation_json(s: &SpeculationStats) -> serde_json::Value {
         "accepted": s.accepted,
         "acceptance_rate": s.acceptance_rate(),
         "tokens_per_round": s.tokens_per_round(),
+        "layers": s.layers.iter().map(|l| json!({
+            "layer": l.layer,
+            "rounds": l.rounds,
+            "drafted": l.drafted,
+            "accepted": l.accepted,
+            "acceptance_rate": l.acceptance_rate(),
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -122,10 +122,11 @@ macro_rules! with_backend {
 /// The self-speculative decoding flags (`generate`, `bench`).
 #[derive(clap::Args, Debug)]
 pub struct SpeculateArgs {
-    /// Self-speculative decoding (greedy only): the exit head of LAYER drafts tokens running only the
-    /// blocks below it, the plan verifies them in one pass over the blocks above; the output is plain
-    /// greedy's exactly. `auto`: the plan's lower layer for a contrast, else the exit nearest half the
-    /// depth.
+    /// Self-speculative decoding (greedy or sampling): the exit head of LAYER drafts tokens running
+    /// only the blocks below it, the plan verifies them in one pass over the blocks above; greedy
+    /// output is plain greedy's exactly, sampled tokens follow plain sampling's distribution
+    /// (speculative sampling's acceptance rule). `auto`: start from the plan's lower layer for a
+    /// contrast, else the exit nearest half the depth, and move to the exit measured fastest.
     #[arg(long, value_name = "LAYER|auto")]
     pub speculate: Option<String>,
     /// Most drafts per speculation round (adapted to the acceptance below that).

@@ -87,6 +87,44 @@ fn eight_bit_weights_generate_as_the_reference_backend_does_and_stay_on_the_cpu(
 }
 
 #[test]
+fn eight_bit_weights_are_cached_and_read_back_on_the_next_load() {
+    // The first run quantises and stores one file per matrix under $LAYERWISE_CACHE/q8; the second
+    // reads them and generates the same tokens; LAYERWISE_Q8_CACHE=0 writes nothing.
+    let model = fixture_str("gpt-neo-bin"); // a torch archive: its conversion is cached beside
+    let cache = tempfile::tempdir().expect("tempdir");
+    let args =
+        ["generate", "--model", &model, "--prompt-ids", "5,17,42", "--max-new-tokens", "8", "--json", "--dtype", "q8"];
+    let run = |q8_cache: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_layerwise"))
+            .args(args)
+            .env("LAYERWISE_CACHE", cache.path())
+            .env("LAYERWISE_Q8_CACHE", q8_cache)
+            .output()
+            .expect("run layerwise");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        json_line(&out)["ids"].clone()
+    };
+    // Each cached file with its modification time.
+    let q8_files = || -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        let Ok(entries) = std::fs::read_dir(cache.path().join("q8")) else { return Vec::new() };
+        let mut files: Vec<_> = entries
+            .map(|e| e.expect("entry").path())
+            .map(|p| (p.clone(), std::fs::metadata(&p).and_then(|m| m.modified()).expect("mtime")))
+            .collect();
+        files.sort();
+        files
+    };
+    let uncached = run("0");
+    assert!(q8_files().is_empty(), "the cache was turned off");
+    let first = run("1");
+    let stored = q8_files();
+    assert!(stored.len() >= 4, "one file per matrix ({})", stored.len());
+    let second = run("1");
+    assert_eq!(q8_files(), stored, "read back: nothing new or rewritten");
+    assert_eq!((&first, &second), (&uncached, &uncached));
+}
+
+#[test]
 fn cuda_device_flags_fall_back_or_fail_clearly_and_run_on_the_stand_in_driver() {
     let model = fixture_str("gpt2-sharded");
     let base = ["generate", "--model", &model, "--prompt-ids", "5,17,42", "--max-new-tokens", "4", "--json"];
@@ -338,7 +376,34 @@ fn speculate_generates_what_upstream_recorded_and_reports_its_rounds() {
         for key in ["draft_layer", "drafted", "accepted", "acceptance_rate", "tokens_per_round", "plain_steps"] {
             assert!(speculation.get(key).is_some(), "{key} in {line}");
         }
+        // Per draft exit: one exit drafted every round.
+        let layers = speculation["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), 1, "{line}");
+        assert_eq!(layers[0]["rounds"], speculation["rounds"]);
     }
+    // Sampling speculates too (its distribution is tested in tests/speculative.rs): the same seed
+    // gives the same tokens run after run.
+    let (prompt, _) = recorded("original");
+    let sampled = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt-ids",
+        &prompt,
+        "--max-new-tokens",
+        "10",
+        "--json",
+        "--do-sample",
+        "--seed",
+        "4",
+        "--speculate",
+        "2",
+        "--fixed-drafts",
+    ];
+    let first = json_line(&layerwise(&sampled));
+    assert_eq!(first["new_tokens"], 10, "{first}");
+    assert!(first["speculation"]["rounds"].as_u64().expect("rounds") > 0, "{first}");
+    assert_eq!(json_line(&layerwise(&sampled))["ids"], first["ids"]);
     // `auto` under ACD drafts from the contrast's lower exit.
     let (prompt, _) = recorded("contrast.original.1");
     let args = ["generate", "--model", &model, "--prompt-ids", &prompt, "--max-new-tokens", "4", "--json"];
@@ -347,5 +412,8 @@ fn speculate_generates_what_upstream_recorded_and_reports_its_rounds() {
     assert_eq!(json_line(&layerwise(&auto))["speculation"]["draft_layer"].as_u64(), Some(1));
     assert_fails_naming(&[&args[..], &["--speculate", "x"]].concat(), &["--speculate", "`x`"]);
     assert_fails_naming(&[&args[..], &["--speculate", "4"]].concat(), &["draft layer", "4"]);
-    assert_fails_naming(&[&args[..], &["--speculate", "2", "--num-beams", "2"]].concat(), &["greedy"]);
+    assert_fails_naming(
+        &[&args[..], &["--speculate", "2", "--num-beams", "2"]].concat(),
+        &["greedy decoding and sampling"],
+    );
 }

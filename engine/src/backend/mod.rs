@@ -13,12 +13,14 @@
 //! Every op returns a [`Result`]: a device error is an error, not a panic.
 //!
 //! Owns: the trait, the step layout, the [`reference`] backend (plain Rust, the definition of every
-//! op), the [`conformance`] suite every backend is held to, and the optimised [`cpu`] backend.
+//! op), the [`conformance`] suite every backend is held to, the optimised [`cpu`] backend, and the
+//! 8-bit weight format ([`q8`]) with its on-disk cache ([`q8_cache`]).
 //! Imports: `io` (checkpoint tensors), `math` (shared host numerics), `model::config` (activations).
 
 pub mod conformance;
 pub mod cpu;
 pub mod q8;
+pub mod q8_cache;
 pub mod reference;
 
 use crate::error::Result;

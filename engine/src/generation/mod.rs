@@ -1,7 +1,7 @@
 //! Generation on top of the decoder: the loop ([`generate`]), its options, the logits processors
 //! ([`processors`]), the text stopping rules ([`stopping`]) and the decoding strategies, each behind
 //! [`Decode`]: greedy and sampling ([`search`]), beam search ([`beam`]), contrastive search
-//! ([`contrastive`]) and DoLa ([`dola`]); self-speculative greedy decoding ([`speculative`]).
+//! ([`contrastive`]) and DoLa ([`dola`]); self-speculative decoding, greedy and sampling ([`speculative`]).
 //! transformers 4.48's semantics throughout.
 //!
 //! ```

@@ -186,8 +186,17 @@ impl<B: Backend> Job<B> for SequenceJob<'_> {
 
 /// Draws an index from softmax(scores).
 pub(crate) fn sample(scores: &[f32], rng: &mut ChaCha8Rng) -> u32 {
-    let probs = softmax(scores);
-    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    draw(&softmax(scores), rng)
+}
+
+/// A uniform number in [0, 1) with 53 random bits.
+pub(crate) fn uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Draws an index from `probs` (summing to 1; zeros are never drawn).
+pub(crate) fn draw(probs: &[f32], rng: &mut ChaCha8Rng) -> u32 {
+    let u = uniform(rng);
     let mut cumulative = 0.0f64;
     let mut fallback = 0;
     for (i, &p) in probs.iter().enumerate() {

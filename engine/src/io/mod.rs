@@ -11,7 +11,7 @@ pub mod torch_pickle;
 pub mod weights;
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use source::WeightFiles;
@@ -72,4 +72,21 @@ pub fn open_weights(files: &WeightFiles) -> Result<Weights> {
             Weights::open(&converted)
         }
     }
+}
+
+/// Where derived files are kept (converted torch archives, 8-bit weights): `$LAYERWISE_CACHE`, else `$XDG_CACHE_HOME/layerwise`, else
+/// `~/.cache/layerwise`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LAYERWISE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("layerwise")
+}
+
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use super::weights::DType;
+use super::{cache_dir, fnv1a};
 use crate::error::{Error, Result};
 
 /// Returns a safetensors file with the tensors of the torch archive `bin`, converting it on first use.
@@ -81,23 +82,6 @@ fn cached_conversion_matches(target: &Path, key: u64) -> bool {
     let recorded = metadata.metadata().as_ref().and_then(|m| m.get(SOURCE_KEY).cloned());
     // deserialize checks that every tensor lies inside the file: a truncated file is not used.
     recorded == Some(format!("{key:016x}")) && safetensors::SafeTensors::deserialize(&map).is_ok()
-}
-
-/// Where converted archives are kept: `$LAYERWISE_CACHE`, else `$XDG_CACHE_HOME/layerwise`, else
-/// `~/.cache/layerwise`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("LAYERWISE_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("layerwise")
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A tensor read from a torch archive, contiguous, little-endian.

@@ -75,7 +75,9 @@ impl fmt::Display for DType {
 
 /// Bytes that outlive the checkpoint handle: a mapped file or, rarely, an owned aligned copy.
 enum Backing {
-    Mapped(Mmap),
+    /// A mapped file, and a hash of which file it is (path, length, modification time): what
+    /// [`HostTensor::content_key`] builds on.
+    Mapped { map: Mmap, identity: u64 },
     /// Stored as u32 so that f32/f16/bf16 views are always aligned.
     Owned(Vec<u32>),
 }
@@ -83,7 +85,7 @@ enum Backing {
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
-            Backing::Mapped(map) => map,
+            Backing::Mapped { map, .. } => map,
             Backing::Owned(words) => bytemuck::cast_slice(words),
         }
     }
@@ -182,6 +184,16 @@ impl HostTensor {
         }
     }
 
+    /// A key for this tensor's content that is cheap to make: which file it was mapped from (path,
+    /// length, modification time), where in it, its dtype and shape. `None` for tensors held in
+    /// memory (built, converted, merged with an adapter): their content has no such name. Caches of
+    /// work derived from a tensor (8-bit weights) are keyed by it.
+    pub fn content_key(&self) -> Option<u64> {
+        let Backing::Mapped { identity, .. } = *self.backing else { return None };
+        let described = format!("{identity:016x} {} {} {} {:?}", self.start, self.len, self.dtype, self.shape);
+        Some(crate::io::fnv1a(described.as_bytes()))
+    }
+
     /// The first `n` rows of a tensor (its leading dimension), sharing its bytes.
     pub fn rows(&self, n: usize) -> HostTensor {
         let row: usize = self.shape.iter().skip(1).product();
@@ -230,6 +242,20 @@ impl HostTensor {
             shape: self.shape.clone(),
         }
     }
+}
+
+/// A hash naming the file at `path` as it is now: its canonical path, length and modification time
+/// (a file rewritten in place gets a new one).
+fn file_identity(path: &Path, file: &std::fs::File) -> u64 {
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let (length, modified) = file
+        .metadata()
+        .map(|m| {
+            let since = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            (m.len(), since.map_or(0, |d| d.as_nanos()))
+        })
+        .unwrap_or((0, 0));
+    crate::io::fnv1a(format!("{}\n{length}\n{modified}", canonical.display()).as_bytes())
 }
 
 fn pack_halves(bits: impl Iterator<Item = u16>) -> Vec<u32> {
@@ -290,7 +316,8 @@ impl Weights {
         // SAFETY: the map is read-only. Like every mmap-based loader we rely on the checkpoint not being
         // truncated or rewritten while it is open; safetensors' header check bounds every tensor.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let backing = Arc::new(Backing::Mapped(map));
+        let identity = file_identity(path, &file);
+        let backing = Arc::new(Backing::Mapped { map, identity });
         let base = backing.bytes().as_ptr() as usize;
         if let Some(fault) = header_fault(backing.bytes()) {
             return Err(Error::bad_file(path, fault));

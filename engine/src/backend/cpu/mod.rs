@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::q8::Q8Matrix;
+use super::q8_cache::{q8_cache_dir, quantize_cached};
 use super::{AttentionParams, Backend, Layout, Lookup, Matrix, StepLayout, WeightFormat};
 use crate::error::{Error, Result};
 use crate::io::weights::{DType, HostTensor, WeightData};
@@ -93,11 +94,13 @@ impl CpuWeight {
         }
     }
 
-    /// The 8-bit form, when this weight computes in it.
+    /// The 8-bit form, when this weight computes in it: quantised on first use, or read from the
+    /// cache of an earlier run ([`crate::backend::q8_cache`]).
     fn q8(&self) -> Option<&Q8Matrix> {
         self.quantize.then(|| {
             self.quantized.get_or_init(|| {
-                Q8Matrix::quantize(self.tensor.data(), self.layout, self.out_features, self.in_features)
+                let dir = q8_cache_dir();
+                quantize_cached(dir.as_deref(), &self.tensor, self.layout, self.out_features, self.in_features)
             })
         })
     }
