@@ -106,7 +106,8 @@ fn paged_attention(c: &mut Criterion) {
         SeqLayout { first_row: 0, len: 1, first_position: context - 1, table_start: 0, table_len: table.len() };
     let step = cpu.upload_step(layout).expect("step");
     let q = Matrix::new(values(width, 5), 1, width).expect("shape");
-    let params = AttentionParams { num_heads: heads, num_kv_heads: heads, head_dim, scale: 0.125, window: None };
+    let params =
+        AttentionParams { num_heads: heads, num_kv_heads: heads, head_dim, scale: 0.125, window: None, causal: true };
     c.bench_function("paged_attention_16x64_ctx512", |b| b.iter(|| cpu.paged_attention(&q, &store, 0, &step, &params)));
 }
 

@@ -34,12 +34,14 @@
 //! | [`generation`] | the generation loop, its options, processors, stopping rules and strategies |
 //! | [`analysis`] | the logit lens and attention-head analysis |
 //! | [`evaluation`] | language-modeling scores as lm-evaluation-harness computes them (rolling perplexity, last word, all heads in one pass) and SimCTG's generation metrics |
+//! | [`encoder`] | encoders and classifiers (BERT): batched forward passes, labels and probabilities |
 //! | [`adapters`] | PEFT adapters (LoRA, (IA)^3, prompt tuning) applied to the weights at load |
 //! | [`training`] | the CPU backward pass, AdamW and the training loop (models from scratch, exit heads, conversion matrices) |
 
 pub mod adapters;
 pub mod analysis;
 pub mod backend;
+pub mod encoder;
 mod error;
 pub mod evaluation;
 pub mod exits;

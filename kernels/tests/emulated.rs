@@ -801,6 +801,7 @@ fn emulated_paged_attention_equals_the_reference() {
             head_dim,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: (window > 0).then_some(window),
+            causal: true,
         };
         let want = r
             .paged_attention(&matrix(&q, rows, heads * head_dim), &store, 1, &layout, &params)

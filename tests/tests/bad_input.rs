@@ -60,9 +60,9 @@ fn missing_weights_and_missing_shard() {
 #[test]
 fn malformed_and_unknown_configs() {
     let (_tmp, dir) = copy_of("gpt2-sharded");
-    edit_config(&dir, |c| c["model_type"] = "bert".into());
+    edit_config(&dir, |c| c["model_type"] = "t5".into());
     let msg = load_err(&dir);
-    assert_mentions(&msg, &["config.json", "model_type", "bert"]);
+    assert_mentions(&msg, &["config.json", "model_type", "t5"]);
     assert!(matches!(load(&dir.to_string_lossy()), Err(Error::UnknownArchitecture { .. })));
 
     edit_config(&dir, |c| {

@@ -33,6 +33,7 @@ fn describe<B: Backend>(args: &Args, loaded: LoadedModel<B>, open_s: f64) -> Res
     let tokenizer = match &loaded.files.tokenizer {
         TokenizerFiles::Json(_) => "tokenizer.json",
         TokenizerFiles::VocabMerges { .. } => "vocab.json + merges.txt",
+        TokenizerFiles::WordPiece { .. } => "vocab.txt (WordPiece)",
         TokenizerFiles::None => "none",
     };
     let w = &loaded.weights;

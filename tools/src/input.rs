@@ -45,7 +45,7 @@ pub enum Device {
     Auto,
 }
 
-fn parse_device(text: &str) -> std::result::Result<Device, String> {
+pub fn parse_device(text: &str) -> std::result::Result<Device, String> {
     match text {
         "cpu" => Ok(Device::Cpu),
         "reference" => Ok(Device::Reference),
@@ -153,7 +153,7 @@ impl SpeculateArgs {
     }
 }
 
-fn parse_dtype(text: &str) -> std::result::Result<WeightFormat, String> {
+pub fn parse_dtype(text: &str) -> std::result::Result<WeightFormat, String> {
     WeightFormat::parse(text).ok_or_else(|| format!("`{text}` is not a dtype (f32, f16, bf16, q8)"))
 }
 

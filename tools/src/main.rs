@@ -5,6 +5,7 @@ mod activations;
 mod attention;
 mod bench;
 mod bench_train;
+mod classify;
 mod eval;
 mod flags;
 mod forward;
@@ -70,6 +71,9 @@ enum Command {
     BenchTrain(bench_train::Args),
     /// Tokenizer tools.
     Tokenizer(train::TokenizerArgs),
+    /// Classify texts with an encoder classifier (BERT): labels, probabilities, and the accuracy
+    /// when the texts have labels.
+    Classify(classify::Args),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::Tokenizer(args) => train::run_tokenizer(args),
         Command::BenchTrain(args) => bench_train::run(args),
         Command::FitConversions(args) => train::run_conversions(*args),
+        Command::Classify(args) => classify::run(args),
     };
     let result = result.and_then(|()| output::flush());
     report_peak_memory();

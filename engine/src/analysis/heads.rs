@@ -216,7 +216,18 @@ pub fn prune_checkpoint<B: Backend>(
     mask: &HeadMask,
     out: &Path,
 ) -> Result<PruneReport> {
-    let spec = model.spec();
+    prune_checkpoint_files(model.spec(), files, mask, out)
+}
+
+/// [`prune_checkpoint`] for any checkpoint [`check_prunable`] accepts, given its spec: GPT-2 as
+/// there; BERT as `BertModel.prune_heads` (rows of `attention.self.{query,key,value}`, columns of
+/// `attention.output.dense`).
+pub fn prune_checkpoint_files(
+    spec: &ModelSpec,
+    files: &ModelFiles,
+    mask: &HeadMask,
+    out: &Path,
+) -> Result<PruneReport> {
     check_prunable(spec)?;
     if mask.layers() != spec.num_layers || mask.heads() != spec.num_heads {
         return Err(Error::invalid(
@@ -239,33 +250,84 @@ pub fn prune_checkpoint<B: Backend>(
         }
     }
     let weights = crate::io::open_weights(&files.weights)?;
-    let d = spec.head_dim;
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     let (mut before, mut after) = (0, 0);
     for name in weights.names().map(str::to_owned).collect::<Vec<_>>() {
         let tensor = weights.get(&name)?;
         before += tensor.numel();
-        let layer_of = |suffix: &str| -> Option<usize> {
-            let rest = name.strip_suffix(suffix)?;
-            let index = rest.rsplit_once("h.")?.1;
-            index.parse().ok()
-        };
-        let shrunk = if let Some(layer) = layer_of(".attn.c_attn.weight").or_else(|| layer_of(".attn.c_attn.bias")) {
-            // Columns [q | k | v], each `heads * d` wide: keep the surviving heads' columns of each.
-            let keep = surviving(spec.kept_heads(layer), pruned.get(&layer), d);
-            let width = spec.kept_heads(layer).len() * d;
-            let columns: Vec<usize> = (0..3).flat_map(|part| keep.iter().map(move |&c| part * width + c)).collect();
-            Some(select_columns(tensor, &columns))
-        } else {
-            // [in = heads * d, out]: keep the surviving heads' rows.
-            layer_of(".attn.c_proj.weight")
-                .map(|layer| select_rows(tensor, &surviving(spec.kept_heads(layer), pruned.get(&layer), d)))
+        let shrunk = match spec.architecture {
+            Architecture::Bert => shrink_bert_tensor(spec, &pruned, &name, tensor),
+            _ => shrink_gpt2_tensor(spec, &pruned, &name, tensor),
         };
         let tensor = shrunk.unwrap_or_else(|| tensor.clone());
         after += tensor.numel();
         tensors.push((name, tensor));
     }
+    write_pruned(files, &pruned, &tensors, out)?;
+    Ok(PruneReport {
+        directory: out.to_path_buf(),
+        parameters_before: before,
+        parameters_after: after,
+        pruned_heads: pruned,
+    })
+}
 
+/// The block a tensor `name` ending in `suffix` belongs to: the number after the last `marker`.
+fn block_of(name: &str, suffix: &str, marker: &str) -> Option<usize> {
+    name.strip_suffix(suffix)?.rsplit_once(marker)?.1.parse().ok()
+}
+
+/// A GPT-2 tensor without the pruned heads' rows or columns; None for tensors pruning leaves alone.
+fn shrink_gpt2_tensor(
+    spec: &ModelSpec,
+    pruned: &BTreeMap<usize, Vec<usize>>,
+    name: &str,
+    tensor: &HostTensor,
+) -> Option<HostTensor> {
+    let d = spec.head_dim;
+    let layer_of = |suffix: &str| block_of(name, suffix, "h.");
+    if let Some(layer) = layer_of(".attn.c_attn.weight").or_else(|| layer_of(".attn.c_attn.bias")) {
+        // Columns [q | k | v], each `heads * d` wide: keep the surviving heads' columns of each.
+        let keep = surviving(spec.kept_heads(layer), pruned.get(&layer), d);
+        let width = spec.kept_heads(layer).len() * d;
+        let columns: Vec<usize> = (0..3).flat_map(|part| keep.iter().map(move |&c| part * width + c)).collect();
+        Some(select_columns(tensor, &columns))
+    } else {
+        // [in = heads * d, out]: keep the surviving heads' rows.
+        layer_of(".attn.c_proj.weight")
+            .map(|layer| select_rows(tensor, &surviving(spec.kept_heads(layer), pruned.get(&layer), d)))
+    }
+}
+
+/// A BERT tensor without the pruned heads' rows or columns (`BertSelfAttention` holds `[heads * d,
+/// hidden]` query / key / value matrices and `BertSelfOutput.dense` reads `heads * d` columns);
+/// None for tensors pruning leaves alone.
+fn shrink_bert_tensor(
+    spec: &ModelSpec,
+    pruned: &BTreeMap<usize, Vec<usize>>,
+    name: &str,
+    tensor: &HostTensor,
+) -> Option<HostTensor> {
+    let keep = |layer: usize| surviving(spec.kept_heads(layer), pruned.get(&layer), spec.head_dim);
+    for part in ["query", "key", "value"] {
+        if let Some(layer) = block_of(name, &format!(".attention.self.{part}.weight"), "layer.") {
+            return Some(select_rows(tensor, &keep(layer)));
+        }
+        if let Some(layer) = block_of(name, &format!(".attention.self.{part}.bias"), "layer.") {
+            return Some(select_columns(tensor, &keep(layer)));
+        }
+    }
+    block_of(name, ".attention.output.dense.weight", "layer.").map(|layer| select_columns(tensor, &keep(layer)))
+}
+
+/// Writes the pruned tensors as model.safetensors, config.json with `pruned_heads`, and copies of the
+/// tokenizer and generation files.
+fn write_pruned(
+    files: &ModelFiles,
+    pruned: &BTreeMap<usize, Vec<usize>>,
+    tensors: &[(String, HostTensor)],
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let views = tensors
         .iter()
@@ -300,27 +362,24 @@ pub fn prune_checkpoint<B: Backend>(
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "vocab.txt",
     ] {
         let from = files.dir.join(name);
         if from.is_file() {
             std::fs::copy(&from, out.join(name)).map_err(|e| Error::io(&from, e))?;
         }
     }
-    Ok(PruneReport {
-        directory: out.to_path_buf(),
-        parameters_before: before,
-        parameters_after: after,
-        pruned_heads: pruned,
-    })
+    Ok(())
 }
 
-/// Whether [`prune_checkpoint`] can prune this architecture (GPT-2: the one transformers reloads pruned).
+/// Whether [`prune_checkpoint_files`] can prune this architecture (GPT-2 and BERT: the ones
+/// transformers reloads pruned).
 pub fn check_prunable(spec: &ModelSpec) -> Result<()> {
-    if spec.architecture != Architecture::Gpt2 {
+    if !matches!(spec.architecture, Architecture::Gpt2 | Architecture::Bert) {
         return Err(Error::invalid(
             "prune",
-            "physical pruning is implemented for GPT-2 checkpoints (the ones transformers can reload pruned); \
-             use a head mask with this architecture",
+            "physical pruning is implemented for GPT-2 and BERT checkpoints (the ones transformers can reload \
+             pruned); use a head mask with this architecture",
         ));
     }
     Ok(())

@@ -400,17 +400,19 @@ fn attention_cases() -> Vec<(usize, AttentionParams)> {
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
         window,
+        causal: true,
     };
     vec![
         (4, params(4, 4, 8, None)),
         (16, params(4, 2, 16, None)),  // grouped-query heads
         (3, params(2, 1, 5, Some(4))), // a local window, odd head size, one kv head
         (1, params(3, 3, 64, Some(1))),
+        (5, AttentionParams { causal: false, ..params(4, 2, 8, None) }), // an encoder: every position seen
     ]
 }
 
 /// `kv_write`, `kv_copy_blocks` and `paged_attention`: several sequences at once, page boundaries,
-/// grouped-query heads, windows, decode and prefill rows.
+/// grouped-query heads, windows, bidirectional (encoder) attention, decode and prefill rows.
 pub fn paged_attention<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
     for (block_size, p) in attention_cases() {

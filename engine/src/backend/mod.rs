@@ -97,7 +97,23 @@ pub struct AttentionParams {
     /// Multiplies q·k before the softmax (1/sqrt(head_dim) for most models, 1 for GPT-Neo).
     pub scale: f32,
     /// Keys visible to a query: at most this many positions back, itself included (None: all).
+    /// Causal attention only.
     pub window: Option<usize>,
+    /// Whether a query sees only its own and earlier positions (decoders) or every position of its
+    /// sequence, later ones of the same step included (encoders such as BERT).
+    pub causal: bool,
+}
+
+impl AttentionParams {
+    /// The key positions the query at position `pos` sees in a sequence whose context (cached and
+    /// new positions) is `context` long: `..= pos` within the window when causal, all otherwise.
+    pub fn visible(&self, pos: usize, context: usize) -> std::ops::Range<usize> {
+        if !self.causal {
+            return 0..context;
+        }
+        let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        first..pos + 1
+    }
 }
 
 /// One sequence's part of a step.
@@ -150,6 +166,31 @@ impl StepLayout {
             output_rows: (0..t as u32).collect(),
             block_copies: Vec::new(),
         }
+    }
+
+    /// Several sequences, each whole at positions `0..len` in its own scratch block (block `s` for
+    /// sequence `s`, as long as the longest), every sequence's first row an output: an encoder's
+    /// batch, whose pooler reads the first token.
+    pub fn whole_sequences<'a>(sequences: impl IntoIterator<Item = &'a [u32]>) -> Self {
+        let sequences: Vec<&[u32]> = sequences.into_iter().collect();
+        let block_size = sequences.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let mut layout = StepLayout { block_size, ..Default::default() };
+        for (s, ids) in sequences.iter().enumerate() {
+            let first_row = layout.ids.len();
+            layout.sequences.push(SeqLayout {
+                first_row,
+                len: ids.len(),
+                first_position: 0,
+                table_start: s,
+                table_len: 1,
+            });
+            layout.block_tables.push(s as u32);
+            layout.output_rows.push(first_row as u32);
+            layout.ids.extend_from_slice(ids);
+            layout.positions.extend(0..ids.len() as u32);
+            layout.slots.extend((0..ids.len()).map(|i| (s * block_size + i) as u32));
+        }
+        layout
     }
 
     /// Rows of the step.

@@ -389,8 +389,8 @@ impl Backend for Reference {
 }
 
 /// Sequence `s`'s attention probabilities, `[heads][len][context]`, in f64: `softmax(scale * q · k)`
-/// over the positions row `i` sees (`first .. = first_position + i`, `first` from the window), zero
-/// elsewhere.
+/// over the positions row `i` sees ([`AttentionParams::visible`]: `first ..= first_position + i`,
+/// `first` from the window, or the whole sequence when not causal), zero elsewhere.
 fn attention_probabilities(
     q: &Matrix,
     store: &RefKv,
@@ -407,17 +407,17 @@ fn attention_probabilities(
         let kv_head = h / (p.num_heads / p.num_kv_heads);
         for i in 0..seq.len {
             let pos = seq.first_position + i;
-            let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let seen = p.visible(pos, ctx);
             let query = &q.row(seq.first_row + i)[h * d..(h + 1) * d];
             let row = &mut probs[(h * seq.len + i) * ctx..][..ctx];
-            for (j, score) in row.iter_mut().enumerate().take(pos + 1).skip(first) {
+            for (j, score) in row.iter_mut().enumerate().take(seen.end).skip(seen.start) {
                 let at = store.at(layer, step.slot_of(s, j)) + kv_head * d;
                 let dot: f64 = (0..d).map(|c| query[c] as f64 * store.keys[at + c] as f64).sum();
                 *score = dot * p.scale as f64;
             }
-            let max = row[first..=pos].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = row[first..=pos].iter().map(|v| (v - max).exp()).sum();
-            for v in &mut row[first..=pos] {
+            let max = row[seen.clone()].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row[seen.clone()].iter().map(|v| (v - max).exp()).sum();
+            for v in &mut row[seen] {
                 *v = (*v - max).exp() / sum;
             }
         }

@@ -34,6 +34,8 @@ pub enum TokenizerFiles {
         tokenizer_config: Option<PathBuf>,
         special_tokens_map: Option<PathBuf>,
     },
+    /// BERT's WordPiece: `vocab.txt`, the normaliser's options from `tokenizer_config.json`.
+    WordPiece { vocab: PathBuf, tokenizer_config: Option<PathBuf> },
     /// None found: the model still runs on token ids.
     None,
 }
@@ -53,8 +55,8 @@ const SAFETENSORS: &str = "model.safetensors";
 const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 const TORCH_BIN: &str = "pytorch_model.bin";
 const TORCH_BIN_INDEX: &str = "pytorch_model.bin.index.json";
-const TOKENIZER_FILES: [&str; 5] =
-    ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_FILES: [&str; 6] =
+    ["tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
 impl ModelFiles {
     /// Resolves `source`: an existing directory is used as it is; anything else shaped like
@@ -107,7 +109,8 @@ impl ModelFiles {
     }
 }
 
-/// The tokenizer files in `dir`: `tokenizer.json` first, else `vocab.json` + `merges.txt`.
+/// The tokenizer files in `dir`: `tokenizer.json` first, else `vocab.json` + `merges.txt`, else
+/// `vocab.txt`.
 pub fn tokenizer_files(dir: &Path) -> TokenizerFiles {
     let existing = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
     if let Some(json) = existing("tokenizer.json") {
@@ -119,6 +122,8 @@ pub fn tokenizer_files(dir: &Path) -> TokenizerFiles {
             tokenizer_config: existing("tokenizer_config.json"),
             special_tokens_map: existing("special_tokens_map.json"),
         }
+    } else if let Some(vocab) = existing("vocab.txt") {
+        TokenizerFiles::WordPiece { vocab, tokenizer_config: existing("tokenizer_config.json") }
     } else {
         TokenizerFiles::None
     }
@@ -142,6 +147,9 @@ impl TokenizerFiles {
                     .flatten()
                     .cloned()
                     .collect()
+            }
+            TokenizerFiles::WordPiece { vocab, tokenizer_config } => {
+                [Some(vocab), tokenizer_config.as_ref()].into_iter().flatten().cloned().collect()
             }
             TokenizerFiles::None => Vec::new(),
         }

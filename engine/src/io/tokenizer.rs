@@ -2,7 +2,8 @@
 //!
 //! `tokenizer.json` is loaded by the `tokenizers` crate. GPT-2-era repositories that only ship
 //! `vocab.json` + `merges.txt` get the byte-level BPE that transformers' `GPT2Converter` builds from
-//! them, with special tokens from `tokenizer_config.json` / `special_tokens_map.json`.
+//! them, with special tokens from `tokenizer_config.json` / `special_tokens_map.json`; BERT
+//! repositories with only `vocab.txt` get the WordPiece tokenizer of transformers' `BertConverter`.
 //!
 //! The `tokenizers` crate panics on some malformed files (fuzzing found one: a decoder whose JSON
 //! has a non-string key). Every call into it runs inside [`contained`], which turns such a panic into
@@ -12,8 +13,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
 use tokenizers::models::bpe::BPE;
-use tokenizers::AddedToken;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::utils::truncation::{truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{AddedToken, PostProcessor};
 
 use super::source::TokenizerFiles;
 use crate::error::{Error, Result};
@@ -35,6 +42,9 @@ impl Tokenizer {
             TokenizerFiles::VocabMerges { vocab, merges, tokenizer_config, special_tokens_map } => {
                 Self::from_vocab_merges(vocab, merges, tokenizer_config.as_deref(), special_tokens_map.as_deref())
                     .map(Some)
+            }
+            TokenizerFiles::WordPiece { vocab, tokenizer_config } => {
+                Self::from_wordpiece(vocab, tokenizer_config.as_deref()).map(Some)
             }
         }
     }
@@ -105,6 +115,82 @@ impl Tokenizer {
             None
         };
         Ok(Tokenizer { inner, bos_to_prepend, path: vocab.to_path_buf() })
+    }
+
+    /// Builds BERT's WordPiece tokenizer from `vocab.txt` as transformers' `BertConverter` does:
+    /// BERT's normaliser (lower-casing, accent stripping and spacing around CJK characters as the
+    /// config's `do_lower_case`, `strip_accents` and `tokenize_chinese_chars` say), BERT's
+    /// pre-tokeniser, WordPiece with `##` continuations, and `[CLS] A [SEP] (B [SEP])` around the
+    /// text with token types 0 for the first part and 1 for the second.
+    pub fn from_wordpiece(vocab: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
+        let fail = |reason: String| Error::Tokenizer { path: vocab.to_path_buf(), reason };
+        let bytes = super::read_bytes_at_most(vocab, super::MAX_TEXT_FILE_BYTES, "not a vocab.txt")
+            .map_err(|e| Error::io(vocab, e))?;
+        let config = read_json(tokenizer_config)?;
+        let setting = |key: &str| config.as_ref().and_then(|c| c.get(key)).and_then(Value::as_bool);
+        let token = |key: &str, default: &str| {
+            config.as_ref().and_then(|c| c.get(key)).and_then(token_content).unwrap_or_else(|| default.to_string())
+        };
+        let (unk, sep, cls, pad, mask) = (
+            token("unk_token", "[UNK]"),
+            token("sep_token", "[SEP]"),
+            token("cls_token", "[CLS]"),
+            token("pad_token", "[PAD]"),
+            token("mask_token", "[MASK]"),
+        );
+        let words = contained(vocab, || WordPiece::read_bytes(&bytes))?.map_err(|e| fail(e.to_string()))?;
+        let model =
+            WordPiece::builder().vocab(words).unk_token(unk.clone()).build().map_err(|e| fail(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        check_ids_unique(&inner, vocab)?;
+        let id = |token: &str| inner.token_to_id(token).ok_or_else(|| fail(format!("has no `{token}` token")));
+        let (sep_id, cls_id) = (id(&sep)?, id(&cls)?);
+        id(&unk)?;
+        let lowercase = setting("do_lower_case").unwrap_or(true);
+        inner
+            .with_normalizer(Some(BertNormalizer::new(
+                true,
+                setting("tokenize_chinese_chars").unwrap_or(true),
+                setting("strip_accents"),
+                lowercase,
+            )))
+            .with_pre_tokenizer(Some(BertPreTokenizer))
+            .with_post_processor(Some(BertProcessing::new((sep.clone(), sep_id), (cls.clone(), cls_id))))
+            .with_decoder(Some(WordPieceDecoder::default()));
+        let specials: Vec<AddedToken> = [unk, sep, pad, cls, mask]
+            .into_iter()
+            .filter(|t| inner.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(t, true))
+            .collect();
+        inner.add_special_tokens(&specials);
+        Ok(Tokenizer { inner, bos_to_prepend: None, path: vocab.to_path_buf() })
+    }
+
+    /// The ids and token types of a text or a pair of texts with the special tokens around them,
+    /// truncated to `max_length` tokens (the longer part first, as transformers'
+    /// `truncation="longest_first"`): what `tokenizer(first, second, truncation=True,
+    /// max_length=max_length)` gives.
+    pub fn encode_pair(&self, first: &str, second: Option<&str>, max_length: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        let encoding = contained(&self.path, || -> tokenizers::Result<_> {
+            let a = self.inner.encode(first, false)?;
+            let b = second.map(|s| self.inner.encode(s, false)).transpose()?;
+            let added = self.inner.get_post_processor().map_or(0, |p| p.added_tokens(b.is_some()));
+            let params = TruncationParams {
+                max_length: max_length.saturating_sub(added),
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            };
+            let (a, b) = truncate_encodings(a, b, &params)?;
+            self.inner.post_process(a, b, true)
+        })?
+        .map_err(|e| self.error(e))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        ids.extend(self.bos_to_prepend);
+        ids.extend_from_slice(encoding.get_ids());
+        let mut types = vec![0; ids.len() - encoding.len()];
+        types.extend_from_slice(encoding.get_type_ids());
+        Ok((ids, types))
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds by default (as transformers'

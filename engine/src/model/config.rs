@@ -1,9 +1,10 @@
 //! `config.json` into one typed [`ModelSpec`]: the architecture, its dimensions and its exit heads.
 //!
-//! Field names and defaults follow transformers' `GPT2Config`, `GPTNeoConfig` and `LlamaConfig`. Options
+//! Field names and defaults follow transformers' `GPT2Config`, `GPTNeoConfig`, `LlamaConfig` and
+//! `BertConfig`. Options
 //! the engine does not implement are refused by name rather than approximated. What is common lives
 //! here (the spec, typed field reading, exit heads, pruned heads, checks); each architecture's file
-//! reads its own fields (`gpt2::spec`, `gpt_neo::spec`, `llama::spec`).
+//! reads its own fields (`gpt2::spec`, `gpt_neo::spec`, `llama::spec`, `bert::spec`).
 
 use std::path::Path;
 
@@ -17,6 +18,8 @@ pub enum Architecture {
     Gpt2,
     GptNeo,
     Llama,
+    /// The encoder (`layerwise::encoder`); it has no language-model head to decode with.
+    Bert,
 }
 
 /// Elementwise activation of the MLP (transformers' `ACT2FN` names).
@@ -66,6 +69,12 @@ pub enum Details {
         rope_theta: f32,
         attention_bias: bool,
         mlp_bias: bool,
+    },
+    Bert {
+        /// Rows of the token-type embedding (`type_vocab_size`).
+        type_vocab_size: usize,
+        /// `id2label` in id order; empty when the config has none.
+        labels: Vec<String>,
     },
 }
 
@@ -233,6 +242,7 @@ impl ModelSpec {
             "gpt2" => super::gpt2::spec(&f)?,
             "gpt_neo" => super::gpt_neo::spec(&f)?,
             "llama" => super::llama::spec(&f)?,
+            "bert" => super::bert::spec(&f)?,
             other => {
                 return Err(Error::UnknownArchitecture { path: path.to_path_buf(), model_type: other.to_string() })
             }
@@ -316,8 +326,8 @@ fn pruned_heads(f: &Fields, spec: &ModelSpec) -> Result<std::collections::BTreeM
     if map.is_empty() {
         return Ok(pruned);
     }
-    if spec.architecture != Architecture::Gpt2 {
-        return Err(f.error(key, "pruned heads are supported for gpt2 checkpoints only (as in transformers)"));
+    if !matches!(spec.architecture, Architecture::Gpt2 | Architecture::Bert) {
+        return Err(f.error(key, "pruned heads are supported for gpt2 and bert checkpoints only (as in transformers)"));
     }
     for (layer, heads) in map {
         let layer: usize = layer

@@ -71,6 +71,7 @@ impl<B: Backend> Gpt2<B> {
                         head_dim: spec.head_dim,
                         scale,
                         window: None,
+                        causal: true,
                     },
                 })
             })

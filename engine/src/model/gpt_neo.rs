@@ -56,6 +56,7 @@ impl<B: Backend> GptNeo<B> {
                             AttentionSpan::Global => None,
                             AttentionSpan::Local { window } => Some(window),
                         },
+                        causal: true,
                     },
                 })
             })

@@ -48,6 +48,11 @@ impl<B: Backend> Linear<B> {
         b.linear_act(x, &self.weight, self.bias.as_ref(), act)
     }
 
+    /// `x += linear(input)`, in one op (fused where the backend can).
+    pub(crate) fn accumulate(&self, b: &B, x: &mut B::Tensor, input: &B::Tensor) -> Result<()> {
+        b.linear_add_assign(x, input, &self.weight, self.bias.as_ref())
+    }
+
     /// `x += linear(input)`: a residual branch's last product, whose output is `site` of `block`. A
     /// probe watching that site sees it before the add; otherwise one op, fused where the backend can.
     pub(crate) fn add_to(
@@ -64,7 +69,7 @@ impl<B: Backend> Linear<B> {
             probe.see(block, site, &y)?;
             b.add_assign(x, &y)
         } else {
-            b.linear_add_assign(x, input, &self.weight, self.bias.as_ref())
+            self.accumulate(b, x, input)
         }
     }
 
@@ -81,9 +86,20 @@ pub(crate) enum Norm<B: Backend> {
 
 impl<B: Backend> Norm<B> {
     pub(crate) fn layer_norm(b: &B, w: &Weights, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Self::layer_norm_named(b, w, (&format!("{prefix}.weight"), &format!("{prefix}.bias")), dim, eps)
+    }
+
+    /// A LayerNorm whose scale and shift tensors have the given names.
+    pub(crate) fn layer_norm_named(
+        b: &B,
+        w: &Weights,
+        (weight, bias): (&str, &str),
+        dim: usize,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(Norm::Layer {
-            weight: b.weight(w.get_shaped(&format!("{prefix}.weight"), &[dim])?, Layout::OutIn)?,
-            bias: b.weight(w.get_shaped(&format!("{prefix}.bias"), &[dim])?, Layout::OutIn)?,
+            weight: b.weight(w.get_shaped(weight, &[dim])?, Layout::OutIn)?,
+            bias: b.weight(w.get_shaped(bias, &[dim])?, Layout::OutIn)?,
             eps,
         })
     }

@@ -70,6 +70,7 @@ impl<B: Backend> Llama<B> {
                 head_dim: spec.head_dim,
                 scale: 1.0 / (spec.head_dim as f32).sqrt(),
                 window: None,
+                causal: true,
             },
             rope_theta,
             activation: spec.activation,

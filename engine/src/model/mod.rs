@@ -7,6 +7,7 @@
 //! Owns: [`Model`], [`ModelSpec`](config::ModelSpec), points and head masks. Imports: `backend`,
 //! `io`, `exits` (plans), `math`.
 
+pub(crate) mod bert;
 pub mod config;
 mod finite;
 pub mod forward;
@@ -90,6 +91,7 @@ impl<B: Backend> Model<B> {
             Architecture::Gpt2 => Box::new(gpt2::Gpt2::load(&backend, weights, &spec)?),
             Architecture::GptNeo => Box::new(gpt_neo::GptNeo::load(&backend, weights, &spec)?),
             Architecture::Llama => Box::new(llama::Llama::load(&backend, weights, &spec)?),
+            Architecture::Bert => return Err(bert::not_a_decoder(&spec)),
         };
         let vocab_by_hidden = [spec.vocab_size, spec.hidden_size];
         let lm_head = if weights.contains("lm_head.weight") || !spec.tie_word_embeddings {
@@ -197,6 +199,7 @@ pub(crate) fn embedding_name(spec: &ModelSpec, weights: &Weights) -> &'static st
     let candidates: &[&'static str] = match spec.architecture {
         Architecture::Gpt2 | Architecture::GptNeo => &["transformer.wte.weight", "wte.weight"],
         Architecture::Llama => &["model.embed_tokens.weight", "embed_tokens.weight"],
+        Architecture::Bert => &["bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"],
     };
     candidates.iter().copied().find(|name| weights.contains(name)).unwrap_or(candidates[0])
 }

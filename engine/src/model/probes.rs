@@ -161,6 +161,13 @@ impl HeadMask {
     }
 }
 
+/// As `[[factor per head] per layer]`, the form [`HeadMask::from_json`] reads.
+impl serde::Serialize for HeadMask {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        self.rows().serialize(serializer)
+    }
+}
+
 /// A head mask made ready for a backend: per block, the factors of the heads the block has, on the
 /// host (to mask returned attention maps) and as a backend vector (to scale the attention output).
 pub(crate) struct HeadScales<B: Backend> {

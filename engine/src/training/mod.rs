@@ -6,6 +6,7 @@
 //! | [`ops`] | each op's forward beside its backward, checked against finite differences |
 //! | [`params`] | the parameters in one f32 buffer under their checkpoint names; initialisation |
 //! | [`network`] | GPT-2 / GPT-Neo / Llama forward with tapes, and the backward in reverse |
+//! | [`bert`] | a BERT classifier's loss and its gradient with respect to a head mask (head importance) |
 //! | [`optimizer`] | AdamW, learning-rate schedules, gradient clipping |
 //! | [`data`] | text, JSON Lines and Parquet columns into token chunks, batches in a seeded order |
 //! | [`trainer`] | the loop: steps, logs, checkpoints and exact resumption |
@@ -37,6 +38,7 @@
 //! # }
 //! ```
 
+pub mod bert;
 pub mod checkpoint;
 pub mod conversions;
 pub mod data;

@@ -176,6 +176,9 @@ impl Network {
         let std = 0.02;
         let proj_std = std / (2.0 * spec.num_layers as f32).sqrt();
         let arch = spec.architecture;
+        if arch == Architecture::Bert {
+            return Err(Error::invalid("model", "training builds decoders (gpt2, gpt_neo, llama); bert is an encoder"));
+        }
         let prefix = match (arch, weights) {
             (Architecture::Llama, Some(w)) if w.contains("embed_tokens.weight") => "",
             (Architecture::Llama, _) => "model.",
@@ -434,6 +437,7 @@ impl Network {
             head_dim: self.spec.head_dim,
             scale: blk.scale,
             window: blk.window,
+            causal: true,
         }
     }
 

@@ -275,16 +275,21 @@ pub struct AttentionShape {
     pub head_dim: usize,
     pub scale: f32,
     pub window: Option<usize>,
+    /// False for an encoder: every query sees every position.
+    pub causal: bool,
 }
 
 impl AttentionShape {
-    /// The first key position query `i` sees.
-    fn first_key(&self, i: usize) -> usize {
-        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    /// The key positions query `i` sees.
+    fn visible(&self, i: usize) -> std::ops::Range<usize> {
+        if !self.causal {
+            return 0..self.time;
+        }
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))..i + 1
     }
 }
 
-/// Causal attention: `probs[b, h, i, j] = softmax_j(scale · q_i·k_j)` over the visible keys (0
+/// Self-attention (causal unless the shape says otherwise): `probs[b, h, i, j] = softmax_j(scale · q_i·k_j)` over the visible keys (0
 /// elsewhere), `out_i = Σ_j probs_ij v_j`. `q, out: [batch·time, heads·d]`, `k, v: [batch·time,
 /// kv_heads·d]`, `probs: [batch, heads, time, time]` (kept for the backward). Each (sequence, head)
 /// is two matrix products on the head's gathered rows; masked scores are exactly 0 after the softmax,
@@ -304,16 +309,16 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
             matmul(p, (t, t, d), &qh, false, &kh, true, false);
             for i in 0..t {
                 let row = &mut p[i * t..][..t];
-                let first = s.first_key(i);
-                let max = row[first..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(s.scale * x));
+                let seen = s.visible(i);
+                let max = row[seen.clone()].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(s.scale * x));
                 let mut sum = 0.0;
-                for x in &mut row[first..=i] {
+                for x in &mut row[seen.clone()] {
                     *x = (s.scale * *x - max).exp();
                     sum += *x;
                 }
-                row[first..=i].iter_mut().for_each(|x| *x /= sum);
-                row[..first].fill(0.0);
-                row[i + 1..].fill(0.0);
+                row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
+                row[..seen.start].fill(0.0);
+                row[seen.end..].fill(0.0);
             }
             // O = P·V
             matmul(&mut head_out, (t, d, t), p, false, &vh, false, false);
@@ -537,8 +542,10 @@ mod tests {
 
     #[test]
     fn attention_gradients_match_finite_differences() {
-        for (heads, kv_heads, window) in [(2, 2, None), (4, 2, None), (2, 1, Some(2))] {
-            let s = AttentionShape { batch: 2, time: 4, heads, kv_heads, head_dim: 3, scale: 0.7, window };
+        for (heads, kv_heads, window, causal) in
+            [(2, 2, None, true), (4, 2, None, true), (2, 1, Some(2), true), (2, 2, None, false)]
+        {
+            let s = AttentionShape { batch: 2, time: 4, heads, kv_heads, head_dim: 3, scale: 0.7, window, causal };
             let rows = s.batch * s.time;
             let (qw, kw) = (heads * 3, kv_heads * 3);
             let (q, k, v) = (values(rows * qw, 14), values(rows * kw, 15), values(rows * kw, 16));
@@ -549,6 +556,9 @@ mod tests {
                 (out, probs)
             };
             let (_, probs) = run(&q, &k, &v);
+            if !causal {
+                assert!(probs[1] > 0.0, "query 0 sees key 1");
+            }
             if let Some(w) = window {
                 // Query 3 sees keys 2 and 3 only.
                 assert_eq!(probs[3 * 4], 0.0);

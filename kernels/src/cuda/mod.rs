@@ -33,6 +33,15 @@ fn fail(reason: impl std::fmt::Display) -> Error {
     Error::Backend { backend: "cuda".into(), reason: reason.to_string() }
 }
 
+/// The attention kernels are causal (decoders); encoders' bidirectional attention runs on the CPU.
+fn check_causal(params: &AttentionParams) -> Result<()> {
+    if params.causal {
+        Ok(())
+    } else {
+        Err(fail("bidirectional (encoder) attention has no CUDA kernel yet; run encoders with --device cpu"))
+    }
+}
+
 /// How many CUDA devices the driver reports; 0 when no driver (libcuda) is installed.
 pub fn device_count() -> usize {
     // SAFETY: only opens the library to see whether it is there.
@@ -907,6 +916,7 @@ impl Backend for Cuda {
         step: &CudaStep,
         params: &AttentionParams,
     ) -> Result<CudaTensor> {
+        check_causal(params)?;
         let rows = q.rows;
         let mut out = self.tensor(rows, params.num_heads * params.head_dim)?;
         if rows == 0 {
@@ -938,6 +948,7 @@ impl Backend for Cuda {
         seq: usize,
         params: &AttentionParams,
     ) -> Result<CudaTensor> {
+        check_causal(params)?;
         let s = *step.layout.sequences.get(seq).ok_or_else(|| fail("attention_probs: no such sequence"))?;
         let context = s.first_position + s.len;
         let mut out = self.tensor(params.num_heads * s.len, context)?;

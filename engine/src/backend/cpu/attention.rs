@@ -38,15 +38,15 @@ pub(super) fn paged_attention(
         let mut scores = vec![0.0f32; rows.len()];
         for i in 0..seq.len {
             let pos = seq.first_position + i;
-            let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let seen = p.visible(pos, rows.len());
             let qi = &q.row(seq.first_row + i)[h * d..(h + 1) * d];
-            let visible = &mut scores[first..=pos];
-            for (score, &at) in visible.iter_mut().zip(&rows[first..=pos]) {
+            let visible = &mut scores[seen.clone()];
+            for (score, &at) in visible.iter_mut().zip(&rows[seen.clone()]) {
                 *score = simd::dot_f32(qi, &store.keys[at..at + d]) * p.scale;
             }
             softmax_in_place(visible);
             let oi = &mut out[i * d..(i + 1) * d];
-            for (&weight, &at) in visible.iter().zip(&rows[first..=pos]) {
+            for (&weight, &at) in visible.iter().zip(&rows[seen]) {
                 simd::axpy_f32(oi, weight, &store.values[at..at + d]);
             }
         }
@@ -113,7 +113,7 @@ fn gathered(source: &[f32], rows: &[usize], width: usize) -> Vec<f32> {
 }
 
 /// One head's attention probabilities for a sequence's new rows as a matrix product: gather its keys
-/// (they sit in cache blocks), `S = scale * Q K^T`, the causal (and window) mask as zeros, row
+/// (they sit in cache blocks), `S = scale * Q K^T`, the causal (and window) mask, if any, as zeros, row
 /// softmax. Returns `[len, ctx]`.
 fn attention_scores(
     q: &Matrix,
@@ -134,10 +134,10 @@ fn attention_scores(
     unsafe { gemm_into(&mut scores, (t, ctx, d), queries, keys_t, p.scale, false) };
     for (i, row) in scores.chunks_exact_mut(ctx).enumerate() {
         let pos = seq.first_position + i;
-        let first = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        row[..first].fill(0.0);
-        row[pos + 1..].fill(0.0);
-        softmax_in_place(&mut row[first..=pos]);
+        let seen = p.visible(pos, ctx);
+        row[..seen.start].fill(0.0);
+        row[seen.end..].fill(0.0);
+        softmax_in_place(&mut row[seen]);
     }
     scores
 }
