@@ -294,3 +294,24 @@ fn pruned_classifier_has_transformers_parameter_counts_and_computes_the_masked_l
     assert_eq!(pruned.encode("i feel so happy", None).unwrap(), loaded.encode("i feel so happy", None).unwrap());
     assert_eq!(pruned.encoder.labels(), loaded.encoder.labels());
 }
+
+#[test]
+fn classifier_attention_entropy_and_its_correlation_with_importance_equal_transformers() {
+    let (network, loaded) = classifier_network();
+    let (inputs, labels) = dataset(&loaded);
+    let expected = recorded();
+    let entropy = layerwise::analysis::classifier_heads::attention_entropy(&loaded.encoder, &inputs).unwrap();
+    assert_close("entropy", &entropy.concat(), &expected["classifier.entropy"], 1e-5);
+    let spec = loaded.encoder.spec();
+    let importance = network
+        .head_mask_gradient(&inputs, &labels, &HeadMask::ones(spec.num_layers, spec.num_heads))
+        .unwrap()
+        .importance();
+    let correlation = layerwise::analysis::heads::entropy_importance(&entropy, &importance);
+    let reference = expected["classifier.correlation"].values[0];
+    assert!(
+        (correlation.coefficient.unwrap() - reference).abs() < 1e-4,
+        "{:?} vs {reference}",
+        correlation.coefficient
+    );
+}

@@ -142,3 +142,70 @@ fn impossible_pruning_requests_are_refused() {
     let err = lm_loss(&gpt2.model, &[vec![5]], None).unwrap_err().to_string();
     assert!(err.contains("two or more tokens"), "{err}");
 }
+
+/// The texts of tools/scripts/make_head_gradient_fixtures.py.
+const GRADIENT_TEXTS: [&[u32]; 3] =
+    [&[5, 17, 42, 3, 88, 61, 7, 19, 33, 2], &[9, 0, 73, 26, 50], &[11, 12, 13, 14, 15, 16, 17]];
+
+#[test]
+fn lm_head_mask_gradient_importance_entropy_and_their_correlation_equal_transformers() {
+    use layerwise::analysis::heads::{entropy_importance, entropy_per_token};
+    use layerwise::training::{Head, Network};
+    let recorded = read_safetensors(&fixture("head-gradients").join("expected.safetensors"));
+    let texts: Vec<Vec<u32>> = GRADIENT_TEXTS.iter().map(|t| t.to_vec()).collect();
+    let tokens: usize = texts.iter().map(Vec::len).sum();
+    for name in ["gpt2-sharded", "gpt-neo-bin"] {
+        let loaded = layerwise::load(&fixture_str(name)).unwrap();
+        let spec = loaded.model.spec().clone();
+        let weights = layerwise::io::open_weights(&loaded.files.weights).unwrap();
+        let network = Network::new(&spec, Some(&weights), 0, false).unwrap();
+        let mut masked = HeadMask::ones(spec.num_layers, spec.num_heads);
+        masked.set(1, 2, 0.0);
+        for (key, mask) in [("", HeadMask::ones(spec.num_layers, spec.num_heads)), ("masked.", masked)] {
+            let got = network.head_mask_gradient(&texts, Head::Original, &mask).unwrap();
+            let loss = recorded[&format!("{name}.{key}loss")].values[0];
+            assert!((got.loss - loss).abs() < 1e-5 * loss, "{name} {key}loss {} vs {loss}", got.loss);
+            assert_close(
+                &format!("{name} {key}gradient"),
+                &got.gradient.concat(),
+                &recorded[&format!("{name}.{key}grad")],
+                1e-4,
+            );
+            if !key.is_empty() {
+                continue;
+            }
+            let importance = got.importance();
+            assert_close(
+                &format!("{name} importance"),
+                &importance.concat(),
+                &recorded[&format!("{name}.importance")],
+                1e-4,
+            );
+            let entropies = texts.iter().map(|t| head_entropy(&loaded.model, t).unwrap()).collect::<Vec<_>>();
+            let entropy = entropy_per_token(&entropies, tokens);
+            assert_close(&format!("{name} entropy"), &entropy.concat(), &recorded[&format!("{name}.entropy")], 1e-5);
+            let correlation = entropy_importance(&entropy, &importance);
+            let expected = recorded[&format!("{name}.correlation")].values[0];
+            let coefficient = correlation.coefficient.expect("heads differ");
+            assert!((coefficient - expected).abs() < 1e-4, "{name} correlation {coefficient} vs {expected}");
+            assert_eq!(correlation.points.len(), spec.num_layers * spec.num_heads);
+        }
+    }
+}
+
+#[test]
+fn lm_head_mask_gradient_refuses_bad_inputs_by_name() {
+    use layerwise::training::{Head, Network};
+    let loaded = layerwise::load(&fixture_str("gpt2-sharded")).unwrap();
+    let spec = loaded.model.spec().clone();
+    let network =
+        Network::new(&spec, Some(&layerwise::io::open_weights(&loaded.files.weights).unwrap()), 0, false).unwrap();
+    let ones = HeadMask::ones(spec.num_layers, spec.num_heads);
+    let err = |texts: &[Vec<u32>], mask: &HeadMask| {
+        network.head_mask_gradient(texts, Head::Original, mask).unwrap_err().to_string()
+    };
+    assert!(err(&[], &ones).contains("no texts"));
+    assert!(err(&[vec![3]], &ones).contains("text 0"));
+    assert!(err(&[vec![3, 999]], &ones).contains("outside the vocabulary"));
+    assert!(err(&[vec![3, 4]], &HeadMask::ones(2, 2)).contains("head mask"));
+}

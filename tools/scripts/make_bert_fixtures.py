@@ -16,6 +16,9 @@ Writes tests/fixtures/bert/:
   (`attention_mask`), cut back to each text's length,
 - `classifier.importance*`: the loss, its gradient with respect to a head mask (of ones, and with
   head 2 of layer 1 masked) and the normalised head importance over `emotions.jsonl`,
+- `classifier.entropy`: each head's attention entropy on `emotions.jsonl`, summed over the real
+  query positions and divided by the real tokens (bertology's `attn_entropy / tot_tokens`), and
+  `classifier.correlation`: Pearson's coefficient of that entropy and the importance,
 - `classifier.search.*`: the masking search on `emotions.jsonl` (threshold 5%: stop when the
   accuracy falls below 95% of the start): `curve` ([steps, 2]: heads masked, accuracy rounded to 4
   places), `mask` (the last mask within the threshold), `order` (the heads masked, in order);
@@ -205,6 +208,20 @@ def main():
         out[f"classifier.{name}.loss"] = result.loss.detach().reshape(1)
         out[f"classifier.{name}.grad"] = head_mask.grad.contiguous()
         out[f"classifier.{name}"] = importance.contiguous()
+        if zero is None:
+            with torch.no_grad():
+                attentions = reloaded(**enc, output_attentions=True).attentions
+            entropy = []
+            for attn in attentions:
+                plogp = attn * torch.log(attn)
+                plogp[attn == 0] = 0
+                e = -plogp.sum(-1)
+                entropy.append((e * enc["attention_mask"].unsqueeze(1).float()).sum(-1).sum(0))
+            entropy = torch.stack(entropy) / tokens
+            a, b = entropy.flatten().double(), importance.detach().flatten().double()
+            a, b = a - a.mean(), b - b.mean()
+            out["classifier.entropy"] = entropy.contiguous()
+            out["classifier.correlation"] = ((a * b).sum() / (a.pow(2).sum().sqrt() * b.pow(2).sum().sqrt())).reshape(1)
 
     search(reloaded, enc, labels, out)
     save_file(out, os.path.join(OUT, "expected.safetensors"))

@@ -1,7 +1,8 @@
 //! Attention heads of a classifier, as Michel et al. (2019) and transformers' bertology example
 //! study them: importance from the gradient of the classification loss with respect to a head mask
 //! ([`crate::training::bert`]), and the masking search that masks the least important head until
-//! the accuracy drops too far.
+//! the accuracy drops too far; each head's attention entropy, to set beside its importance
+//! ([`super::heads::entropy_importance`]).
 //!
 //! ```
 //! use layerwise::analysis::classifier_heads::mask_search;
@@ -19,9 +20,10 @@
 
 use serde::Serialize;
 
-use crate::encoder::EncoderInput;
+use crate::backend::Backend;
+use crate::encoder::{Encoder, EncoderInput, EncoderRequest};
 use crate::error::{Error, Result};
-use crate::math::argmax;
+use crate::math::{argmax, entropy};
 use crate::model::HeadMask;
 use crate::training::bert::ClassifierNetwork;
 
@@ -39,6 +41,27 @@ pub struct MaskSearch {
     pub order: Vec<(usize, usize)>,
     /// Each head's importance with every head (`[layers][heads]`, normalised per layer).
     pub importance: Vec<Vec<f32>>,
+}
+
+/// Each head's attention entropy per token over `inputs` (every query position's entropy summed,
+/// divided by the inputs' tokens, as [`super::heads::entropy_per_token`]), `[layers][heads]`.
+pub fn attention_entropy<B: Backend>(encoder: &Encoder<B>, inputs: &[EncoderInput]) -> Result<Vec<Vec<f32>>> {
+    let spec = encoder.spec();
+    let mut sum = vec![vec![0.0f64; spec.num_heads]; spec.num_layers];
+    let mut tokens = 0;
+    let request = EncoderRequest { attentions: true, ..Default::default() };
+    for chunk in inputs.chunks(32) {
+        for output in encoder.forward(chunk, &request)? {
+            let t = output.tokens;
+            tokens += t;
+            for (layer, probs) in output.attentions.iter().enumerate() {
+                for (head, map) in spec.kept_heads(layer).into_iter().zip(probs.chunks_exact(t * t)) {
+                    sum[layer][head] += map.chunks_exact(t).map(entropy).sum::<f64>();
+                }
+            }
+        }
+    }
+    Ok(sum.iter().map(|row| row.iter().map(|&v| (v / tokens.max(1) as f64) as f32).collect()).collect())
 }
 
 /// The fraction of `inputs` whose most probable label (under `mask`) is `labels`' and the

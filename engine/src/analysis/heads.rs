@@ -28,7 +28,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::source::ModelFiles;
 use crate::io::weights::{DType, HostTensor};
-use crate::math::log_normaliser;
+use crate::math::{entropy, log_normaliser, pearson};
 use crate::model::config::{Architecture, ModelSpec};
 use crate::model::{HeadMask, InspectRequest, Model};
 
@@ -72,14 +72,49 @@ pub fn head_entropy<B: Backend>(model: &Model<B>, ids: &[u32]) -> Result<HeadEnt
     let mut per_token = vec![vec![Vec::new(); spec.num_heads]; n];
     for (layer, probs) in &seen.attentions {
         for (head, map) in spec.kept_heads(*layer).into_iter().zip(probs.chunks_exact(t * t)) {
-            per_token[*layer][head] = map
-                .chunks_exact(t)
-                .map(|row| -row.iter().filter(|&&p| p > 0.0).map(|&p| p as f64 * (p as f64).ln()).sum::<f64>() as f32)
-                .collect();
+            per_token[*layer][head] = map.chunks_exact(t).map(|row| entropy(row) as f32).collect();
         }
     }
     let total = per_token.iter().map(|heads| heads.iter().map(|e| e.iter().sum()).collect()).collect();
     Ok(HeadEntropy { per_token, total })
+}
+
+/// Each head's attention entropy per token over several texts: the per-text totals summed and
+/// divided by the texts' tokens (the bertology exercise's `attn_entropy / tot_tokens`).
+pub fn entropy_per_token(entropies: &[HeadEntropy], tokens: usize) -> Vec<Vec<f32>> {
+    let Some(first) = entropies.first() else { return Vec::new() };
+    let mut sum: Vec<Vec<f64>> = first.total.iter().map(|row| vec![0.0; row.len()]).collect();
+    for e in entropies {
+        for (acc, row) in sum.iter_mut().zip(&e.total) {
+            acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+        }
+    }
+    sum.iter().map(|row| row.iter().map(|&v| (v / tokens.max(1) as f64) as f32).collect()).collect()
+}
+
+/// Entropy against importance, one point per head.
+#[derive(Clone, Debug, Serialize)]
+pub struct EntropyImportance {
+    /// Pearson's coefficient over the heads (None when either side is constant).
+    pub coefficient: Option<f64>,
+    /// `(layer, head, entropy, importance)` of every head both tables have.
+    pub points: Vec<(usize, usize, f64, f64)>,
+}
+
+/// The correlation of each head's entropy and importance (both `[layer][head]`), with the points
+/// for a scatter plot. Heads with a non-finite value on either side are left out.
+pub fn entropy_importance(entropy: &[Vec<f32>], importance: &[Vec<f32>]) -> EntropyImportance {
+    let points: Vec<(usize, usize, f64, f64)> = entropy
+        .iter()
+        .zip(importance)
+        .enumerate()
+        .flat_map(|(layer, (e, i))| {
+            e.iter().zip(i).enumerate().map(move |(head, (&e, &i))| (layer, head, e as f64, i as f64))
+        })
+        .filter(|p| p.2.is_finite() && p.3.is_finite())
+        .collect();
+    let (xs, ys): (Vec<f64>, Vec<f64>) = points.iter().map(|p| (p.2, p.3)).unzip();
+    EntropyImportance { coefficient: pearson(&xs, &ys), points }
 }
 
 /// How much the loss rises when each head is masked on its own.

@@ -1,5 +1,6 @@
 //! Host-side numerics shared by strategies, analysis and the backends: softmax and its logarithm,
-//! argmax with torch's tie rule, the activations, and upstream autocontrastive-gen's ACD formula.
+//! argmax with torch's tie rule, the activations, upstream autocontrastive-gen's ACD formula, entropy
+//! and Pearson's correlation.
 //! Written once here so that every user computes them the same way.
 //!
 //! Owns: plain functions on slices. Imports: nothing of the engine's.
@@ -70,6 +71,29 @@ pub fn checked_argmax_rows(scores: &[f32], cols: usize) -> crate::Result<Vec<u32
 /// The error for row `row` of a step's scores holding `fault` (see [`scores_fault`]).
 pub fn non_finite_row(row: usize, fault: &str) -> crate::Error {
     crate::Error::NonFinite { row, what: format!("row {row} of the scores holds {fault}") }
+}
+
+/// Entropy (nats) of a probability row, `-Σ p ln p` with `0 ln 0 = 0`, accumulated in f64.
+pub fn entropy(probs: &[f32]) -> f64 {
+    -probs.iter().filter(|&&p| p > 0.0).map(|&p| p as f64 * (p as f64).ln()).sum::<f64>()
+}
+
+/// Pearson's correlation coefficient of paired samples; None when there are fewer than two, or
+/// either side is constant.
+pub fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let (ma, mb) = (mean(a), mean(b));
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (dx, dy) = (x - ma, y - mb);
+        ab += dx * dy;
+        aa += dx * dx;
+        bb += dy * dy;
+    }
+    (aa > 0.0 && bb > 0.0).then(|| ab / (aa.sqrt() * bb.sqrt()))
 }
 
 /// The first index of the largest score (torch.argmax's choice among ties).

@@ -8,6 +8,7 @@
 //! the same logits; the gradient is checked against finite differences here and against PyTorch's
 //! autograd in `tests/`.
 
+use super::head_mask::HeadMaskGradient;
 use super::ops::{self, AttentionShape, NormKind};
 use crate::encoder::EncoderInput;
 use crate::error::{Error, Result};
@@ -104,34 +105,6 @@ pub struct ClassifierNetwork {
     layers: Vec<Layer>,
     pooler: Lin,
     classifier: Lin,
-}
-
-/// The mean cross-entropy of a batch and its gradient with respect to the head mask.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HeadMaskGradient {
-    pub loss: f64,
-    /// `[layers][heads]`: d loss / d mask.
-    pub gradient: Vec<Vec<f32>>,
-    /// Tokens of the batch (every input's length: no padding here).
-    pub tokens: usize,
-    /// The logits of each input `[labels]` (under the mask).
-    pub logits: Vec<Vec<f32>>,
-}
-
-impl HeadMaskGradient {
-    /// Head importance as Michel et al. (2019) define it (transformers' bertology example):
-    /// `|d loss / d mask|` divided by the batch's tokens, then each layer divided by its L2 norm
-    /// (+1e-20).
-    pub fn importance(&self) -> Vec<Vec<f32>> {
-        self.gradient
-            .iter()
-            .map(|layer| {
-                let raw: Vec<f32> = layer.iter().map(|g| g.abs() / self.tokens as f32).collect();
-                let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt() + 1e-20;
-                raw.iter().map(|v| v / norm).collect()
-            })
-            .collect()
-    }
 }
 
 impl ClassifierNetwork {

@@ -6,7 +6,8 @@
 //! | [`ops`] | each op's forward beside its backward, checked against finite differences |
 //! | [`params`] | the parameters in one f32 buffer under their checkpoint names; initialisation |
 //! | [`network`] | GPT-2 / GPT-Neo / Llama forward with tapes, and the backward in reverse |
-//! | [`bert`] | a BERT classifier's loss and its gradient with respect to a head mask (head importance) |
+//! | [`bert`] | a BERT classifier's loss and its gradient with respect to a head mask |
+//! | [`head_mask`] | a loss's gradient with respect to a head mask, and head importance from it |
 //! | [`optimizer`] | AdamW, learning-rate schedules, gradient clipping |
 //! | [`data`] | text, JSON Lines and Parquet columns into token chunks, batches in a seeded order |
 //! | [`trainer`] | the loop: steps, logs, checkpoints and exact resumption |
@@ -42,12 +43,14 @@ pub mod bert;
 pub mod checkpoint;
 pub mod conversions;
 pub mod data;
+pub mod head_mask;
 pub mod network;
 pub mod ops;
 pub mod optimizer;
 pub mod params;
 pub mod trainer;
 
+pub use head_mask::HeadMaskGradient;
 pub use network::{Batch, Head, Network, StepLosses};
 pub use optimizer::{AdamW, AdamWConfig, Schedule};
 pub use trainer::{TrainOptions, Trainer};

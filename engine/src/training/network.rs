@@ -11,8 +11,9 @@
 use crate::error::{Error, Result};
 use crate::io::weights::Weights;
 use crate::model::config::{Activation, Architecture, AttentionSpan, Details, ModelSpec};
-use crate::model::{conversion_name, exit_head_name};
+use crate::model::{conversion_name, exit_head_name, HeadMask};
 
+use super::head_mask::HeadMaskGradient;
 use super::ops::{self, AttentionShape, NormKind};
 use super::params::{Init, Normal, ParamId, ParamSet};
 
@@ -109,6 +110,9 @@ impl StepLosses {
     }
 }
 
+/// A head mask's factors per block, and where its gradient accumulates (`[layers][heads]` both).
+type MaskAndGradient<'a> = (&'a [Vec<f32>], &'a mut Vec<Vec<f32>>);
+
 /// What the forward keeps of one block for its backward.
 #[derive(Default)]
 struct BlockTape {
@@ -120,6 +124,8 @@ struct BlockTape {
     v: Vec<f32>,
     probs: Vec<f32>,
     heads: Vec<f32>,
+    /// The heads before a head mask scaled them (kept only under a mask, for its gradient).
+    unmasked: Vec<f32>,
     x_mid: Vec<f32>,
     n2: Vec<f32>,
     n2_stats: (Vec<f32>, Vec<f32>),
@@ -369,7 +375,7 @@ impl Network {
     }
 
     /// The residual stream after each block, `hidden[0]` the embeddings, plus the tapes.
-    fn forward_body(&self, batch: &Batch, values: &[f32]) -> (Vec<f32>, Vec<BlockTape>) {
+    fn forward_body(&self, batch: &Batch, values: &[f32], mask: Option<&[Vec<f32>]>) -> (Vec<f32>, Vec<BlockTape>) {
         let s = &self.spec;
         let (d, rows) = (s.hidden_size, batch.batch * batch.time);
         let p = &self.params;
@@ -386,7 +392,7 @@ impl Network {
         }
 
         let mut tapes = Vec::with_capacity(self.blocks.len());
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
             let mut t = BlockTape { x, ..Default::default() };
             // x = x + out(attention(qkv(norm_1(x))))
             t.n1 = self.norm_forward(&t.x, blk.norm_1, values, &mut t.n1_stats);
@@ -395,6 +401,11 @@ impl Network {
             t.heads = vec![0.0; rows * s.num_heads * s.head_dim];
             t.probs = vec![0.0; batch.batch * s.num_heads * batch.time * batch.time];
             ops::attention_forward(&mut t.heads, &mut t.probs, &q, &k, &v, shape);
+            if let Some(mask) = mask {
+                // transformers' head_mask scales each head's probabilities, so its output.
+                t.unmasked = t.heads.clone();
+                scale_heads(&mut t.heads, &mask[i], s.head_dim);
+            }
             (t.q, t.k, t.v) = (q, k, v);
             t.x_mid = t.x.clone();
             let mut attn = vec![0.0; rows * d];
@@ -506,7 +517,7 @@ impl Network {
     /// Logits of `head` for every position of `batch` (no gradients): for tests and evaluation.
     pub fn logits(&self, batch: &Batch, head: Head) -> Result<Vec<f32>> {
         self.check(batch)?;
-        let (top, tapes) = self.forward_body(batch, &self.params.values);
+        let (top, tapes) = self.forward_body(batch, &self.params.values, None);
         let h = self.head_input(head, &top, &tapes);
         let mut stats = Default::default();
         let n = self.norm_forward(h, self.final_norm, &self.params.values, &mut stats);
@@ -527,7 +538,7 @@ impl Network {
     /// the top layer's is the state the LM head reads).
     pub fn normed_states(&self, batch: &Batch, layers: &[usize]) -> Result<Vec<Vec<f32>>> {
         self.check(batch)?;
-        let (top, tapes) = self.forward_body(batch, &self.params.values);
+        let (top, tapes) = self.forward_body(batch, &self.params.values, None);
         layers
             .iter()
             .map(|&layer| {
@@ -579,19 +590,70 @@ impl Network {
 
     /// Forward and backward of one batch: the summed next-token loss of `heads` and, given `grads`
     /// (laid out like the parameter values), its gradient added in for every trainable parameter.
-    pub fn forward_backward(&self, batch: &Batch, heads: &[Head], mut grads: Option<&mut [f32]>) -> Result<StepLosses> {
+    pub fn forward_backward(&self, batch: &Batch, heads: &[Head], grads: Option<&mut [f32]>) -> Result<StepLosses> {
+        self.run(batch, heads, grads, None)
+    }
+
+    /// The next-token loss of `head` over `texts` (each text its own sequence; the mean over every
+    /// scored token of all of them, as transformers' loss of a padded batch with `labels` -100 at
+    /// the padding) and its gradient with respect to `mask` (transformers' `head_mask.grad`).
+    pub fn head_mask_gradient(&self, texts: &[Vec<u32>], head: Head, mask: &HeadMask) -> Result<HeadMaskGradient> {
+        if !self.spec.pruned_heads.is_empty() {
+            return Err(Error::invalid("model", "head-mask gradients need a checkpoint without pruned_heads"));
+        }
+        let factors = mask.factors(&self.spec)?;
+        if texts.is_empty() {
+            return Err(Error::invalid("texts", "no texts to score"));
+        }
+        let (layers, heads) = (self.spec.num_layers, self.spec.num_heads);
+        let mut out =
+            HeadMaskGradient { loss: 0.0, gradient: vec![vec![0.0; heads]; layers], tokens: 0, logits: Vec::new() };
+        let mut scratch = vec![0.0f32; self.params.values.len()];
+        let mut scored = 0usize;
+        for (n, text) in texts.iter().enumerate() {
+            let batch = Batch { tokens: text.clone(), batch: 1, time: text.len() };
+            if text.len() < 2 {
+                return Err(Error::invalid(format!("text {n}"), "needs at least 2 tokens to score a next token"));
+            }
+            let mut gradient = vec![vec![0.0; heads]; layers];
+            let losses = self.run(&batch, &[head], Some(&mut scratch), Some((&factors, &mut gradient)))?;
+            // Weight each text's mean by its scored tokens: the mean over the whole batch.
+            let count = text.len() - 1;
+            out.loss += losses.total() * count as f64;
+            for (total, g) in out.gradient.iter_mut().flatten().zip(gradient.iter().flatten()) {
+                *total += g * count as f32;
+            }
+            scored += count;
+            out.tokens += text.len();
+        }
+        out.loss /= scored as f64;
+        out.gradient.iter_mut().flatten().for_each(|g| *g /= scored as f32);
+        Ok(out)
+    }
+
+    /// Forward and backward; with `mask` (per block, a factor per head), the heads are scaled and the
+    /// gradient with respect to the factors is added into its second part, the body's backward run
+    /// whatever trains.
+    fn run(
+        &self,
+        batch: &Batch,
+        heads: &[Head],
+        mut grads: Option<&mut [f32]>,
+        mut mask: Option<MaskAndGradient>,
+    ) -> Result<StepLosses> {
         self.check(batch)?;
         let s = &self.spec;
         let p = &self.params;
         let values = &p.values;
         let (d, rows) = (s.hidden_size, batch.batch * batch.time);
-        let (top, tapes) = self.forward_body(batch, values);
+        let (top, tapes) = self.forward_body(batch, values, mask.as_ref().map(|(factors, _)| *factors));
         let targets = batch.targets();
-        // Gradients reach the body only when something in it trains.
+        // Gradients reach the body only when something in it trains, or a head mask's gradient is asked.
         let body_trains = grads.is_some()
-            && p.params.iter().enumerate().any(|(id, q)| {
-                q.trainable && !Self::is_exit_head(&q.name) && (id != self.lm_head || self.lm_head == self.tokens)
-            });
+            && (mask.is_some()
+                || p.params.iter().enumerate().any(|(id, q)| {
+                    q.trainable && !Self::is_exit_head(&q.name) && (id != self.lm_head || self.lm_head == self.tokens)
+                }));
 
         // d(loss)/d(residual after block L), L = 0..=layers.
         let mut dhidden: Vec<Vec<f32>> =
@@ -680,6 +742,17 @@ impl Network {
             let mut dx_in = dx_mid.clone();
             let mut dheads = vec![0.0; t.heads.len()];
             self.linear_back(&dx_mid, &t.heads, blk.out, rows, Some(&mut dheads), grads);
+            if let Some((factors, gradient)) = mask.as_mut() {
+                // heads = m · unmasked: d m = Σ dheads · unmasked, d unmasked = m · dheads.
+                for (row, unmasked) in
+                    dheads.chunks_mut(t.unmasked.len() / rows).zip(t.unmasked.chunks(t.unmasked.len() / rows))
+                {
+                    for (h, (dh, u)) in row.chunks(s.head_dim).zip(unmasked.chunks(s.head_dim)).enumerate() {
+                        gradient[i][h] += dh.iter().zip(u).map(|(a, b)| a * b).sum::<f32>();
+                    }
+                }
+                scale_heads(&mut dheads, &factors[i], s.head_dim);
+            }
             let (mut dq, mut dk, mut dv) = (vec![0.0; t.q.len()], vec![0.0; t.k.len()], vec![0.0; t.v.len()]);
             ops::attention_backward(
                 &mut dq,
@@ -756,6 +829,15 @@ impl Network {
         ops::norm_backward(self.norm, dy, x, &stats.0, &stats.1, w, Some(dx), p.grad_of(grads, n.w), None);
         if let Some(b) = n.b {
             ops::norm_backward(self.norm, dy, x, &stats.0, &stats.1, w, None, None, p.grad_of(grads, b));
+        }
+    }
+}
+
+/// Multiplies each head's `head_dim` values of every row of `x: [rows, heads·head_dim]` by its factor.
+fn scale_heads(x: &mut [f32], factors: &[f32], head_dim: usize) {
+    for row in x.chunks_mut(factors.len() * head_dim) {
+        for (head, &m) in row.chunks_mut(head_dim).zip(factors) {
+            head.iter_mut().for_each(|v| *v *= m);
         }
     }
 }
