@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use layerwise::backend::WeightFormat;
 use layerwise::encoder::{Classification, EncoderInput, LoadedEncoder};
-use layerwise::io::records::{data_files, read_records, Record};
 use layerwise::Backend;
 use serde_json::{json, Value};
 
+use crate::dataset::{read_rows, Columns};
 use crate::input::Device;
 
 #[derive(clap::Args, Debug)]
@@ -58,13 +58,6 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// One row of the texts file.
-struct Row {
-    text: String,
-    pair: Option<String>,
-    expected: Option<String>,
-}
-
 fn run_on<B: Backend>(args: &Args, backend: B) -> Result<()> {
     let loaded = layerwise::encoder::load_on(&args.model, backend)
         .with_context(|| format!("cannot load model `{}`", args.model))?;
@@ -72,7 +65,9 @@ fn run_on<B: Backend>(args: &Args, backend: B) -> Result<()> {
     if labels.is_empty() {
         bail!("--model {}: the checkpoint has no classification head (classifier.weight)", args.model);
     }
-    let rows = read_rows(args, &labels)?;
+    let columns =
+        Columns { text: args.text_column.clone(), pair: args.pair_column.clone(), labels: args.labels_column.clone() };
+    let rows = read_rows(&args.texts, &columns, &labels)?;
     let inputs: Vec<EncoderInput> = rows
         .iter()
         .enumerate()
@@ -126,79 +121,4 @@ fn classify_all<B: Backend>(
         verdicts.extend(loaded.encoder.classify(chunk)?);
     }
     Ok(verdicts)
-}
-
-/// The rows of `--texts`: records with the named columns, or lines of a plain text file.
-fn read_rows(args: &Args, labels: &[String]) -> Result<Vec<Row>> {
-    let path = &args.texts;
-    let plain = path.is_file() && path.extension().is_none_or(|e| e == "txt");
-    let rows: Vec<Row> = if plain {
-        if args.pair_column.is_some() || args.labels_column.is_some() {
-            bail!("--texts {}: a plain text file has no columns (use JSON Lines, CSV or Parquet)", path.display());
-        }
-        let text = std::fs::read_to_string(path).with_context(|| format!("--texts {}", path.display()))?;
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| Row { text: l.to_string(), pair: None, expected: None })
-            .collect()
-    } else {
-        let mut rows = Vec::new();
-        for file in data_files(path, None)? {
-            for (i, record) in read_records(&file)?.iter().enumerate() {
-                let at = || format!("--texts {} row {}", file.display(), i + 1);
-                rows.push(Row {
-                    text: column(record, &args.text_column, "--text-column").with_context(at)?,
-                    pair: args
-                        .pair_column
-                        .as_ref()
-                        .map(|c| column(record, c, "--pair-column"))
-                        .transpose()
-                        .with_context(at)?,
-                    expected: args
-                        .labels_column
-                        .as_ref()
-                        .map(|c| label(record, c, labels))
-                        .transpose()
-                        .with_context(at)?,
-                });
-            }
-        }
-        rows
-    };
-    if rows.is_empty() {
-        bail!("--texts {}: no texts", path.display());
-    }
-    Ok(rows)
-}
-
-/// A text column's value.
-fn column(record: &Record, name: &str, flag: &str) -> Result<String> {
-    match record.get(name) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => bail!("{flag} {name}: expected text, found {other}"),
-        None => {
-            bail!("{flag} {name}: no such column (columns: {})", record.keys().cloned().collect::<Vec<_>>().join(", "))
-        }
-    }
-}
-
-/// A label column's value as a label name: a name from `labels`, or an index into them.
-fn label(record: &Record, name: &str, labels: &[String]) -> Result<String> {
-    let value = record.get(name).with_context(|| format!("--labels-column {name}: no such column"))?;
-    let text = match value {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        other => bail!("--labels-column {name}: expected a label name or index, found {other}"),
-    };
-    if labels.contains(&text) {
-        return Ok(text);
-    }
-    match text.parse::<usize>() {
-        Ok(index) if index < labels.len() => Ok(labels[index].clone()),
-        _ => bail!(
-            "--labels-column {name}: `{text}` is neither a label ({}) nor an index below {}",
-            labels.join(", "),
-            labels.len()
-        ),
-    }
 }

@@ -71,6 +71,29 @@ pub fn auto_device() -> Device {
 
 impl ModelArgs {
     /// Opens the checkpoint on `backend` (what [`with_backend!`] calls for the chosen device).
+    /// `--model`, or the demo checkpoint.
+    pub fn source(&self) -> &str {
+        self.model.as_deref().unwrap_or(DEMO_MODEL)
+    }
+
+    /// Whether `--model` is an encoder (config.json's `model_type` is bert). False when the config
+    /// cannot be read: the decoder loader then says why.
+    pub fn is_encoder(&self) -> bool {
+        layerwise::ModelFiles::resolve(self.source())
+            .ok()
+            .and_then(|files| layerwise::ModelSpec::from_file(&files.config).ok())
+            .is_some_and(|spec| spec.architecture == layerwise::model::config::Architecture::Bert)
+    }
+
+    /// Opens `--model` as an encoder on `backend` (no adapters: PEFT adapters are for decoders).
+    pub fn load_encoder_on<B: Backend>(&self, backend: B) -> Result<layerwise::encoder::LoadedEncoder<B>> {
+        if let Some(dir) = &self.adapter {
+            bail!("--adapter {}: adapters apply to decoders; `{}` is an encoder", dir.display(), self.source());
+        }
+        let source = self.source();
+        layerwise::encoder::load_on(source, backend).with_context(|| format!("cannot load model `{source}`"))
+    }
+
     pub fn load_on<B: Backend>(&self, backend: B) -> Result<LoadedModel<B>> {
         let source = self.model.as_deref().unwrap_or(DEMO_MODEL);
         match &self.adapter {
@@ -114,6 +137,30 @@ macro_rules! with_backend {
                 }
                 let $loaded = args.load_on(backend)?;
                 $body
+            }
+        }
+    }};
+}
+
+/// Opens the encoder of `$args` (a [`ModelArgs`]) on the CPU or reference backend (`--device`;
+/// encoders have no CUDA kernels) and evaluates `$body` with it bound to `$loaded`.
+#[macro_export]
+macro_rules! with_encoder {
+    ($args:expr, $loaded:ident => $body:expr) => {{
+        let args: &$crate::input::ModelArgs = &$args;
+        match args.device {
+            $crate::input::Device::Cpu | $crate::input::Device::Auto => {
+                let $loaded = args.load_encoder_on(layerwise::Cpu { weights: args.dtype })?;
+                $body
+            }
+            $crate::input::Device::Reference => {
+                let $loaded = args.load_encoder_on(layerwise::Reference { weights: args.dtype })?;
+                $body
+            }
+            $crate::input::Device::Cuda(_) => {
+                anyhow::bail!(
+                    "--device cuda: encoders run on the CPU only (bidirectional attention has no CUDA kernel yet)"
+                )
             }
         }
     }};
@@ -181,7 +228,7 @@ impl PromptArgs {
     }
 }
 
-fn parse_ids(list: &str) -> Result<Vec<u32>> {
+pub fn parse_ids(list: &str) -> Result<Vec<u32>> {
     list.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())

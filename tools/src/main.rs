@@ -6,11 +6,13 @@ mod attention;
 mod bench;
 mod bench_train;
 mod classify;
+mod dataset;
 mod eval;
 mod flags;
 mod forward;
 mod generate;
 mod heads;
+mod heads_classifier;
 mod info;
 mod input;
 mod lens;
@@ -50,10 +52,12 @@ enum Command {
     Lens(lens::Args),
     /// Internal activations by name (e.g. h.0,h.5.mlp), computing no further than the deepest one.
     Activations(activations::Args),
-    /// Attention probabilities per layer and head: safetensors, JSON or an HTML head view.
+    /// Attention probabilities per layer and head (decoders and encoders): safetensors, JSON or an
+    /// HTML head view or model view.
     Attention(attention::Args),
-    /// Attention heads over a set of texts: entropy, importance (loss increase when masked), the
-    /// pruning curve, and with --prune a pruned checkpoint.
+    /// Attention heads over a set of texts (a language model) or a labelled dataset (a classifier):
+    /// entropy, importance (by ablation; by gradient), their correlation, the masking curve, the
+    /// model view, and with --prune a pruned checkpoint.
     Heads(heads::Args),
     /// Describe a checkpoint and measure what opening it costs (time, resident memory).
     Info(info::Args),

@@ -461,20 +461,7 @@ fn panel(
         (top + bottom) / 2.0,
         escape(y_label)
     );
-    for i in 0..=4 {
-        let (xv, yv) = (x_lo + (x_hi - x_lo) * i as f64 / 4.0, y_lo + (y_hi - y_lo) * i as f64 / 4.0);
-        let _ = writeln!(
-            svg,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" \
-             dominant-baseline=\"central\">{}</text>",
-            sx(xv),
-            bottom + 14.0,
-            tick(xv),
-            left - 4.0,
-            sy(yv),
-            tick(yv)
-        );
-    }
+    ticks(svg, (left, bottom), (x_lo, x_hi), (y_lo, y_hi), &sx, &sy);
     if let Some((y, label)) = guide {
         let _ = writeln!(
             svg,
@@ -508,6 +495,31 @@ fn panel(
     }
 }
 
+/// Five labelled ticks along each axis of a plot whose axes meet at `(left, bottom)`.
+fn ticks(
+    svg: &mut String,
+    (left, bottom): (f64, f64),
+    (x_lo, x_hi): (f64, f64),
+    (y_lo, y_hi): (f64, f64),
+    sx: &dyn Fn(f64) -> f64,
+    sy: &dyn Fn(f64) -> f64,
+) {
+    for i in 0..=4 {
+        let (xv, yv) = (x_lo + (x_hi - x_lo) * i as f64 / 4.0, y_lo + (y_hi - y_lo) * i as f64 / 4.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" \
+             dominant-baseline=\"central\">{}</text>",
+            sx(xv),
+            bottom + 14.0,
+            tick(xv),
+            left - 4.0,
+            sy(yv),
+            tick(yv)
+        );
+    }
+}
+
 fn tick(v: f64) -> String {
     if v.abs() >= 1000.0 || (v - v.round()).abs() < 1e-9 {
         format!("{v:.0}")
@@ -516,6 +528,18 @@ fn tick(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// The pages' data: `tokens`, and `layers` as `[{layer, heads: [head][query][key]}]`.
+fn attention_data(tokens: &[String], layers: &std::collections::BTreeMap<usize, Vec<f32>>) -> serde_json::Value {
+    let t = tokens.len();
+    serde_json::json!({
+        "tokens": tokens,
+        "layers": layers.iter().map(|(layer, probs)| {
+            let heads: Vec<Vec<Vec<f32>>> = probs.chunks(t * t).map(|h| h.chunks(t).map(<[f32]>::to_vec).collect()).collect();
+            serde_json::json!({"layer": layer, "heads": heads})
+        }).collect::<Vec<_>>(),
+    })
 }
 
 /// Attention probabilities as a self-contained HTML page in the manner of bertviz's head view: the
@@ -528,15 +552,8 @@ pub fn attention_html(
     layers: &std::collections::BTreeMap<usize, Vec<f32>>,
     initial_layer: usize,
 ) -> String {
-    let t = tokens.len();
-    let data = serde_json::json!({
-        "tokens": tokens,
-        "layers": layers.iter().map(|(layer, probs)| {
-            let heads: Vec<Vec<Vec<f32>>> = probs.chunks(t * t).map(|h| h.chunks(t).map(<[f32]>::to_vec).collect()).collect();
-            serde_json::json!({"layer": layer, "heads": heads})
-        }).collect::<Vec<_>>(),
-        "initial": initial_layer,
-    });
+    let mut data = attention_data(tokens, layers);
+    data["initial"] = serde_json::json!(initial_layer);
     let json = data.to_string().replace("</", "<\\/");
     format!(
         r#"<!DOCTYPE html>
@@ -604,6 +621,205 @@ function draw() {{
 select.onchange = () => {{ active = []; draw(); }};
 draw();
 document.body.dataset.ready = 'attention';
+</script>
+</body></html>
+"#
+    )
+}
+
+/// One labelled point of a [`scatter_svg`].
+pub struct Point {
+    pub x: f64,
+    pub y: f64,
+    pub label: String,
+}
+
+/// A scatter plot as a standalone SVG: axes with a few ticks, a dot per point (its label as the
+/// hover title) and a subtitle line (e.g. the correlation coefficient).
+pub fn scatter_svg(title: &str, subtitle: &str, x_label: &str, y_label: &str, points: &[Point]) -> String {
+    let (width, height) = (640.0, 400.0);
+    let (left, right, top, bottom) = (60.0, width - 16.0, 48.0, height - 40.0);
+    let finite: Vec<&Point> = points.iter().filter(|p| p.x.is_finite() && p.y.is_finite()).collect();
+    let range = |values: Vec<f64>| {
+        let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        match (lo.is_finite(), hi > lo) {
+            (false, _) => (0.0, 1.0),
+            (true, false) => (lo - 0.5, hi + 0.5),
+            (true, true) => (lo - (hi - lo) * 0.05, hi + (hi - lo) * 0.05),
+        }
+    };
+    let (x_lo, x_hi) = range(finite.iter().map(|p| p.x).collect());
+    let (y_lo, y_hi) = range(finite.iter().map(|p| p.y).collect());
+    let sx = |x: f64| left + (x - x_lo) / (x_hi - x_lo) * (right - left);
+    let sy = |y: f64| bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"DejaVu Sans, sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n\
+         <text x=\"{left}\" y=\"18\" font-size=\"13\">{}</text>\n<text x=\"{left}\" y=\"34\">{}</text>\n\
+         <path d=\"M{left},{top}V{bottom}H{right}\" fill=\"none\" stroke=\"#333\"/>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+         <text transform=\"translate(14,{}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+        escape(title),
+        escape(subtitle),
+        (left + right) / 2.0,
+        height - 6.0,
+        escape(x_label),
+        (top + bottom) / 2.0,
+        escape(y_label)
+    );
+    ticks(&mut svg, (left, bottom), (x_lo, x_hi), (y_lo, y_hi), &sx, &sy);
+    for p in finite {
+        let _ = writeln!(
+            svg,
+            "<circle class=\"point\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#1f77b4\" fill-opacity=\"0.75\"><title>{}: \
+             ({}, {})</title></circle>",
+            sx(p.x),
+            sy(p.y),
+            escape(&p.label),
+            tick(p.x),
+            tick(p.y)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// A [`scatter_svg`] in a self-contained HTML page, with the points as a table sortable by
+/// either column (click its header).
+pub fn scatter_html(title: &str, subtitle: &str, x_label: &str, y_label: &str, points: &[Point]) -> String {
+    let svg = scatter_svg(title, subtitle, x_label, y_label, points);
+    let rows: Vec<serde_json::Value> = points.iter().map(|p| serde_json::json!([p.label, p.x, p.y])).collect();
+    let json =
+        serde_json::json!({"columns": ["head", x_label, y_label], "rows": rows}).to_string().replace("</", "<\\/");
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 13px system-ui, sans-serif; margin: 16px; color: #222; }}
+table {{ border-collapse: collapse; margin-top: 12px; }}
+th, td {{ padding: 2px 10px; text-align: right; border-bottom: 1px solid #eee; }}
+th {{ cursor: pointer; }}
+circle.point:hover {{ fill: #d62728; }}
+</style></head>
+<body>
+{svg}
+<table id="points"></table>
+<script>
+const DATA = {json};
+let order = [1, -1];
+function draw() {{
+  const table = document.getElementById('points');
+  const rows = DATA.rows.slice().sort((a, b) => order[1] * (a[order[0]] < b[order[0]] ? -1 : a[order[0]] > b[order[0]] ? 1 : 0));
+  table.innerHTML = '';
+  const head = table.insertRow();
+  DATA.columns.forEach((c, i) => {{
+    const th = document.createElement('th'); th.textContent = c + (order[0] === i ? (order[1] > 0 ? ' ▲' : ' ▼') : '');
+    th.onclick = () => {{ order = [i, order[0] === i ? -order[1] : -1]; draw(); }};
+    head.appendChild(th);
+  }});
+  rows.forEach(r => {{ const tr = table.insertRow(); r.forEach((v, i) => {{ tr.insertCell().textContent = i ? (+v).toPrecision(4) : v; }}); }});
+}}
+draw();
+document.body.dataset.ready = 'scatter';
+</script>
+</body></html>
+"#,
+        title = escape(title)
+    )
+}
+
+/// Attention of every layer and head at once, in the manner of bertviz's model view: a grid with a
+/// row per layer and a column per head, each cell a thumbnail of that head's query-to-key lines
+/// (drawn on a canvas, opacity = probability); click a cell to see it large with the tokens.
+/// `layers` maps a block to `[heads, T, T]`. With `sentence_b_start` (a BERT pair: the first token
+/// of the second segment), a menu limits the lines to A→A, A→B, B→A or B→B.
+pub fn model_view_html(
+    tokens: &[String],
+    layers: &std::collections::BTreeMap<usize, Vec<f32>>,
+    sentence_b_start: Option<usize>,
+) -> String {
+    let mut data = attention_data(tokens, layers);
+    data["sentence_b_start"] = serde_json::json!(sentence_b_start);
+    let json = data.to_string().replace("</", "<\\/");
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>attention model view</title>
+<style>
+body {{ font: 13px system-ui, sans-serif; margin: 16px; color: #222; }}
+#grid {{ border-collapse: collapse; }}
+#grid td {{ padding: 2px; }}
+#grid th {{ font-weight: normal; color: #666; padding: 2px 6px; }}
+canvas.cell {{ border: 1px solid #ddd; cursor: pointer; }}
+canvas.cell:hover {{ border-color: #333; }}
+#detail {{ margin-top: 12px; }}
+</style></head>
+<body>
+<h3>Attention: every layer and head</h3>
+<p id="pairs" hidden>Lines: <select id="filter"><option value="all">all</option><option value="aa">A → A</option>
+<option value="ab">A → B</option><option value="ba">B → A</option><option value="bb">B → B</option></select></p>
+<table id="grid"></table>
+<div id="detail"></div>
+<script>
+const DATA = {json};
+const COLOURS = ['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#7f7f7f','#bcbd22','#17becf','#393b79','#637939','#8c6d31','#843c39','#7b4173','#3182bd'];
+const n = DATA.tokens.length, B = DATA.sentence_b_start;
+const filter = document.getElementById('filter');
+if (B !== null) document.getElementById('pairs').hidden = false;
+function shown(i, j) {{
+  if (B === null || filter.value === 'all') return true;
+  const side = k => (k < B ? 'a' : 'b');
+  return side(i) + side(j) === filter.value;
+}}
+function paint(canvas, map, colour, rowHeight, left, right, labels) {{
+  const g = canvas.getContext('2d');
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  g.strokeStyle = colour; g.lineWidth = labels ? 2 : 1;
+  const y = i => 4 + i * rowHeight + rowHeight / 2;
+  map.forEach((row, i) => row.forEach((w, j) => {{
+    if (w < 0.01 || !shown(i, j)) return;
+    g.globalAlpha = Math.min(1, w);
+    g.beginPath(); g.moveTo(left, y(i)); g.lineTo(right, y(j)); g.stroke();
+  }}));
+  g.globalAlpha = 1;
+  if (labels) {{
+    g.fillStyle = '#222'; g.font = '12px monospace'; g.textBaseline = 'middle';
+    DATA.tokens.forEach((tok, i) => {{
+      g.textAlign = 'right'; g.fillText(tok, left - 6, y(i));
+      g.textAlign = 'left'; g.fillText(tok, right + 6, y(i));
+    }});
+  }}
+}}
+function detail(layer, h) {{
+  const box = document.getElementById('detail');
+  box.innerHTML = '<p>Layer ' + DATA.layers[layer].layer + ', head ' + h + '</p>';
+  const c = document.createElement('canvas');
+  c.width = 600; c.height = 8 + n * 18; c.id = 'large';
+  box.appendChild(c);
+  paint(c, DATA.layers[layer].heads[h], COLOURS[h % COLOURS.length], 18, 200, 400, true);
+}}
+function draw() {{
+  const grid = document.getElementById('grid');
+  grid.innerHTML = '';
+  const heads = Math.max(...DATA.layers.map(l => l.heads.length));
+  const top = grid.insertRow(); top.appendChild(document.createElement('th'));
+  for (let h = 0; h < heads; h++) {{ const th = document.createElement('th'); th.textContent = 'head ' + h; top.appendChild(th); }}
+  DATA.layers.forEach((l, li) => {{
+    const tr = grid.insertRow();
+    const th = document.createElement('th'); th.textContent = 'layer ' + l.layer; tr.appendChild(th);
+    l.heads.forEach((map, h) => {{
+      const c = document.createElement('canvas');
+      c.className = 'cell'; c.width = 72; c.height = 8 + n * Math.max(1, Math.min(6, 100 / n));
+      c.dataset.layer = l.layer; c.dataset.head = h;
+      c.onclick = () => detail(li, h);
+      tr.insertCell().appendChild(c);
+      paint(c, map, COLOURS[h % COLOURS.length], Math.max(1, Math.min(6, 100 / n)), 6, 66, false);
+    }});
+  }});
+}}
+filter.onchange = draw;
+draw();
+if (DATA.layers.length) detail(0, 0);
+document.body.dataset.ready = 'model-view';
 </script>
 </body></html>
 "#

@@ -34,6 +34,12 @@ fn heads_writes_tables_plots_and_a_pruned_checkpoint() {
         "entropy.svg",
         "importance.json",
         "importance.csv",
+        "importance_gradient.json",
+        "importance_gradient.csv",
+        "correlation.json",
+        "correlation.svg",
+        "correlation.html",
+        "model_view.html",
         "pruning.json",
         "pruning.svg",
     ] {
@@ -41,6 +47,15 @@ fn heads_writes_tables_plots_and_a_pruned_checkpoint() {
     }
     let importance = std::fs::read_to_string(out.join("importance.csv")).unwrap();
     assert_eq!(importance.lines().count(), 1 + 4 * 4, "a row per head: {importance}");
+    let gradient = std::fs::read_to_string(out.join("importance_gradient.csv")).unwrap();
+    assert_eq!(gradient.lines().count(), 1 + 4 * 4, "a row per head: {gradient}");
+    let correlation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("correlation.json")).unwrap()).unwrap();
+    assert_eq!(correlation["points"].as_array().unwrap().len(), 16);
+    let r = correlation["coefficient"].as_f64().expect("a coefficient");
+    assert!((-1.0..=1.0).contains(&r));
+    let scatter = std::fs::read_to_string(out.join("correlation.svg")).unwrap();
+    assert_eq!(scatter.matches("<circle").count(), 16, "a dot per head");
     let pruning: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pruning.json")).unwrap()).unwrap();
     let curve = pruning["search"]["curve"].as_array().unwrap();
@@ -97,5 +112,114 @@ fn heads_refuses_bad_texts_by_name() {
     assert_fails_naming(
         &["heads", "--model", &neo, "--texts", ok.to_str().unwrap(), "--prune", "--out", out.to_str().unwrap()],
         &["--prune", "GPT-2"],
+    );
+}
+
+/// The BERT fixtures of tools/scripts/make_bert_fixtures.py.
+fn bert(path: &str) -> String {
+    layerwise_tests::fixture("bert").join(path).to_string_lossy().into_owned()
+}
+
+#[test]
+fn heads_on_a_classifier_dataset_reproduce_the_exercise_and_prune() {
+    let recorded = layerwise_tests::read_safetensors(&layerwise_tests::fixture("bert").join("expected.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("heads");
+    let classifier = bert("bert-classifier");
+    let dataset = bert("emotions.jsonl");
+    let args = [
+        "heads",
+        "--model",
+        &classifier,
+        "--texts",
+        &dataset,
+        "--labels-column",
+        "label",
+        "--prune",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let result = layerwise(&args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(stderr(&result).contains("30 rows; accuracy 0.9333"), "{}", stderr(&result));
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name)).expect(name)).expect(name)
+    };
+    // The masking search's curve, mask and parameter counts are transformers'.
+    let pruning = read("pruning.json");
+    let curve: Vec<f64> = pruning["search"]["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|step| [step[0].as_f64().unwrap(), step[1].as_f64().unwrap()])
+        .collect();
+    assert_eq!(curve, recorded["classifier.search.curve"].values);
+    let mask: Vec<f64> = pruning["search"]["mask"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l.as_array().unwrap().clone())
+        .map(|f| f.as_f64().unwrap())
+        .collect();
+    assert_eq!(mask, recorded["classifier.search.mask"].values);
+    let counts = &recorded["classifier.pruned.parameters"].values;
+    assert_eq!(pruning["pruned"]["parameters_before"].as_f64(), Some(counts[0]));
+    assert_eq!(pruning["pruned"]["parameters_after"].as_f64(), Some(counts[1]));
+    // Importance, entropy and their correlation are transformers'.
+    let importance: Vec<f32> = read("importance.json")["importance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l.as_array().unwrap().clone())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    layerwise_tests::assert_close("importance", &importance, &recorded["classifier.importance"], 1e-4);
+    let r = read("correlation.json")["coefficient"].as_f64().unwrap();
+    assert!((r - recorded["classifier.correlation"].values[0]).abs() < 1e-4, "correlation {r}");
+    for file in
+        ["entropy.csv", "importance.csv", "correlation.svg", "correlation.html", "pruning.svg", "model_view.html"]
+    {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+
+    // The pruned checkpoint classifies as the masked model does (transformers' pruned logits).
+    let pruned = out.join("pruned");
+    let run = layerwise(&["classify", "--model", pruned.to_str().unwrap(), "--texts", &dataset, "--json"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let verdicts: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let logits = &recorded["classifier.pruned.logits"].values;
+    let labels = ["sadness", "joy", "anger"];
+    for (i, verdict) in verdicts.as_array().unwrap().iter().enumerate() {
+        let row = &logits[i * 3..i * 3 + 3];
+        let best = (0..3).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        assert_eq!(verdict["label"], labels[best], "row {i}");
+    }
+}
+
+#[test]
+fn heads_on_a_classifier_refuses_what_it_cannot_do_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    let (classifier, dataset) = (bert("bert-classifier"), bert("emotions.jsonl"));
+    let base = ["heads", "--model", &classifier, "--texts", &dataset, "--out", out.to_str().unwrap()];
+    assert_fails_naming(&base, &["--labels-column"]);
+    assert_fails_naming(&[&base[..], &["--labels-column", "mood"]].concat(), &["--labels-column", "mood"]);
+    assert_fails_naming(&[&base[..], &["--labels-column", "label", "--threshold", "2"]].concat(), &["--threshold"]);
+    assert_fails_naming(
+        &[&base[..], &["--labels-column", "label", "--heads-per-step", "2"]].concat(),
+        &["--heads-per-step"],
+    );
+    assert_fails_naming(&[&base[..], &["--labels-column", "label", "--device", "cuda"]].concat(), &["--device cuda"]);
+    let random = bert("bert-random");
+    assert_fails_naming(
+        &["heads", "--model", &random, "--texts", &dataset, "--labels-column", "label", "--out", out.to_str().unwrap()],
+        &["classification head"],
+    );
+    // A language model takes no label columns.
+    let texts = dir.path().join("t.json");
+    std::fs::write(&texts, "[[5, 6, 7]]").unwrap();
+    assert_fails_naming(
+        &["heads", "--texts", texts.to_str().unwrap(), "--labels-column", "label", "--out", out.to_str().unwrap()],
+        &["--labels-column", "language model"],
     );
 }

@@ -261,3 +261,70 @@ fn attention_page_renders_in_headless_chromium() {
     assert_eq!(dom.matches("<text ").count(), 2 * 9, "the tokens on both sides");
     assert!(distinct_colours(&shot) > 20, "the screenshot shows the lines");
 }
+
+#[test]
+fn model_view_of_a_decoder_renders_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("model.html");
+    run_ok(&["attention", "--model", DEMO, "--prompt", PROMPT, "--view", "model", "--out", page.to_str().unwrap()]);
+    let Some((dom, shot)) = render(&page, "model-view", dir.path()) else { return };
+    assert_eq!(dom.matches("class=\"cell\"").count(), 4 * 4, "a map per layer and head");
+    assert!(dom.contains("id=\"large\""), "the first head shown large");
+    assert!(distinct_colours(&shot) > 20, "the screenshot shows the maps");
+}
+
+#[test]
+fn model_view_of_a_bert_pair_renders_with_the_segment_menu() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("bert.html");
+    let model = fixture("bert").join("bert-classifier");
+    let (model, page_arg) = (model.to_str().unwrap(), page.to_str().unwrap());
+    let args = ["attention", "--model", model, "--prompt", "i hate rain", "--pair", "but the sun", "--view", "model"];
+    run_ok(&[&args[..], &["--out", page_arg]].concat());
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("\"sentence_b_start\":5"), "[CLS] i hate rain [SEP] | but the sun [SEP]");
+    let Some((dom, shot)) = render(&page, "model-view", dir.path()) else { return };
+    assert_eq!(dom.matches("class=\"cell\"").count(), 3 * 4, "3 layers x 4 heads");
+    assert!(!dom.contains("id=\"pairs\" hidden"), "the A/B menu is shown for a pair");
+    assert!(distinct_colours(&shot) > 20);
+    // The JSON of an encoder names its WordPiece tokens.
+    let json = dir.path().join("bert.json");
+    run_ok(&[&args[..7], &["--out", json.to_str().unwrap()]].concat());
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(value["texts"][0], "[CLS]");
+    assert_eq!(value["layers"]["2"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn correlation_page_renders_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("heads");
+    let model = fixture("bert").join("bert-classifier");
+    let dataset = fixture("bert").join("emotions.jsonl");
+    run_ok(&[
+        "heads",
+        "--model",
+        model.to_str().unwrap(),
+        "--texts",
+        dataset.to_str().unwrap(),
+        "--labels-column",
+        "label",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let Some((dom, shot)) = render(&out.join("correlation.html"), "scatter", dir.path()) else { return };
+    assert_eq!(dom.matches("<circle").count(), 12, "a dot per head");
+    assert_eq!(dom.matches("<tr>").count(), 1 + 12, "a header and a row per head");
+    assert!(dom.contains("Pearson r = "));
+    assert!(distinct_colours(&shot) > 3, "dots drawn");
+}
+
+#[test]
+fn attention_refuses_pairs_for_decoders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.html");
+    common::assert_fails_naming(
+        &["attention", "--model", DEMO, "--prompt", "a", "--pair", "b", "--out", out.to_str().unwrap()],
+        &["--pair"],
+    );
+}
