@@ -15,7 +15,9 @@ use layerwise::training::{Head, HeadMaskGradient, Network};
 use layerwise::{Backend, HeadMask, InspectRequest, LoadedModel};
 
 use crate::lens::token_label;
-use crate::plot::{line_plot_svg, model_view_html, scatter_html, scatter_svg, small_multiples_svg, Point, Series};
+use crate::plot::{
+    head_table_svg, line_plot_svg, model_view_html, scatter_html, scatter_svg, small_multiples_svg, Point, Series,
+};
 
 use crate::input::ModelArgs;
 
@@ -190,6 +192,8 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
                 "gradient": gradient.gradient, "importance": importance});
             write("importance_gradient.json", &serde_json::to_vec_pretty(&json)?)?;
             write("importance_gradient.csv", full_table_csv("importance", &importance).as_bytes())?;
+            let title = "Head importance (|d loss / d mask|, per layer L2)";
+            write("importance_gradient.svg", head_table_svg(title, &importance).as_bytes())?;
             write_correlation(&write, &per_token, &importance, "importance (|d loss / d mask|, per layer L2)")?
         }
         None => None,

@@ -12,7 +12,7 @@ use layerwise::{Backend, HeadMask};
 
 use crate::dataset::{read_rows, Columns};
 use crate::heads::{full_table_csv, output_dir, pruned_note, write_correlation, Args};
-use crate::plot::{line_plot_svg, model_view_html, Series};
+use crate::plot::{head_table_svg, line_plot_svg, model_view_html, Series};
 
 pub fn run(args: &Args) -> Result<()> {
     if args.heads_per_step != 1 {
@@ -49,6 +49,7 @@ fn run_on<B: Backend>(args: &Args, columns: &Columns, loaded: LoadedEncoder<B>) 
     let entropy = attention_entropy(&loaded.encoder, &inputs)?;
     write("entropy.json", &serde_json::to_vec_pretty(&serde_json::json!({"per_token": entropy}))?)?;
     write("entropy.csv", full_table_csv("entropy_per_token", &entropy).as_bytes())?;
+    write("entropy.svg", head_table_svg("Attention entropy per token (nats)", &entropy).as_bytes())?;
 
     let gradient = network.head_mask_gradient(&inputs, &labels, &HeadMask::ones(spec.num_layers, spec.num_heads))?;
     let importance = gradient.importance();
@@ -56,6 +57,10 @@ fn run_on<B: Backend>(args: &Args, columns: &Columns, loaded: LoadedEncoder<B>) 
         "importance": importance});
     write("importance.json", &serde_json::to_vec_pretty(&json)?)?;
     write("importance.csv", full_table_csv("importance", &importance).as_bytes())?;
+    write(
+        "importance.svg",
+        head_table_svg("Head importance (|d loss / d mask|, per layer L2)", &importance).as_bytes(),
+    )?;
     let coefficient = write_correlation(&write, &entropy, &importance, "importance (|d loss / d mask|, per layer L2)")?;
 
     let search = mask_search(&network, &inputs, &labels, threshold)?;

@@ -627,6 +627,52 @@ document.body.dataset.ready = 'attention';
     )
 }
 
+/// A `[layer][head]` table as an SVG heatmap: a cell per head (viridis, scaled to the table's
+/// range) with its value printed, layers down, heads across.
+pub fn head_table_svg(title: &str, table: &[Vec<f32>]) -> String {
+    let heads = table.iter().map(Vec::len).max().unwrap_or(0);
+    let (cell_w, cell_h, left, top) = (56.0, 22.0, 64.0, 48.0);
+    let (width, height) = (left + cell_w * heads as f64 + 12.0, top + cell_h * table.len() as f64 + 12.0);
+    let finite = table.iter().flatten().copied().filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let scale = |v: f32| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" \
+         font-family=\"DejaVu Sans, sans-serif\" font-size=\"10\">\n<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n\
+         <text x=\"8\" y=\"18\" font-size=\"13\">{}</text>\n",
+        escape(title)
+    );
+    for head in 0..heads {
+        let x = left + cell_w * (head as f64 + 0.5);
+        let _ = writeln!(svg, "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">head {head}</text>", top - 6.0);
+    }
+    for (layer, row) in table.iter().enumerate() {
+        let y = top + cell_h * layer as f64;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" dominant-baseline=\"central\">layer {layer}</text>",
+            left - 6.0,
+            y + cell_h / 2.0
+        );
+        for (head, &v) in row.iter().enumerate() {
+            let x = left + cell_w * head as f64;
+            let t = scale(v);
+            let _ = writeln!(
+                svg,
+                "<rect class=\"cell\" x=\"{x:.1}\" y=\"{y:.1}\" width=\"{cell_w}\" height=\"{cell_h}\" fill=\"{}\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" dominant-baseline=\"central\" fill=\"{}\">{}</text>",
+                hex(colour(t)),
+                x + cell_w / 2.0,
+                y + cell_h / 2.0,
+                ink(t),
+                fmt_value(v)
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// One labelled point of a [`scatter_svg`].
 pub struct Point {
     pub x: f64,

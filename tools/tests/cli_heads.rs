@@ -36,6 +36,7 @@ fn heads_writes_tables_plots_and_a_pruned_checkpoint() {
         "importance.csv",
         "importance_gradient.json",
         "importance_gradient.csv",
+        "importance_gradient.svg",
         "correlation.json",
         "correlation.svg",
         "correlation.html",

@@ -287,6 +287,12 @@ fn model_view_of_a_bert_pair_renders_with_the_segment_menu() {
     assert_eq!(dom.matches("class=\"cell\"").count(), 3 * 4, "3 layers x 4 heads");
     assert!(!dom.contains("id=\"pairs\" hidden"), "the A/B menu is shown for a pair");
     assert!(distinct_colours(&shot) > 20);
+    // The head view of the same pair.
+    let head = dir.path().join("head.html");
+    run_ok(&[&args[..7], &["--out", head.to_str().unwrap()]].concat());
+    let Some((dom, _)) = render(&head, "attention", dir.path()) else { return };
+    assert_eq!(dom.matches("<text ").count(), 2 * 9, "the pair's 9 tokens on both sides");
+    assert!(dom.matches("<line ").count() > 9 * 4, "lines from every query of every head");
     // The JSON of an encoder names its WordPiece tokens.
     let json = dir.path().join("bert.json");
     run_ok(&[&args[..7], &["--out", json.to_str().unwrap()]].concat());

@@ -421,6 +421,10 @@ pub fn paged_attention<B: Backend>(b: &B) -> Result<()> {
         let (mut bkv, mut rkv, bs, rs) = filled_caches(b, &layout, &p, 2, 1)?;
         let (bq, rq) = pair(b, &values(rows * p.num_heads * p.head_dim, 40), rows, p.num_heads * p.head_dim)?;
         let what = format!("paged_attention block {block_size}, {p:?}");
+        if !p.causal && !b.bidirectional_attention() {
+            refuses_bidirectional(&what, b.paged_attention(&bq, &bkv, 1, &bs, &p).map(|_| ()))?;
+            continue;
+        }
         let got = b.to_host(&b.paged_attention(&bq, &bkv, 1, &bs, &p)?)?;
         compare(&what, &got, &r.paged_attention(&rq, &rkv, 1, &rs, &p)?.data, 1e-5)?;
         // Copy-on-write: the second sequence's blocks copied over the first's, then read again.
@@ -435,6 +439,15 @@ pub fn paged_attention<B: Backend>(b: &B) -> Result<()> {
     Ok(())
 }
 
+/// A backend without bidirectional attention must refuse it with an error that says so.
+fn refuses_bidirectional(what: &str, result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if e.to_string().contains("bidirectional") => Ok(()),
+        Err(e) => Err(Error::invalid(what, format!("refused bidirectional attention without saying so: {e}"))),
+        Ok(()) => Err(Error::invalid(what, "claims no bidirectional attention, yet computed it")),
+    }
+}
+
 /// `attention_probs`: every sequence of the attention layouts.
 pub fn attention_probs<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
@@ -444,6 +457,11 @@ pub fn attention_probs<B: Backend>(b: &B) -> Result<()> {
         let (bkv, rkv, bs, rs) = filled_caches(b, &layout, &p, 1, 0)?;
         let (bq, rq) = pair(b, &values(rows * p.num_heads * p.head_dim, 41), rows, p.num_heads * p.head_dim)?;
         for seq in 0..layout.sequences.len() {
+            if !p.causal && !b.bidirectional_attention() {
+                let what = format!("attention_probs block {block_size}, {p:?}");
+                refuses_bidirectional(&what, b.attention_probs(&bq, &bkv, 0, &bs, seq, &p).map(|_| ()))?;
+                continue;
+            }
             let got = b.to_host(&b.attention_probs(&bq, &bkv, 0, &bs, seq, &p)?)?;
             let want = r.attention_probs(&rq, &rkv, 0, &rs, seq, &p)?.data;
             compare(&format!("attention_probs block {block_size}, sequence {seq}, {p:?}"), &got, &want, 1e-5)?;

@@ -236,6 +236,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name for messages ("cpu", "reference", "cuda").
     fn name(&self) -> &'static str;
 
+    /// Whether [`Backend::paged_attention`] and [`Backend::attention_probs`] take
+    /// `AttentionParams { causal: false }` (an encoder's attention, every position seeing its whole
+    /// sequence). Default: yes.
+    fn bidirectional_attention(&self) -> bool {
+        true
+    }
+
     /// Memory the backend's tensors and cache live in, in bytes, where known (sizes are checked
     /// against it before allocating). Default: the host's physical memory.
     fn memory_bytes(&self) -> Option<u64> {

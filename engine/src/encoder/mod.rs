@@ -152,6 +152,15 @@ impl<B: Backend> Encoder<B> {
             ));
         };
         debug_assert_eq!(spec.architecture, Architecture::Bert);
+        if !backend.bidirectional_attention() {
+            return Err(Error::invalid(
+                "device",
+                format!(
+                    "the {} backend has no bidirectional attention, which encoders need; use the CPU",
+                    backend.name()
+                ),
+            ));
+        }
         let body = Bert::load(&backend, weights, &spec)?;
         let (classifier, labels) = if weights.contains("classifier.weight") {
             let rows = weights.get("classifier.weight")?.shape().first().copied().unwrap_or(0);

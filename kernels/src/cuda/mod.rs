@@ -451,6 +451,10 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn bidirectional_attention(&self) -> bool {
+        false
+    }
+
     fn launches(&self) -> Option<u64> {
         Some(Cuda::launches(self))
     }
