@@ -1,6 +1,7 @@
 //! The CPU kernels on synthetic weights shaped like GPT-2 medium's: matrix-vector products (decoding),
 //! matrix-matrix products (prefill, batched decoding) in every dtype and layout, the same products
-//! over weights too large for the caches (as in a model), and attention over the paged cache.
+//! over weights too large for the caches (as in a model), the 8-bit one-token product in and out of the
+//! caches, and attention over the paged cache.
 //!
 //! `cargo bench -p layerwise-benches --bench kernels`
 
@@ -75,6 +76,39 @@ fn linear_from_memory(c: &mut Criterion) {
     group.finish();
 }
 
+/// The 8-bit one-token product where its weights stay in the caches and where they come from memory:
+/// bytes per second either way. Equal rates say the kernel's own instructions, not the memory, set
+/// its pace.
+fn q8_one_token(c: &mut Criterion) {
+    let cpu = Cpu::with_q8_weights();
+    let mut group = c.benchmark_group("q8_one_token");
+    // (name, n_in, n_out, count): 1.1 MB in the caches; 24 x 4.5 MB = 108 MB from memory.
+    for (name, n_in, n_out, count) in [("in_cache_1024x1024", 1024usize, 1024usize, 1usize), ("from_memory_1024x4096x24", 1024, 4096, 24)] {
+        for layout in [Layout::OutIn, Layout::InOut] {
+            let shape = match layout {
+                Layout::OutIn => vec![n_out, n_in],
+                Layout::InOut => vec![n_in, n_out],
+            };
+            let weights: Vec<_> = (0..count as u64)
+                .map(|i| cpu.weight(&HostTensor::from_f32(values(n_in * n_out, i), shape.clone()), layout).expect("weight"))
+                .collect();
+            let x = Matrix::new(values(n_in, 2), 1, n_in).expect("shape");
+            // Q8_0 bytes: 34 per 32 weights.
+            group.throughput(Throughput::Bytes((n_in * n_out / 32 * 34 * count) as u64));
+            group.bench_with_input(BenchmarkId::new(name, format!("{layout:?}")), &x, |b, x| {
+                b.iter(|| {
+                    cpu.run(|| {
+                        for w in &weights {
+                            std::hint::black_box(cpu.linear(x, w, None).expect("linear"));
+                        }
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn paged_attention(c: &mut Criterion) {
     // 16 heads of 64, one query over 512 cached positions in blocks of 16.
     let cpu = Cpu::default();
@@ -114,6 +148,6 @@ fn paged_attention(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = linear, linear_from_memory, paged_attention
+    targets = linear, linear_from_memory, q8_one_token, paged_attention
 }
 criterion_main!(benches);
