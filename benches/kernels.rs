@@ -83,14 +83,18 @@ fn q8_one_token(c: &mut Criterion) {
     let cpu = Cpu::with_q8_weights();
     let mut group = c.benchmark_group("q8_one_token");
     // (name, n_in, n_out, count): 1.1 MB in the caches; 24 x 4.5 MB = 108 MB from memory.
-    for (name, n_in, n_out, count) in [("in_cache_1024x1024", 1024usize, 1024usize, 1usize), ("from_memory_1024x4096x24", 1024, 4096, 24)] {
+    for (name, n_in, n_out, count) in
+        [("in_cache_1024x1024", 1024usize, 1024usize, 1usize), ("from_memory_1024x4096x24", 1024, 4096, 24)]
+    {
         for layout in [Layout::OutIn, Layout::InOut] {
             let shape = match layout {
                 Layout::OutIn => vec![n_out, n_in],
                 Layout::InOut => vec![n_in, n_out],
             };
             let weights: Vec<_> = (0..count as u64)
-                .map(|i| cpu.weight(&HostTensor::from_f32(values(n_in * n_out, i), shape.clone()), layout).expect("weight"))
+                .map(|i| {
+                    cpu.weight(&HostTensor::from_f32(values(n_in * n_out, i), shape.clone()), layout).expect("weight")
+                })
                 .collect();
             let x = Matrix::new(values(n_in, 2), 1, n_in).expect("shape");
             // Q8_0 bytes: 34 per 32 weights.
