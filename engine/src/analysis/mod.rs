@@ -3,7 +3,8 @@
 //! ([`classifier_heads`]: gradient importance, the masking search). Activations and attention maps by name
 //! come from [`crate::model::Model::inspect`].
 //!
-//! Owns: analyses that run whole prompts. Imports: `model`, `exits`, `math`, `io`.
+//! Owns: analyses that run whole prompts or datasets. Imports: `model`, `exits`, `math`, `io`, and for
+//! head-mask gradients `encoder` and `training`.
 
 pub mod classifier_heads;
 pub mod heads;

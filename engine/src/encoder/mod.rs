@@ -3,7 +3,7 @@
 //! masks) and `BertForSequenceClassification`'s labels and probabilities.
 //!
 //! Owns: [`Encoder`], [`LoadedEncoder`], [`EncoderInput`], [`EncoderRequest`], [`EncoderOutput`],
-//! [`Classification`]. The forward pass itself is `model/bert.rs`.
+//! [`Classification`]. The forward pass itself is `model/bert.rs`. Imports: `model`, `backend`, `io`.
 //!
 //! ```
 //! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/bert/bert-classifier");

@@ -14,7 +14,8 @@
 //! | [`checkpoint`] | a network written as transformers' checkpoint |
 //! | [`conversions`] | conversion matrices fitted by least squares |
 //!
-//! Imports: `model` (configs, names), `io` (weights, tokenizers), `math`.
+//! Imports: `model` (configs, names), `io` (weights, tokenizers), `math`, `encoder` (a classifier's
+//! tokenised inputs).
 //!
 //! ```
 //! use layerwise::training::{data::Blocks, AdamWConfig, Network, TrainOptions, Trainer};
