@@ -44,6 +44,10 @@ pub struct Args {
     /// transformers.
     #[arg(long)]
     pub prune: bool,
+    /// Use only the first N texts or rows (the search runs a forward and backward pass over all of
+    /// them at every step).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_rows: Option<u64>,
     /// A classifier's dataset: the column holding the text.
     #[arg(long, value_name = "NAME", default_value = "text")]
     pub text_column: String,
@@ -130,7 +134,8 @@ pub fn full_table_csv(value: &str, table: &[Vec<f32>]) -> String {
 }
 
 fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
-    let texts = read_texts(&args.texts, &loaded)?;
+    let mut texts = read_texts(&args.texts, &loaded)?;
+    texts.truncate(args.max_rows.map_or(usize::MAX, |n| n as usize));
     let model = &loaded.model;
     let spec = model.spec();
     if args.prune {

@@ -31,7 +31,8 @@ fn run_on<B: Backend>(args: &Args, columns: &Columns, loaded: LoadedEncoder<B>) 
     if names.is_empty() {
         bail!("--model {}: the checkpoint has no classification head (classifier.weight)", args.model.source());
     }
-    let rows = read_rows(&args.texts, columns, &names)?;
+    let mut rows = read_rows(&args.texts, columns, &names)?;
+    rows.truncate(args.max_rows.map_or(usize::MAX, |n| n as usize));
     let mut inputs = Vec::with_capacity(rows.len());
     let mut labels = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {

@@ -211,6 +211,14 @@ fn heads_on_a_classifier_refuses_what_it_cannot_do_by_name() {
         &["--heads-per-step"],
     );
     assert_fails_naming(&[&base[..], &["--labels-column", "label", "--device", "cuda"]].concat(), &["--device cuda"]);
+    // --max-rows: the first 10 rows only.
+    let few = dir.path().join("few");
+    let run = layerwise(
+        &[&base[..5], &["--labels-column", "label", "--max-rows", "10", "--out", few.to_str().unwrap()]].concat(),
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("heads: 10 rows"), "{}", stderr(&run));
+    assert_fails_naming(&[&base[..], &["--labels-column", "label", "--max-rows", "0"]].concat(), &["--max-rows"]);
     let random = bert("bert-random");
     assert_fails_naming(
         &["heads", "--model", &random, "--texts", &dataset, "--labels-column", "label", "--out", out.to_str().unwrap()],
