@@ -1,24 +1,32 @@
 // Auto-contrastive decoding fused with its softmax over the whole vocabulary: upstream
 // autocontrastive-gen's `calculate_contrasted_logits` (the engine's `math::acd_with`), reading the
-// lower head only at the plausible tokens. Three kernels, in order on one stream:
+// lower head only at the plausible tokens. Three kernels, in order on one stream, each over the whole
+// grid: the blocks of a row each take a slice of the vocabulary, and the last block of the row to
+// finish (a ticket from counters[row], as attention.cu's splits) combines the slices' sums. No
+// kernel passes over a whole vocabulary row from one multiprocessor (the single-block passes of the
+// H200 runs cost 41 + 66 us a step).
 //
-// 1. lw_acd_select (grid rows, block 1024, dynamic shared 256 * 4 bytes for the radix histogram):
-//    norm = log Σ exp(upper) (online max and sum, one pass); p_i = exp(upper_i - norm); threshold =
-//    min(alpha * max p, the min_candidates-th largest p) (the k-th largest upper logit by a 4-pass
-//    radix select on its bits when min_candidates > 1); the plausible tokens p_i >= threshold,
-//    compacted into a list.
-// 2. lw_acd_lower_* (grid (G, rows), block 256, dynamic shared hidden * 4 bytes): for each plausible
-//    token, score_i = (upper_i - norm) - features · head[i], a warp per token over the whole grid:
-//    with a trained model a handful of head rows are read; with a flat distribution (random weights,
-//    a small alpha) the whole head, at the device's bandwidth rather than one multiprocessor's.
-// 3. lw_acd_finish (grid rows, block 1024): in one pass with an online max and sum, mass = Σ p_i and
-//    Z = Σ exp(score_i - max score) over the plausible tokens; the output is score_i + log(mass) -
-//    log(Z) - max score for them and upper_i - norm for the others (log-probabilities).
-// Passes over the vocabulary: 5 (9 with min_candidates > 1), each read of upper is vocab * 4 bytes.
+// 1. lw_acd_select (grid (G, rows), block B, dynamic shared 256 * 4 bytes for the radix histogram):
+//    each block the online max and sum of exp(upper) over its slice, into partial[row][g]; the last
+//    block merges them in slice order: norm = log Σ exp(upper); threshold = min(alpha * max p, the
+//    min_candidates-th largest p) with p_i = exp(upper_i - norm) (the k-th largest upper logit by a
+//    4-pass radix select on its bits, over the whole row by that block, when min_candidates > 1);
+//    stats[row] = (norm, threshold, -).
+// 2. lw_acd_lower_* (grid (G, rows), block B, dynamic shared hidden * 4 bytes): each block finds the
+//    plausible tokens of its slice (p_i >= threshold; compacted in shared memory by ballots) and
+//    scores them, score_i = (upper_i - norm) - features · head[i], a warp per token: with a trained
+//    model a handful of head rows are read, with a flat distribution (random weights, a small alpha)
+//    the whole head, at the device's bandwidth. Each block sums mass = Σ p_i and the online max and
+//    sum of exp(score_i) over its plausible tokens into partial[row][g]; the last block merges them
+//    in slice order into stats[row][2] = log(mass) - log(Z) - max score, Z = Σ exp(score_i - max).
+//    lw_acd_lower_from_logits: the same with the lower logits precomputed (`lower`: [rows, vocab]).
+// 3. lw_acd_finish (any grid (·, rows)): out_i = score_i + stats[row][2] for the plausible tokens,
+//    upper_i - norm for the others (log-probabilities).
+// Reads of upper: 3 passes (7 with min_candidates > 1). partial holds rows * G * 3 floats; the
+// counters start at zero and are left at zero.
 //
 // Must equal the reference backend's contrast_acd within 1e-5 in log-probability (relative to
-// max(1, |value|)); lw_acd_lower_from_logits takes the lower logits precomputed (a head stored
-// [hidden, vocab]).
+// max(1, |value|)).
 #include "common.cuh"
 
 // Larger floats map to larger unsigned integers.
@@ -96,124 +104,163 @@ __device__ float lw_kth_largest(const float* row, int n, int k, uint32_t* histog
   return lw_from_order_key(prefix);
 }
 
-// 1. lw_acd_select: per row, norm and threshold into stats[row] = (norm, threshold), and the plausible
-// tokens, in no particular order, into plausible[row * vocab ..] with their number in counts[row].
-extern "C" __global__ void lw_acd_select(float* stats, uint32_t* plausible, uint32_t* counts, const float* upper,
+// Slice g of G of a row of n values: [begin, end).
+__device__ __forceinline__ void lw_slice(int n, int g, int G, int& begin, int& end) {
+  int span = (n + G - 1) / G;
+  begin = min(n, g * span);
+  end = min(n, begin + span);
+}
+
+// 1. lw_acd_select: stats[row] = (norm, threshold, -); partial[row][g] = (max, sum) of the slice.
+extern "C" __global__ void lw_acd_select(float* stats, float* partial, uint32_t* counters, const float* upper,
                                          int vocab, float alpha, int min_candidates) {
   DYNAMIC_SHARED(uint32_t, histogram);
   __shared__ float scratch_m[32], scratch_s[32];
-  __shared__ float shared_norm, shared_threshold;
-  __shared__ uint32_t count;
-  const float* row = upper + size_t(blockIdx.x) * vocab;
-
-  // norm = log Σ exp(upper), online.
+  __shared__ int last;
+  int row = blockIdx.y, g = blockIdx.x, G = gridDim.x;
+  const float* u = upper + size_t(row) * vocab;
+  int begin, end;
+  lw_slice(vocab, g, G, begin, end);
   float m = -LW_INF, s = 0.0f;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) lw_online_merge(m, s, row[i], 1.0f);
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) lw_online_merge(m, s, u[i], 1.0f);
+  lw_block_online(m, s, scratch_m, scratch_s);
+  float* mine = partial + (size_t(row) * G + g) * 3;
+  if (threadIdx.x == 0) {
+    mine[0] = m;
+    mine[1] = s;
+  }
+  if (!lw_last_block(&counters[row], G, &last)) return;
+  // The slices merged in order (each thread a strided share, then the block's fixed tree).
+  const volatile float* p = partial + size_t(row) * G * 3;
+  m = -LW_INF;
+  s = 0.0f;
+  for (int k = threadIdx.x; k < G; k += blockDim.x) lw_online_merge(m, s, p[3 * k], p[3 * k + 1]);
   lw_block_online(m, s, scratch_m, scratch_s);
   float norm = m + logf(s);
   float threshold = expf(m - norm) * alpha;
   if (min_candidates > 1) {
     int k = min_candidates < vocab ? min_candidates : vocab;
-    threshold = fminf(threshold, expf(lw_kth_largest(row, vocab, k, histogram) - norm));
+    threshold = fminf(threshold, expf(lw_kth_largest(u, vocab, k, histogram) - norm));
   }
   if (threadIdx.x == 0) {
-    shared_norm = norm;
-    shared_threshold = threshold;
-    count = 0;
+    stats[3 * row] = norm;
+    stats[3 * row + 1] = threshold;
+    counters[row] = 0;
   }
-  __syncthreads();
-  norm = shared_norm;
-  threshold = shared_threshold;
+}
 
-  // Compaction: a warp's plausible tokens take consecutive places, one atomic per warp and step.
-  int lane = threadIdx.x & 31;
-  uint32_t* list = plausible + size_t(blockIdx.x) * vocab;
-  for (int base = threadIdx.x - lane; base < vocab; base += blockDim.x) {
-    int token = base + lane;
-    bool keep = token < vocab && expf(row[token] - norm) >= threshold;
+// 2. lw_acd_lower: the plausible tokens of this block's slice scored into out, their mass and the
+// online max and sum of their scores into partial[row][g]; the last block: stats[row][2]. The lower
+// logits from head (T, `[vocab, hidden]`) or, when head is null, from logits (`[rows, vocab]`).
+template <class T>
+__device__ void lw_acd_lower(float* out, float* stats, float* partial, uint32_t* counters, const float* upper,
+                             const float* features, const T* head, const float* logits, int vocab, int hidden) {
+  DYNAMIC_SHARED(float, feats);
+  __shared__ uint32_t list[1024];  // the plausible tokens of one chunk of blockDim.x tokens
+  __shared__ uint32_t listed;
+  __shared__ float scratch_m[32], scratch_s[32];
+  __shared__ int last;
+  int row = blockIdx.y, g = blockIdx.x, G = gridDim.x;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const float* u = upper + size_t(row) * vocab;
+  float* o = out + size_t(row) * vocab;
+  float norm = stats[3 * row], threshold = stats[3 * row + 1];
+  int begin, end;
+  lw_slice(vocab, g, G, begin, end);
+  float mass = 0.0f, sm = -LW_INF, ss = 0.0f;  // this thread's share (scores: lane 0 of each warp)
+  bool loaded = false;
+  for (int base = begin; base < end; base += blockDim.x) {
+    if (threadIdx.x == 0) listed = 0;
+    __syncthreads();
+    int token = base + int(threadIdx.x);
+    bool keep = false;
+    if (token < end) {
+      float p = expf(u[token] - norm);
+      keep = p >= threshold;
+      if (keep) mass += p;
+    }
+    // A warp's plausible tokens take consecutive places in the list, one atomic per warp.
     unsigned ballot = __ballot_sync(LW_FULL_MASK, keep);
     uint32_t first = 0;
-    if (lane == 0 && ballot) first = atomicAdd(&count, uint32_t(__popc(ballot)));
+    if (lane == 0 && ballot) first = atomicAdd(&listed, uint32_t(__popc(ballot)));
     first = __shfl_sync(LW_FULL_MASK, first, 0);
     if (keep) list[first + __popc(ballot & ((1u << lane) - 1u))] = uint32_t(token);
+    __syncthreads();
+    int count = int(listed);
+    if (count > 0) {  // uniform across the block
+      if (head && !loaded) {
+        const float* f = features + size_t(row) * hidden;
+        for (int c = threadIdx.x; c < hidden; c += blockDim.x) feats[c] = f[c];
+        __syncthreads();
+        loaded = true;
+      }
+      for (int k = warp; k < count; k += warps) {
+        int t = int(list[k]);
+        float lower;
+        if (head) {
+          float acc[1] = {0.0f};
+          lw_lane_dots<T, 1>(acc, feats, hidden, head + size_t(t) * hidden, 1, hidden);
+          lower = warp_sum(acc[0]);
+        } else {
+          lower = logits[size_t(row) * vocab + t];
+        }
+        float score = (u[t] - norm) - lower;
+        if (lane == 0) {
+          o[t] = score;
+          lw_online_merge(sm, ss, score, 1.0f);
+        }
+      }
+    }
+    __syncthreads();  // the list and its count are read before the next chunk resets them
   }
-  __syncthreads();
+  mass = block_sum(mass, scratch_m);
+  lw_block_online(sm, ss, scratch_m, scratch_s);
+  float* mine = partial + (size_t(row) * G + g) * 3;
   if (threadIdx.x == 0) {
-    stats[2 * blockIdx.x] = norm;
-    stats[2 * blockIdx.x + 1] = threshold;
-    counts[blockIdx.x] = count;
+    mine[0] = mass;
+    mine[1] = sm;
+    mine[2] = ss;
+  }
+  if (!lw_last_block(&counters[row], G, &last)) return;
+  const volatile float* p = partial + size_t(row) * G * 3;
+  mass = 0.0f;
+  sm = -LW_INF;
+  ss = 0.0f;
+  for (int k = threadIdx.x; k < G; k += blockDim.x) {
+    mass += p[3 * k];
+    lw_online_merge(sm, ss, p[3 * k + 1], p[3 * k + 2]);
+  }
+  mass = block_sum(mass, scratch_m);
+  lw_block_online(sm, ss, scratch_m, scratch_s);
+  if (threadIdx.x == 0) {
+    stats[3 * row + 2] = logf(mass) - logf(ss) - sm;
+    counters[row] = 0;
   }
 }
 
-// 2. lw_acd_lower_*: out[row][token] = (upper - norm) - features[row] · head[token] for each plausible
-// token, a warp per token, the warps of the whole grid taking the row's list in turn (so that a row
-// with thousands of plausible tokens reads the head at the device's bandwidth, and one with a few
-// costs a few warps). Dynamic shared memory: hidden * 4 bytes (the row's features).
-template <class T>
-__device__ void lw_acd_lower(float* out, const float* upper, const float* stats, const uint32_t* plausible,
-                             const uint32_t* counts, const float* features, const T* head, int vocab, int hidden) {
-  DYNAMIC_SHARED(float, feats);
-  int row = blockIdx.y, warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-  int count = int(counts[row]);
-  if (int(blockIdx.x) * warps >= count) return;  // uniform across the block: nothing for it
-  const float* f = features + size_t(row) * hidden;
-  for (int c = threadIdx.x; c < hidden; c += blockDim.x) feats[c] = f[c];
-  __syncthreads();
-  float norm = stats[2 * row];
-  const uint32_t* list = plausible + size_t(row) * vocab;
-  for (int k = blockIdx.x * warps + (threadIdx.x >> 5); k < count; k += gridDim.x * warps) {
-    int token = int(list[k]);
-    float acc[1] = {0.0f};
-    lw_lane_dots<T, 1>(acc, feats, hidden, head + size_t(token) * hidden, 1, hidden);
-    float lower = warp_sum(acc[0]);
-    if (lane == 0) out[size_t(row) * vocab + token] = (upper[size_t(row) * vocab + token] - norm) - lower;
-  }
-}
-
-#define LW_ACD_LOWER(name, T)                                                                                     \
-  extern "C" __global__ void name(float* out, const float* upper, const float* stats, const uint32_t* plausible, \
-                                  const uint32_t* counts, const float* features, const T* head, int vocab,      \
-                                  int hidden) {                                                                  \
-    lw_acd_lower(out, upper, stats, plausible, counts, features, head, vocab, hidden);                           \
+#define LW_ACD_LOWER(name, T)                                                                                   \
+  extern "C" __global__ void name(float* out, float* stats, float* partial, uint32_t* counters,              \
+                                  const float* upper, const float* features, const T* head, int vocab,        \
+                                  int hidden) {                                                                \
+    lw_acd_lower<T>(out, stats, partial, counters, upper, features, head, nullptr, vocab, hidden);            \
   }
 LW_ACD_LOWER(lw_acd_lower_f32, float)
 LW_ACD_LOWER(lw_acd_lower_f16, lw_f16)
 LW_ACD_LOWER(lw_acd_lower_bf16, lw_bf16)
 
-// The same with the lower logits computed beforehand (`lower`: [rows, vocab]; a head stored
-// [hidden, vocab]): a thread per plausible token. Grid (any, rows).
-extern "C" __global__ void lw_acd_lower_from_logits(float* out, const float* upper, const float* stats,
-                                                    const uint32_t* plausible, const uint32_t* counts,
-                                                    const float* lower, int vocab) {
-  int row = blockIdx.y, count = int(counts[row]);
-  float norm = stats[2 * row];
-  const uint32_t* list = plausible + size_t(row) * vocab;
-  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < count; k += gridDim.x * blockDim.x) {
-    size_t at = size_t(row) * vocab + list[k];
-    out[at] = (upper[at] - norm) - lower[at];
-  }
+extern "C" __global__ void lw_acd_lower_from_logits(float* out, float* stats, float* partial, uint32_t* counters,
+                                                    const float* upper, const float* lower, int vocab) {
+  lw_acd_lower<float>(out, stats, partial, counters, upper, nullptr, nullptr, lower, vocab, 0);
 }
 
-// 3. lw_acd_finish: per row, mass = Σ p_i and the max and normaliser of the scores over the plausible
-// tokens in one pass, then the output in place.
+// 3. lw_acd_finish: the output, in place.
 extern "C" __global__ void lw_acd_finish(float* out, const float* upper, const float* stats, int vocab) {
-  __shared__ float scratch_m[32], scratch_s[32];
-  const float* row = upper + size_t(blockIdx.x) * vocab;
-  float* o = out + size_t(blockIdx.x) * vocab;
-  float norm = stats[2 * blockIdx.x], threshold = stats[2 * blockIdx.x + 1];
-  float mass = 0.0f, sm = -LW_INF, ss = 0.0f;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    float p = expf(row[i] - norm);
-    if (p >= threshold) {
-      mass += p;
-      lw_online_merge(sm, ss, o[i], 1.0f);
-    }
-  }
-  mass = block_sum(mass, scratch_m);
-  lw_block_online(sm, ss, scratch_m, scratch_s);
-  float log_share = logf(mass) - logf(ss) - sm;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    float logp = row[i] - norm;
-    o[i] = expf(logp) >= threshold ? o[i] + log_share : logp;
+  int row = blockIdx.y;
+  const float* u = upper + size_t(row) * vocab;
+  float* o = out + size_t(row) * vocab;
+  float norm = stats[3 * row], threshold = stats[3 * row + 1], share = stats[3 * row + 2];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
+    float logp = u[i] - norm;
+    o[i] = expf(logp) >= threshold ? o[i] + share : logp;
   }
 }

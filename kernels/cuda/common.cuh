@@ -131,6 +131,21 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return warp_max(lane < warps ? scratch[lane] : -LW_INF);
 }
 
+// The end of a block's share of work that several blocks split (the splits of an attention row,
+// the slices of a vocabulary row): publishes the block's writes (__threadfence) and takes a ticket
+// from *counter; true, in every thread, for the block that draws the last of `blocks` tickets,
+// which then reads the others' results (through volatile loads, not a stale L1 line) and sets the
+// counter back to 0. Every thread of the block must call it; `flag` is an int of shared memory.
+__device__ __forceinline__ bool lw_last_block(uint32_t* counter, int blocks, int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(counter, 1u) == uint32_t(blocks - 1);
+  __syncthreads();
+  bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 // Rows of x a warp's dot products handle at once (lw_lane_dots: the decode matvec's limit).
 #define LW_MAX_TOKENS 8
 

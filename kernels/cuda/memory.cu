@@ -8,7 +8,9 @@
 //   parts at once.
 // lw_rope: rotate-half rotary embedding in place, x: [t, heads * head_dim], row r at positions[r],
 //   inv_freq_j = 1 / theta^(2j / head_dim) in f32, as transformers (and the reference) compute it.
-// lw_kv_write: keys[layer][slots[r]][0..cols) = k[r], the same for values (a block per row).
+// lw_kv_write: keys[layer][slots[r]][0..cols) = k[r * stride ..], the same for values (a block per
+//   row); stride = cols for k and v of their own, more when they are column blocks of a fused q|k|v
+//   projection read in place.
 // lw_copy_blocks: for every layer, block pairs[2i + 1] of keys and values becomes a copy of block
 //   pairs[2i] (grid (pairs, layers)).
 //
@@ -74,11 +76,13 @@ extern "C" __global__ void lw_rope(float* x, const uint32_t* positions, int t, i
 }
 
 extern "C" __global__ void lw_kv_write(float* keys, float* values, const float* k, const float* v, const uint32_t* slots,
-                                       int cols, int width, int layer, unsigned long long slots_per_layer) {
+                                       int cols, int stride, int width, int layer,
+                                       unsigned long long slots_per_layer) {
   size_t at = (size_t(layer) * slots_per_layer + slots[blockIdx.x]) * width;
+  size_t from = size_t(blockIdx.x) * stride;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-    keys[at + c] = k[size_t(blockIdx.x) * cols + c];
-    values[at + c] = v[size_t(blockIdx.x) * cols + c];
+    keys[at + c] = k[from + c];
+    values[at + c] = v[from + c];
   }
 }
 

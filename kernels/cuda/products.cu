@@ -15,9 +15,10 @@
 //   along `in` through shared memory.
 // lw_norm_head_*: a norm (LayerNorm, or RMSNorm when norm_b is null) fused with the product that reads
 //   it (the final norm and one or several vocabulary heads, or a block's norm and its first product):
-//   every block normalises the t rows of each head's state into shared memory (a few KiB, cheap next
-//   to the weights it reads), then its warps compute their output features as lw_matvec does, with
-//   its epilogue. out[h][r][o] (epilogue) Σ_i norm(state[h][r])[i] * head_h[o][i] (+ bias[o]);
+//   each warp first issues its first round of weight loads, then the block normalises the t rows of
+//   each head's state into shared memory (a few KiB, cheap next to the weights it reads) while they
+//   are in flight, then its warps compute their output features as lw_matvec does, with its
+//   epilogue. out[h][r][o] (epilogue) Σ_i norm(state[h][r])[i] * head_h[o][i] (+ bias[o]);
 //   heads[h] points at head h; bias (null for none) is for a single head. lw_norm_head1_*: the same
 //   for one row (t = 1), compiled apart for fewer registers, as lw_matvec1_*.
 //
@@ -27,25 +28,6 @@
 // add_assign or activate, for the epilogues; layer_norm / rms_norm then linear, for the fused head)
 // within 1e-5 of the largest output for f32 weights, 1e-4 for f16/bf16 (the conformance tolerances).
 #include "common.cuh"
-
-// out[r][o] (epilogue) Σ_i x[r][i] * w[o][i] (+ bias[o]) for output feature o, by one warp; `x` may
-// be in shared memory.
-template <class T, int MAXT>
-__device__ __forceinline__ void lw_warp_row(float* out, const float* x, const T* w, const float* bias, int t, int n_in,
-                                            int n_out, int o, int epilogue) {
-  int lane = threadIdx.x & 31;
-  float acc[MAXT];
-#pragma unroll
-  for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
-  lw_lane_dots<T, MAXT>(acc, x, n_in, w + size_t(o) * n_in, t, n_in);
-#pragma unroll
-  for (int r = 0; r < MAXT; ++r) {
-    if (r < t) {
-      float s = warp_sum(acc[r]);
-      if (lane == 0) lw_epilogue(out + size_t(r) * n_out + o, bias ? s + bias[o] : s, epilogue);
-    }
-  }
-}
 
 template <class T, int MAXT>
 __device__ void lw_matvec(float* out, const float* x, const T* w, const float* bias, int t, int n_in, int n_out,
@@ -106,14 +88,44 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
   float* normed = shared;              // [t, hidden]
   float* scratch = shared + t * hidden;  // 32 floats
   int h = blockIdx.y;
+  int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  int o = blockIdx.x * warps + (threadIdx.x >> 5);
+  constexpr int V = lw_per16<T>::n;
+  const T* row = heads[h] + size_t(o < vocab ? o : 0) * hidden;
+  // The first round of this warp's weight loads (8 or 4 16-byte loads a lane, as lw_lane_dots would
+  // start), issued before the norm: the norm's block reductions run while they are in flight instead
+  // of before the first of them (3-4 us a launch on the H200, run 6 of NOTES.md).
+  int early = 0;
+  if (o < vocab && hidden % V == 0 && lw_aligned16(row) && lw_aligned16(normed)) early = hidden >= 256 * V ? 8 : (hidden >= 128 * V ? 4 : 0);
+  lw_vec16 raw[8];
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    if (u < early) raw[u] = lw_load16(row + lane * V + u * 32 * V);
+  }
   const float* state = states + size_t(h) * t * hidden;
   for (int r = 0; r < t; ++r) {
     lw_norm_row(normed + size_t(r) * hidden, state + size_t(r) * hidden, norm_w, norm_b, hidden, eps, scratch);
   }
   __syncthreads();
-  int warps = blockDim.x >> 5;
-  int o = blockIdx.x * warps + (threadIdx.x >> 5);
-  if (o < vocab) lw_warp_row<T, MAXT>(out + size_t(h) * t * vocab, normed, heads[h], bias, t, hidden, vocab, o, epilogue);
+  if (o >= vocab) return;
+  // The dot products as lw_lane_dots alone would sum them, in the same order: the early round, then the rest.
+  float acc[MAXT];
+#pragma unroll
+  for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    if (u < early) lw_accumulate16<T, MAXT>(acc, raw[u], normed, lane * V + u * 32 * V, t, hidden);
+  }
+  int done = early * 32 * V;
+  lw_lane_dots<T, MAXT>(acc, normed + done, hidden, row + done, t, hidden - done);
+  float* dst = out + size_t(h) * t * vocab;
+#pragma unroll
+  for (int r = 0; r < MAXT; ++r) {
+    if (r < t) {
+      float sum = warp_sum(acc[r]);
+      if (lane == 0) lw_epilogue(dst + size_t(r) * vocab + o, bias ? sum + bias[o] : sum, epilogue);
+    }
+  }
 }
 
 #define LW_PRODUCTS(suffix, T)                                                                                   \

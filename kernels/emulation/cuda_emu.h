@@ -2,9 +2,10 @@
 // files unchanged and runs each kernel launch on the CPU (the `emulated_*` tests; the stand-in
 // driver of the tests will run its launches here too).
 //
-// Model: the blocks of a grid run one after another; the threads of a block
-// are user-level fibers (ucontext) scheduled cooperatively, in forward or reverse order of their
-// linear index. A fiber runs until it reaches a synchronisation point:
+// Model: the blocks of a grid run one after another (in reverse order too when the threads are, so
+// that a kernel whose blocks meet through atomics, the last to finish doing the rest, is run with
+// another block last); the threads of a block are user-level fibers (ucontext) scheduled
+// cooperatively, in forward or reverse order of their linear index. A fiber runs until it reaches a synchronisation point:
 // - __syncthreads(): waits until every thread of the block that has not exited is waiting there;
 // - warp operations (__shfl_*_sync, __ballot_sync, __any_sync, __all_sync): wait until every lane
 //   named in the mask has arrived at a warp operation with the same mask; lanes outside the mask
@@ -22,6 +23,7 @@
 // kernels/cuda/common.cuh), filled with 0xA5 bytes at each block's start.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -101,6 +103,9 @@ inline int segment_source(int src, int lane, int width, bool in_range) { return 
 #define __align__(n) alignas(n)
 
 inline void __syncthreads() { emu::barrier(); }
+// Blocks run one after another, so every write is seen by the blocks after it: a memory fence has
+// nothing to order here (and is no scheduling point).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {

@@ -228,22 +228,23 @@ int launch(const EmuLaunch& config, Body body, void* context, char* error, size_
     b.fibers[i].linear = unsigned(i);
   }
   std::string result;
-  for (unsigned z = 0; z < config.grid[2] && result.empty(); ++z) {
-    for (unsigned y = 0; y < config.grid[1] && result.empty(); ++y) {
-      for (unsigned x = 0; x < config.grid[0] && result.empty(); ++x) {
-        b.index = dim3(x, y, z);
-        // Fresh, poisoned dynamic shared memory for every block: a kernel must write before reading.
-        b.dynamic_shared.assign(config.shared_bytes, 0xA5);
-        // Each block on an OS thread of its own (one after another): its `__shared__` variables
-        // (thread_local) start afresh instead of holding the last block's or launch's values.
-        std::thread worker([&] {
-          active = &b;
-          result = run_block(b, config.reverse != 0);
-          active = nullptr;
-        });
-        worker.join();
-      }
-    }
+  for (size_t k = 0; k < blocks && result.empty(); ++k) {
+    // Blocks in x, y, z order, or the reverse (see cuda_emu.h).
+    size_t linear = config.reverse ? blocks - 1 - k : k;
+    unsigned x = unsigned(linear % config.grid[0]);
+    unsigned y = unsigned((linear / config.grid[0]) % config.grid[1]);
+    unsigned z = unsigned(linear / (size_t(config.grid[0]) * config.grid[1]));
+    b.index = dim3(x, y, z);
+    // Fresh, poisoned dynamic shared memory for every block: a kernel must write before reading.
+    b.dynamic_shared.assign(config.shared_bytes, 0xA5);
+    // Each block on an OS thread of its own (one after another): its `__shared__` variables
+    // (thread_local) start afresh instead of holding the last block's or launch's values.
+    std::thread worker([&] {
+      active = &b;
+      result = run_block(b, config.reverse != 0);
+      active = nullptr;
+    });
+    worker.join();
   }
   return result.empty() ? 0 : fail(result);
 }

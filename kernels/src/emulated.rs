@@ -23,7 +23,7 @@ pub struct Launch {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared_bytes: usize,
-    /// Run each block's threads last to first (0: first to last).
+    /// Run the blocks, and each block's threads, last to first (0: first to last).
     pub reverse: c_int,
 }
 
@@ -33,7 +33,7 @@ impl Launch {
         Launch { grid: [blocks, 1, 1], block: [threads, 1, 1], shared_bytes: 0, reverse: 0 }
     }
 
-    /// The same launch with the threads of each block run in reverse order.
+    /// The same launch with the blocks, and the threads of each block, run in reverse order.
     pub fn reversed(self) -> Self {
         Launch { reverse: 1, ..self }
     }
@@ -110,8 +110,7 @@ kernels! {
     Rope => emu_lw_rope,
     KvWrite => emu_lw_kv_write,
     CopyBlocks => emu_lw_copy_blocks,
-    AttentionPartial => emu_lw_attention_partial,
-    AttentionMerge => emu_lw_attention_merge,
+    Attention => emu_lw_attention,
     AttentionProbs => emu_lw_attention_probs,
     TestNeighbour => emu_lw_test_neighbour,
     TestDeadlock => emu_lw_test_deadlock,
@@ -143,8 +142,12 @@ pub unsafe fn launch(kernel: Kernel, config: Launch, params: &mut [*mut c_void])
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionArgs {
     pub q: *const f32,
-    pub keys: *const f32,
-    pub values: *const f32,
+    pub keys: *mut f32,
+    pub values: *mut f32,
+    /// The step's keys and values for the kernel to write first (a decoding step), or null.
+    pub new_k: *const f32,
+    pub new_v: *const f32,
+    pub kv_stride: i32,
     pub positions: *const u32,
     pub row_seq: *const u32,
     pub table_start: *const u32,
@@ -158,6 +161,8 @@ pub struct AttentionArgs {
     pub window: i32,
     pub slots_per_layer: u64,
     pub width: i32,
+    /// Floats from one query row to the next (the query width, or a fused q|k|v row's).
+    pub q_stride: i32,
     pub scale: f32,
 }
 

@@ -72,7 +72,7 @@ pub const KERNELS: &[(&str, &[&str])] = &[
             "lw_copy_blocks",
         ],
     ),
-    ("attention.cu", &["lw_attention_partial", "lw_attention_merge", "lw_attention_probs"]),
+    ("attention.cu", &["lw_attention", "lw_attention_probs"]),
 ];
 
 /// The text of kernel file `file` with its `#include "common.cuh"` replaced by the header's text: one

@@ -232,8 +232,8 @@ enum Lower<'a> {
     Logits(&'a [f32]),
 }
 
-/// lw_acd_select, the lower kernel, lw_acd_finish on `rows` rows of `upper`; the threads of each
-/// block run in the order of `reverse`.
+/// lw_acd_select, the lower kernel, lw_acd_finish on `rows` rows of `upper`, several blocks per row;
+/// the blocks, and the threads of each, run in the order of `reverse`.
 fn emulated_acd(
     upper: &[f32],
     rows: usize,
@@ -245,55 +245,57 @@ fn emulated_acd(
 ) -> Vec<f32> {
     let vocab = upper.len() / rows;
     let order = |l: Launch| if reverse { l.reversed() } else { l };
-    let mut out = vec![f32::NAN; rows * vocab];
-    let mut stats = vec![f32::NAN; 2 * rows];
-    let mut plausible = vec![u32::MAX; rows * vocab];
-    let mut counts = vec![u32::MAX; rows];
-    let (mut o, mut u, mut st, mut pl, mut c) =
-        (out.as_mut_ptr(), upper.as_ptr(), stats.as_mut_ptr(), plausible.as_mut_ptr(), counts.as_mut_ptr());
-    let (mut v, mut a, mut kk) = (vocab as i32, alpha, k as i32);
-    let config = order(Launch { shared_bytes: 256 * 4, ..Launch::grid_1d(rows as u32, threads) });
-    let mut params: [*mut c_void; 7] =
-        [arg(&mut st), arg(&mut pl), arg(&mut c), arg(&mut u), arg(&mut v), arg(&mut a), arg(&mut kk)];
-    // SAFETY: lw_acd_select(stats, plausible, counts, upper, vocab, alpha, k) reads rows x vocab
-    // floats and writes 2 x rows floats, rows x vocab and rows indices.
-    unsafe { launch(Kernel::AcdSelect, config, &mut params) }.expect("select");
+    // Several blocks per row in each kernel (slices of the vocabulary that meet through a ticket).
+    let (select_blocks, lower_blocks, finish_blocks) = (3u32, 4u32, 2u32);
     let grid = |blocks: u32, threads: u32, shared: usize| {
         order(Launch { grid: [blocks, rows as u32, 1], block: [threads, 1, 1], shared_bytes: shared, reverse: 0 })
     };
+    let mut out = vec![f32::NAN; rows * vocab];
+    let mut stats = vec![f32::NAN; 3 * rows];
+    let mut partial = vec![f32::NAN; 3 * rows * 4];
+    let mut counters = vec![0u32; rows];
+    let (mut o, mut u, mut st, mut pa, mut c) =
+        (out.as_mut_ptr(), upper.as_ptr(), stats.as_mut_ptr(), partial.as_mut_ptr(), counters.as_mut_ptr());
+    let (mut v, mut a, mut kk) = (vocab as i32, alpha, k as i32);
+    let mut params: [*mut c_void; 7] =
+        [arg(&mut st), arg(&mut pa), arg(&mut c), arg(&mut u), arg(&mut v), arg(&mut a), arg(&mut kk)];
+    // SAFETY: lw_acd_select(stats, partial, counters, upper, vocab, alpha, k) reads rows x vocab floats,
+    // writes 3 x rows stats and 3 x rows x blocks partial floats, counts in rows counters.
+    unsafe { launch(Kernel::AcdSelect, grid(select_blocks, threads, 256 * 4), &mut params) }.expect("select");
+    assert!(counters.iter().all(|&c| c == 0), "select left its counters at {counters:?}");
     match *lower {
         Lower::Head { kernel, head, features, hidden } => {
             let (mut f, mut h, mut d) = (features.as_ptr(), head.as_ptr(), hidden as i32);
             let mut params: [*mut c_void; 9] = [
                 arg(&mut o),
-                arg(&mut u),
                 arg(&mut st),
-                arg(&mut pl),
+                arg(&mut pa),
                 arg(&mut c),
+                arg(&mut u),
                 arg(&mut f),
                 arg(&mut h),
                 arg(&mut v),
                 arg(&mut d),
             ];
-            // SAFETY: lw_acd_lower_*(out, upper, stats, plausible, counts, features, head, vocab,
+            // SAFETY: lw_acd_lower_*(out, stats, partial, counters, upper, features, head, vocab,
             // hidden) reads what select wrote, rows x hidden features and vocab x hidden head values
-            // in the dtype's storage, and writes rows x vocab outputs.
-            unsafe { launch(kernel, grid(3, threads, hidden * 4), &mut params) }.expect("lower");
+            // in the dtype's storage, and writes rows x vocab outputs, the stats and partial states.
+            unsafe { launch(kernel, grid(lower_blocks, threads, hidden * 4), &mut params) }.expect("lower");
         }
         Lower::Logits(logits) => {
             let mut l = logits.as_ptr();
             let mut params: [*mut c_void; 7] =
-                [arg(&mut o), arg(&mut u), arg(&mut st), arg(&mut pl), arg(&mut c), arg(&mut l), arg(&mut v)];
-            // SAFETY: lw_acd_lower_from_logits(out, upper, stats, plausible, counts, lower, vocab) reads
-            // what select wrote and rows x vocab floats, and writes rows x vocab outputs.
-            unsafe { launch(Kernel::AcdLowerFromLogits, grid(2, 32, 0), &mut params) }.expect("lower");
+                [arg(&mut o), arg(&mut st), arg(&mut pa), arg(&mut c), arg(&mut u), arg(&mut l), arg(&mut v)];
+            // SAFETY: lw_acd_lower_from_logits(out, stats, partial, counters, upper, lower, vocab) reads
+            // what select wrote and rows x vocab floats, and writes rows x vocab outputs and the stats.
+            unsafe { launch(Kernel::AcdLowerFromLogits, grid(lower_blocks, 32, 0), &mut params) }.expect("lower");
         }
     }
-    let config = order(Launch::grid_1d(rows as u32, threads));
+    assert!(counters.iter().all(|&c| c == 0), "lower left its counters at {counters:?}");
     let mut params: [*mut c_void; 4] = [arg(&mut o), arg(&mut u), arg(&mut st), arg(&mut v)];
     // SAFETY: lw_acd_finish(out, upper, stats, vocab) reads rows x vocab floats of upper, the stats,
     // and reads and writes rows x vocab outputs.
-    unsafe { launch(Kernel::AcdFinish, config, &mut params) }.expect("finish");
+    unsafe { launch(Kernel::AcdFinish, grid(finish_blocks, threads, 0), &mut params) }.expect("finish");
     out
 }
 
@@ -324,7 +326,9 @@ fn emulated_acd_equals_the_reference_contrast() {
             let lower = Lower::Head { kernel, head: tensor.bytes(), features: &features, hidden };
             for (alpha, min_candidates) in [(0.1f32, 1usize), (0.5, 3), (1.0, 1), (0.0, 1), (0.1, vocab), (0.1, 40)] {
                 let want = r.contrast_acd(&upper_m, &features_m, &head, alpha, min_candidates).expect("reference").data;
-                for threads in [32u32, 256] {
+                // One warp, and three (the block reductions across warps, a count that is no power of
+                // two; 256 threads cost the emulation, above all under AddressSanitizer, 8x the fibers).
+                for threads in [32u32, 96] {
                     for reverse in [false, true] {
                         let out = emulated_acd(&upper, rows, &lower, alpha, min_candidates, threads, reverse);
                         for (i, (g, w)) in out.iter().zip(&want).enumerate() {
@@ -684,29 +688,32 @@ fn emulated_data_movement_equals_the_reference() {
     let slots_per_layer = blocks * block_size;
     let mut keys = vec![0f32; layers * slots_per_layer * width];
     let mut vals = vec![0f32; layers * slots_per_layer * width];
-    let (k, v) = (values(3 * 7, 20, 1.0), values(3 * 7, 21, 1.0));
+    // Keys and values as column blocks of fused rows (16 floats a row: 2 others, 7 keys, 7 values),
+    // read in place through the row stride.
+    let fused = values(3 * 16, 20, 1.0);
     let slots = [5u32, 0, 23];
     let (mut kp, mut vp, mut kk, mut vv, mut sp) =
-        (keys.as_mut_ptr(), vals.as_mut_ptr(), k.as_ptr(), v.as_ptr(), slots.as_ptr());
-    let (mut cols, mut w, mut layer, mut spl) = (7i32, width as i32, 1i32, slots_per_layer as u64);
-    let mut params: [*mut c_void; 9] = [
+        (keys.as_mut_ptr(), vals.as_mut_ptr(), fused[2..].as_ptr(), fused[9..].as_ptr(), slots.as_ptr());
+    let (mut cols, mut stride, mut w, mut layer, mut spl) = (7i32, 16i32, width as i32, 1i32, slots_per_layer as u64);
+    let mut params: [*mut c_void; 10] = [
         arg(&mut kp),
         arg(&mut vp),
         arg(&mut kk),
         arg(&mut vv),
         arg(&mut sp),
         arg(&mut cols),
+        arg(&mut stride),
         arg(&mut w),
         arg(&mut layer),
         arg(&mut spl),
     ];
-    // SAFETY: lw_kv_write(keys, values, k, v, slots, cols, width, layer, slots_per_layer): 3 rows of 7
-    // into slots of a [2][24][10] store.
+    // SAFETY: lw_kv_write(keys, values, k, v, slots, cols, stride, width, layer, slots_per_layer): 3
+    // rows of 7, 16 apart, into slots of a [2][24][10] store.
     unsafe { launch(Kernel::KvWrite, Launch::grid_1d(3, 32), &mut params) }.expect("launch");
     for (row, &slot) in slots.iter().enumerate() {
         let at = (slots_per_layer + slot as usize) * width;
-        assert_eq!(&keys[at..at + 7], &k[row * 7..(row + 1) * 7]);
-        assert_eq!(&vals[at..at + 7], &v[row * 7..(row + 1) * 7]);
+        assert_eq!(&keys[at..at + 7], &fused[row * 16 + 2..row * 16 + 9]);
+        assert_eq!(&vals[at..at + 7], &fused[row * 16 + 9..row * 16 + 16]);
     }
     let pairs = [1u32, 4, 5, 2]; // block 1 -> 4, block 5 -> 2
     let before = keys.clone();
@@ -732,45 +739,22 @@ fn emulated_data_movement_equals_the_reference() {
 
 #[test]
 fn emulated_paged_attention_equals_the_reference() {
-    use layerwise::backend::{AttentionParams, SeqLayout, StepLayout};
+    use layerwise::backend::conformance::{attention_layout, decode_layout};
+    use layerwise::backend::{AttentionParams, StepLayout};
     use layerwise_kernels::emulated::AttentionArgs;
     let r = Reference::default();
     // (heads, kv heads, head_dim, window, block size)
-    for (heads, kv_heads, head_dim, window, block_size) in
+    for ((heads, kv_heads, head_dim, window, block_size), decoding) in
         [(4usize, 4usize, 8usize, 0usize, 4usize), (4, 2, 16, 0, 16), (2, 1, 5, 4, 3), (3, 3, 64, 1, 1)]
+            .into_iter()
+            .flat_map(|case| [(case, false), (case, true)])
     {
-        // Sequences: (first position, new rows, blocks): decode rows past page boundaries, a prefill.
-        let sequences: Vec<(usize, usize, Vec<u32>)> = vec![
-            (0, 1, vec![7]),
-            (block_size * 2, 1, vec![0, 1, 2]),
-            (
-                block_size - 1,
-                3,
-                [3].into_iter().chain(40..40 + (block_size + 2).div_ceil(block_size) as u32 - 1).collect(),
-            ),
-            (0, 19, (8..8 + 19usize.div_ceil(block_size) as u32).collect()),
-        ];
-        let mut layout = StepLayout { block_size, ..Default::default() };
-        for (first_position, len, table) in &sequences {
-            let s = layout.sequences.len();
-            layout.sequences.push(SeqLayout {
-                first_row: layout.ids.len(),
-                len: *len,
-                first_position: *first_position,
-                table_start: layout.block_tables.len(),
-                table_len: table.len(),
-            });
-            layout.block_tables.extend_from_slice(table);
-            for i in 0..*len {
-                let pos = first_position + i;
-                layout.ids.push(0);
-                layout.positions.push(pos as u32);
-                layout.slots.push(layout.slot_of(s, pos) as u32);
-            }
-        }
+        // Decode rows past page boundaries and a prefill (the conformance suite's layout); or only
+        // decode rows (one per sequence), whose keys and values the kernel writes itself.
+        let layout = if decoding { decode_layout(block_size) } else { attention_layout(block_size) };
         let rows = layout.rows();
         let width = kv_heads * head_dim;
-        let (layers, num_blocks) = (2usize, 64usize);
+        let (layers, num_blocks) = (2usize, 256usize);
         let slots_per_layer = num_blocks * block_size;
         // Every slot any sequence reads, with its key and value rows, written to both caches.
         let mut fill = StepLayout { block_size, ..layout.clone() };
@@ -795,6 +779,14 @@ fn emulated_paged_attention_equals_the_reference() {
             vals[at..at + width].copy_from_slice(&v[i * width..(i + 1) * width]);
         }
         let q = values(rows * heads * head_dim, 40, 1.0);
+        // The queries also as the first column block of a fused q|k|v row (3 extra columns here),
+        // read in place through the row stride.
+        let q_stride = heads * head_dim + 3;
+        let mut fused = vec![f32::NAN; rows * q_stride];
+        for r in 0..rows {
+            fused[r * q_stride..r * q_stride + heads * head_dim]
+                .copy_from_slice(&q[r * heads * head_dim..(r + 1) * heads * head_dim]);
+        }
         let params = AttentionParams {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -810,10 +802,20 @@ fn emulated_paged_attention_equals_the_reference() {
         let row_seq: Vec<u32> =
             layout.sequences.iter().enumerate().flat_map(|(s, seq)| std::iter::repeat_n(s as u32, seq.len)).collect();
         let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
+        // A decoding step's own keys and values: the kernel writes them into copies of the caches
+        // whose own slots are set to NaN before each launch.
+        let own: Vec<usize> =
+            layout.slots.iter().map(|&slot| fill.slots.binary_search(&slot).expect("filled")).collect();
+        let new_k: Vec<f32> = own.iter().flat_map(|&i| k[i * width..(i + 1) * width].to_vec()).collect();
+        let new_v: Vec<f32> = own.iter().flat_map(|&i| v[i * width..(i + 1) * width].to_vec()).collect();
+        let (mut decode_keys, mut decode_vals) = (keys.clone(), vals.clone());
         let args = AttentionArgs {
             q: q.as_ptr(),
-            keys: keys.as_ptr(),
-            values: vals.as_ptr(),
+            keys: keys.as_mut_ptr(),
+            values: vals.as_mut_ptr(),
+            new_k: std::ptr::null(),
+            new_v: std::ptr::null(),
+            kv_stride: 0,
             positions: layout.positions.as_ptr(),
             row_seq: row_seq.as_ptr(),
             table_start: table_start.as_ptr(),
@@ -826,31 +828,55 @@ fn emulated_paged_attention_equals_the_reference() {
             window: window as i32,
             slots_per_layer: slots_per_layer as u64,
             width: width as i32,
+            q_stride: (heads * head_dim) as i32,
             scale: params.scale,
         };
-        let longest = 19 + block_size * 2;
-        for (chunk, threads) in [(longest, 32usize), (7, 32), (2, 32), (longest, 96), (7, 96)] {
+        let longest = layout.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+        for (chunk, threads, strided) in
+            [(longest, 32usize, false), (7, 32, false), (2, 32, true), (longest, 96, true), (7, 96, false)]
+        {
             let splits = longest.div_ceil(chunk);
+            let mut args =
+                if strided { AttentionArgs { q: fused.as_ptr(), q_stride: q_stride as i32, ..args } } else { args };
+            if decoding {
+                args = AttentionArgs {
+                    keys: decode_keys.as_mut_ptr(),
+                    values: decode_vals.as_mut_ptr(),
+                    new_k: new_k.as_ptr(),
+                    new_v: new_v.as_ptr(),
+                    kv_stride: width as i32,
+                    ..args
+                };
+            }
             let mut partial = vec![f32::NAN; rows * heads * splits * (head_dim + 2)];
+            let mut counters = vec![0u32; rows * heads];
             let shared_bytes = chunk * 8 + (head_dim + chunk + threads / 32 * head_dim) * 4;
             let mut config = Launch { shared_bytes, ..Launch::grid_1d(heads as u32, threads as u32) };
             config.grid[1] = rows as u32;
             config.grid[2] = splits as u32;
+            // Forward and reverse: a different split of each (row, head) finishes last and merges.
             for config in orders(config) {
-                let (mut pp, mut a, mut c) = (partial.as_mut_ptr(), args, chunk as i32);
-                let mut p: [*mut c_void; 3] = [arg(&mut pp), arg(&mut a), arg(&mut c)];
-                // SAFETY: lw_attention_partial(partial, args, chunk): the args point at the arrays above;
-                // partial holds rows x heads x splits x (head_dim + 2).
-                unsafe { launch(Kernel::AttentionPartial, config, &mut p) }.expect("launch");
+                for &slot in layout.slots.iter().filter(|_| decoding) {
+                    let at = (slots_per_layer + slot as usize) * width;
+                    decode_keys[at..at + width].fill(f32::NAN);
+                    decode_vals[at..at + width].fill(f32::NAN);
+                }
                 let mut out = vec![f32::NAN; rows * heads * head_dim];
-                let (mut o, mut pp, mut h, mut d, mut s) =
-                    (out.as_mut_ptr(), partial.as_ptr(), heads as i32, head_dim as i32, splits as i32);
-                let mut p: [*mut c_void; 5] = [arg(&mut o), arg(&mut pp), arg(&mut h), arg(&mut d), arg(&mut s)];
-                let mut merge = Launch::grid_1d(heads as u32, 64);
-                merge.grid[1] = rows as u32;
-                // SAFETY: lw_attention_merge(out, partial, heads, head_dim, splits).
-                unsafe { launch(Kernel::AttentionMerge, merge, &mut p) }.expect("launch");
-                assert_close(&format!("paged attention {params:?} chunk {chunk} {config:?}"), &out, &want, 1e-5);
+                let (mut o, mut pp, mut cp, mut a, mut c) =
+                    (out.as_mut_ptr(), partial.as_mut_ptr(), counters.as_mut_ptr(), args, chunk as i32);
+                let mut p: [*mut c_void; 5] = [arg(&mut o), arg(&mut pp), arg(&mut cp), arg(&mut a), arg(&mut c)];
+                // SAFETY: lw_attention(out, partial, counters, args, chunk): the args point at the arrays
+                // above; out holds rows x heads x head_dim, partial rows x heads x splits x (head_dim + 2),
+                // counters rows x heads (zero).
+                unsafe { launch(Kernel::Attention, config, &mut p) }.expect("launch");
+                let what = format!("paged attention {params:?} chunk {chunk} strided {strided} {config:?}");
+                assert_close(&what, &out, &want, 1e-5);
+                // The last block of each (row, head) leaves its counter at zero for the next launch.
+                assert!(counters.iter().all(|&c| c == 0), "{what}: counters left {counters:?}");
+                if decoding {
+                    assert_eq!(decode_keys, keys, "{what}: the step's keys in the cache");
+                    assert_eq!(decode_vals, vals, "{what}: the step's values in the cache");
+                }
             }
         }
         // The probabilities of every sequence.

@@ -178,6 +178,17 @@ impl<B: Backend> Backend for Counting<B> {
         self.inner.paged_attention(q, store, layer, step, params)
     }
 
+    fn paged_attention_qkv(
+        &self,
+        qkv: &B::Tensor,
+        store: &mut B::KvStore,
+        layer: usize,
+        step: &B::Step,
+        params: &AttentionParams,
+    ) -> Result<B::Tensor> {
+        self.inner.paged_attention_qkv(qkv, store, layer, step, params)
+    }
+
     fn attention_probs(
         &self,
         q: &B::Tensor,

@@ -327,15 +327,41 @@ pub fn rows_and_columns<B: Backend>(b: &B) -> Result<()> {
 }
 
 /// Sequences for the attention checks: decoding rows past page boundaries, a prefill long enough
-/// for the matrix-product path, forked tables that share blocks.
-fn attention_layout(block_size: usize) -> StepLayout {
+/// for the matrix-product path, forked tables that share blocks. Blocks below 256 (also the
+/// kernels' emulated tests use it).
+pub fn attention_layout(block_size: usize) -> StepLayout {
     // (first position, new rows, blocks)
-    let sequences: [(usize, usize, Vec<u32>); 4] = [
-        (0, 1, vec![7]),
-        (block_size * 2, 1, vec![0, 1, 2]),
-        (block_size - 1, 3, [3].into_iter().chain(40..40 + (block_size + 2).div_ceil(block_size) as u32 - 1).collect()),
-        (0, 19, (8..8 + 19usize.div_ceil(block_size) as u32).collect()),
-    ];
+    layout_of(
+        block_size,
+        vec![
+            (0, 1, vec![7]),
+            (block_size * 2, 1, vec![0, 1, 2]),
+            (
+                block_size - 1,
+                3,
+                [3].into_iter().chain(40..40 + (block_size + 2).div_ceil(block_size) as u32 - 1).collect(),
+            ),
+            (0, 19, (8..8 + 19usize.div_ceil(block_size) as u32).collect()),
+        ],
+    )
+}
+
+/// A decoding step: one row per sequence, past page boundaries, one with a context longer than 64
+/// positions (the CUDA attention's split). Blocks below 256.
+pub fn decode_layout(block_size: usize) -> StepLayout {
+    layout_of(
+        block_size,
+        vec![
+            (0, 1, vec![7]),
+            (block_size * 2, 1, vec![0, 1, 2]),
+            (block_size - 1, 1, vec![3]),
+            (70, 1, (8..8 + 71usize.div_ceil(block_size) as u32).collect()),
+        ],
+    )
+}
+
+/// The step of sequences given as (first position, new rows, blocks).
+fn layout_of(block_size: usize, sequences: Vec<(usize, usize, Vec<u32>)>) -> StepLayout {
     let mut layout = StepLayout { block_size, ..Default::default() };
     for (first_position, len, table) in sequences {
         let s = layout.sequences.len();
@@ -370,7 +396,7 @@ fn filled_caches<B: Backend>(
 ) -> Result<(B::KvStore, super::reference::RefKv, B::Step, StepLayout)> {
     let r = Reference::default();
     let width = p.num_kv_heads * p.head_dim;
-    let blocks = 64;
+    let blocks = 256;
     let (mut bkv, mut rkv) =
         (b.kv_store(layers, blocks, layout.block_size, width)?, r.kv_store(layers, blocks, layout.block_size, width)?);
     let mut history = StepLayout { block_size: layout.block_size, ..layout.clone() };
@@ -411,7 +437,7 @@ fn attention_cases() -> Vec<(usize, AttentionParams)> {
     ]
 }
 
-/// `kv_write`, `kv_copy_blocks` and `paged_attention`: several sequences at once, page boundaries,
+/// `kv_write`, `kv_copy_blocks`, `paged_attention` and `paged_attention_qkv`: several sequences at once, page boundaries,
 /// grouped-query heads, windows, bidirectional (encoder) attention, decode and prefill rows.
 pub fn paged_attention<B: Backend>(b: &B) -> Result<()> {
     let r = Reference::default();
@@ -423,10 +449,39 @@ pub fn paged_attention<B: Backend>(b: &B) -> Result<()> {
         let what = format!("paged_attention block {block_size}, {p:?}");
         if !p.causal && !b.bidirectional_attention() {
             refuses_bidirectional(&what, b.paged_attention(&bq, &bkv, 1, &bs, &p).map(|_| ()))?;
+            let (q_width, kv_width) = p.qkv_widths();
+            let (bqkv, _) = pair(b, &values(rows * (q_width + 2 * kv_width), 50), rows, q_width + 2 * kv_width)?;
+            refuses_bidirectional(&what, b.paged_attention_qkv(&bqkv, &mut bkv, 1, &bs, &p).map(|_| ()))?;
             continue;
         }
         let got = b.to_host(&b.paged_attention(&bq, &bkv, 1, &bs, &p)?)?;
         compare(&what, &got, &r.paged_attention(&rq, &rkv, 1, &rs, &p)?.data, 1e-5)?;
+        // The same from a fused q|k|v projection: new keys and values for the step's rows, written
+        // and attended over in one op.
+        let (q_width, kv_width) = p.qkv_widths();
+        let fused = values(rows * (q_width + 2 * kv_width), 50);
+        let (bqkv, rqkv) = pair(b, &fused, rows, q_width + 2 * kv_width)?;
+        let got = b.to_host(&b.paged_attention_qkv(&bqkv, &mut bkv, 1, &bs, &p)?)?;
+        let [rq2, rk2, rv2]: [super::Matrix; 3] =
+            r.split_columns(&rqkv, &[q_width, kv_width, kv_width])?.try_into().map_err(|_| fail("split".into()))?;
+        r.kv_write(&mut rkv, 1, &rs, &rk2, &rv2)?;
+        compare(&format!("{what} (fused q|k|v)"), &got, &r.paged_attention(&rq2, &rkv, 1, &rs, &p)?.data, 1e-5)?;
+        // And in a decoding step (one row per sequence), where a backend may write the keys and
+        // values as it attends; then the step's slots are read again through the plain op.
+        let decode = decode_layout(block_size);
+        let (mut dbkv, mut drkv, dbs, drs) = filled_caches(b, &decode, &p, 2, 1)?;
+        let n = decode.rows();
+        let (dqkv, drqkv) = pair(b, &values(n * (q_width + 2 * kv_width), 60), n, q_width + 2 * kv_width)?;
+        let got = b.to_host(&b.paged_attention_qkv(&dqkv, &mut dbkv, 1, &dbs, &p)?)?;
+        let [dq, dk, dv]: [super::Matrix; 3] =
+            r.split_columns(&drqkv, &[q_width, kv_width, kv_width])?.try_into().map_err(|_| fail("split".into()))?;
+        r.kv_write(&mut drkv, 1, &drs, &dk, &dv)?;
+        let want = r.paged_attention(&dq, &drkv, 1, &drs, &p)?.data;
+        compare(&format!("{what} (fused q|k|v, decoding)"), &got, &want, 1e-5)?;
+        let (bq3, rq3) = pair(b, &values(n * q_width, 70), n, q_width)?;
+        let got = b.to_host(&b.paged_attention(&bq3, &dbkv, 1, &dbs, &p)?)?;
+        let want = r.paged_attention(&rq3, &drkv, 1, &drs, &p)?.data;
+        compare(&format!("{what} (decoding: the cache it wrote)"), &got, &want, 1e-5)?;
         // Copy-on-write: the second sequence's blocks copied over the first's, then read again.
         let mut copied = layout.clone();
         copied.block_copies = vec![(0, 7), (1, 12)];

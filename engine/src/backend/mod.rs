@@ -23,7 +23,7 @@ pub mod q8;
 pub mod q8_cache;
 pub mod reference;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::weights::{DType, HostTensor};
 use crate::model::config::Activation;
 
@@ -113,6 +113,11 @@ impl AttentionParams {
         }
         let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         first..pos + 1
+    }
+
+    /// The widths of the query block and of the key (and value) block of a fused q|k|v projection.
+    pub fn qkv_widths(&self) -> (usize, usize) {
+        (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
     }
 }
 
@@ -404,6 +409,27 @@ pub trait Backend: Send + Sync + 'static {
         step: &Self::Step,
         params: &AttentionParams,
     ) -> Result<Self::Tensor>;
+
+    /// [`Backend::kv_write`] then [`Backend::paged_attention`] on a fused projection: `qkv: [t,
+    /// (heads + 2 * kv_heads) * head_dim]`, its column blocks the queries, the keys and the values
+    /// (GPT-2's `c_attn`) -> `[t, heads * head_dim]`. The default splits the columns first; a
+    /// backend that can read the three blocks in place saves the copies (and on a GPU, launches).
+    fn paged_attention_qkv(
+        &self,
+        qkv: &Self::Tensor,
+        store: &mut Self::KvStore,
+        layer: usize,
+        step: &Self::Step,
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor> {
+        let (q_width, kv_width) = params.qkv_widths();
+        let [q, k, v]: [Self::Tensor; 3] = self
+            .split_columns(qkv, &[q_width, kv_width, kv_width])?
+            .try_into()
+            .map_err(|_| Error::Backend { backend: self.name().into(), reason: "split_columns: not 3 parts".into() })?;
+        self.kv_write(store, layer, step, &k, &v)?;
+        self.paged_attention(&q, store, layer, step, params)
+    }
 
     /// The attention probabilities of sequence `seq`'s rows (the same scores and mask as
     /// [`Backend::paged_attention`]): `[heads * len, first_position + len]`, head-major, zero outside

@@ -80,13 +80,16 @@ enum Backing {
     Mapped { map: Mmap, identity: u64 },
     /// Stored as u32 so that f32/f16/bf16 views are always aligned.
     Owned(Vec<u32>),
+    /// Owned, made only from mapped tensors (stacked rows): `key` is built from theirs, so caches of
+    /// derived work still find it.
+    Derived { words: Vec<u32>, key: u64 },
 }
 
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
             Backing::Mapped { map, .. } => map,
-            Backing::Owned(words) => bytemuck::cast_slice(words),
+            Backing::Owned(words) | Backing::Derived { words, .. } => bytemuck::cast_slice(words),
         }
     }
 }
@@ -189,9 +192,46 @@ impl HostTensor {
     /// memory (built, converted, merged with an adapter): their content has no such name. Caches of
     /// work derived from a tensor (8-bit weights) are keyed by it.
     pub fn content_key(&self) -> Option<u64> {
-        let Backing::Mapped { identity, .. } = *self.backing else { return None };
-        let described = format!("{identity:016x} {} {} {} {:?}", self.start, self.len, self.dtype, self.shape);
+        let identity = match *self.backing {
+            Backing::Mapped { identity, .. } => format!("{identity:016x}"),
+            Backing::Derived { key, .. } => format!("derived {key:016x}"),
+            Backing::Owned(_) => return None,
+        };
+        let described = format!("{identity} {} {} {} {:?}", self.start, self.len, self.dtype, self.shape);
         Some(crate::io::fnv1a(described.as_bytes()))
+    }
+
+    /// `parts` (`[rows_i, cols]` each, one dtype) stacked into `[Σ rows_i, cols]`: an owned copy (a
+    /// fused q|k|v projection made of three). Its content key is derived from the parts' when they
+    /// all have one. None when the parts differ in dtype, rank or width.
+    pub fn stack_rows(parts: &[&HostTensor]) -> Option<HostTensor> {
+        let first = parts.first()?;
+        let [_, cols] = *first.shape() else { return None };
+        let mut rows = 0;
+        for part in parts {
+            let [r, c] = *part.shape() else { return None };
+            if c != cols || part.dtype() != first.dtype() {
+                return None;
+            }
+            rows += r;
+        }
+        let len = rows * cols * first.dtype().size();
+        let mut words = vec![0u32; len.div_ceil(4)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len];
+        let mut at = 0;
+        for part in parts {
+            bytes[at..at + part.bytes().len()].copy_from_slice(part.bytes());
+            at += part.bytes().len();
+        }
+        let keys: Option<Vec<u64>> = parts.iter().map(|p| p.content_key()).collect();
+        let backing = match keys {
+            Some(keys) => {
+                let described: Vec<String> = keys.iter().map(|k| format!("{k:016x}")).collect();
+                Backing::Derived { words, key: crate::io::fnv1a(described.join(" ").as_bytes()) }
+            }
+            None => Backing::Owned(words),
+        };
+        Some(HostTensor { backing: Arc::new(backing), start: 0, len, dtype: first.dtype(), shape: vec![rows, cols] })
     }
 
     /// The first `n` rows of a tensor (its leading dimension), sharing its bytes.

@@ -2,7 +2,7 @@
 //! `Conv1D` weights are stored `[in, out]`.
 
 use super::config::{Activation, Architecture, AttentionSpan, Details, Fields, ModelSpec};
-use super::layers::{attend, Linear, Norm};
+use super::layers::{attend_qkv, Linear, Norm};
 use super::probes::{Probe, Site};
 use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
 use crate::backend::{AttentionParams, Backend, Layout, Lookup};
@@ -103,15 +103,10 @@ impl<B: Backend> Transformer<B> for Gpt2<B> {
         probe: &mut dyn Probe<B>,
     ) -> Result<B::Tensor> {
         let blk = &self.blocks[layer];
-        let width = blk.attention.num_heads * blk.attention.head_dim;
 
         // x = x + c_proj(attn(c_attn(ln_1(x))))
         let qkv = blk.ln_1.feed_linear(b, &x, &blk.c_attn, None, probe, layer, Site::Norm1)?;
-        let [q, k, v]: [B::Tensor; 3] = b
-            .split_columns(&qkv, &[width, width, width])?
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("split into three"));
-        let heads = attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?;
+        let heads = attend_qkv(b, kv, layer, step, &qkv, &blk.attention, probe)?;
         blk.attn_proj.add_to(b, &mut x, &heads, probe, layer, Site::Attention)?;
         Ok(x)
     }

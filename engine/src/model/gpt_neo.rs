@@ -2,7 +2,7 @@
 //! between global and local (windowed) attention, and no 1/sqrt(head_dim) scaling of the scores.
 
 use super::config::{Activation, Architecture, AttentionSpan, Details, Fields, ModelSpec};
-use super::layers::{attend, Linear, Norm};
+use super::layers::{attend_qkv, Linear, Norm};
 use super::probes::{Probe, Site};
 use super::{base_prefix, ModuleNames, Transformer, GPT_NAMES};
 use crate::backend::{AttentionParams, Backend, Layout, Lookup};
@@ -12,9 +12,8 @@ use serde_json::Value;
 
 struct Block<B: Backend> {
     ln_1: Norm<B>,
-    q_proj: Linear<B>,
-    k_proj: Linear<B>,
-    v_proj: Linear<B>,
+    /// q_proj, k_proj and v_proj stacked: one product, its output read in place by the attention.
+    qkv_proj: Linear<B>,
     out_proj: Linear<B>,
     ln_2: Norm<B>,
     c_fc: Linear<B>,
@@ -38,11 +37,10 @@ impl<B: Backend> GptNeo<B> {
             .map(|i| {
                 let h = format!("{p}h.{i}");
                 let attn = format!("{h}.attn.attention");
+                let [q, k, v] = ["q_proj", "k_proj", "v_proj"].map(|name| format!("{attn}.{name}"));
                 Ok(Block {
                     ln_1: Norm::layer_norm(b, w, &format!("{h}.ln_1"), d, eps)?,
-                    q_proj: Linear::load(b, w, &format!("{attn}.q_proj"), (d, d), Layout::OutIn, false)?,
-                    k_proj: Linear::load(b, w, &format!("{attn}.k_proj"), (d, d), Layout::OutIn, false)?,
-                    v_proj: Linear::load(b, w, &format!("{attn}.v_proj"), (d, d), Layout::OutIn, false)?,
+                    qkv_proj: Linear::load_stacked(b, w, &[(q.as_str(), d), (k.as_str(), d), (v.as_str(), d)], d)?,
                     out_proj: Linear::load(b, w, &format!("{attn}.out_proj"), (d, d), Layout::OutIn, true)?,
                     ln_2: Norm::layer_norm(b, w, &format!("{h}.ln_2"), d, eps)?,
                     c_fc: Linear::load(b, w, &format!("{h}.mlp.c_fc"), (ff, d), Layout::OutIn, true)?,
@@ -90,10 +88,8 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
         let blk = &self.blocks[layer];
 
         // x = x + out_proj(attn(q_proj, k_proj, v_proj of ln_1(x))), local or global
-        let h = blk.ln_1.forward(b, &x)?;
-        probe.see(layer, Site::Norm1, &h)?;
-        let (q, k, v) = (blk.q_proj.forward(b, &h)?, blk.k_proj.forward(b, &h)?, blk.v_proj.forward(b, &h)?);
-        let heads = attend(b, kv, layer, step, (&q, &k, &v), &blk.attention, probe)?;
+        let qkv = blk.ln_1.feed_linear(b, &x, &blk.qkv_proj, None, probe, layer, Site::Norm1)?;
+        let heads = attend_qkv(b, kv, layer, step, &qkv, &blk.attention, probe)?;
         blk.out_proj.add_to(b, &mut x, &heads, probe, layer, Site::Attention)?;
         Ok(x)
     }
@@ -110,9 +106,7 @@ impl<B: Backend> Transformer<B> for GptNeo<B> {
     fn block_bytes(&self, b: &B, layer: usize) -> usize {
         let blk = &self.blocks[layer];
         blk.ln_1.bytes(b)
-            + blk.q_proj.bytes(b)
-            + blk.k_proj.bytes(b)
-            + blk.v_proj.bytes(b)
+            + blk.qkv_proj.bytes(b)
             + blk.out_proj.bytes(b)
             + blk.ln_2.bytes(b)
             + blk.c_fc.bytes(b)

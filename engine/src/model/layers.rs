@@ -5,8 +5,8 @@
 use super::config::Activation;
 use super::probes::{Probe, Site};
 use crate::backend::{AttentionParams, Backend, Layout, NormParams};
-use crate::error::Result;
-use crate::io::weights::Weights;
+use crate::error::{Error, Result};
+use crate::io::weights::{DType, HostTensor, Weights};
 
 /// A linear layer: `w: [out, in]` and an optional bias `[out]`.
 pub(crate) struct Linear<B: Backend> {
@@ -36,6 +36,26 @@ impl<B: Backend> Linear<B> {
             None
         };
         Ok(Linear { weight, bias })
+    }
+
+    /// The `[out_i, in]` weights `{prefix}.weight` of several bias-free projections of one input
+    /// (GPT-Neo's q, k and v) stacked into one layer whose output is theirs side by side: one
+    /// product instead of several.
+    pub(crate) fn load_stacked(b: &B, w: &Weights, parts: &[(&str, usize)], in_features: usize) -> Result<Self> {
+        let tensors = parts
+            .iter()
+            .map(|&(prefix, out)| w.get_shaped(&format!("{prefix}.weight"), &[out, in_features]))
+            .collect::<Result<Vec<_>>>()?;
+        let stacked = match HostTensor::stack_rows(&tensors) {
+            Some(stacked) => stacked,
+            // Parts of different dtypes: stacked in f32.
+            None => {
+                let wide: Vec<HostTensor> = tensors.iter().map(|t| t.converted(DType::F32)).collect();
+                HostTensor::stack_rows(&wide.iter().collect::<Vec<_>>())
+                    .ok_or_else(|| Error::invalid(parts[0].0, "cannot stack the projections"))?
+            }
+        };
+        Ok(Linear { weight: b.weight(&stacked, Layout::OutIn)?, bias: None })
     }
 
     /// `x: [t, in]` -> `[t, out]`.
@@ -175,7 +195,48 @@ pub(crate) fn attend<B: Backend>(
     probe: &mut dyn Probe<B>,
 ) -> Result<B::Tensor> {
     b.kv_write(kv, layer, step, k, v)?;
-    let mut out = b.paged_attention(q, kv, layer, step, params)?;
+    let out = b.paged_attention(q, kv, layer, step, params)?;
+    after_attention(b, kv, layer, step, q, out, params, probe)
+}
+
+/// [`attend`] on a fused projection `qkv: [t, (heads + 2 * kv_heads) * head_dim]` (queries, keys,
+/// values), in one backend op unless a probe wants the probabilities (which need the queries apart).
+pub(crate) fn attend_qkv<B: Backend>(
+    b: &B,
+    kv: &mut B::KvStore,
+    layer: usize,
+    step: &B::Step,
+    qkv: &B::Tensor,
+    params: &AttentionParams,
+    probe: &mut dyn Probe<B>,
+) -> Result<B::Tensor> {
+    if probe.wants_attention(layer) {
+        let (q_width, kv_width) = params.qkv_widths();
+        let [q, k, v]: [B::Tensor; 3] = b
+            .split_columns(qkv, &[q_width, kv_width, kv_width])?
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("split into three"));
+        return attend(b, kv, layer, step, (&q, &k, &v), params, probe);
+    }
+    let mut out = b.paged_attention_qkv(qkv, kv, layer, step, params)?;
+    if let Some((_, scales)) = probe.head_mask(layer) {
+        b.scale_heads(&mut out, scales, params.head_dim)?;
+    }
+    Ok(out)
+}
+
+/// What follows the attention itself: the probe's head mask, and the probabilities it asked for.
+#[allow(clippy::too_many_arguments)]
+fn after_attention<B: Backend>(
+    b: &B,
+    kv: &B::KvStore,
+    layer: usize,
+    step: &B::Step,
+    q: &B::Tensor,
+    mut out: B::Tensor,
+    params: &AttentionParams,
+    probe: &mut dyn Probe<B>,
+) -> Result<B::Tensor> {
     let mask = probe.head_mask(layer);
     if let Some((_, scales)) = mask {
         b.scale_heads(&mut out, scales, params.head_dim)?;

@@ -17,7 +17,7 @@ pub mod program;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -68,6 +68,10 @@ pub struct Cuda {
     /// Streaming multiprocessors: sizes the grids that sweep a list of work with a fixed number of
     /// blocks.
     multiprocessors: usize,
+    /// The tickets of kernels whose blocks split a row (`lw_last_block` in common.cuh: attention's
+    /// splits, ACD's slices): zero between launches (each row's last block sets its counter back),
+    /// grown, cleared, when a launch needs more.
+    counters: Mutex<Option<CudaSlice<u32>>>,
 }
 
 /// An activation matrix `[rows, cols]` in device memory.
@@ -120,6 +124,10 @@ struct AttentionArgs {
     q: u64,
     keys: u64,
     values: u64,
+    /// The step's keys and values for the kernel to write itself (a decoding step), or 0.
+    new_k: u64,
+    new_v: u64,
+    kv_stride: i32,
     positions: u64,
     row_seq: u64,
     table_start: u64,
@@ -132,6 +140,7 @@ struct AttentionArgs {
     window: i32,
     slots_per_layer: u64,
     width: i32,
+    q_stride: i32,
     scale: f32,
 }
 
@@ -270,6 +279,7 @@ impl Cuda {
             launches: AtomicU64::new(0),
             matvec_split: None,
             multiprocessors,
+            counters: Mutex::new(None),
         })
     }
 
@@ -299,6 +309,12 @@ impl Cuda {
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
+    }
+
+    /// Memory a kernel writes before it reads it (partial states, per-row statistics), not cleared.
+    fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: only kernels that write each value before reading it are given this memory.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
     }
 
     fn indices(&self, n: usize) -> Result<CudaSlice<u32>> {
@@ -385,9 +401,10 @@ impl Cuda {
         Ok(())
     }
 
+    /// The attention's arguments for queries at device address `q`, `q_stride` floats from row to row.
     fn attention_args(
         &self,
-        q: &CudaTensor,
+        (q, q_stride): (u64, usize),
         store: &CudaKv,
         layer: usize,
         step: &CudaStep,
@@ -396,9 +413,12 @@ impl Cuda {
         let meta = self.ptr(&step.meta);
         let at = |i: usize| meta + 4 * step.offsets[i] as u64;
         AttentionArgs {
-            q: self.ptr(&q.data),
+            q,
             keys: self.ptr(&store.keys),
             values: self.ptr(&store.values),
+            new_k: 0,
+            new_v: 0,
+            kv_stride: 0,
             positions: at(1),
             row_seq: at(3),
             table_start: at(4),
@@ -411,8 +431,98 @@ impl Cuda {
             window: p.window.unwrap_or(0) as i32,
             slots_per_layer: store.slots_per_layer as u64,
             width: store.width as i32,
+            q_stride: q_stride as i32,
             scale: p.scale,
         }
+    }
+
+    /// The device address of `n` counters, all zero (see `counters`).
+    fn counters(&self, n: usize) -> Result<u64> {
+        let mut counters = self.counters.lock().map_err(|_| fail("counters: a panic held them"))?;
+        if counters.as_ref().is_none_or(|c| c.len() < n) {
+            *counters = Some(self.indices(n.next_power_of_two())?);
+        }
+        Ok(counters.as_ref().map_or(0, |c| self.ptr(c)))
+    }
+
+    /// Writes `rows` key and value rows of `cols` floats, at device addresses `k` and `v`, `stride`
+    /// floats apart, into the step's slots of `layer`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_cache(
+        &self,
+        store: &mut CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        (k, v): (u64, u64),
+        rows: usize,
+        cols: usize,
+        stride: usize,
+    ) -> Result<()> {
+        if cols > store.width || layer >= store.layers || step.layout.slots.len() != rows {
+            return Err(fail(format!("kv_write: [{rows}, {cols}] rows into layer {layer}")));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let slots = step.meta.slice(step.offsets[2]..step.offsets[3]);
+        let (cols, stride, width) = (cols as i32, stride as i32, store.width as i32);
+        let (l, spl) = (layer as i32, store.slots_per_layer as u64);
+        let cfg = config((rows as u32, 1, 1), row_threads(cols as usize), 0);
+        launch!(
+            self,
+            "lw_kv_write",
+            cfg,
+            &mut store.keys,
+            &mut store.values,
+            &k,
+            &v,
+            &slots,
+            &cols,
+            &stride,
+            &width,
+            &l,
+            &spl
+        );
+        Ok(())
+    }
+
+    /// Attention of `rows` query rows at `q` (`q_stride` floats apart) over the cache: one launch
+    /// of `lw_attention`, its splits merged by their last block. `new_kv`: the step's keys and
+    /// values (addresses and row stride) for the kernel to write first, in a decoding step.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: (u64, usize),
+        rows: usize,
+        store: &CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        params: &AttentionParams,
+        new_kv: Option<(u64, u64, usize)>,
+    ) -> Result<CudaTensor> {
+        check_causal(params)?;
+        let mut out = self.tensor(rows, params.num_heads * params.head_dim)?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let longest = step.layout.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
+        let splits = longest.div_ceil(ATTENTION_CHUNK);
+        // With one split the blocks write the output at once: no partial states, no counters.
+        let states = if splits > 1 { rows * params.num_heads * splits * (params.head_dim + 2) } else { 0 };
+        let mut partial = self.scratch(states)?;
+        let counters = if splits > 1 { self.counters(rows * params.num_heads)? } else { 0 };
+        let mut args = self.attention_args(q, store, layer, step, params);
+        if let Some((k, v, stride)) = new_kv {
+            (args.new_k, args.new_v, args.kv_stride) = (k, v, stride as i32);
+        }
+        let chunk = ATTENTION_CHUNK as i32;
+        // The chunk's cache rows (8 bytes each), the query, the chunk's scores, a row of
+        // weighted-value sums per warp.
+        let shared =
+            ATTENTION_CHUNK * 8 + (params.head_dim + ATTENTION_CHUNK + THREADS as usize / 32 * params.head_dim) * 4;
+        let cfg = config((params.num_heads as u32, rows as u32, splits as u32), THREADS, shared);
+        launch!(self, "lw_attention", cfg, &mut out.data, &mut partial, &counters, &args, &chunk);
+        Ok(out)
     }
 }
 
@@ -886,30 +996,10 @@ impl Backend for Cuda {
         k: &CudaTensor,
         v: &CudaTensor,
     ) -> Result<()> {
-        if k.cols > store.width || layer >= store.layers || step.layout.slots.len() != k.rows {
-            return Err(fail(format!("kv_write: [{}, {}] rows into layer {layer}", k.rows, k.cols)));
+        if (k.rows, k.cols) != (v.rows, v.cols) {
+            return Err(fail(format!("kv_write: keys [{}, {}], values [{}, {}]", k.rows, k.cols, v.rows, v.cols)));
         }
-        if k.rows == 0 {
-            return Ok(());
-        }
-        let slots = step.meta.slice(step.offsets[2]..step.offsets[3]);
-        let (cols, width, l, spl) = (k.cols as i32, store.width as i32, layer as i32, store.slots_per_layer as u64);
-        let cfg = config((k.rows as u32, 1, 1), row_threads(k.cols), 0);
-        launch!(
-            self,
-            "lw_kv_write",
-            cfg,
-            &mut store.keys,
-            &mut store.values,
-            &k.data,
-            &v.data,
-            &slots,
-            &cols,
-            &width,
-            &l,
-            &spl
-        );
-        Ok(())
+        self.write_cache(store, layer, step, (self.ptr(&k.data), self.ptr(&v.data)), k.rows, k.cols, k.cols)
     }
 
     fn paged_attention(
@@ -920,27 +1010,38 @@ impl Backend for Cuda {
         step: &CudaStep,
         params: &AttentionParams,
     ) -> Result<CudaTensor> {
-        check_causal(params)?;
-        let rows = q.rows;
-        let mut out = self.tensor(rows, params.num_heads * params.head_dim)?;
-        if rows == 0 {
-            return Ok(out);
+        if q.cols != params.num_heads * params.head_dim {
+            return Err(fail(format!("paged_attention: queries of width {} for {params:?}", q.cols)));
         }
-        let longest = step.layout.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1);
-        let splits = longest.div_ceil(ATTENTION_CHUNK);
-        let mut partial = self.zeros(rows * params.num_heads * splits * (params.head_dim + 2))?;
-        let args = self.attention_args(q, store, layer, step, params);
-        let chunk = ATTENTION_CHUNK as i32;
-        // The chunk's cache rows (8 bytes each), the query, the chunk's scores, a row of
-        // weighted-value sums per warp.
-        let shared =
-            ATTENTION_CHUNK * 8 + (params.head_dim + ATTENTION_CHUNK + THREADS as usize / 32 * params.head_dim) * 4;
-        let cfg = config((params.num_heads as u32, rows as u32, splits as u32), THREADS, shared);
-        launch!(self, "lw_attention_partial", cfg, &mut partial, &args, &chunk);
-        let (heads, d, z) = (params.num_heads as i32, params.head_dim as i32, splits as i32);
-        let cfg = config((params.num_heads as u32, rows as u32, 1), (params.head_dim as u32).div_ceil(32) * 32, 0);
-        launch!(self, "lw_attention_merge", cfg, &mut out.data, &partial, &heads, &d, &z);
-        Ok(out)
+        self.attend((self.ptr(&q.data), q.cols), q.rows, store, layer, step, params, None)
+    }
+
+    /// One launch in a decoding step (the attention writes the new keys and values itself), else two
+    /// (the cache write, then the attention); both read their column blocks of `qkv` in place.
+    fn paged_attention_qkv(
+        &self,
+        qkv: &CudaTensor,
+        store: &mut CudaKv,
+        layer: usize,
+        step: &CudaStep,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        check_causal(params)?;
+        let (q_width, kv_width) = params.qkv_widths();
+        if qkv.cols != q_width + 2 * kv_width {
+            return Err(fail(format!("paged_attention_qkv: a fused projection of width {} for {params:?}", qkv.cols)));
+        }
+        let base = self.ptr(&qkv.data);
+        let (k, v) = (base + 4 * q_width as u64, base + 4 * (q_width + kv_width) as u64);
+        let decoding = step.layout.sequences.iter().all(|s| s.len == 1);
+        if decoding {
+            if kv_width > store.width || layer >= store.layers || step.layout.slots.len() != qkv.rows {
+                return Err(fail(format!("paged_attention_qkv: [{}, {kv_width}] rows into layer {layer}", qkv.rows)));
+            }
+            return self.attend((base, qkv.cols), qkv.rows, store, layer, step, params, Some((k, v, qkv.cols)));
+        }
+        self.write_cache(store, layer, step, (k, v), qkv.rows, kv_width, qkv.cols)?;
+        self.attend((base, qkv.cols), qkv.rows, store, layer, step, params, None)
     }
 
     fn attention_probs(
@@ -959,7 +1060,7 @@ impl Backend for Cuda {
         if s.len == 0 {
             return Ok(out);
         }
-        let args = self.attention_args(q, store, layer, step, params);
+        let args = self.attention_args((self.ptr(&q.data), q.cols), store, layer, step, params);
         let (first_row, ctx) = (s.first_row as i32, context as i32);
         let cfg = config((params.num_heads as u32, s.len as u32, 1), THREADS, (params.head_dim + context) * 4);
         launch!(self, "lw_attention_probs", cfg, &mut out.data, &args, &first_row, &ctx);
@@ -984,52 +1085,37 @@ impl Backend for Cuda {
         let (_, _, _, lower_kernel) = Cuda::product_names(lower_head);
         let rows = upper.rows;
         let (vocab, hidden, k) = (upper.cols as i32, lower_features.cols as i32, min_candidates as i32);
-        let mut stats = self.zeros(2 * rows)?;
-        let mut plausible = self.indices(rows * upper.cols)?;
-        let mut counts = self.indices(rows)?;
-        let per_row = config((rows as u32, 1, 1), row_threads(upper.cols), 256 * 4);
-        launch!(
-            self,
-            "lw_acd_select",
-            per_row,
-            &mut stats,
-            &mut plausible,
-            &mut counts,
-            &upper.data,
-            &vocab,
-            &alpha,
-            &k
-        );
-        // Eight blocks per multiprocessor (a full device: the whole head read at its bandwidth when
-        // every token is plausible), fewer for a small vocabulary; blocks beyond a row's plausible
-        // tokens return at once.
+        // Blocks per row: for the select, a slice of ~2048 logits each (8 a thread); for the lower
+        // logits, eight blocks per multiprocessor (the whole head read at the device's bandwidth when
+        // every token is plausible), fewer for a small vocabulary; for the finish, 1024 logits each.
+        let select_blocks = upper.cols.div_ceil(2048).clamp(1, 1024);
         let warps_per_block = THREADS as usize / 32;
-        let blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 8 * self.multiprocessors) as u32;
-        let lower = config((blocks, rows as u32, 1), THREADS, lower_features.cols * 4);
+        let lower_blocks = upper.cols.div_ceil(warps_per_block).clamp(1, 8 * self.multiprocessors);
+        let finish_blocks = upper.cols.div_ceil(1024).clamp(1, 65_535);
+        // Per row: (norm, threshold, log of the plausible share); per row and block a partial state.
+        let mut stats = self.scratch(3 * rows)?;
+        let mut partial = self.scratch(3 * rows * select_blocks.max(lower_blocks))?;
+        let counters = self.counters(rows)?;
+        let select = config((select_blocks as u32, rows as u32, 1), THREADS, 256 * 4);
+        launch!(self, "lw_acd_select", select, &mut stats, &mut partial, &counters, &upper.data, &vocab, &alpha, &k);
+        let lower = config((lower_blocks as u32, rows as u32, 1), THREADS, lower_features.cols * 4);
         let h = self.matrix_ptr(lower_head);
         launch!(
             self,
             lower_kernel,
             lower,
             &mut out.data,
+            &mut stats,
+            &mut partial,
+            &counters,
             &upper.data,
-            &stats,
-            &plausible,
-            &counts,
             &lower_features.data,
             &h,
             &vocab,
             &hidden
         );
-        launch!(
-            self,
-            "lw_acd_finish",
-            config((rows as u32, 1, 1), row_threads(upper.cols), 0),
-            &mut out.data,
-            &upper.data,
-            &stats,
-            &vocab
-        );
+        let finish = config((finish_blocks as u32, rows as u32, 1), THREADS, 0);
+        launch!(self, "lw_acd_finish", finish, &mut out.data, &upper.data, &stats, &vocab);
         Ok(out)
     }
 
