@@ -558,3 +558,34 @@ fn header_fault(file: &[u8]) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacked_rows_keep_the_bytes_in_order_and_a_key_from_mapped_parts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("model.safetensors");
+        let (q, k) = (vec![1.0f32, 2.0, 3.0, 4.0], vec![5.0f32, 6.0]);
+        let views = [
+            ("q", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], bytemuck::cast_slice(&q))),
+            ("k", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], bytemuck::cast_slice(&k))),
+        ];
+        let views: Vec<_> = views.into_iter().map(|(n, v)| (n, v.expect("view"))).collect();
+        safetensors::serialize_to_file(views, None, &path).expect("write");
+        let weights = Weights::open(&[path]).expect("open");
+        let (wq, wk) = (weights.get("q").expect("q"), weights.get("k").expect("k"));
+        let stacked = HostTensor::stack_rows(&[wq, wk]).expect("stack");
+        assert_eq!(stacked.shape(), [3, 2]);
+        assert_eq!(stacked.data().to_f32_vec(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let key = stacked.content_key().expect("a key derived from mapped parts");
+        assert_ne!(Some(key), wq.content_key());
+        assert_eq!(HostTensor::stack_rows(&[wq, wk]).and_then(|t| t.content_key()), Some(key));
+        // Parts held in memory have no key; parts of another width or dtype do not stack.
+        let owned = HostTensor::from_f32(vec![7.0, 8.0], vec![1, 2]);
+        assert_eq!(HostTensor::stack_rows(&[wq, &owned]).expect("stack").content_key(), None);
+        assert!(HostTensor::stack_rows(&[wq, &HostTensor::from_f32(vec![0.0; 3], vec![1, 3])]).is_none());
+        assert!(HostTensor::stack_rows(&[wq, &owned.converted(DType::F16)]).is_none());
+    }
+}

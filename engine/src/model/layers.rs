@@ -195,8 +195,25 @@ pub(crate) fn attend<B: Backend>(
     probe: &mut dyn Probe<B>,
 ) -> Result<B::Tensor> {
     b.kv_write(kv, layer, step, k, v)?;
-    let out = b.paged_attention(q, kv, layer, step, params)?;
-    after_attention(b, kv, layer, step, q, out, params, probe)
+    let mut out = b.paged_attention(q, kv, layer, step, params)?;
+    let mask = probe.head_mask(layer);
+    if let Some((_, scales)) = mask {
+        b.scale_heads(&mut out, scales, params.head_dim)?;
+    }
+    if probe.wants_attention(layer) {
+        let factors = mask.map(|(host, _)| host.to_vec());
+        // A prompt pass is one sequence.
+        let mut probs = b.to_host(&b.attention_probs(q, kv, layer, step, 0, params)?)?;
+        if let Some(factors) = &factors {
+            // transformers returns the probabilities after the mask.
+            let per_head = probs.len() / params.num_heads;
+            for (head, &m) in probs.chunks_exact_mut(per_head).zip(factors) {
+                head.iter_mut().for_each(|p| *p *= m);
+            }
+        }
+        probe.attention(layer, probs);
+    }
+    Ok(out)
 }
 
 /// [`attend`] on a fused projection `qkv: [t, (heads + 2 * kv_heads) * head_dim]` (queries, keys,
@@ -221,38 +238,6 @@ pub(crate) fn attend_qkv<B: Backend>(
     let mut out = b.paged_attention_qkv(qkv, kv, layer, step, params)?;
     if let Some((_, scales)) = probe.head_mask(layer) {
         b.scale_heads(&mut out, scales, params.head_dim)?;
-    }
-    Ok(out)
-}
-
-/// What follows the attention itself: the probe's head mask, and the probabilities it asked for.
-#[allow(clippy::too_many_arguments)]
-fn after_attention<B: Backend>(
-    b: &B,
-    kv: &B::KvStore,
-    layer: usize,
-    step: &B::Step,
-    q: &B::Tensor,
-    mut out: B::Tensor,
-    params: &AttentionParams,
-    probe: &mut dyn Probe<B>,
-) -> Result<B::Tensor> {
-    let mask = probe.head_mask(layer);
-    if let Some((_, scales)) = mask {
-        b.scale_heads(&mut out, scales, params.head_dim)?;
-    }
-    if probe.wants_attention(layer) {
-        let factors = mask.map(|(host, _)| host.to_vec());
-        // A prompt pass is one sequence.
-        let mut probs = b.to_host(&b.attention_probs(q, kv, layer, step, 0, params)?)?;
-        if let Some(factors) = &factors {
-            // transformers returns the probabilities after the mask.
-            let per_head = probs.len() / params.num_heads;
-            for (head, &m) in probs.chunks_exact_mut(per_head).zip(factors) {
-                head.iter_mut().for_each(|p| *p *= m);
-            }
-        }
-        probe.attention(layer, probs);
     }
     Ok(out)
 }
