@@ -114,6 +114,7 @@ __device__ __forceinline__ void lw_slice(int n, int g, int G, int& begin, int& e
 // 1. lw_acd_select: stats[row] = (norm, threshold, -); partial[row][g] = (max, sum) of the slice.
 extern "C" __global__ void lw_acd_select(float* stats, float* partial, uint32_t* counters, const float* upper,
                                          int vocab, float alpha, int min_candidates) {
+  lw_await_inputs();
   DYNAMIC_SHARED(uint32_t, histogram);
   __shared__ float scratch_m[32], scratch_s[32];
   __shared__ int last;
@@ -242,6 +243,7 @@ __device__ void lw_acd_lower(float* out, float* stats, float* partial, uint32_t*
   extern "C" __global__ void name(float* out, float* stats, float* partial, uint32_t* counters,              \
                                   const float* upper, const float* features, const T* head, int vocab,        \
                                   int hidden) {                                                                \
+    lw_await_inputs();                                                                                        \
     lw_acd_lower<T>(out, stats, partial, counters, upper, features, head, nullptr, vocab, hidden);            \
   }
 LW_ACD_LOWER(lw_acd_lower_f32, float)
@@ -250,11 +252,13 @@ LW_ACD_LOWER(lw_acd_lower_bf16, lw_bf16)
 
 extern "C" __global__ void lw_acd_lower_from_logits(float* out, float* stats, float* partial, uint32_t* counters,
                                                     const float* upper, const float* lower, int vocab) {
+  lw_await_inputs();
   lw_acd_lower<float>(out, stats, partial, counters, upper, nullptr, nullptr, lower, vocab, 0);
 }
 
 // 3. lw_acd_finish: the output, in place.
 extern "C" __global__ void lw_acd_finish(float* out, const float* upper, const float* stats, int vocab) {
+  lw_await_inputs();
   int row = blockIdx.y;
   const float* u = upper + size_t(row) * vocab;
   float* o = out + size_t(row) * vocab;

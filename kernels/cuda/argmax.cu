@@ -23,6 +23,7 @@ __device__ __forceinline__ void lw_keep_better(float& value, int& index, float o
 }
 
 extern "C" __global__ void lw_argmax_rows(uint32_t* out, const float* x, int cols) {
+  lw_await_inputs();
   __shared__ float best_values[32];
   __shared__ int best_indices[32];
   __shared__ int bad_warps[32];

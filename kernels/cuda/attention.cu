@@ -110,6 +110,7 @@ __device__ void lw_merge_splits(float* out, const volatile float* p, int splits,
 
 extern "C" __global__ void lw_attention(float* out, float* partial, uint32_t* counters, lw_attention_args a,
                                         int chunk) {
+  lw_await_inputs();
   DYNAMIC_SHARED(float, shared);
   __shared__ float scratch[32];
   __shared__ int merges;
@@ -196,6 +197,7 @@ extern "C" __global__ void lw_attention(float* out, float* partial, uint32_t* co
 }
 
 extern "C" __global__ void lw_attention_probs(float* out, lw_attention_args a, int first_row, int context) {
+  lw_await_inputs();
   DYNAMIC_SHARED(float, shared);
   __shared__ float scratch[32];
   float* q = shared;

@@ -18,6 +18,26 @@ typedef unsigned long long uint64_t;
   type* name = reinterpret_cast<type*>(lw_dynamic_shared)
 #endif
 
+// Programmatic dependent launch (sm_90 and later; the host's launch attribute, kernels/src/cuda):
+// a kernel may start while the one before it in the stream is still running, so that its launch
+// and its first weight loads overlap that kernel's tail. lw_await_inputs() waits until the
+// previous kernel has finished and its writes are visible (griddepcontrol.wait), then lets the next
+// kernel start launching (griddepcontrol.launch_dependents): at most two kernels overlap. The rule
+// every kernel follows: before lw_await_inputs it reads nothing but weights (never written while
+// the model runs) and writes no global memory; and every thread calls it, on early-exit paths too,
+// so that no kernel can finish before its predecessor (the emulation fails a launch in which a
+// thread returns without it). Launched without the attribute, or built for sm_80, it costs nothing.
+#if defined(LAYERWISE_EMULATION)
+__device__ __forceinline__ void lw_await_inputs() { emu::grid_dependency_wait(); }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void lw_await_inputs() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+#else
+__device__ __forceinline__ void lw_await_inputs() {}
+#endif
+
 #define LW_FULL_MASK 0xffffffffu
 #define LW_INF __int_as_float(0x7f800000)
 
@@ -188,6 +208,12 @@ __device__ __forceinline__ int lw_lane_rounds(float* acc, const float* x, int x_
   return end;
 }
 
+// Whether lw_lane_dots reads this row and x 16 bytes at a time (else one element per lane per step).
+template <class T>
+__device__ __forceinline__ bool lw_vector_path(const float* x, int x_stride, const T* row, int n) {
+  return n % lw_per16<T>::n == 0 && x_stride % 4 == 0 && lw_aligned16(row) && lw_aligned16(x);
+}
+
 // This lane's share of Σ_{i < n} x[r * x_stride + i] * row[i] for r < t <= MAXT (summed over the
 // warp by the caller). When the row and x allow it, 16-byte loads in rounds of 8 in flight per lane,
 // then of 4, then one (a 4 KiB f32 row: one round of 8; a 2 KiB bf16 row: one of 4): the fewer
@@ -198,7 +224,7 @@ __device__ __forceinline__ void lw_lane_dots(float* acc, const float* x, int x_s
   constexpr int V = lw_per16<T>::n;
   int lane = threadIdx.x & 31;
   int done = 0;
-  if (n % V == 0 && x_stride % 4 == 0 && lw_aligned16(row) && lw_aligned16(x)) {
+  if (lw_vector_path(x, x_stride, row, n)) {
     done = lw_lane_rounds<T, MAXT, 8>(acc, x, x_stride, row, t, 0, n);
     done = lw_lane_rounds<T, MAXT, 4>(acc, x, x_stride, row, t, done, n);
     for (int base = done + lane * V; base < n; base += 32 * V)
@@ -212,6 +238,50 @@ __device__ __forceinline__ void lw_lane_dots(float* acc, const float* x, int x_s
       if (r < t) acc[r] += wv * x[size_t(r) * x_stride + i];
     }
   }
+}
+
+// lw_lane_dots in two halves, so that a kernel can issue a row's first loads before it waits for its
+// inputs (lw_await_inputs): lw_first_loads issues this lane's first round of 16-byte weight loads
+// as lw_lane_dots would (8 when the row has a round of 8, else 4, else the row's few loads, at most
+// 4) into `raw` and returns how many, with the elements the warp's round spans in *covered; it
+// reads no x. `vector` is lw_vector_path for this row and x; when false, no load is issued.
+// lw_lane_dots_after then adds those loads' products and the rest of the row: the same sums, in the
+// same order, as lw_lane_dots alone.
+template <class T>
+__device__ __forceinline__ int lw_first_loads(lw_vec16 (&raw)[8], const T* row, int n, bool vector, int* covered) {
+  constexpr int V = lw_per16<T>::n;
+  int lane = threadIdx.x & 31;
+  int count = 0;
+  *covered = 0;
+  if (vector) {
+    if (n >= 256 * V) {
+      count = 8;
+      *covered = 256 * V;
+    } else if (n >= 128 * V) {
+      count = 4;
+      *covered = 128 * V;
+    } else {
+      count = (n - lane * V + 32 * V - 1) / (32 * V);  // this lane's loads at lane * V + u * 32 * V < n
+      *covered = n;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    if (u < count) raw[u] = lw_load16(row + lane * V + u * 32 * V);
+  }
+  return count;
+}
+
+template <class T, int MAXT>
+__device__ __forceinline__ void lw_lane_dots_after(float* acc, const lw_vec16 (&raw)[8], int count, int covered,
+                                                   const float* x, int x_stride, const T* row, int t, int n) {
+  constexpr int V = lw_per16<T>::n;
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    if (u < count) lw_accumulate16<T, MAXT>(acc, raw[u], x, lane * V + u * 32 * V, t, x_stride);
+  }
+  lw_lane_dots<T, MAXT>(acc, x + covered, x_stride, row + covered, t, n - covered);
 }
 
 // The activations, with the formulas of the engine's `math` module (elementwise.cu applies them in

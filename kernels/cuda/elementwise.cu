@@ -13,29 +13,36 @@
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size_t(n); i += size_t(gridDim.x) * blockDim.x)
 
 extern "C" __global__ void lw_add(float* x, const float* y, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] += y[i];
 }
 
 extern "C" __global__ void lw_mul(float* x, const float* y, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] *= y[i];
 }
 
 extern "C" __global__ void lw_gelu_tanh_inplace(float* x, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] = lw_gelu_tanh(x[i]);
 }
 
 extern "C" __global__ void lw_gelu_erf_inplace(float* x, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] = lw_gelu_erf(x[i]);
 }
 
 extern "C" __global__ void lw_silu_inplace(float* x, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] = lw_silu(x[i]);
 }
 
 extern "C" __global__ void lw_relu_inplace(float* x, unsigned long long n) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] = lw_relu(x[i]);
 }
 
 extern "C" __global__ void lw_scale_heads(float* x, const float* scales, unsigned long long n, int cols, int head_dim) {
+  lw_await_inputs();
   LW_GRID_STRIDE(i, n) x[i] *= scales[int(i % size_t(cols)) / head_dim];
 }

@@ -25,16 +25,20 @@ __device__ void lw_embed(float* out, const T* table, const uint32_t* index, int 
   for (int c = threadIdx.x; c < d; c += blockDim.x) out[size_t(blockIdx.x) * d + c] = lw_load(row, c);
 }
 extern "C" __global__ void lw_embed_f32(float* out, const float* table, const uint32_t* index, int d) {
+  lw_await_inputs();
   lw_embed(out, table, index, d);
 }
 extern "C" __global__ void lw_embed_f16(float* out, const lw_f16* table, const uint32_t* index, int d) {
+  lw_await_inputs();
   lw_embed(out, table, index, d);
 }
 extern "C" __global__ void lw_embed_bf16(float* out, const lw_bf16* table, const uint32_t* index, int d) {
+  lw_await_inputs();
   lw_embed(out, table, index, d);
 }
 
 extern "C" __global__ void lw_gather_rows(float* out, const float* x, const uint32_t* rows, int cols) {
+  lw_await_inputs();
   const float* src = x + size_t(rows[blockIdx.x]) * cols;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) out[size_t(blockIdx.x) * cols + c] = src[c];
 }
@@ -48,6 +52,7 @@ struct lw_column_parts {
 };
 
 extern "C" __global__ void lw_split_columns(lw_column_parts parts, const float* x, int cols) {
+  lw_await_inputs();
   int p = blockIdx.y, width = parts.width[p];
   const float* src = x + size_t(blockIdx.x) * cols + parts.start[p];
   float* dst = parts.out[p] + size_t(blockIdx.x) * width;
@@ -55,6 +60,7 @@ extern "C" __global__ void lw_split_columns(lw_column_parts parts, const float* 
 }
 
 extern "C" __global__ void lw_rope(float* x, const uint32_t* positions, int t, int cols, int head_dim, float theta) {
+  lw_await_inputs();
   int half = head_dim / 2;
   size_t pairs = size_t(t) * (cols / head_dim) * half;
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs; i += size_t(gridDim.x) * blockDim.x) {
@@ -78,6 +84,7 @@ extern "C" __global__ void lw_rope(float* x, const uint32_t* positions, int t, i
 extern "C" __global__ void lw_kv_write(float* keys, float* values, const float* k, const float* v, const uint32_t* slots,
                                        int cols, int stride, int width, int layer,
                                        unsigned long long slots_per_layer) {
+  lw_await_inputs();
   size_t at = (size_t(layer) * slots_per_layer + slots[blockIdx.x]) * width;
   size_t from = size_t(blockIdx.x) * stride;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -88,6 +95,7 @@ extern "C" __global__ void lw_kv_write(float* keys, float* values, const float* 
 
 extern "C" __global__ void lw_copy_blocks(float* keys, float* values, const uint32_t* pairs, int block_size, int width,
                                           unsigned long long slots_per_layer) {
+  lw_await_inputs();
   size_t span = size_t(block_size) * width;
   size_t layer_base = size_t(blockIdx.y) * slots_per_layer * width;
   size_t from = layer_base + size_t(pairs[2 * blockIdx.x]) * span;

@@ -11,11 +11,13 @@
 
 extern "C" __global__ void lw_layer_norm(float* out, const float* x, const float* w, const float* b, int cols,
                                          float eps) {
+  lw_await_inputs();
   __shared__ float scratch[32];
   lw_norm_row(out + size_t(blockIdx.x) * cols, x + size_t(blockIdx.x) * cols, w, b, cols, eps, scratch);
 }
 
 extern "C" __global__ void lw_rms_norm(float* out, const float* x, const float* w, int cols, float eps) {
+  lw_await_inputs();
   __shared__ float scratch[32];
   lw_norm_row(out + size_t(blockIdx.x) * cols, x + size_t(blockIdx.x) * cols, w, nullptr, cols, eps, scratch);
 }

@@ -3,10 +3,12 @@
 //
 // lw_matvec_*: decoding, t <= 8 rows of x (lw_matvec1_*: the same for one row, t = 1, compiled
 //   apart: a kernel's registers are those of its widest path, and eight rows' sums and operands took
-//   the bf16 kernel to 164 registers a thread, one block per multiprocessor, on the H200): `split` warps per output feature (1, 2, 4 or 8), each
-//   over a slice of the row (more warps in flight when there are few features); the lanes stream
-//   the slice once (coalesced 16-byte loads, several in flight per lane) and keep one sum per token,
-//   then a shuffle reduction, and the feature's slices are added in order through shared memory.
+//   the bf16 kernel to 164 registers a thread, one block per multiprocessor, on the H200): `split`
+//   warps per output feature (1, 2, 4 or 8), each over a slice of the row (more warps in flight
+//   when there are few features); the lanes stream the slice once (coalesced 16-byte loads, several
+//   in flight per lane, the first round issued before the kernel waits for x, lw_await_inputs in
+//   common.cuh) and keep one sum per token, then a shuffle reduction, and the feature's slices are
+//   added in order through shared memory.
 //   Bound by reading the weight: n_out * n_in elements per launch.
 // Both products end with an epilogue (common.cuh, lw_epilogue) applied to each output value with its
 //   bias: store it, add it to the output (a residual branch: x += W·h + b in one launch), or store an
@@ -15,9 +17,9 @@
 //   along `in` through shared memory.
 // lw_norm_head_*: a norm (LayerNorm, or RMSNorm when norm_b is null) fused with the product that reads
 //   it (the final norm and one or several vocabulary heads, or a block's norm and its first product):
-//   each warp first issues its first round of weight loads, then the block normalises the t rows of
-//   each head's state into shared memory (a few KiB, cheap next to the weights it reads) while they
-//   are in flight, then its warps compute their output features as lw_matvec does, with its
+//   each warp first issues its first round of weight loads (before the wait for the states), then
+//   the block normalises the t rows of each head's state into shared memory (a few KiB, cheap next
+//   to the weights it reads) while they are in flight, then its warps compute their output features as lw_matvec does, with its
 //   epilogue. out[h][r][o] (epilogue) Σ_i norm(state[h][r])[i] * head_h[o][i] (+ bias[o]);
 //   heads[h] points at head h; bias (null for none) is for a single head. lw_norm_head1_*: the same
 //   for one row (t = 1), compiled apart for fewer registers, as lw_matvec1_*.
@@ -41,10 +43,17 @@ __device__ void lw_matvec(float* out, const float* x, const T* w, const float* b
   int slice = (n_in + split - 1) / split;
   slice = (slice + V - 1) / V * V;
   int start = min(n_in, part * slice), end = min(n_in, start + slice);
+  const T* row = w + size_t(o < n_out ? o : 0) * n_in + start;
+  // The row's first loads go out before the wait for x (the previous kernel's output), so that they
+  // are in flight while it finishes (an f32 row of 1024: the whole row).
+  lw_vec16 raw[8];
+  int covered = 0;
+  int early = o < n_out ? lw_first_loads<T>(raw, row, end - start, lw_vector_path(x + start, n_in, row, end - start), &covered) : 0;
+  lw_await_inputs();
   float acc[MAXT];
 #pragma unroll
   for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
-  if (o < n_out) lw_lane_dots<T, MAXT>(acc, x + start, n_in, w + size_t(o) * n_in + start, t, end - start);
+  if (o < n_out) lw_lane_dots_after<T, MAXT>(acc, raw, early, covered, x + start, n_in, row, t, end - start);
 #pragma unroll
   for (int r = 0; r < MAXT; ++r) {
     float s = warp_sum(acc[r]);
@@ -64,6 +73,7 @@ __device__ void lw_gemm(float* out, const float* x, const T* w, const float* bia
                         int epilogue) {
   __shared__ float xs[16][17];
   __shared__ float ws[16][17];
+  lw_await_inputs();
   int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;  // ty: the tile's row (token), tx: its column (feature)
   int r = blockIdx.y * 16 + ty, o = blockIdx.x * 16 + tx;
   float acc = 0.0f;
@@ -90,18 +100,14 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
   int h = blockIdx.y;
   int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   int o = blockIdx.x * warps + (threadIdx.x >> 5);
-  constexpr int V = lw_per16<T>::n;
   const T* row = heads[h] + size_t(o < vocab ? o : 0) * hidden;
-  // The first round of this warp's weight loads (8 or 4 16-byte loads a lane, as lw_lane_dots would
-  // start), issued before the norm: the norm's block reductions run while they are in flight instead
-  // of before the first of them (3-4 us a launch on the H200, run 6 of NOTES.md).
-  int early = 0;
-  if (o < vocab && hidden % V == 0 && lw_aligned16(row) && lw_aligned16(normed)) early = hidden >= 256 * V ? 8 : (hidden >= 128 * V ? 4 : 0);
+  // The first round of this warp's weight loads (lw_first_loads), issued before the wait for the
+  // states and before the norm: the norm's block reductions run while they are in flight instead of
+  // before the first of them (3-4 us a launch on the H200, run 6 of NOTES.md).
   lw_vec16 raw[8];
-#pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    if (u < early) raw[u] = lw_load16(row + lane * V + u * 32 * V);
-  }
+  int covered = 0;
+  int early = o < vocab ? lw_first_loads<T>(raw, row, hidden, lw_vector_path(normed, hidden, row, hidden), &covered) : 0;
+  lw_await_inputs();
   const float* state = states + size_t(h) * t * hidden;
   for (int r = 0; r < t; ++r) {
     lw_norm_row(normed + size_t(r) * hidden, state + size_t(r) * hidden, norm_w, norm_b, hidden, eps, scratch);
@@ -112,12 +118,7 @@ __device__ void lw_norm_head(float* out, const float* states, const float* norm_
   float acc[MAXT];
 #pragma unroll
   for (int r = 0; r < MAXT; ++r) acc[r] = 0.0f;
-#pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    if (u < early) lw_accumulate16<T, MAXT>(acc, raw[u], normed, lane * V + u * 32 * V, t, hidden);
-  }
-  int done = early * 32 * V;
-  lw_lane_dots<T, MAXT>(acc, normed + done, hidden, row + done, t, hidden - done);
+  lw_lane_dots_after<T, MAXT>(acc, raw, early, covered, normed, hidden, row, t, hidden);
   float* dst = out + size_t(h) * t * vocab;
 #pragma unroll
   for (int r = 0; r < MAXT; ++r) {

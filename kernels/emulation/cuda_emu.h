@@ -11,6 +11,8 @@
 //   named in the mask has arrived at a warp operation with the same mask; lanes outside the mask
 //   are neither waited for nor read (reading one is an error, as it is undefined in CUDA);
 // - the kernel's end.
+// A thread that returns without calling lw_await_inputs (kernels/cuda/common.cuh) fails the launch:
+// on the device, such a kernel could finish before the one before it.
 // Between synchronisation points a fiber runs alone, so two orders of the same launch differ when
 // a kernel reads shared memory another thread writes without a barrier between them. When no fiber
 // can run and the block has not finished (a barrier some threads never reach, a shuffle with an
@@ -54,6 +56,10 @@ const dim3& block_dim();
 const dim3& grid_dim();
 unsigned char* dynamic_shared();
 void barrier();
+// griddepcontrol.wait (common.cuh, lw_await_inputs): launches here run one after another, so it
+// has nothing to wait for; it records that the thread called it, and a block in which a thread
+// returns without calling it fails the launch.
+void grid_dependency_wait();
 
 enum class WarpOp { Shuffle, Ballot };
 // Every lane of `mask` deposits `value`; returns, for this lane, the value of lane `source(lane)`

@@ -24,6 +24,7 @@ struct Fiber {
   dim3 index;
   unsigned linear = 0;
   State state = State::Runnable;
+  bool awaited_inputs = false;  // called grid_dependency_wait (lw_await_inputs)
   // At a warp operation: its kind, mask, deposited value and source lane; the result once resolved.
   WarpOp op = WarpOp::Shuffle;
   unsigned mask = 0;
@@ -143,6 +144,7 @@ std::string run_block(Block& b, bool reverse) {
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.state = State::Runnable;
+    f.awaited_inputs = false;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = b.stacks.get() + i * kStackBytes;
     f.context.uc_stack.ss_size = kStackBytes;
@@ -166,7 +168,17 @@ std::string run_block(Block& b, bool reverse) {
       if (f.state == State::AtBarrier) any_at_barrier = true;
       if (f.state != State::Done && f.state != State::AtBarrier) all_at_barrier = false;
     }
-    if (all_done) return "";
+    if (all_done) {
+      for (const Fiber& f : b.fibers) {
+        if (!f.awaited_inputs) {
+          return "block (" + std::to_string(b.index.x) + "," + std::to_string(b.index.y) + "," + std::to_string(b.index.z) +
+                 "): thread " + std::to_string(f.linear) +
+                 " returned without lw_await_inputs (griddepcontrol.wait): as a dependent launch, the kernel could finish "
+                 "before the one before it";
+        }
+      }
+      return "";
+    }
     if (any_at_barrier && all_at_barrier) {
       for (Fiber& f : b.fibers) {
         if (f.state == State::AtBarrier) f.state = State::Runnable;
@@ -185,6 +197,8 @@ const dim3& block_dim() { return active->shape; }
 const dim3& grid_dim() { return active->grid; }
 unsigned char* dynamic_shared() { return active->dynamic_shared.data(); }
 unsigned lane_id() { return active->current->linear % 32; }
+
+void grid_dependency_wait() { active->current->awaited_inputs = true; }
 
 void barrier() {
   active->current->state = State::AtBarrier;

@@ -115,6 +115,7 @@ kernels! {
     TestNeighbour => emu_lw_test_neighbour,
     TestDeadlock => emu_lw_test_deadlock,
     TestHalfWarp => emu_lw_test_half_warp,
+    TestExitBeforeWait => emu_lw_test_exit_before_wait,
 }
 
 /// Runs `kernel` on the CPU; an error carries the emulator's message (a deadlock, a shuffle outside

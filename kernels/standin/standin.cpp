@@ -1,9 +1,11 @@
 // A stand-in for the CUDA driver (libcuda.so) for tests on machines without a GPU: it exports the
 // driver API calls cudarc makes, with "device memory" in host memory, and runs each kernel launch
 // with the CPU-compiled build of the same kernel (kernels/emulation). It reports one device of
-// compute capability 9.0 (or LAYERWISE_STANDIN_DEVICES devices, 0 for none), no memory pools (so
-// cudarc uses plain cuMemAlloc), and everything runs synchronously at the call: it cannot show
-// races between streams.
+// compute capability 9.0 (LAYERWISE_STANDIN_SM=80: 8.0; LAYERWISE_STANDIN_DEVICES devices, 0 for
+// none), no memory pools (so cudarc uses plain cuMemAlloc), and everything runs synchronously at the call: it cannot show
+// races between streams, nor between a programmatic dependent launch (cuLaunchKernelEx) and the
+// kernel before it; the emulation checks instead that every thread of every kernel awaits its
+// inputs (kernels/cuda/common.cuh, lw_await_inputs).
 //
 // NVRTC dlopens libcuda.so.1 itself and asks for cuGetExportTable: answered "not supported".
 
@@ -59,6 +61,12 @@ int device_count() {
   return n ? std::atoi(n) : 1;
 }
 
+// 90, or LAYERWISE_STANDIN_SM (80: a device without programmatic dependent launch).
+int compute_capability() {
+  const char* sm = std::getenv("LAYERWISE_STANDIN_SM");
+  return sm ? std::atoi(sm) : 90;
+}
+
 }  // namespace
 
 extern "C" {
@@ -85,8 +93,8 @@ CUresult cuDeviceGetName(char* name, int len, CUdevice) {
 }
 CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
   switch (attribute) {
-    case 75: *value = 9; break;   // compute capability major
-    case 76: *value = 0; break;   // minor
+    case 75: *value = compute_capability() / 10; break;  // compute capability major
+    case 76: *value = compute_capability() % 10; break;  // minor
     case 1: *value = 1024; break; // max threads per block
     case 8: *value = 48 * 1024; break;  // shared memory per block
     case 97: *value = 227 * 1024; break;  // shared memory per block, opt-in
@@ -222,9 +230,22 @@ CUresult cuFuncGetAttribute(int* value, int, CUfunction) {
 }
 CUresult cuFuncSetAttribute(CUfunction, int, int) { return CUDA_SUCCESS; }
 
-CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared, CUstream, void** params, void** extra) {
-  if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+// A launch the test asked the stand-in to refuse: LAYERWISE_STANDIN_EXPECT_DEPENDENT=1 refuses plain
+// launches, =0 programmatic dependent ones, so that a test shows which way the backend launched.
+static CUresult refuse_launch(CUfunction f, const char* why) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_last_launch_error = static_cast<Function*>(f)->name + ": " + why;
+  std::fprintf(stderr, "layerwise stand-in driver: launch refused: %s\n", g_last_launch_error.c_str());
+  return CUDA_ERROR_NOT_SUPPORTED;
+}
+
+static bool expecting_dependent(const char* value) {
+  const char* expect = std::getenv("LAYERWISE_STANDIN_EXPECT_DEPENDENT");
+  return expect && std::strcmp(expect, value) == 0;
+}
+
+static CUresult run_launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                           unsigned shared, void** params) {
   auto* function = static_cast<Function*>(f);
   EmuLaunch config{{gx, gy, gz}, {bx, by, bz}, shared, std::getenv("LAYERWISE_STANDIN_REVERSE") ? 1 : 0};
   char error[1024] = {0};
@@ -235,6 +256,48 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     return CUDA_ERROR_LAUNCH_FAILED;
   }
   return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, CUstream, void** params, void** extra) {
+  if (extra) return CUDA_ERROR_NOT_SUPPORTED;
+  if (expecting_dependent("1")) return refuse_launch(f, "a plain launch where a programmatic dependent one was expected");
+  return run_launch(f, gx, gy, gz, bx, by, bz, shared, params);
+}
+
+// cuLaunchKernelEx's structures (cuda.h, CUDA 12): an attribute is an id, 4 bytes of padding and a
+// 64-byte union; the configuration, the launch shape, the stream and the attribute list.
+struct CUlaunchAttribute {
+  int id;
+  char pad[4];
+  unsigned char value[64];
+};
+struct CUlaunchConfig {
+  unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+  CUstream hStream;
+  CUlaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+static_assert(sizeof(CUlaunchAttribute) == 72 && sizeof(CUlaunchConfig) == 56, "cuda.h's layout");
+constexpr int kProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+// Launches run one after another here, so a programmatic dependent launch runs as a plain one; the
+// attributes are checked (only programmatic serialization, allowed 0 or 1) so that a malformed
+// configuration fails here as it would on the device.
+CUresult cuLaunchKernelEx(const CUlaunchConfig* config, CUfunction f, void** params, void** extra) {
+  if (!config || extra || (config->numAttrs && !config->attrs)) return CUDA_ERROR_INVALID_VALUE;
+  bool dependent = false;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const CUlaunchAttribute& attribute = config->attrs[i];
+    int allowed;
+    std::memcpy(&allowed, attribute.value, sizeof allowed);
+    if (attribute.id != kProgrammaticStreamSerialization || (allowed != 0 && allowed != 1)) return CUDA_ERROR_INVALID_VALUE;
+    dependent = dependent || allowed == 1;
+  }
+  if (dependent && expecting_dependent("0")) return refuse_launch(f, "a programmatic dependent launch where a plain one was expected");
+  if (!dependent && expecting_dependent("1")) return refuse_launch(f, "a plain launch where a programmatic dependent one was expected");
+  return run_launch(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX, config->blockDimY,
+                    config->blockDimZ, config->sharedMemBytes, params);
 }
 
 CUresult cuGetErrorString(CUresult error, const char** text) {

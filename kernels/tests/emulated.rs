@@ -210,6 +210,21 @@ fn emulated_deadlocks_are_reported_not_hung() {
 }
 
 #[test]
+fn emulated_launches_fail_when_a_thread_returns_before_awaiting_its_inputs() {
+    let mut out = vec![0i32; 64];
+    let run = |early: i32, out: &mut Vec<i32>| {
+        let (mut o, mut e) = (out.as_mut_ptr(), early);
+        let mut params: [*mut c_void; 2] = [arg(&mut o), arg(&mut e)];
+        // SAFETY: lw_test_exit_before_wait(out, early) writes one int per thread of one 64-thread block.
+        unsafe { launch(Kernel::TestExitBeforeWait, Launch::grid_1d(1, 64), &mut params) }
+    };
+    run(-1, &mut out).expect("every thread awaits its inputs");
+    assert!(out.iter().all(|&v| v == 1));
+    let err = run(37, &mut out).expect_err("thread 37 returns first");
+    assert!(err.contains("thread 37 returned without lw_await_inputs"), "{err}");
+}
+
+#[test]
 fn emulated_shuffles_and_votes_meet_only_the_lanes_of_their_mask() {
     for config in orders(Launch::grid_1d(1, 32)) {
         let mut out = vec![-1f32; 32];

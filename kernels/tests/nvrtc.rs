@@ -1,6 +1,7 @@
 //! Compilation: every kernel family through NVRTC (the library the CUDA backend compiles with at run
 //! time) for compute_80 and compute_90, then assembled by `ptxas -v` for sm_80 and sm_90, with each
-//! kernel's registers, shared memory and spills printed. NVRTC and ptxas come from PyPI wheels of one
+//! kernel's registers, shared memory and spills printed, and every kernel's PTX checked to await its
+//! inputs on sm_90 (programmatic dependent launch). NVRTC and ptxas come from PyPI wheels of one
 //! CUDA version (nvidia-cuda-nvrtc-cu12, nvidia-cuda-nvcc-cu12; `.ci/run` installs them and puts them
 //! on LD_LIBRARY_PATH and PATH). Where a tool is missing the test says so on stderr and checks what
 //! it can.
@@ -46,6 +47,18 @@ fn nvrtc_every_kernel_compiles_and_assembles_for_sm80_and_sm90() {
                 assert!(
                     ptx.contains(&format!(".entry {kernel}(")),
                     "{file}: no entry {kernel} in the PTX for {virtual_arch}"
+                );
+            }
+            // Programmatic dependent launch: on sm_90 every kernel awaits its inputs
+            // (griddepcontrol.wait, common.cuh's lw_await_inputs); nothing of it is built for sm_80.
+            for kernel in *kernels {
+                let start = ptx.find(&format!(".entry {kernel}(")).expect("the entry");
+                let body = &ptx[start..];
+                let body = &body[..body[1..].find(".entry ").map_or(body.len(), |end| end + 1)];
+                assert_eq!(
+                    body.contains("griddepcontrol.wait"),
+                    virtual_arch == "compute_90",
+                    "{file}: {kernel} for {virtual_arch}: griddepcontrol.wait present or missing"
                 );
             }
             let Some(ptxas) = &ptxas else { continue };

@@ -64,11 +64,17 @@ fn stand_in_backend() -> Option<Cuda> {
 
 #[test]
 fn stand_in_driver_runs_the_conformance_suite() {
-    if !in_child("stand_in_driver_runs_the_conformance_suite", &[]) {
+    // Every launch must come as a programmatic dependent one (the stand-in refuses a plain launch).
+    if !in_child("stand_in_driver_runs_the_conformance_suite", &[("LAYERWISE_STANDIN_EXPECT_DEPENDENT", "1")]) {
         return;
     }
     let Some(cuda) = stand_in_backend() else { return };
-    say(&format!("stand_in_driver: conformance on {}", cuda.description()));
+    say(&format!(
+        "stand_in_driver: conformance on {} (dependent launch: {})",
+        cuda.description(),
+        cuda.dependent_launch()
+    ));
+    assert!(cuda.dependent_launch(), "sm_90: kernels launch as programmatic dependents");
     type Check = fn(&Cuda) -> layerwise::Result<()>;
     let checks: [(&str, Check); 14] = [
         ("embed", conformance::embed),
@@ -228,6 +234,52 @@ fn stand_in_driver_counts_launches_per_decode_step() {
         // decoding step, writes the cache itself) = 5; plus embeddings, the heads (each fused with
         // the final norm) and the contrast.
         assert!(per_step <= 5 * layers + 12, "{name}: {per_step} launches");
+    }
+}
+
+#[test]
+fn stand_in_driver_launches_plainly_when_asked() {
+    // Every launch must come as a plain one (the stand-in refuses a programmatic dependent launch).
+    if !in_child("stand_in_driver_launches_plainly_when_asked", &[("LAYERWISE_STANDIN_EXPECT_DEPENDENT", "0")]) {
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    let cuda = cuda.with_dependent_launch(false).expect("plain launches");
+    assert!(!cuda.dependent_launch());
+    // Decoding with plain launches: every kernel of a step, the products' early loads and the
+    // attention's and ACD's tickets included (the conformance suite runs with dependent launches).
+    greedy_and_acd_match_the_cpu(cuda);
+}
+
+#[test]
+fn stand_in_driver_before_sm_90_launches_plainly() {
+    let env = [("LAYERWISE_STANDIN_SM", "80"), ("LAYERWISE_STANDIN_EXPECT_DEPENDENT", "0")];
+    if !in_child("stand_in_driver_before_sm_90_launches_plainly", &env) {
+        return;
+    }
+    if std::env::var_os("LAYERWISE_STANDIN_SM").is_none() {
+        say("stand_in_driver_before_sm_90_launches_plainly: on a real device (no stand-in to report sm_80): not checked");
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    assert!(cuda.description().contains("sm_80"), "{}", cuda.description());
+    assert!(!cuda.dependent_launch());
+    let err = cuda.with_dependent_launch(true).err().expect("no dependent launch before sm_90").to_string();
+    assert!(err.contains("sm_90"), "{err}");
+    greedy_and_acd_match_the_cpu(stand_in_backend().expect("the backend"));
+}
+
+/// Greedy decoding of the GPT-2 fixture with the original head and with ACD on `cuda` equals the CPU's.
+fn greedy_and_acd_match_the_cpu(cuda: Cuda) {
+    let prompt = [5u32, 17, 42, 3, 8];
+    let cpu = load_on(&fixture_str("gpt2-sharded"), Cpu::default()).expect("load on the CPU");
+    let gpu = load_on(&fixture_str("gpt2-sharded"), cuda).expect("load on CUDA");
+    let spec = cpu.model.spec();
+    for (plan_name, plan) in plans(spec.exit_layers[0], spec.num_layers) {
+        if plan_name == "original" || plan_name == "acd top vs low" {
+            let want = generated(&cpu.model, &plan, &Strategy::Greedy, &prompt);
+            assert_eq!(generated(&gpu.model, &plan, &Strategy::Greedy, &prompt), want, "{plan_name}");
+        }
     }
 }
 

@@ -5,7 +5,10 @@
 //! and return at once; the host waits only in `to_host` and `argmax_rows`. A step's layout is packed
 //! into one array of integers and copied once. Matrices are stored `[out, in]` whatever the
 //! checkpoint's layout (GPT-2's `[in, out]` weights are transposed once, at upload), in f32, f16 or
-//! bf16; vectors (norm weights, biases, head scales) in f32.
+//! bf16; vectors (norm weights, biases, head scales) in f32. On sm_90 and later every kernel is
+//! launched as a programmatic dependent of the one before it (`cuLaunchKernelEx`): it may start, and
+//! issue its first weight loads, while that kernel finishes (kernels/cuda/common.cuh,
+//! `lw_await_inputs`).
 //!
 //! ```no_run
 //! let backend = layerwise_kernels::cuda::Cuda::open(0, None)?; // an error when no device is there
@@ -16,12 +19,12 @@
 pub mod program;
 
 use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use layerwise::backend::{AttentionParams, Backend, Layout, Lookup, NormParams, StepLayout};
 use layerwise::model::config::Activation;
@@ -62,6 +65,9 @@ pub struct Cuda {
     weight_dtype: Option<DType>,
     description: String,
     launches: AtomicU64,
+    /// Kernels launched as programmatic dependents (`Cuda::dependent_launch`).
+    dependent_launch: bool,
+    compute_capability: (i32, i32),
     /// Warps per output of every decode matvec, when set (the kernel benchmark's sweep); else
     /// [`matvec_split`] chooses per weight.
     matvec_split: Option<usize>,
@@ -144,9 +150,6 @@ struct AttentionArgs {
     scale: f32,
 }
 
-// SAFETY: a plain C struct of integers, floats and device addresses, laid out as the kernel's.
-unsafe impl DeviceRepr for AttentionArgs {}
-
 /// `lw_column_parts` of kernels/cuda/memory.cu: up to [`SPLIT_PARTS`] column blocks of one split.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -155,9 +158,6 @@ struct SplitArgs {
     start: [i32; SPLIT_PARTS],
     width: [i32; SPLIT_PARTS],
 }
-
-// SAFETY: a plain C struct of device addresses and integers, laid out as the kernel's.
-unsafe impl DeviceRepr for SplitArgs {}
 
 /// `lw_argmax_rows`' id for a row that fails the finite check (`LW_NON_FINITE_ROW`).
 const NON_FINITE_ROW: u32 = u32::MAX;
@@ -227,15 +227,118 @@ fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32
 }
 
+/// A kernel's arguments as the driver takes them (`kernelParams`: one pointer per argument, to its
+/// value): the values copied, 8-byte aligned, into one buffer of the launch's own (bytes, padding
+/// included, that only the driver reads).
+struct KernelArgs {
+    words: [MaybeUninit<u64>; KernelArgs::WORDS],
+    /// Where each argument starts in `words`.
+    starts: [usize; KernelArgs::MAX_ARGS],
+    count: usize,
+    used: usize,
+}
+
+impl KernelArgs {
+    const WORDS: usize = 64;
+    const MAX_ARGS: usize = 16;
+
+    fn new() -> Self {
+        KernelArgs { words: [MaybeUninit::zeroed(); Self::WORDS], starts: [0; Self::MAX_ARGS], count: 0, used: 0 }
+    }
+
+    fn push<A: KernelArg>(&mut self, arg: A, stream: &CudaStream) -> Result<()> {
+        arg.push_to(self, stream)
+    }
+
+    fn push_value<T: KernelValue>(&mut self, value: &T) -> Result<()> {
+        let words = std::mem::size_of::<T>().div_ceil(8);
+        if self.count == Self::MAX_ARGS || self.used + words > Self::WORDS || std::mem::align_of::<T>() > 8 {
+            return Err(fail("a kernel's arguments exceed the launch buffer (16 arguments, 512 bytes)"));
+        }
+        // SAFETY: `value` is plain data (`KernelValue`) of size_of::<T>() bytes, copied into words
+        // this buffer owns with room for them (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                value as *const T as *const u8,
+                self.words.as_mut_ptr().add(self.used) as *mut u8,
+                std::mem::size_of::<T>(),
+            )
+        };
+        self.starts[self.count] = self.used;
+        self.count += 1;
+        self.used += words;
+        Ok(())
+    }
+
+    /// The pointers the driver reads the arguments through (valid while `self` is not moved).
+    fn pointers(&mut self) -> [*mut c_void; Self::MAX_ARGS] {
+        let mut pointers = [std::ptr::null_mut(); Self::MAX_ARGS];
+        let base = self.words.as_mut_ptr();
+        for (pointer, &start) in pointers.iter_mut().zip(&self.starts[..self.count]) {
+            // SAFETY: start < used <= WORDS: inside `words`.
+            *pointer = unsafe { base.add(start) } as *mut c_void;
+        }
+        pointers
+    }
+}
+
+/// The plain values kernels take by value: integers, floats, device addresses, the argument structs.
+///
+/// # Safety
+/// The type must be plain data with no padding the kernel reads and no pointers to host memory,
+/// laid out as the CUDA parameter it is passed for (the argument structs are `repr(C)` copies of
+/// kernels/cuda's).
+unsafe trait KernelValue: Copy {}
+// SAFETY: plain integers and floats, as the kernels' int, unsigned, float and unsigned long long.
+unsafe impl KernelValue for i32 {}
+// SAFETY: as above.
+unsafe impl KernelValue for u32 {}
+// SAFETY: as above.
+unsafe impl KernelValue for f32 {}
+// SAFETY: as above (also device addresses).
+unsafe impl KernelValue for u64 {}
+// SAFETY: a repr(C) struct of integers, floats and device addresses, laid out as lw_attention_args.
+unsafe impl KernelValue for AttentionArgs {}
+// SAFETY: a repr(C) struct of device addresses and integers, laid out as lw_column_parts.
+unsafe impl KernelValue for SplitArgs {}
+
+/// What a kernel argument can be: a plain value, or device memory (passed as its address).
+trait KernelArg {
+    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()>;
+}
+
+impl<T: KernelValue> KernelArg for &T {
+    fn push_to(self, args: &mut KernelArgs, _: &CudaStream) -> Result<()> {
+        args.push_value(self)
+    }
+}
+
+impl<T> KernelArg for &CudaSlice<T> {
+    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
+        let (address, _sync) = self.device_ptr(stream);
+        args.push_value(&address)
+    }
+}
+
+impl<T> KernelArg for &mut CudaSlice<T> {
+    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
+        let (address, _sync) = self.device_ptr(stream);
+        args.push_value(&address)
+    }
+}
+
+impl<T> KernelArg for &CudaView<'_, T> {
+    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
+        let (address, _sync) = self.device_ptr(stream);
+        args.push_value(&address)
+    }
+}
+
 macro_rules! launch {
     ($self:ident, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
-        let function = $self.function($name)?;
-        $self.launches.fetch_add(1, Ordering::Relaxed);
-        let mut builder = $self.stream.launch_builder(function);
-        $(builder.arg($arg);)*
-        // SAFETY: each kernel's arguments are pushed in the order and types of its CUDA signature
-        // (kernels/cuda/*.cu), and the sizes passed describe the buffers given.
-        unsafe { builder.launch($cfg) }.map_err(|e| fail(format!("{}: {e:?}", $name)))?;
+        let mut args = KernelArgs::new();
+        $(args.push($arg, &$self.stream)?;)*
+        $self.launch_kernel($name, $cfg, &mut args)?;
     }};
 }
 
@@ -254,7 +357,9 @@ impl Cuda {
         // One stream: ordering is the stream's; no per-buffer events are needed.
         // SAFETY: no other stream of this context touches the backend's buffers.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own (not the legacy default stream, with its implicit synchronisation).
+        let stream =
+            ctx.new_stream().map_err(|e| fail(format!("cannot create a stream on device {ordinal}: {e:?}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| fail(format!("{e:?}")))?;
         let cubin = program::cubin(major, minor).map_err(fail)?;
         let module =
@@ -277,6 +382,8 @@ impl Cuda {
             weight_dtype,
             description: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
             launches: AtomicU64::new(0),
+            dependent_launch: major >= 9 && std::env::var("LAYERWISE_CUDA_PDL").map_or(true, |v| v != "0"),
+            compute_capability: (major, minor),
             matvec_split: None,
             multiprocessors,
             counters: Mutex::new(None),
@@ -301,6 +408,76 @@ impl Cuda {
     /// Kernel launches so far (for launches per token).
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
+    }
+
+    /// Whether kernels are launched as programmatic dependents of the one before them (sm_90 and
+    /// later, unless `LAYERWISE_CUDA_PDL=0` or [`Cuda::with_dependent_launch`] turned it off).
+    pub fn dependent_launch(&self) -> bool {
+        self.dependent_launch
+    }
+
+    /// Turns programmatic dependent launch on or off (kernels/cuda/common.cuh, `lw_await_inputs`):
+    /// with it, each kernel may start, and issue its first weight loads, while the one before it
+    /// finishes. An error when asked for on a device before sm_90, which has no such launch.
+    pub fn with_dependent_launch(mut self, on: bool) -> Result<Self> {
+        if on && self.compute_capability.0 < 9 {
+            return Err(fail(format!("{}: programmatic dependent launch needs sm_90 or later", self.description)));
+        }
+        self.dependent_launch = on;
+        Ok(self)
+    }
+
+    /// Queues kernel `name` on the stream with `args` (in the order and types of its CUDA
+    /// signature): through `cuLaunchKernelEx` with the programmatic-serialization attribute when
+    /// dependent launch is on, else `cuLaunchKernel`.
+    fn launch_kernel(&self, name: &str, cfg: LaunchConfig, args: &mut KernelArgs) -> Result<()> {
+        let function = self.function(name)?.cu_function();
+        self.launches.fetch_add(1, Ordering::Relaxed);
+        self.ctx.bind_to_thread().map_err(|e| fail(format!("{name}: {e:?}")))?;
+        let mut pointers = args.pointers();
+        let (grid, block) = (cfg.grid_dim, cfg.block_dim);
+        let result = if self.dependent_launch {
+            // SAFETY: an all-zero CUlaunchAttribute is a valid value (an id and a union of plain data).
+            let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attribute.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: cfg.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attribute,
+                numAttrs: 1,
+            };
+            // SAFETY: `function` is a kernel of the loaded module; `pointers` point at its arguments,
+            // pushed in the order and types of its CUDA signature (kernels/cuda/*.cu), alive in `args`
+            // until the call returns (the driver copies them); the sizes passed describe the
+            // buffers given. Every kernel follows lw_await_inputs' rule (common.cuh), which makes
+            // the overlap with the previous kernel safe.
+            unsafe { sys::cuLaunchKernelEx(&config, function, pointers.as_mut_ptr(), std::ptr::null_mut()) }
+        } else {
+            // SAFETY: as above, without the overlap.
+            unsafe {
+                sys::cuLaunchKernel(
+                    function,
+                    grid.0,
+                    grid.1,
+                    grid.2,
+                    block.0,
+                    block.1,
+                    block.2,
+                    cfg.shared_mem_bytes,
+                    self.stream.cu_stream(),
+                    pointers.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+        };
+        result.result().map_err(|e| fail(format!("{name}: {e:?}")))
     }
 
     fn function(&self, name: &str) -> Result<&CudaFunction> {
