@@ -1,6 +1,6 @@
 //! Builds the CPU emulation of the CUDA kernels: the project's .cu sources compiled by the host C++
 //! compiler against emulation/cuda_emu.h, with the fiber scheduler, into a static library that the
-//! `emulated` module calls. Needs a C++17 compiler and ucontext (glibc); nothing from CUDA.
+//! `emulated` module calls. Needs a C++17 compiler (and, off x86-64, ucontext); nothing from CUDA.
 
 fn main() {
     println!("cargo:rerun-if-changed=cuda");

@@ -4,8 +4,9 @@
 //
 // Model: the blocks of a grid run one after another (in reverse order too when the threads are, so
 // that a kernel whose blocks meet through atomics, the last to finish doing the rest, is run with
-// another block last); the threads of a block are user-level fibers (ucontext) scheduled
-// cooperatively, in forward or reverse order of their linear index. A fiber runs until it reaches a synchronisation point:
+// another block last); the threads of a block are user-level fibers (emulator.cpp: a stack switch of
+// its own on x86-64, ucontext elsewhere) scheduled cooperatively, in forward or reverse order of
+// their linear index. A fiber runs until it reaches a synchronisation point:
 // - __syncthreads(): waits until every thread of the block that has not exited is waiting there;
 // - warp operations (__shfl_*_sync, __ballot_sync, __any_sync, __all_sync): wait until every lane
 //   named in the mask has arrived at a warp operation with the same mask; lanes outside the mask

@@ -137,6 +137,19 @@ pub unsafe fn launch(kernel: Kernel, config: Launch, params: &mut [*mut c_void])
     Err(format!("{}: {}", kernel.name(), message.to_string_lossy()))
 }
 
+extern "C" {
+    fn emu_use_portable_fibers(on: c_int);
+}
+
+/// For launches from now on, anywhere in the process: switch a block's fibers with glibc's
+/// ucontext (`true`), or with the emulator's own stack switch where it has one (x86-64; `false`, the
+/// default). Both run the same schedule, so every kernel gives the same bits either way; the
+/// portable switch makes a system call at every switch and is several times slower.
+pub fn use_portable_fibers(on: bool) {
+    // SAFETY: sets an atomic flag that each launch reads once.
+    unsafe { emu_use_portable_fibers(c_int::from(on)) }
+}
+
 /// The attention kernels' argument block (`lw_attention_args` in kernels/cuda/attention.cu), passed
 /// by value.
 #[repr(C)]

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use layerwise::backend::{Backend, Layout, Matrix};
 use layerwise::model::config::Activation;
 use layerwise::{HostTensor, Reference};
-use layerwise_kernels::emulated::{arg, launch, Kernel, Launch};
+use layerwise_kernels::emulated::{arg, launch, use_portable_fibers, Kernel, Launch};
 
 /// Deterministic values in [-scale, scale).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -49,6 +49,20 @@ fn orders(config: Launch) -> [Launch; 2] {
     [config, config.reversed()]
 }
 
+/// lw_layer_norm over the rows of `x` (`cols` wide; eps 1e-5), one block per row.
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], cols: usize, config: Launch) -> Vec<f32> {
+    assert!(w.len() == cols && b.len() == cols && x.len() == config.grid[0] as usize * cols);
+    let mut out = vec![f32::NAN; x.len()];
+    let (mut o, mut xp, mut wp, mut bp) = (out.as_mut_ptr(), x.as_ptr(), w.as_ptr(), b.as_ptr());
+    let (mut c, mut eps) = (cols as i32, 1e-5f32);
+    let mut params: [*mut c_void; 6] =
+        [arg(&mut o), arg(&mut xp), arg(&mut wp), arg(&mut bp), arg(&mut c), arg(&mut eps)];
+    // SAFETY: lw_layer_norm(out, x, w, b, cols, eps) touches rows * cols floats of out and x and
+    // cols of w and b, one block per row (asserted above).
+    unsafe { launch(Kernel::LayerNorm, config, &mut params) }.expect("launch");
+    out
+}
+
 #[test]
 fn emulated_layer_norm_and_rms_norm_equal_the_reference() {
     let r = Reference::default();
@@ -59,18 +73,12 @@ fn emulated_layer_norm_and_rms_norm_equal_the_reference() {
         let want_rms = r.rms_norm(&matrix(&x, rows, cols), &vector(&w), 1e-6).expect("reference").data;
         for threads in [32u32, 256] {
             for config in orders(Launch::grid_1d(rows as u32, threads)) {
-                let mut out = vec![f32::NAN; rows * cols];
-                let (mut o, mut xp, mut wp, mut bp) = (out.as_mut_ptr(), x.as_ptr(), w.as_ptr(), b.as_ptr());
-                let (mut c, mut eps) = (cols as i32, 1e-5f32);
-                let mut params: [*mut c_void; 6] =
-                    [arg(&mut o), arg(&mut xp), arg(&mut wp), arg(&mut bp), arg(&mut c), arg(&mut eps)];
-                // SAFETY: lw_layer_norm(out, x, w, b, cols, eps) touches rows * cols floats of out and x
-                // and cols of w and b, one block per row.
-                unsafe { launch(Kernel::LayerNorm, config, &mut params) }.expect("launch");
+                let out = layer_norm(&x, &w, &b, cols, config);
                 assert_close(&format!("layer_norm [{rows}, {cols}] {config:?}"), &out, &want_ln, 1e-5);
 
                 let mut out = vec![f32::NAN; rows * cols];
-                let (mut o, mut eps) = (out.as_mut_ptr(), 1e-6f32);
+                let (mut o, mut xp, mut wp) = (out.as_mut_ptr(), x.as_ptr(), w.as_ptr());
+                let (mut c, mut eps) = (cols as i32, 1e-6f32);
                 let mut params: [*mut c_void; 5] =
                     [arg(&mut o), arg(&mut xp), arg(&mut wp), arg(&mut c), arg(&mut eps)];
                 // SAFETY: lw_rms_norm(out, x, w, cols, eps), as above.
@@ -222,6 +230,45 @@ fn emulated_launches_fail_when_a_thread_returns_before_awaiting_its_inputs() {
     assert!(out.iter().all(|&v| v == 1));
     let err = run(37, &mut out).expect_err("thread 37 returns first");
     assert!(err.contains("thread 37 returned without lw_await_inputs"), "{err}");
+}
+
+#[test]
+fn emulated_fiber_switches_agree() {
+    // The emulator's own stack switch (x86-64) and glibc's ucontext run the same schedule: the same
+    // bits from an order-dependent kernel (no barrier) and from a norm full of shuffles and
+    // barriers, the same error texts. Other tests running meanwhile just run slower.
+    let run_all = || {
+        let mut results = Vec::new();
+        for config in orders(Launch::grid_1d(2, 64)) {
+            let mut out = vec![0i32; 128];
+            let (mut o, mut b) = (out.as_mut_ptr(), 0i32);
+            let mut params: [*mut c_void; 2] = [arg(&mut o), arg(&mut b)];
+            // SAFETY: lw_test_neighbour(out, with_barrier) writes one int per thread.
+            unsafe { launch(Kernel::TestNeighbour, config, &mut params) }.expect("launch");
+            results.push(format!("{out:?}"));
+        }
+        let (rows, cols) = (3usize, 1500usize);
+        let (x, w, b) = (values(rows * cols, 7, 2.0), values(cols, 8, 1.0), values(cols, 9, 1.0));
+        for config in orders(Launch::grid_1d(rows as u32, 256)) {
+            let out = layer_norm(&x, &w, &b, cols, config);
+            results.push(format!("{:?}", out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()));
+        }
+        let mut out = vec![0f32; 32];
+        let mut o = out.as_mut_ptr();
+        let mut params: [*mut c_void; 1] = [arg(&mut o)];
+        // SAFETY: lw_test_deadlock(out) writes one float per thread (if it ever got there).
+        results
+            .push(unsafe { launch(Kernel::TestDeadlock, Launch::grid_1d(1, 32), &mut params) }.expect_err("deadlock"));
+        results
+    };
+    use_portable_fibers(true);
+    let portable = run_all();
+    use_portable_fibers(false);
+    let own = run_all();
+    assert_eq!(portable.len(), 5);
+    assert_ne!(portable[0], portable[1], "without a barrier the two orders differ");
+    assert!(portable[4].contains("deadlock"), "{}", portable[4]);
+    assert_eq!(own, portable);
 }
 
 #[test]
