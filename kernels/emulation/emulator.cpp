@@ -30,10 +30,9 @@
 #endif
 #if LW_EMU_ASAN
 #include <sanitizer/asan_interface.h>
-#include <sanitizer/common_interface_defs.h>
 #endif
 
-#if defined(__x86_64__) && !defined(LAYERWISE_EMULATION_UCONTEXT)
+#if defined(__x86_64__)
 #define LW_EMU_OWN_SWITCH 1
 // lw_emu_switch(save, load): pushes the System V callee-saved registers on the current stack, stores
 // the stack pointer in *save, takes `load` as the stack pointer, pops the registers saved there and
