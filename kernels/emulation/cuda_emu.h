@@ -205,7 +205,7 @@ inline float __uint_as_float(unsigned i) { return emu::from_bits<float>(emu::bit
 
 // Exports kernel `k` (an `extern "C"` __global__ function of the .cu sources) as
 // `int emu_k(const EmuLaunch*, void** params, char* error, size_t error_len)`, the arguments given as
-// CUDA's `kernelParams`: params[i] points at argument i.
+// CUDA's `kernelParams`: params[i] points at argument i; and `int emu_k_parameter_sizes(size_t*, int)`.
 namespace emu {
 template <class... A, size_t... I>
 void call_with(void (*kernel)(A...), void** params, std::index_sequence<I...>) {
@@ -223,9 +223,21 @@ int launch_kernel(void (*kernel)(A...), const EmuLaunch* config, void** params, 
   };
   return launch(*config, body, &context, error, error_len);
 }
+// The byte size of each of the kernel's parameters, into sizes[0 .. max); returns their number (as a
+// driver reads it from the module: what a launch captured into a graph copies of `kernelParams`).
+template <class... A>
+int parameter_sizes(void (*)(A...), size_t* sizes, int max) {
+  const size_t all[] = {sizeof(A)..., 0};
+  int n = int(sizeof...(A));
+  for (int i = 0; i < n && i < max; ++i) sizes[i] = all[i];
+  return n;
+}
 }  // namespace emu
 
 #define EMU_EXPORT(kernel)                                                                         \
   extern "C" int emu_##kernel(const EmuLaunch* config, void** params, char* error, size_t error_len) { \
     return emu::launch_kernel(kernel, config, params, error, error_len);                           \
+  }                                                                                                \
+  extern "C" int emu_##kernel##_parameter_sizes(size_t* sizes, int max) {                          \
+    return emu::parameter_sizes(kernel, sizes, max);                                               \
   }

@@ -13,7 +13,8 @@
 //! [`cuda`] is the backend built on these kernels (cudarc, dynamic loading); the `stand_in_driver_*`
 //! tests run it end to end on a stand-in driver that executes each launch with the CPU build.
 //!
-//! What has run on a GPU: nothing yet (see the README's "GPU" section).
+//! What has run on a GPU: the self-test on an NVIDIA H200 (2026-11-30); the kernels and the
+//! backend have changed since (see the README's "GPU" section and `kernels/NOTES.md`).
 
 pub mod cuda;
 pub mod emulated;

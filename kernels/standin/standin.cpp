@@ -7,6 +7,13 @@
 // kernel before it; the emulation checks instead that every thread of every kernel awaits its
 // inputs (kernels/cuda/common.cuh, lw_await_inputs).
 //
+// Stream capture and graphs: while a stream captures, each launch on it is recorded (the kernel,
+// its shape and a copy of every parameter, sized by the kernel's emu_<k>_parameter_sizes, as the
+// driver sizes them from the module) instead of run; cuGraphLaunch runs the records in order. Any
+// other call during a capture (copies, memsets, allocation, synchronisation) fails with
+// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: the backend captures launches only, and a call it should
+// have made before the capture shows up here as an error.
+//
 // NVRTC dlopens libcuda.so.1 itself and asks for cuGetExportTable: answered "not supported".
 
 #include <dlfcn.h>
@@ -17,6 +24,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "cuda_emu.h"
 
@@ -28,6 +36,8 @@ typedef void* CUmodule;
 typedef void* CUfunction;
 typedef void* CUstream;
 typedef void* CUevent;
+typedef void* CUgraph;
+typedef void* CUgraphExec;
 
 enum : CUresult {
   CUDA_SUCCESS = 0,
@@ -36,25 +46,47 @@ enum : CUresult {
   CUDA_ERROR_NO_DEVICE = 100,
   CUDA_ERROR_INVALID_DEVICE = 101,
   CUDA_ERROR_INVALID_IMAGE = 200,
+  CUDA_ERROR_ILLEGAL_STATE = 401,
   CUDA_ERROR_NOT_FOUND = 500,
   CUDA_ERROR_LAUNCH_FAILED = 719,
   CUDA_ERROR_NOT_SUPPORTED = 801,
+  CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
   CUDA_ERROR_UNKNOWN = 999,
 };
 
 namespace {
 
 using Entry = int (*)(const EmuLaunch*, void**, char*, size_t);
+using ParameterSizes = int (*)(size_t*, int);
 
 struct Function {
   std::string name;
   Entry entry;
+  std::vector<size_t> parameter_sizes;
 };
+
+// A launch captured into a graph: its kernel, shape and a copy of each parameter.
+struct Recorded {
+  Function* function;
+  unsigned grid[3], block[3], shared;
+  std::vector<std::vector<char>> parameters;
+};
+using Graph = std::vector<Recorded>;
+
 
 int g_context_token = 1;
 std::mutex g_mutex;
 std::string g_last_launch_error;
 std::map<std::string, Function*> g_functions;
+// The stream being captured (one at a time here), and what it has recorded so far.
+CUstream g_capturing = nullptr;
+Graph g_recording;
+
+// True while a stream captures: then every call but a launch fails (see the top of this file).
+bool capturing() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_capturing != nullptr;
+}
 
 int device_count() {
   const char* n = std::getenv("LAYERWISE_STANDIN_DEVICES");
@@ -125,7 +157,7 @@ CUresult cuCtxGetCurrent(CUcontext* ctx) {
   *ctx = &g_context_token;
   return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() { return capturing() ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS; }
 CUresult cuCtxPushCurrent_v2(CUcontext) { return CUDA_SUCCESS; }
 CUresult cuCtxPopCurrent_v2(CUcontext* ctx) {
   if (ctx) *ctx = &g_context_token;
@@ -141,7 +173,7 @@ CUresult cuStreamDestroy_v2(CUstream stream) {
   delete static_cast<int*>(stream);
   return CUDA_SUCCESS;
 }
-CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(CUstream) { return capturing() ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS; }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
 
 CUresult cuEventCreate(CUevent* event, unsigned) {
@@ -166,6 +198,7 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
   return CUDA_SUCCESS;
 }
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   if (bytes == 0) return CUDA_ERROR_INVALID_VALUE;  // as the driver answers
   void* p = std::malloc(bytes);
   if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -177,26 +210,31 @@ CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
 }
 CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream) { return cuMemAlloc_v2(ptr, bytes); }
 CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   std::free(reinterpret_cast<void*>(ptr));
   return CUDA_SUCCESS;
 }
 CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream) { return cuMemFree_v2(ptr); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
   return CUDA_SUCCESS;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) { return cuMemcpyHtoD_v2(dst, src, bytes); }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
   return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) { return cuMemcpyDtoH_v2(dst, src, bytes); }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
   return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream) { return cuMemcpyDtoD_v2(dst, src, bytes); }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
   std::memset(reinterpret_cast<void*>(dst), value, n);
   return CUDA_SUCCESS;
 }
@@ -218,8 +256,13 @@ CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
   if (found == g_functions.end()) {
     std::string symbol = std::string("emu_") + name;
     void* entry = dlsym(RTLD_DEFAULT, symbol.c_str());
-    if (!entry) return CUDA_ERROR_NOT_FOUND;
-    found = g_functions.emplace(name, new Function{name, reinterpret_cast<Entry>(entry)}).first;
+    void* sizes = dlsym(RTLD_DEFAULT, (symbol + "_parameter_sizes").c_str());
+    if (!entry || !sizes) return CUDA_ERROR_NOT_FOUND;
+    std::vector<size_t> parameter_sizes(64);
+    int n = reinterpret_cast<ParameterSizes>(sizes)(parameter_sizes.data(), int(parameter_sizes.size()));
+    if (n > int(parameter_sizes.size())) return CUDA_ERROR_NOT_SUPPORTED;
+    parameter_sizes.resize(size_t(n));
+    found = g_functions.emplace(name, new Function{name, reinterpret_cast<Entry>(entry), parameter_sizes}).first;
   }
   *function = found->second;
   return CUDA_SUCCESS;
@@ -245,8 +288,21 @@ static bool expecting_dependent(const char* value) {
 }
 
 static CUresult run_launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                           unsigned shared, void** params) {
+                           unsigned shared, void** params, CUstream stream) {
   auto* function = static_cast<Function*>(f);
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (g_capturing && g_capturing != stream) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (g_capturing) {
+      Recorded launch{function, {gx, gy, gz}, {bx, by, bz}, shared, {}};
+      for (size_t i = 0; i < function->parameter_sizes.size(); ++i) {
+        const char* value = static_cast<const char*>(params[i]);
+        launch.parameters.emplace_back(value, value + function->parameter_sizes[i]);
+      }
+      g_recording.push_back(std::move(launch));
+      return CUDA_SUCCESS;
+    }
+  }
   EmuLaunch config{{gx, gy, gz}, {bx, by, bz}, shared, std::getenv("LAYERWISE_STANDIN_REVERSE") ? 1 : 0};
   char error[1024] = {0};
   if (function->entry(&config, params, error, sizeof error) != 0) {
@@ -259,10 +315,10 @@ static CUresult run_launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, 
 }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                        unsigned shared, CUstream, void** params, void** extra) {
+                        unsigned shared, CUstream stream, void** params, void** extra) {
   if (extra) return CUDA_ERROR_NOT_SUPPORTED;
   if (expecting_dependent("1")) return refuse_launch(f, "a plain launch where a programmatic dependent one was expected");
-  return run_launch(f, gx, gy, gz, bx, by, bz, shared, params);
+  return run_launch(f, gx, gy, gz, bx, by, bz, shared, params, stream);
 }
 
 // cuLaunchKernelEx's structures (cuda.h, CUDA 12): an attribute is an id, 4 bytes of padding and a
@@ -297,7 +353,50 @@ CUresult cuLaunchKernelEx(const CUlaunchConfig* config, CUfunction f, void** par
   if (dependent && expecting_dependent("0")) return refuse_launch(f, "a programmatic dependent launch where a plain one was expected");
   if (!dependent && expecting_dependent("1")) return refuse_launch(f, "a plain launch where a programmatic dependent one was expected");
   return run_launch(f, config->gridDimX, config->gridDimY, config->gridDimZ, config->blockDimX, config->blockDimY,
-                    config->blockDimZ, config->sharedMemBytes, params);
+                    config->blockDimZ, config->sharedMemBytes, params, config->hStream);
+}
+
+// Stream capture (CUstreamCaptureMode is ignored: one thread drives the stand-in's streams).
+CUresult cuStreamBeginCapture_v2(CUstream stream, int) {
+  if (std::getenv("LAYERWISE_STANDIN_NO_CAPTURE")) return CUDA_ERROR_NOT_SUPPORTED;  // as a driver without graphs
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_capturing) return CUDA_ERROR_ILLEGAL_STATE;
+  g_capturing = stream;
+  g_recording.clear();
+  return CUDA_SUCCESS;
+}
+CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_capturing != stream) return CUDA_ERROR_ILLEGAL_STATE;
+  g_capturing = nullptr;
+  *graph = new Graph(std::move(g_recording));
+  g_recording.clear();
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+  if (!graph) return CUDA_ERROR_INVALID_VALUE;
+  *exec = new Graph(*static_cast<Graph*>(graph));
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphUpload(CUgraphExec, CUstream) { return capturing() ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS; }
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+  if (capturing()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  for (Recorded& launch : *static_cast<Graph*>(exec)) {
+    std::vector<void*> params;
+    for (auto& parameter : launch.parameters) params.push_back(parameter.data());
+    CUresult result = run_launch(launch.function, launch.grid[0], launch.grid[1], launch.grid[2], launch.block[0],
+                                 launch.block[1], launch.block[2], launch.shared, params.data(), stream);
+    if (result != CUDA_SUCCESS) return result;
+  }
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+  delete static_cast<Graph*>(exec);
+  return CUDA_SUCCESS;
+}
+CUresult cuGraphDestroy(CUgraph graph) {
+  delete static_cast<Graph*>(graph);
+  return CUDA_SUCCESS;
 }
 
 CUresult cuGetErrorString(CUresult error, const char** text) {
@@ -309,6 +408,8 @@ CUresult cuGetErrorString(CUresult error, const char** text) {
     case CUDA_ERROR_NOT_FOUND: *text = "named symbol not found"; break;
     case CUDA_ERROR_LAUNCH_FAILED: *text = "the emulated launch failed (see stderr)"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *text = "operation not supported by the stand-in driver"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *text = "operation not permitted when stream is capturing"; break;
+    case CUDA_ERROR_ILLEGAL_STATE: *text = "the operation cannot be performed in the present state"; break;
     default: *text = "stand-in driver error"; break;
   }
   return CUDA_SUCCESS;
@@ -322,6 +423,8 @@ CUresult cuGetErrorName(CUresult error, const char** text) {
     case CUDA_ERROR_NOT_FOUND: *text = "CUDA_ERROR_NOT_FOUND"; break;
     case CUDA_ERROR_LAUNCH_FAILED: *text = "CUDA_ERROR_LAUNCH_FAILED"; break;
     case CUDA_ERROR_NOT_SUPPORTED: *text = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *text = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+    case CUDA_ERROR_ILLEGAL_STATE: *text = "CUDA_ERROR_ILLEGAL_STATE"; break;
     default: *text = "CUDA_ERROR_UNKNOWN"; break;
   }
   return CUDA_SUCCESS;

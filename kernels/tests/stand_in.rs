@@ -92,11 +92,22 @@ fn stand_in_driver_runs_the_conformance_suite() {
         ("contrast_acd", conformance::contrast_acd),
         ("argmax_rows", conformance::argmax_rows),
     ];
+    // Twice: with graphs off, every new buffer is fresh memory, which the stand-in fills with NaN
+    // (a value an op leaves unwritten fails); then with launches held back in chunks of 4 (the
+    // smallest graph), copies and reads in between having to submit them first.
+    let cuda = cuda.with_graphs(None).expect("graphs off");
     for (name, check) in checks {
         if let Err(e) = check(&cuda) {
-            panic!("conformance {name} on the CUDA backend: {e}");
+            panic!("conformance {name} on the CUDA backend, graphs off: {e}");
         }
     }
+    let cuda = cuda.with_graphs(Some(4)).expect("graphs on");
+    for (name, check) in checks {
+        if let Err(e) = check(&cuda) {
+            panic!("conformance {name} on the CUDA backend, graphs on: {e}");
+        }
+    }
+    say(&format!("stand_in_driver: conformance with graphs of 4 launches: {:?}", cuda.graph_stats()));
 }
 
 /// Plans over exits `low` and `top` of the fixture.
@@ -155,10 +166,21 @@ fn generated<B: Backend>(
     strategy: &Strategy,
     prompt: &[u32],
 ) -> Vec<Vec<u32>> {
-    let options = GenerationOptions { max_new_tokens: 4, strategy: strategy.clone(), ..Default::default() };
+    generated_with(model, plan, strategy, prompt, 4, 4)
+}
+
+fn generated_with<B: Backend>(
+    model: &layerwise::Model<B>,
+    plan: &PlanOptions,
+    strategy: &Strategy,
+    prompt: &[u32],
+    new_tokens: usize,
+    block_size: usize,
+) -> Vec<Vec<u32>> {
+    let options = GenerationOptions { max_new_tokens: new_tokens, strategy: strategy.clone(), ..Default::default() };
     let decoder_options = DecoderOptions {
         plan: plan.clone(),
-        block_size: 4,
+        block_size,
         cache_tokens: Some(options.cache_tokens(prompt.len())),
         head_mask: None,
     };
@@ -281,6 +303,58 @@ fn greedy_and_acd_match_the_cpu(cuda: Cuda) {
             assert_eq!(generated(&gpu.model, &plan, &Strategy::Greedy, &prompt), want, "{plan_name}");
         }
     }
+}
+
+#[test]
+fn stand_in_driver_replays_decode_steps_from_graphs() {
+    if !in_child("stand_in_driver_replays_decode_steps_from_graphs", &[]) {
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    // Chunks of 8 launches: a 4-block GPT-2 step (26 launches) makes several graphs.
+    let (tokens, stats) = decode_with_graphs(cuda.with_graphs(Some(8)).expect("graphs on"));
+    say(&format!("stand_in_driver: graphs of 8 launches: {stats:?}"));
+    assert!(stats.captured > 0 && stats.replays > stats.captured, "{stats:?}");
+    // Off: the same tokens, no graph.
+    let (plain, off) =
+        decode_with_graphs(stand_in_backend().expect("the backend").with_graphs(None).expect("graphs off"));
+    assert_eq!(off, layerwise_kernels::cuda::GraphStats::default());
+    assert_eq!(tokens, plain, "graphs on and off");
+}
+
+#[test]
+fn stand_in_driver_without_graph_capture_launches_one_by_one() {
+    // The stand-in refuses every stream capture, as a driver without graph support would.
+    if !in_child("stand_in_driver_without_graph_capture_launches_one_by_one", &[("LAYERWISE_STANDIN_NO_CAPTURE", "1")])
+    {
+        return;
+    }
+    if std::env::var_os("LAYERWISE_STANDIN_NO_CAPTURE").is_none() {
+        say("stand_in_driver_without_graph_capture_launches_one_by_one: on a real device (no stand-in to refuse capture): not checked");
+        return;
+    }
+    let Some(cuda) = stand_in_backend() else { return };
+    let (_, stats) = decode_with_graphs(cuda.with_graphs(Some(8)).expect("graphs on"));
+    assert_eq!(stats.captured, 0, "{stats:?}");
+}
+
+/// 40 greedy tokens of the GPT-2 fixture, with the original head and with ACD, on `cuda` (equal to
+/// the CPU's), and the graphs it captured and launched on the way.
+fn decode_with_graphs(cuda: Cuda) -> (Vec<Vec<Vec<u32>>>, layerwise_kernels::cuda::GraphStats) {
+    let prompt = [5u32, 17, 42, 3, 8];
+    let cpu = load_on(&fixture_str("gpt2-sharded"), Cpu::default()).expect("load on the CPU");
+    let gpu = load_on(&fixture_str("gpt2-sharded"), cuda).expect("load on CUDA");
+    let spec = cpu.model.spec();
+    let mut all = Vec::new();
+    for (plan_name, plan) in plans(spec.exit_layers[0], spec.num_layers) {
+        if plan_name == "original" || plan_name == "acd top vs low" {
+            let want = generated_with(&cpu.model, &plan, &Strategy::Greedy, &prompt, 40, 16);
+            let got = generated_with(&gpu.model, &plan, &Strategy::Greedy, &prompt, 40, 16);
+            assert_eq!(got, want, "{plan_name}");
+            all.push(got);
+        }
+    }
+    (all, gpu.model.backend().graph_stats())
 }
 
 #[test]

@@ -145,16 +145,19 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     // A short warm-up brings the weights in from disk (and converts them, with --dtype), as a
     // framework's load step would; the timed run then measures generation alone.
     let launches_before: Option<u64>;
+    let graphs_before: Option<u64>;
     let timing = match &strategy {
         None => {
             generate_batch(&mut decoder, &prompts, 2.min(args.new_tokens))?;
             launches_before = loaded.model.backend().launches();
+            graphs_before = loaded.model.backend().graph_launches();
             generate_batch(&mut decoder, &prompts, args.new_tokens)?
         }
         Some(options) => {
             let warm_up = GenerationOptions { max_new_tokens: 2.min(args.new_tokens), ..options.clone() };
             generate(&mut decoder, &prompts[0], &warm_up, None, |_| true)?;
             launches_before = loaded.model.backend().launches();
+            graphs_before = loaded.model.backend().graph_launches();
             // Beam and contrastive search interleave prefill and search: their time counts as decode.
             let start = Instant::now();
             let out = generate(&mut decoder, &prompts[0], options, None, |_| true)?;
@@ -168,6 +171,10 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
     // Kernel launches of the timed run per new token (with greedy decoding, per step: a prefill step
     // launches what a decode step does, a product being one launch for any number of rows).
     let launches_per_token = match (launches_before, loaded.model.backend().launches()) {
+        (Some(before), Some(after)) => Some((after - before) as f64 / args.new_tokens as f64),
+        _ => None,
+    };
+    let graph_launches_per_token = match (graphs_before, loaded.model.backend().graph_launches()) {
         (Some(before), Some(after)) => Some((after - before) as f64 / args.new_tokens as f64),
         _ => None,
     };
@@ -226,6 +233,7 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
         "prefill_peak_fraction": host_backend.then_some(prefill_flops / arithmetic_peak),
         "weight_bytes_per_step": bytes_per_step,
         "launches_per_token": launches_per_token,
+        "graph_launches_per_token": graph_launches_per_token,
         "blocks_per_step": decoder.depth(),
         "batch": args.batch,
         "prompt_len": prompt_len,
@@ -259,7 +267,9 @@ fn run_on<B: Backend>(args: &Args, loaded: LoadedModel<B>) -> Result<()> {
                 100.0 * prefill_flops / arithmetic_peak,
             )
         } else {
-            let launches = launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token"));
+            let graphs = graph_launches_per_token.map_or(String::new(), |n| format!(" in {n:.1} graph launches"));
+            let launches =
+                launches_per_token.map_or(String::new(), |n| format!(", {n:.0} kernel launches per token{graphs}"));
             format!("{:.1} GB/s of weights read ({} device{launches})", achieved / 1e9, loaded.model.backend().name())
         };
         crate::output::line(format_args!(

@@ -259,6 +259,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Graph launches so far, for a backend that replays launches from captured graphs (the
+    /// kernels they run count in [`Backend::launches`] too).
+    fn graph_launches(&self) -> Option<u64> {
+        None
+    }
+
     /// Runs `work` (a whole decoding step) where this backend's ops run best.
     fn run<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
         work()

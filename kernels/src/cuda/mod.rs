@@ -8,7 +8,8 @@
 //! bf16; vectors (norm weights, biases, head scales) in f32. On sm_90 and later every kernel is
 //! launched as a programmatic dependent of the one before it (`cuLaunchKernelEx`): it may start, and
 //! issue its first weight loads, while that kernel finishes (kernels/cuda/common.cuh,
-//! `lw_await_inputs`).
+//! `lw_await_inputs`). Launches are described in launch.rs, held back in chunks and replayed from
+//! CUDA graphs in graphs.rs, over memory kept for reuse in pool.rs.
 //!
 //! ```no_run
 //! let backend = layerwise_kernels::cuda::Cuda::open(0, None)?; // an error when no device is there
@@ -16,21 +17,26 @@
 //! # Ok::<(), layerwise::Error>(())
 //! ```
 
+mod graphs;
+mod launch;
+mod pool;
 pub mod program;
 
 use std::collections::HashMap;
-use std::ffi::c_void;
-use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 use layerwise::backend::{AttentionParams, Backend, Layout, Lookup, NormParams, StepLayout};
 use layerwise::model::config::Activation;
 use layerwise::{DType, Error, HostTensor, Result};
 
 use crate::sources::KERNELS;
+pub use graphs::GraphStats;
+use graphs::Graphs;
+use launch::{KernelArgs, KernelValue, Launch};
+use pool::{DeviceBuffer, Pool, Pooled};
 
 fn fail(reason: impl std::fmt::Display) -> Error {
     Error::Backend { backend: "cuda".into(), reason: reason.to_string() }
@@ -77,20 +83,47 @@ pub struct Cuda {
     /// The tickets of kernels whose blocks split a row (`lw_last_block` in common.cuh: attention's
     /// splits, ACD's slices): zero between launches (each row's last block sets its counter back),
     /// grown, cleared, when a launch needs more.
-    counters: Mutex<Option<CudaSlice<u32>>>,
+    counters: Mutex<Option<DeviceBuffer<u32>>>,
+    /// Launches held back and replayed from graphs (graphs.rs), with the pool that keeps addresses
+    /// steady from step to step (pool.rs); None: every launch submitted at once, memory freed as it
+    /// is dropped.
+    graphs: Option<Mutex<Graphs>>,
+    pool: Option<Arc<Pool>>,
+}
+
+/// Launches per graph unless `LAYERWISE_CUDA_GRAPHS` says otherwise: a gpt2-medium decoding step
+/// (126 launches) in four graphs, so the device starts on a step after the host has built 32 of
+/// its launches.
+const GRAPH_CHUNK: usize = 32;
+
+/// Launches per graph from `LAYERWISE_CUDA_GRAPHS`: unset, [`GRAPH_CHUNK`]; `0` or `off`, none
+/// (graphs off); else the number (4 or more).
+fn graph_chunk_from_env() -> Result<Option<usize>> {
+    let Ok(value) = std::env::var("LAYERWISE_CUDA_GRAPHS") else {
+        return Ok(Some(GRAPH_CHUNK));
+    };
+    match value.trim() {
+        "0" | "off" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(n) if n >= 4 => Ok(Some(n)),
+            _ => Err(fail(format!(
+                "LAYERWISE_CUDA_GRAPHS={value}: expected 0 or off (no graphs), or launches per graph (4 or more)"
+            ))),
+        },
+    }
 }
 
 /// An activation matrix `[rows, cols]` in device memory.
 pub struct CudaTensor {
-    data: CudaSlice<f32>,
+    data: DeviceBuffer<f32>,
     rows: usize,
     cols: usize,
 }
 
 enum Storage {
-    F32(CudaSlice<f32>),
-    F16(CudaSlice<u16>),
-    Bf16(CudaSlice<u16>),
+    F32(DeviceBuffer<f32>),
+    F16(DeviceBuffer<u16>),
+    Bf16(DeviceBuffer<u16>),
 }
 
 /// A weight in device memory: a matrix `[out, in]` in its compute dtype, or an f32 vector.
@@ -101,13 +134,13 @@ pub struct CudaWeight {
     bytes: usize,
     /// The matrix's device address in device memory, for kernels that take an array of heads
     /// (made on first use).
-    address: OnceLock<CudaSlice<u64>>,
+    address: OnceLock<DeviceBuffer<u64>>,
 }
 
 /// The paged cache: keys and values `[layer][slot][width]`.
 pub struct CudaKv {
-    keys: CudaSlice<f32>,
-    values: CudaSlice<f32>,
+    keys: DeviceBuffer<f32>,
+    values: DeviceBuffer<f32>,
     layers: usize,
     slots_per_layer: usize,
     block_size: usize,
@@ -117,10 +150,28 @@ pub struct CudaKv {
 /// A step's layout on the device (one array, copied once), and its host copy for shapes.
 pub struct CudaStep {
     layout: StepLayout,
-    meta: CudaSlice<u32>,
-    /// Offsets in `meta` of: ids, positions, slots, row_seq, table_start, block_tables, output_rows,
-    /// block copy pairs, and the end.
+    meta: DeviceBuffer<u32>,
+    /// Where each part (`CudaStep::IDS` ..) starts in `meta`, and where the last ends.
     offsets: [usize; 9],
+}
+
+impl CudaStep {
+    const IDS: usize = 0;
+    const POSITIONS: usize = 1;
+    const SLOTS: usize = 2;
+    const ROW_SEQ: usize = 3;
+    const TABLE_START: usize = 4;
+    const OUTPUT_ROWS: usize = 5;
+    const BLOCK_COPIES: usize = 6;
+    /// Last, so that the parts before it keep their places while the tables grow.
+    const BLOCK_TABLES: usize = 7;
+    /// `meta`'s length is a multiple of this: it keeps its size (and, with graphs on, its address)
+    /// while a sequence's block table grows by up to a few hundred blocks.
+    const ROUNDING: usize = 256;
+
+    fn part(&self, part: usize) -> std::ops::Range<usize> {
+        self.offsets[part]..self.offsets[part + 1]
+    }
 }
 
 /// `lw_attention_args` of kernels/cuda/attention.cu, with device pointers.
@@ -134,6 +185,7 @@ struct AttentionArgs {
     new_k: u64,
     new_v: u64,
     kv_stride: i32,
+    _pad0: i32,
     positions: u64,
     row_seq: u64,
     table_start: u64,
@@ -148,6 +200,7 @@ struct AttentionArgs {
     width: i32,
     q_stride: i32,
     scale: f32,
+    _pad1: u32,
 }
 
 /// `lw_column_parts` of kernels/cuda/memory.cu: up to [`SPLIT_PARTS`] column blocks of one split.
@@ -227,118 +280,17 @@ fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32
 }
 
-/// A kernel's arguments as the driver takes them (`kernelParams`: one pointer per argument, to its
-/// value): the values copied, 8-byte aligned, into one buffer of the launch's own (bytes, padding
-/// included, that only the driver reads).
-struct KernelArgs {
-    words: [MaybeUninit<u64>; KernelArgs::WORDS],
-    /// Where each argument starts in `words`.
-    starts: [usize; KernelArgs::MAX_ARGS],
-    count: usize,
-    used: usize,
-}
-
-impl KernelArgs {
-    const WORDS: usize = 64;
-    const MAX_ARGS: usize = 16;
-
-    fn new() -> Self {
-        KernelArgs { words: [MaybeUninit::zeroed(); Self::WORDS], starts: [0; Self::MAX_ARGS], count: 0, used: 0 }
-    }
-
-    fn push<A: KernelArg>(&mut self, arg: A, stream: &CudaStream) -> Result<()> {
-        arg.push_to(self, stream)
-    }
-
-    fn push_value<T: KernelValue>(&mut self, value: &T) -> Result<()> {
-        let words = std::mem::size_of::<T>().div_ceil(8);
-        if self.count == Self::MAX_ARGS || self.used + words > Self::WORDS || std::mem::align_of::<T>() > 8 {
-            return Err(fail("a kernel's arguments exceed the launch buffer (16 arguments, 512 bytes)"));
-        }
-        // SAFETY: `value` is plain data (`KernelValue`) of size_of::<T>() bytes, copied into words
-        // this buffer owns with room for them (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                value as *const T as *const u8,
-                self.words.as_mut_ptr().add(self.used) as *mut u8,
-                std::mem::size_of::<T>(),
-            )
-        };
-        self.starts[self.count] = self.used;
-        self.count += 1;
-        self.used += words;
-        Ok(())
-    }
-
-    /// The pointers the driver reads the arguments through (valid while `self` is not moved).
-    fn pointers(&mut self) -> [*mut c_void; Self::MAX_ARGS] {
-        let mut pointers = [std::ptr::null_mut(); Self::MAX_ARGS];
-        let base = self.words.as_mut_ptr();
-        for (pointer, &start) in pointers.iter_mut().zip(&self.starts[..self.count]) {
-            // SAFETY: start < used <= WORDS: inside `words`.
-            *pointer = unsafe { base.add(start) } as *mut c_void;
-        }
-        pointers
-    }
-}
-
-/// The plain values kernels take by value: integers, floats, device addresses, the argument structs.
-///
-/// # Safety
-/// The type must be plain data with no padding the kernel reads and no pointers to host memory,
-/// laid out as the CUDA parameter it is passed for (the argument structs are `repr(C)` copies of
-/// kernels/cuda's).
-unsafe trait KernelValue: Copy {}
-// SAFETY: plain integers and floats, as the kernels' int, unsigned, float and unsigned long long.
-unsafe impl KernelValue for i32 {}
-// SAFETY: as above.
-unsafe impl KernelValue for u32 {}
-// SAFETY: as above.
-unsafe impl KernelValue for f32 {}
-// SAFETY: as above (also device addresses).
-unsafe impl KernelValue for u64 {}
-// SAFETY: a repr(C) struct of integers, floats and device addresses, laid out as lw_attention_args.
+// SAFETY: a repr(C) struct of integers, floats and device addresses, laid out as
+// lw_attention_args, its padding spelled as fields.
 unsafe impl KernelValue for AttentionArgs {}
-// SAFETY: a repr(C) struct of device addresses and integers, laid out as lw_column_parts.
+// SAFETY: a repr(C) struct of device addresses and integers (no padding), laid out as lw_column_parts.
 unsafe impl KernelValue for SplitArgs {}
-
-/// What a kernel argument can be: a plain value, or device memory (passed as its address).
-trait KernelArg {
-    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()>;
-}
-
-impl<T: KernelValue> KernelArg for &T {
-    fn push_to(self, args: &mut KernelArgs, _: &CudaStream) -> Result<()> {
-        args.push_value(self)
-    }
-}
-
-impl<T> KernelArg for &CudaSlice<T> {
-    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
-        let (address, _sync) = self.device_ptr(stream);
-        args.push_value(&address)
-    }
-}
-
-impl<T> KernelArg for &mut CudaSlice<T> {
-    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
-        let (address, _sync) = self.device_ptr(stream);
-        args.push_value(&address)
-    }
-}
-
-impl<T> KernelArg for &CudaView<'_, T> {
-    fn push_to(self, args: &mut KernelArgs, stream: &CudaStream) -> Result<()> {
-        let (address, _sync) = self.device_ptr(stream);
-        args.push_value(&address)
-    }
-}
 
 macro_rules! launch {
     ($self:ident, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
         let mut args = KernelArgs::new();
         $(args.push($arg, &$self.stream)?;)*
-        $self.launch_kernel($name, $cfg, &mut args)?;
+        $self.launch_kernel(Launch { name: $name, cfg: $cfg, args })?;
     }};
 }
 
@@ -375,7 +327,7 @@ impl Cuda {
         let multiprocessors = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_or(1, |n| n.max(1) as usize);
-        Ok(Cuda {
+        Cuda {
             ctx,
             stream,
             functions,
@@ -387,7 +339,26 @@ impl Cuda {
             matvec_split: None,
             multiprocessors,
             counters: Mutex::new(None),
-        })
+            graphs: None,
+            pool: None,
+        }
+        .with_graphs(graph_chunk_from_env()?)
+    }
+
+    /// Holds launches back in chunks of `chunk` and replays a chunk seen before from a CUDA graph
+    /// (`Some`), or submits every launch at once (`None`). The default is chunks of 32, or what
+    /// `LAYERWISE_CUDA_GRAPHS` says (`0`: off). Graphs turn off by themselves, with a line on
+    /// stderr, on a driver that cannot capture the launches.
+    pub fn with_graphs(mut self, chunk: Option<usize>) -> Result<Self> {
+        self.in_order()?; // launches held back under the old setting go first
+        self.graphs = chunk.map(|n| Mutex::new(Graphs::new(n)));
+        self.pool = chunk.map(|_| Arc::new(Pool::default()));
+        Ok(self)
+    }
+
+    /// Graphs captured and launched so far (zero when graphs are off).
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.as_ref().and_then(|g| g.lock().ok().map(|g| g.stats())).unwrap_or_default()
     }
 
     /// Fixes the decode matvec's warps per output (1, 2, 4 or 8) for every product, or leaves the
@@ -427,86 +398,97 @@ impl Cuda {
         Ok(self)
     }
 
-    /// Queues kernel `name` on the stream with `args` (in the order and types of its CUDA
-    /// signature): through `cuLaunchKernelEx` with the programmatic-serialization attribute when
-    /// dependent launch is on, else `cuLaunchKernel`.
-    fn launch_kernel(&self, name: &str, cfg: LaunchConfig, args: &mut KernelArgs) -> Result<()> {
-        let function = self.function(name)?.cu_function();
+    /// Queues `launch` on the stream: held back in the current chunk when graphs are on (the
+    /// chunk submitted when full), else submitted at once.
+    fn launch_kernel(&self, launch: Launch) -> Result<()> {
         self.launches.fetch_add(1, Ordering::Relaxed);
-        self.ctx.bind_to_thread().map_err(|e| fail(format!("{name}: {e:?}")))?;
-        let mut pointers = args.pointers();
-        let (grid, block) = (cfg.grid_dim, cfg.block_dim);
-        let result = if self.dependent_launch {
-            // SAFETY: an all-zero CUlaunchAttribute is a valid value (an id and a union of plain data).
-            let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attribute.value.programmaticStreamSerializationAllowed = 1;
-            let config = sys::CUlaunchConfig {
-                gridDimX: grid.0,
-                gridDimY: grid.1,
-                gridDimZ: grid.2,
-                blockDimX: block.0,
-                blockDimY: block.1,
-                blockDimZ: block.2,
-                sharedMemBytes: cfg.shared_mem_bytes,
-                hStream: self.stream.cu_stream(),
-                attrs: &mut attribute,
-                numAttrs: 1,
-            };
-            // SAFETY: `function` is a kernel of the loaded module; `pointers` point at its arguments,
-            // pushed in the order and types of its CUDA signature (kernels/cuda/*.cu), alive in `args`
-            // until the call returns (the driver copies them); the sizes passed describe the
-            // buffers given. Every kernel follows lw_await_inputs' rule (common.cuh), which makes
-            // the overlap with the previous kernel safe.
-            unsafe { sys::cuLaunchKernelEx(&config, function, pointers.as_mut_ptr(), std::ptr::null_mut()) }
-        } else {
-            // SAFETY: as above, without the overlap.
-            unsafe {
-                sys::cuLaunchKernel(
-                    function,
-                    grid.0,
-                    grid.1,
-                    grid.2,
-                    block.0,
-                    block.1,
-                    block.2,
-                    cfg.shared_mem_bytes,
-                    self.stream.cu_stream(),
-                    pointers.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
-            }
+        let (Some(graphs), Some(pool)) = (&self.graphs, &self.pool) else {
+            return self.submit(&launch);
         };
-        result.result().map_err(|e| fail(format!("{name}: {e:?}")))
+        let mut graphs = graphs.lock().map_err(|_| fail("graphs: a panic held them"))?;
+        if graphs.hold(launch) {
+            return self.submit_held(&mut graphs, pool);
+        }
+        pool.set_held_back(graphs.held());
+        Ok(())
+    }
+
+    /// Submits the launches held back (from a graph when the chunk was seen before), then frees the
+    /// buffers that waited for them.
+    fn submit_held(&self, graphs: &mut Graphs, pool: &Pool) -> Result<()> {
+        let submitted = graphs.submit_held(&self.stream, |l| self.submit(l));
+        pool.set_held_back(graphs.held());
+        pool.free_deferred();
+        submitted
+    }
+
+    /// Submits one launch to the driver (see `Launch::submit`).
+    fn submit(&self, launch: &Launch) -> Result<()> {
+        let function = self.function(launch.name)?.cu_function();
+        self.ctx.bind_to_thread().map_err(|e| fail(format!("{}: {e:?}", launch.name)))?;
+        launch.submit(function, &self.stream, self.dependent_launch)
+    }
+
+    /// The stream, with every held-back launch submitted: for any call on the stream other than a
+    /// launch (copies, memsets), which must come after the launches made before it.
+    fn in_order(&self) -> Result<&Arc<CudaStream>> {
+        if let (Some(graphs), Some(pool)) = (&self.graphs, &self.pool) {
+            let mut graphs = graphs.lock().map_err(|_| fail("graphs: a panic held them"))?;
+            if graphs.held() > 0 {
+                self.submit_held(&mut graphs, pool)?;
+            }
+        }
+        Ok(&self.stream)
     }
 
     fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| fail(format!("kernel {name} is not loaded")))
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
+    /// `n` elements (at least one) of device memory, not cleared: a kept buffer of that length
+    /// when the pool has one.
+    fn buffer<T: Pooled>(&self, n: usize) -> Result<DeviceBuffer<T>> {
+        let n = n.max(1);
+        if let Some(kept) = self.pool.as_ref().and_then(|p| p.take::<T>(n)) {
+            return Ok(DeviceBuffer::new(kept, self.pool.clone()));
+        }
+        // SAFETY: the callers write every element before a kernel reads it (see `tensor`).
+        let slice = unsafe { self.stream.alloc::<T>(n) }
+            .map_err(|e| fail(format!("cannot allocate {n} elements of {} bytes: {e:?}", std::mem::size_of::<T>())))?;
+        Ok(DeviceBuffer::new(slice, self.pool.clone()))
+    }
+
+    /// Device memory holding `data` (copied from the host).
+    fn uploaded<T: Pooled>(&self, data: &[T], what: &str) -> Result<DeviceBuffer<T>> {
+        let slice = self.in_order()?.clone_htod(data).map_err(|e| fail(format!("cannot upload {what}: {e:?}")))?;
+        Ok(DeviceBuffer::new(slice, self.pool.clone()))
+    }
+
+    /// `n` elements of device memory, all zero.
+    fn zeros<T: Pooled + ValidAsZeroBits>(&self, n: usize) -> Result<DeviceBuffer<T>> {
+        let mut buffer = self.buffer::<T>(n)?;
+        self.in_order()?.memset_zeros(&mut *buffer).map_err(|e| fail(format!("cannot clear {n} elements: {e:?}")))?;
+        Ok(buffer)
     }
 
     /// Memory a kernel writes before it reads it (partial states, per-row statistics), not cleared.
-    fn scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: only kernels that write each value before reading it are given this memory.
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))
-    }
-
-    fn indices(&self, n: usize) -> Result<CudaSlice<u32>> {
-        self.stream.alloc_zeros::<u32>(n.max(1)).map_err(|e| fail(format!("cannot allocate {n} indices: {e:?}")))
+    fn scratch(&self, n: usize) -> Result<DeviceBuffer<f32>> {
+        self.buffer(n)
     }
 
     /// A new tensor, its memory not cleared: every op that makes one writes all of it before
     /// anything reads it (the stand-in driver fills new memory with NaN, so the tests would see a
-    /// hole). Clearing would cost a memset per op.
+    /// hole; with graphs on, a kept buffer holds its last owner's values instead). Clearing would
+    /// cost a memset per op.
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        let n = rows * cols;
-        // SAFETY: see above; the memory is only read by kernels after an op has written it.
-        let data = unsafe { self.stream.alloc::<f32>(n.max(1)) }
-            .map_err(|e| fail(format!("cannot allocate {n} floats: {e:?}")))?;
-        Ok(CudaTensor { data, rows, cols })
+        Ok(CudaTensor { data: self.buffer(rows * cols)?, rows, cols })
+    }
+
+    /// A tensor holding `data` (copied from the host).
+    fn tensor_from(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        let mut tensor = self.tensor(rows, cols)?;
+        self.in_order()?.memcpy_htod(data, &mut *tensor.data).map_err(|e| fail(format!("upload: {e:?}")))?;
+        Ok(tensor)
     }
 
     fn ptr<T>(&self, slice: &CudaSlice<T>) -> u64 {
@@ -588,7 +570,7 @@ impl Cuda {
         p: &AttentionParams,
     ) -> AttentionArgs {
         let meta = self.ptr(&step.meta);
-        let at = |i: usize| meta + 4 * step.offsets[i] as u64;
+        let at = |part: usize| meta + 4 * step.offsets[part] as u64;
         AttentionArgs {
             q,
             keys: self.ptr(&store.keys),
@@ -596,10 +578,10 @@ impl Cuda {
             new_k: 0,
             new_v: 0,
             kv_stride: 0,
-            positions: at(1),
-            row_seq: at(3),
-            table_start: at(4),
-            block_tables: at(5),
+            positions: at(CudaStep::POSITIONS),
+            row_seq: at(CudaStep::ROW_SEQ),
+            table_start: at(CudaStep::TABLE_START),
+            block_tables: at(CudaStep::BLOCK_TABLES),
             block_size: store.block_size as i32,
             layer: layer as i32,
             heads: p.num_heads as i32,
@@ -610,6 +592,8 @@ impl Cuda {
             width: store.width as i32,
             q_stride: q_stride as i32,
             scale: p.scale,
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -617,7 +601,7 @@ impl Cuda {
     fn counters(&self, n: usize) -> Result<u64> {
         let mut counters = self.counters.lock().map_err(|_| fail("counters: a panic held them"))?;
         if counters.as_ref().is_none_or(|c| c.len() < n) {
-            *counters = Some(self.indices(n.next_power_of_two())?);
+            *counters = Some(self.zeros(n.next_power_of_two())?);
         }
         Ok(counters.as_ref().map_or(0, |c| self.ptr(c)))
     }
@@ -641,7 +625,7 @@ impl Cuda {
         if rows == 0 {
             return Ok(());
         }
-        let slots = step.meta.slice(step.offsets[2]..step.offsets[3]);
+        let slots = step.meta.slice(step.part(CudaStep::SLOTS));
         let (cols, stride, width) = (cols as i32, stride as i32, store.width as i32);
         let (l, spl) = (layer as i32, store.slots_per_layer as u64);
         let cfg = config((rows as u32, 1, 1), row_threads(cols as usize), 0);
@@ -746,11 +730,14 @@ impl Backend for Cuda {
         Some(Cuda::launches(self))
     }
 
+    fn graph_launches(&self) -> Option<u64> {
+        Some(self.graph_stats().replays)
+    }
+
     fn weight(&self, tensor: &HostTensor, layout: Layout) -> Result<CudaWeight> {
         let (out_features, in_features) = layerwise::backend::logical_shape(tensor, layout)?;
-        let upload = |e: cudarc::driver::DriverError| fail(format!("cannot upload a weight: {e:?}"));
         if in_features == 1 {
-            let data = self.stream.clone_htod(&tensor.data().to_f32_vec()).map_err(upload)?;
+            let data = self.uploaded(&tensor.data().to_f32_vec(), "a weight")?;
             let storage = Storage::F32(data);
             return Ok(CudaWeight {
                 storage,
@@ -763,9 +750,9 @@ impl Backend for Cuda {
         let dtype = self.weight_dtype.unwrap_or(tensor.dtype());
         let bytes = out_in_bytes(tensor, layout, dtype, out_features, in_features);
         let storage = match dtype {
-            DType::F32 => Storage::F32(self.stream.clone_htod(bytemuck_f32(&bytes).as_slice()).map_err(upload)?),
-            DType::F16 => Storage::F16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
-            DType::BF16 => Storage::Bf16(self.stream.clone_htod(bytemuck_u16(&bytes).as_slice()).map_err(upload)?),
+            DType::F32 => Storage::F32(self.uploaded(bytemuck_f32(&bytes).as_slice(), "a weight")?),
+            DType::F16 => Storage::F16(self.uploaded(bytemuck_u16(&bytes).as_slice(), "a weight")?),
+            DType::BF16 => Storage::Bf16(self.uploaded(bytemuck_u16(&bytes).as_slice(), "a weight")?),
         };
         Ok(CudaWeight { storage, out_features, in_features, bytes: bytes.len(), address: OnceLock::new() })
     }
@@ -778,8 +765,7 @@ impl Backend for Cuda {
         if data.len() != rows * cols {
             return Err(fail(format!("{} values do not make a [{rows}, {cols}] matrix", data.len())));
         }
-        let data = self.stream.clone_htod(&data).map_err(|e| fail(format!("upload: {e:?}")))?;
-        Ok(CudaTensor { data, rows, cols })
+        self.tensor_from(&data, rows, cols)
     }
 
     fn upload_step(&self, layout: StepLayout) -> Result<CudaStep> {
@@ -787,30 +773,38 @@ impl Backend for Cuda {
             layout.sequences.iter().enumerate().flat_map(|(s, seq)| std::iter::repeat_n(s as u32, seq.len)).collect();
         let table_start: Vec<u32> = layout.sequences.iter().map(|s| s.table_start as u32).collect();
         let pairs: Vec<u32> = layout.block_copies.iter().flat_map(|&(from, to)| [from, to]).collect();
+        // In the order of CudaStep's part numbers.
         let parts: [&[u32]; 8] = [
             &layout.ids,
             &layout.positions,
             &layout.slots,
             &row_seq,
             &table_start,
-            &layout.block_tables,
             &layout.output_rows,
             &pairs,
+            &layout.block_tables,
         ];
         let mut offsets = [0usize; 9];
-        let mut packed = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 1);
+        let mut packed = Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + CudaStep::ROUNDING);
         for (i, part) in parts.iter().enumerate() {
             offsets[i] = packed.len();
             packed.extend_from_slice(part);
         }
         offsets[8] = packed.len();
-        packed.push(0); // never empty
-        let meta = self.stream.clone_htod(&packed).map_err(|e| fail(format!("step layout: {e:?}")))?;
+        packed.resize((packed.len() + 1).next_multiple_of(CudaStep::ROUNDING), 0);
+        // A new step: hand out kept memory in its canonical order (pool.rs), so that this step's
+        // buffers are the last step's when it asks for the same.
+        let stream = self.in_order()?;
+        if let Some(pool) = &self.pool {
+            pool.canonicalize(stream);
+        }
+        let mut meta = self.buffer::<u32>(packed.len())?;
+        stream.memcpy_htod(&packed, &mut *meta).map_err(|e| fail(format!("step layout: {e:?}")))?;
         Ok(CudaStep { layout, meta, offsets })
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        let mut all = self.stream.clone_dtoh(&x.data).map_err(|e| fail(format!("to_host: {e:?}")))?;
+        let mut all = self.in_order()?.clone_dtoh(&*x.data).map_err(|e| fail(format!("to_host: {e:?}")))?;
         all.truncate(x.rows * x.cols);
         Ok(all)
     }
@@ -820,8 +814,9 @@ impl Backend for Cuda {
     }
 
     fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        let data = self.stream.clone_dtod(&x.data).map_err(|e| fail(format!("copy: {e:?}")))?;
-        Ok(CudaTensor { data, rows: x.rows, cols: x.cols })
+        let mut out = self.tensor(x.rows, x.cols)?;
+        self.in_order()?.memcpy_dtod(&*x.data, &mut *out.data).map_err(|e| fail(format!("copy: {e:?}")))?;
+        Ok(out)
     }
 
     fn split_columns(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
@@ -857,7 +852,7 @@ impl Backend for Cuda {
         }
         let mut out = self.tensor(n, x.cols)?;
         if n > 0 {
-            let rows = step.meta.slice(step.offsets[6]..step.offsets[7]);
+            let rows = step.meta.slice(step.part(CudaStep::OUTPUT_ROWS));
             let cols = x.cols as i32;
             launch!(
                 self,
@@ -883,7 +878,7 @@ impl Backend for Cuda {
         for part in parts {
             let n = part.rows * cols;
             let mut dst = out.data.slice_mut(at..at + n);
-            self.stream
+            self.in_order()?
                 .memcpy_dtod(&part.data.slice(0..n), &mut dst)
                 .map_err(|e| fail(format!("concat_rows: {e:?}")))?;
             at += n;
@@ -893,8 +888,8 @@ impl Backend for Cuda {
 
     fn embed(&self, table: &CudaWeight, step: &CudaStep, lookup: Lookup) -> Result<CudaTensor> {
         let (index, range) = match lookup {
-            Lookup::Tokens => (&step.layout.ids, step.offsets[0]..step.offsets[1]),
-            Lookup::Positions => (&step.layout.positions, step.offsets[1]..step.offsets[2]),
+            Lookup::Tokens => (&step.layout.ids, step.part(CudaStep::IDS)),
+            Lookup::Positions => (&step.layout.positions, step.part(CudaStep::POSITIONS)),
         };
         if let Some(&i) = index.iter().find(|&&i| i as usize >= table.out_features) {
             return Err(fail(format!("embed: row {i} of a table of {}", table.out_features)));
@@ -987,7 +982,7 @@ impl Backend for Cuda {
         let heads = match w.address.get() {
             Some(heads) => heads,
             None => {
-                let made = self.stream.clone_htod(&[matrix]).map_err(|e| fail(format!("norm_linear: {e:?}")))?;
+                let made = self.uploaded(&[matrix], "norm_linear's head address")?;
                 w.address.get_or_init(|| made)
             }
         };
@@ -1096,7 +1091,7 @@ impl Backend for Cuda {
         if step.layout.positions.len() != x.rows {
             return Err(fail("rope: one position per row"));
         }
-        let positions = step.meta.slice(step.offsets[1]..step.offsets[2]);
+        let positions = step.meta.slice(step.part(CudaStep::POSITIONS));
         let (t, cols, d) = (x.rows as i32, x.cols as i32, head_dim as i32);
         let pairs = x.rows * x.cols / 2;
         launch!(
@@ -1158,7 +1153,7 @@ impl Backend for Cuda {
         if n == 0 || store.layers == 0 {
             return Ok(());
         }
-        let pairs = step.meta.slice(step.offsets[7]..step.offsets[8]);
+        let pairs = step.meta.slice(step.part(CudaStep::BLOCK_COPIES));
         let (bs, width, spl) = (store.block_size as i32, store.width as i32, store.slots_per_layer as u64);
         let cfg = config((n as u32, store.layers as u32, 1), THREADS, 0);
         launch!(self, "lw_copy_blocks", cfg, &mut store.keys, &mut store.values, &pairs, &bs, &width, &spl);
@@ -1300,7 +1295,8 @@ impl Backend for Cuda {
         if x.rows == 0 {
             return Ok(Vec::new());
         }
-        let mut ids = self.stream.alloc_zeros::<u32>(x.rows).map_err(|e| fail(format!("{e:?}")))?;
+        // Every row's id is written by the kernel.
+        let mut ids = self.buffer::<u32>(x.rows)?;
         let cols = x.cols as i32;
         launch!(
             self,
@@ -1310,7 +1306,8 @@ impl Backend for Cuda {
             &x.data,
             &cols
         );
-        let ids = self.stream.clone_dtoh(&ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))?;
+        let mut ids = self.in_order()?.clone_dtoh(&*ids).map_err(|e| fail(format!("argmax_rows: {e:?}")))?;
+        ids.truncate(x.rows);
         // The kernel's mark for a row that fails the finite check (LW_NON_FINITE_ROW): the reference's
         // error, named by the row's own fault.
         if let Some(row) = ids.iter().position(|&id| id == NON_FINITE_ROW) {
